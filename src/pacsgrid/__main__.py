@@ -1,0 +1,5 @@
+import sys
+
+from pacsgrid.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""DICOM Upper Layer PDUs (PS3.8 section 9.3): association, data, release, abort.
+
+A small codec of our own, because the association PDUs are read once per association but the
+P-DATA-TF path runs for every message: this module keeps that path to a few `struct` calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+
+# Presentation context results (PS3.8 9.3.3.2)
+ACCEPTANCE = 0
+USER_REJECTION = 1
+NO_REASON = 2
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4)
+RJ_PERMANENT = 1
+RJ_TRANSIENT = 2
+RJ_SOURCE_USER = 1
+RJ_SOURCE_ACSE = 2
+RJ_SOURCE_PRESENTATION = 3
+RJ_NO_REASON = 1
+RJ_CALLING_AE_NOT_RECOGNIZED = 3
+RJ_CALLED_AE_NOT_RECOGNIZED = 7
+RJ_PROTOCOL_VERSION = 2  # with source ACSE
+RJ_LOCAL_LIMIT_EXCEEDED = 2  # with source presentation
+
+# A-ABORT sources / reasons
+ABORT_SOURCE_USER = 0
+ABORT_SOURCE_PROVIDER = 2
+ABORT_UNEXPECTED_PDU = 2
+ABORT_UNRECOGNIZED_PDU = 1
+
+
+class PDUError(Exception):
+    """A PDU that violates PS3.8; the association is aborted."""
+
+
+@dataclass
+class PresentationContext:
+    id: int
+    abstract_syntax: str = ""
+    transfer_syntaxes: list[str] = field(default_factory=list)
+    result: int = ACCEPTANCE  # in an A-ASSOCIATE-AC
+
+
+@dataclass
+class RoleSelection:
+    sop_class_uid: str
+    scu_role: bool
+    scp_role: bool
+
+
+@dataclass
+class AssociateRQ:
+    called_ae: str
+    calling_ae: str
+    contexts: list[PresentationContext]
+    max_pdu: int = 0
+    implementation_class_uid: str = ""
+    implementation_version: str = ""
+    roles: dict[str, RoleSelection] = field(default_factory=dict)
+    application_context: str = APPLICATION_CONTEXT
+    protocol_version: int = 1
+
+
+@dataclass
+class AssociateAC:
+    called_ae: str
+    calling_ae: str
+    contexts: list[PresentationContext]
+    max_pdu: int = 0
+    implementation_class_uid: str = ""
+    implementation_version: str = ""
+    roles: list[RoleSelection] = field(default_factory=list)
+
+
+@dataclass
+class AssociateRJ:
+    result: int
+    source: int
+    reason: int
+
+
+# ---------------------------------------------------------------- encoding helpers
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+
+def _uid(item_type: int, uid: str) -> bytes:
+    return _item(item_type, uid.encode("ascii"))
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
+
+
+def _user_info(max_pdu: int, impl_uid: str, impl_version: str, roles: list[RoleSelection]) -> bytes:
+    body = _item(0x51, struct.pack(">I", max_pdu)) + _uid(0x52, impl_uid)
+    for r in roles:
+        uid = r.sop_class_uid.encode("ascii")
+        body += _item(0x54, struct.pack(">H", len(uid)) + uid + bytes((r.scu_role, r.scp_role)))
+    if impl_version:
+        body += _item(0x55, impl_version.encode("ascii")[:16])
+    return _item(0x50, body)
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+
+
+def encode_associate_rq(rq: AssociateRQ) -> bytes:
+    body = struct.pack(">HH", 1, 0) + _ae(rq.called_ae) + _ae(rq.calling_ae) + b"\x00" * 32
+    body += _uid(0x10, rq.application_context)
+    for pc in rq.contexts:
+        sub = _uid(0x30, pc.abstract_syntax) + b"".join(
+            _uid(0x40, ts) for ts in pc.transfer_syntaxes
+        )
+        body += _item(0x20, bytes((pc.id, 0, 0, 0)) + sub)
+    body += _user_info(
+        rq.max_pdu, rq.implementation_class_uid, rq.implementation_version, list(rq.roles.values())
+    )
+    return _pdu(A_ASSOCIATE_RQ, body)
+
+
+def encode_associate_ac(ac: AssociateAC) -> bytes:
+    body = struct.pack(">HH", 1, 0) + _ae(ac.called_ae) + _ae(ac.calling_ae) + b"\x00" * 32
+    body += _uid(0x10, APPLICATION_CONTEXT)
+    for pc in ac.contexts:
+        ts = pc.transfer_syntaxes[0] if pc.result == ACCEPTANCE and pc.transfer_syntaxes else ""
+        # A rejected context still carries a transfer syntax sub-item (its value is ignored).
+        sub = _uid(0x40, ts or "1.2.840.10008.1.2")
+        body += _item(0x21, bytes((pc.id, 0, pc.result, 0)) + sub)
+    body += _user_info(ac.max_pdu, ac.implementation_class_uid, ac.implementation_version, ac.roles)
+    return _pdu(A_ASSOCIATE_AC, body)
+
+
+def encode_associate_rj(rj: AssociateRJ) -> bytes:
+    return _pdu(A_ASSOCIATE_RJ, bytes((0, rj.result, rj.source, rj.reason)))
+
+
+RELEASE_RQ = _pdu(A_RELEASE_RQ, b"\x00" * 4)
+RELEASE_RP = _pdu(A_RELEASE_RP, b"\x00" * 4)
+
+
+def encode_abort(source: int = ABORT_SOURCE_USER, reason: int = 0) -> bytes:
+    return _pdu(A_ABORT, bytes((0, 0, source, reason)))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _text(b: bytes) -> str:
+    return b.decode("ascii", "replace").strip(" \x00")
+
+
+def _sub_items(body: bytes | memoryview) -> list[tuple[int, bytes]]:
+    items = []
+    pos = 0
+    end = len(body)
+    while pos < end:
+        if pos + 4 > end:
+            raise PDUError("truncated item header")
+        item_type, _, length = struct.unpack_from(">BBH", body, pos)
+        if pos + 4 + length > end:
+            raise PDUError(f"item 0x{item_type:02X} runs past the end of its PDU")
+        items.append((item_type, bytes(body[pos + 4 : pos + 4 + length])))
+        pos += 4 + length
+    return items
+
+
+def _decode_user_info(body: bytes) -> tuple[int, str, str, list[RoleSelection]]:
+    max_pdu = 0
+    impl_uid = impl_ver = ""
+    roles = []
+    for t, sub in _sub_items(body):
+        if t == 0x51 and len(sub) >= 4:
+            (max_pdu,) = struct.unpack_from(">I", sub)
+        elif t == 0x52:
+            impl_uid = _text(sub)
+        elif t == 0x55:
+            impl_ver = _text(sub)
+        elif t == 0x54 and len(sub) >= 2:
+            (n,) = struct.unpack_from(">H", sub)
+            if len(sub) >= 2 + n + 2:
+                roles.append(
+                    RoleSelection(_text(sub[2 : 2 + n]), bool(sub[2 + n]), bool(sub[3 + n]))
+                )
+    return max_pdu, impl_uid, impl_ver, roles
+
+
+def _decode_associate(body: bytes) -> tuple[int, str, str, list[tuple[int, bytes]]]:
+    if len(body) < 68:
+        raise PDUError("association PDU too short")
+    (version,) = struct.unpack_from(">H", body)
+    return version, _text(body[4:20]), _text(body[20:36]), _sub_items(body[68:])
+
+
+def decode_associate_rq(body: bytes) -> AssociateRQ:
+    version, called, calling, items = _decode_associate(body)
+    rq = AssociateRQ(called, calling, [], protocol_version=version, application_context="")
+    for t, sub in items:
+        if t == 0x10:
+            rq.application_context = _text(sub)
+        elif t == 0x20:
+            if len(sub) < 4:
+                raise PDUError("truncated presentation context item")
+            pc = PresentationContext(sub[0])
+            for st, ss in _sub_items(sub[4:]):
+                if st == 0x30:
+                    pc.abstract_syntax = _text(ss)
+                elif st == 0x40:
+                    pc.transfer_syntaxes.append(_text(ss))
+            rq.contexts.append(pc)
+        elif t == 0x50:
+            rq.max_pdu, rq.implementation_class_uid, rq.implementation_version, roles = (
+                _decode_user_info(sub)
+            )
+            rq.roles = {r.sop_class_uid: r for r in roles}
+    return rq
+
+
+def decode_associate_ac(body: bytes) -> AssociateAC:
+    _version, called, calling, items = _decode_associate(body)
+    ac = AssociateAC(called, calling, [])
+    for t, sub in items:
+        if t == 0x21:
+            if len(sub) < 4:
+                raise PDUError("truncated presentation context item")
+            pc = PresentationContext(sub[0], result=sub[2])
+            for st, ss in _sub_items(sub[4:]):
+                if st == 0x40:
+                    pc.transfer_syntaxes.append(_text(ss))
+            ac.contexts.append(pc)
+        elif t == 0x50:
+            ac.max_pdu, ac.implementation_class_uid, ac.implementation_version, ac.roles = (
+                _decode_user_info(sub)
+            )
+    return ac
+
+
+def decode_associate_rj(body: bytes) -> AssociateRJ:
+    if len(body) < 4:
+        raise PDUError("A-ASSOCIATE-RJ too short")
+    return AssociateRJ(body[1], body[2], body[3])
+
+
+# ---------------------------------------------------------------- P-DATA-TF
+
+_PDV_HEADER = struct.Struct(">IBB")
+_PDU_HEADER = struct.Struct(">BBI")
+
+
+def encode_pdata(
+    context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int
+) -> list[bytes | memoryview]:
+    """P-DATA-TF PDUs carrying one message part, fragmented to the peer's maximum PDU size.
+
+    Returns buffers for `transport.writelines` (no concatenation of large payloads).
+    """
+    flag = 0x01 if is_command else 0x00
+    n = len(payload)
+    step = (max_pdu - 6) if max_pdu and max_pdu > 6 else (n or 1)
+    out: list[bytes | memoryview] = []
+    view = memoryview(payload)
+    pos = 0
+    while True:
+        chunk = view[pos : pos + step]
+        pos += len(chunk)
+        last = pos >= n
+        header = _PDU_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6) + _PDV_HEADER.pack(
+            len(chunk) + 2, context_id, flag | (0x02 if last else 0)
+        )
+        out.append(header)
+        if len(chunk):
+            out.append(chunk)
+        if last:
+            return out
+
+
+def iter_pdvs(body: memoryview) -> list[tuple[int, int, memoryview]]:
+    """(context id, message control header, data) of every PDV in a P-DATA-TF body."""
+    out = []
+    pos = 0
+    end = len(body)
+    while pos < end:
+        if pos + 6 > end:
+            raise PDUError("truncated PDV")
+        length, ctx, mch = _PDV_HEADER.unpack_from(body, pos)
+        if length < 2 or pos + 4 + length > end:
+            raise PDUError("PDV length runs past the end of its PDU")
+        out.append((ctx, mch, body[pos + 6 : pos + 4 + length]))
+        pos += 4 + length
+    return out

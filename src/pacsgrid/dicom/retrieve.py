@@ -1,0 +1,207 @@
+"""Retrieve sub-operations, shared by C-MOVE (to another AE) and C-GET (back on the same
+association): read each instance from the archive, pick a presentation context, convert the
+transfer syntax only when the receiver did not accept the stored one, send, and report progress
+with pending responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from pacsgrid.dicom import dimse
+from pacsgrid.dicom.association import AcceptedContext, Association, AssociationAborted
+from pacsgrid.dicom.header import EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
+from pacsgrid.dicom.identifier import failed_uids_identifier
+from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect
+from pacsgrid.dicom.transcode import TranscodeError, transcode
+from pacsgrid.errors import PacsgridError
+from pacsgrid.model import InstanceRecord
+from pacsgrid.settings import PeerSettings
+
+if TYPE_CHECKING:
+    from pacsgrid.dicom.dimse import Message
+    from pacsgrid.dicom.scp import ServerAssociation
+
+log = logging.getLogger("pacsgrid.dicom")
+
+FALLBACK = (EXPLICIT_LE, IMPLICIT_LE)
+
+
+def proposals_for(records: Sequence[InstanceRecord]) -> list[tuple[str, list[str]]]:
+    """Contexts to propose to a C-MOVE destination: for every SOP class, each stored transfer
+    syntax as is, plus the uncompressed ones to fall back to. At most 128 (PS3.8 limit)."""
+    wanted: dict[str, list[str]] = {}
+    for r in records:
+        syntaxes = wanted.setdefault(r.sop_class_uid, [])
+        if r.transfer_syntax not in syntaxes:
+            syntaxes.append(r.transfer_syntax)
+    out: list[tuple[str, list[str]]] = []
+    for sop_class, syntaxes in wanted.items():
+        for ts in syntaxes:
+            out.append((sop_class, [ts]))
+        if not all(ts in syntaxes for ts in FALLBACK):
+            out.append((sop_class, list(FALLBACK)))
+    if len(out) > 128:
+        log.warning("retrieve needs %d presentation contexts; proposing the first 128", len(out))
+    return out[:128]
+
+
+def pick_context(
+    contexts: Iterable[AcceptedContext], sop_class: str, stored_ts: str
+) -> tuple[AcceptedContext | None, str]:
+    """The context to send on, and the transfer syntax to send in."""
+    fallback = None
+    for ctx in contexts:
+        if ctx.abstract_syntax != sop_class:
+            continue
+        if ctx.transfer_syntax == stored_ts:
+            return ctx, stored_ts
+        if ctx.transfer_syntax in UNCOMPRESSED and (
+            fallback is None or ctx.transfer_syntax == EXPLICIT_LE
+        ):
+            fallback = ctx
+    if fallback is not None:
+        return fallback, fallback.transfer_syntax
+    return None, ""
+
+
+async def retrieve(
+    requester: ServerAssociation,
+    msg: Message,
+    records: list[InstanceRecord],
+    destination: PeerSettings | None,
+    qr_syntax: str,
+) -> None:
+    total = len(records)
+    completed = failed = warning = 0
+    failed_uids: list[str] = []
+    archive = requester.archive
+    sender: Association = requester
+    target: ClientAssociation | None = None
+    if destination is not None and records:
+        try:
+            target = await connect(
+                destination.host,
+                destination.port,
+                requester.service.ae_title,
+                destination.ae_title,
+                proposals_for(records),
+                timeout=archive.settings.dicom.timeout,
+            )
+        except (OSError, AssociationRejected, AssociationAborted, TimeoutError) as e:
+            why = (
+                f"cannot open an association to {destination.ae_title}@{destination.host}:"
+                f"{destination.port}: {e or type(e).__name__}"
+            )
+            log.warning("C-MOVE from %s: %s", requester.caller, why)
+            requester._respond(
+                msg,
+                dimse.OUT_OF_RESOURCES_SUBOPS,
+                why,
+                counts={"remaining": 0, "completed": 0, "failed": total, "warning": 0},
+            )
+            return
+        sender = target
+        usable = list(target.contexts.values())
+    else:
+        usable = [c for c in requester.contexts.values() if c.scp]
+    originator = (
+        (requester.caller.ae_title, msg.message_id) if target and requester.caller else None
+    )
+    loop = asyncio.get_running_loop()
+    cancelled = False
+    try:
+        for done, record in enumerate(records, 1):
+            if msg.message_id in requester.cancelled or requester.closed.is_set():
+                cancelled = True
+                break
+            status = await _send_one(requester, sender, usable, record, originator, loop)
+            category = dimse.status_category(status)
+            if category == "success":
+                completed += 1
+            elif category == "warning":
+                warning += 1
+            else:
+                failed += 1
+                failed_uids.append(record.sop_uid)
+            if done < total:
+                requester._respond(
+                    msg,
+                    dimse.PENDING,
+                    counts={
+                        "remaining": total - done,
+                        "completed": completed,
+                        "failed": failed,
+                        "warning": warning,
+                    },
+                )
+                await requester.drain()
+    finally:
+        if target is not None:
+            await target.release()
+    if cancelled:
+        requester.cancelled.discard(msg.message_id)
+        final = dimse.CANCEL
+    elif failed == 0 and warning == 0:
+        final = dimse.SUCCESS
+    elif completed == 0 and warning == 0:
+        final = dimse.OUT_OF_RESOURCES_SUBOPS
+    else:
+        final = dimse.WARNING_SUBOPS
+    identifier = failed_uids_identifier(failed_uids, qr_syntax) if failed_uids else None
+    counts = {"completed": completed, "failed": failed, "warning": warning}
+    if cancelled:
+        counts["remaining"] = total - completed - failed - warning
+    requester._respond(msg, final, dataset=identifier, counts=counts)
+    if failed:
+        log.warning(
+            "C-%s from %s: %d of %d sub-operations failed",
+            "MOVE" if destination else "GET",
+            requester.caller,
+            failed,
+            total,
+        )
+
+
+async def _send_one(
+    requester: ServerAssociation,
+    sender: Association,
+    usable: list[AcceptedContext],
+    record: InstanceRecord,
+    originator: tuple[str, int] | None,
+    loop: asyncio.AbstractEventLoop,
+) -> int:
+    archive = requester.archive
+    ctx, send_ts = pick_context(usable, record.sop_class_uid, record.transfer_syntax)
+    if ctx is None:
+        log.warning(
+            "cannot send %s: the receiver accepted no context for SOP class %s",
+            record.sop_uid,
+            record.sop_class_uid,
+        )
+        return dimse.UNABLE_TO_PROCESS
+    try:
+        obj = await loop.run_in_executor(requester.service.executor, archive.read, record)
+        dataset: bytes | memoryview = obj.dataset
+        if send_ts != obj.transfer_syntax:
+            dataset = await loop.run_in_executor(
+                requester.service.executor, transcode, dataset, obj.transfer_syntax, send_ts
+            )
+    except (PacsgridError, TranscodeError) as e:
+        log.warning("cannot send %s: %s", record.sop_uid, e)
+        return dimse.UNABLE_TO_PROCESS
+    try:
+        status, error = await sender.c_store(
+            ctx.id, record.sop_class_uid, record.sop_uid, dataset, originator=originator
+        )
+    except AssociationAborted as e:
+        log.warning("sending %s to %s failed: %s", record.sop_uid, sender.describe(), e)
+        return dimse.UNABLE_TO_PROCESS
+    if dimse.status_category(status) == "failure":
+        log.warning(
+            "%s refused %s: status 0x%04X %s", sender.describe(), record.sop_uid, status, error
+        )
+    return status

@@ -1,0 +1,304 @@
+"""The archive's DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET.
+
+A thin front end: each handler decodes the request, calls `Archive` from the thread pool (the
+event loop never blocks on disk or database), and encodes the answer. Errors become statuses
+through `pacsgrid.dicom.status`, so every service reports the same problem the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pacsgrid.dicom import dimse, pdu
+from pacsgrid.dicom.association import Association, AssociationAborted
+from pacsgrid.dicom.dimse import Message
+from pacsgrid.dicom.identifier import Request, decode_request, encode_elements, response_elements
+from pacsgrid.dicom.negotiation import MODEL_LEVELS, QR_MODELS, negotiate
+from pacsgrid.dicom.retrieve import retrieve
+from pacsgrid.dicom.status import comment, failure_status
+from pacsgrid.errors import InvalidDataset, PacsgridError
+from pacsgrid.model import UNIQUE_KEY
+
+if TYPE_CHECKING:
+    from pacsgrid.archive import Archive, Caller
+
+log = logging.getLogger("pacsgrid.dicom")
+T = TypeVar("T")
+
+
+@dataclass
+class ServiceContext:
+    """What every association of one server shares."""
+
+    archive: Archive
+    executor: Executor
+    associations: set[ServerAssociation] = field(default_factory=set)
+
+    @property
+    def ae_title(self) -> str:
+        return self.archive.settings.dicom.ae_title
+
+
+class ServerAssociation(Association):
+    def __init__(self, service: ServiceContext) -> None:
+        d = service.archive.settings.dicom
+        super().__init__(max_pdu=d.max_pdu, timeout=d.timeout)
+        self.service = service
+        self.archive = service.archive
+        self.caller: Caller | None = None
+        self.busy = False
+        self.counts: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    def describe(self) -> str:
+        return str(self.caller) if self.caller else self.peer_address
+
+    def is_idle(self) -> bool:
+        return not self.busy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.service.associations.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.service.associations.discard(self)
+        if self.caller is not None:
+            summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "idle"
+            log.info("association with %s closed: %s", self.caller, summary)
+
+    # ------------------------------------------------------------------ negotiation
+    def on_associate_rq(self, rq: pdu.AssociateRQ) -> None:
+        from pacsgrid.archive import Caller
+
+        if self.caller is not None:
+            raise pdu.PDUError("second A-ASSOCIATE-RQ on one connection")
+        host = self.peer_address.rsplit(":", 1)[0]
+        caller = Caller(rq.calling_ae, host)
+        self.caller = caller
+        if not rq.protocol_version & 1:
+            self._reject(
+                pdu.RJ_PERMANENT,
+                pdu.RJ_SOURCE_ACSE,
+                pdu.RJ_PROTOCOL_VERSION,
+                "unsupported protocol version",
+            )
+            return
+        if rq.application_context != pdu.APPLICATION_CONTEXT:
+            self._reject(
+                pdu.RJ_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                2,
+                f"application context {rq.application_context!r} not supported",
+            )
+            return
+        if not self.archive.accepts_association(caller):
+            self._reject(
+                pdu.RJ_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                pdu.RJ_CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE {rq.calling_ae!r} is not a configured peer and "
+                "dicom.accept_unknown is false",
+            )
+            return
+        result = negotiate(
+            rq,
+            lambda op: self.archive.may(caller, op),
+            our_ae=self.service.ae_title,
+            max_pdu=self.max_pdu,
+        )
+        for what in result.refused:
+            log.warning(
+                "%s may not %s: presentation context rejected (not a configured peer, "
+                "or not in its 'allow' list)",
+                caller,
+                what,
+            )
+        self.contexts = result.contexts
+        self.peer_max_pdu = rq.max_pdu
+        self.send_raw(pdu.encode_associate_ac(result.ac))
+        log.info(
+            "association from %s accepted (%d of %d presentation contexts)",
+            caller,
+            len(result.contexts),
+            len(rq.contexts),
+        )
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _reject(self, result: int, source: int, reason: int, why: str) -> None:
+        log.warning("association from %s rejected: %s", self.describe(), why)
+        self.send_raw(pdu.encode_associate_rj(pdu.AssociateRJ(result, source, reason)))
+        self.close()
+
+    # ------------------------------------------------------------------ request loop
+    async def _serve(self) -> None:
+        while True:
+            msg = await self.requests.get()
+            if msg is None:
+                return
+            self.busy = True
+            try:
+                await self._handle(msg)
+            except AssociationAborted:
+                return
+            except Exception:
+                log.exception(
+                    "%s: unexpected error handling %s",
+                    self.describe(),
+                    dimse.COMMAND_NAMES.get(msg.command_field, "a request"),
+                )
+                self.abort()
+                return
+            finally:
+                self.busy = False
+
+    async def _handle(self, msg: Message) -> None:
+        ctx = self.contexts.get(msg.context_id)
+        field = msg.command_field
+        if ctx is None:
+            raise pdu.PDUError(
+                f"message on presentation context {msg.context_id}, which was not accepted"
+            )
+        if field == dimse.C_STORE_RQ:
+            await self._c_store(msg, ctx.transfer_syntax)
+        elif field == dimse.C_ECHO_RQ:
+            self.counts["echo"] += 1
+            self._respond(msg, dimse.SUCCESS)
+        elif field == dimse.C_FIND_RQ:
+            await self._c_find(msg, ctx.abstract_syntax, ctx.transfer_syntax)
+        elif field in (dimse.C_MOVE_RQ, dimse.C_GET_RQ):
+            await self._c_retrieve(msg, ctx.abstract_syntax, ctx.transfer_syntax)
+        else:
+            self._respond(msg, dimse.UNRECOGNIZED_OPERATION, "operation not supported")
+
+    def _respond(
+        self,
+        msg: Message,
+        status: int,
+        error: str = "",
+        dataset: bytes | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> None:
+        """Send the response to `msg`; `counts`: sub-operation counters (remaining,
+        completed, failed, warning) of a C-MOVE/C-GET."""
+        cmd: dimse.Command = {
+            dimse.AFFECTED_SOP_CLASS: msg.command.get(dimse.AFFECTED_SOP_CLASS, ""),
+            dimse.COMMAND_FIELD: msg.command_field | 0x8000,
+            dimse.MESSAGE_ID_RESPONDED: msg.message_id,
+            dimse.STATUS: status,
+        }
+        if msg.command_field == dimse.C_STORE_RQ:
+            cmd[dimse.AFFECTED_SOP_INSTANCE] = msg.command.get(dimse.AFFECTED_SOP_INSTANCE, "")
+        if error:
+            cmd[dimse.ERROR_COMMENT] = comment(error)
+        for name, value in (counts or {}).items():
+            cmd[_EXTRA[name]] = value
+        self.send_message(msg.context_id, cmd, dataset)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.service.executor, functools.partial(fn, *args, **kwargs)
+        )
+
+    # ------------------------------------------------------------------ C-STORE
+    async def _c_store(self, msg: Message, transfer_syntax: str) -> None:
+        assert self.caller is not None and msg.dataset is not None
+        try:
+            result = await self._call(
+                self.archive.ingest,
+                msg.dataset,
+                transfer_syntax,
+                self.caller,
+                sop_class_uid=str(msg.command.get(dimse.AFFECTED_SOP_CLASS, "")),
+            )
+        except PacsgridError as e:
+            status, text = failure_status(e)
+            self.counts["store failed"] += 1
+            log.warning(
+                "C-STORE of %s from %s failed (status 0x%04X): %s",
+                msg.command.get(dimse.AFFECTED_SOP_INSTANCE, "?"),
+                self.caller,
+                status,
+                e,
+            )
+            self._respond(msg, status, text)
+            return
+        self.counts[result.outcome] += 1
+        self._respond(msg, dimse.SUCCESS)
+
+    # ------------------------------------------------------------------ C-FIND
+    def _request(self, msg: Message, abstract_syntax: str, transfer_syntax: str) -> Request:
+        if msg.dataset is None:
+            raise InvalidDataset("request without an identifier")
+        request = decode_request(msg.dataset, transfer_syntax)
+        model = QR_MODELS[abstract_syntax][1]
+        if request.level not in MODEL_LEVELS[model]:
+            raise InvalidDataset(
+                f"level {request.level.value} is not part of this information model"
+            )
+        return request
+
+    async def _c_find(self, msg: Message, abstract_syntax: str, transfer_syntax: str) -> None:
+        assert self.caller is not None
+        try:
+            request = self._request(msg, abstract_syntax, transfer_syntax)
+            caller = self.caller
+            rows = await self._call(lambda: list(self.archive.find(caller, request.query())))
+        except PacsgridError as e:
+            status, text = failure_status(e)
+            if isinstance(e, InvalidDataset):
+                status = dimse.DATASET_MISMATCH
+            log.warning("C-FIND from %s failed (status 0x%04X): %s", self.caller, status, e)
+            self._respond(msg, status, text)
+            return
+        self.counts["find"] += 1
+        ae = self.service.ae_title
+        for row in rows:
+            if msg.message_id in self.cancelled:
+                self.cancelled.discard(msg.message_id)
+                self._respond(msg, dimse.CANCEL)
+                return
+            identifier = encode_elements(response_elements(request, row, ae), transfer_syntax)
+            self._respond(msg, dimse.PENDING, dataset=identifier)
+            await self.drain()
+        self._respond(msg, dimse.SUCCESS)
+
+    # ------------------------------------------------------------------ C-MOVE / C-GET
+    async def _c_retrieve(self, msg: Message, abstract_syntax: str, transfer_syntax: str) -> None:
+        assert self.caller is not None
+        op = "move" if msg.command_field == dimse.C_MOVE_RQ else "get"
+        try:
+            request = self._request(msg, abstract_syntax, transfer_syntax)
+            unique = UNIQUE_KEY[request.level]
+            query = request.query()
+            if not any(m.keyword == unique for m in query.matches):
+                raise InvalidDataset(f"a {op} at {request.level.value} level needs {unique}")
+            destination = None
+            if op == "move":
+                destination = self.archive.peer(str(msg.command.get(dimse.MOVE_DESTINATION, "")))
+            records = await self._call(self.archive.locate, self.caller, query, op)
+        except PacsgridError as e:
+            status, text = failure_status(e)
+            log.warning(
+                "C-%s from %s failed (status 0x%04X): %s", op.upper(), self.caller, status, e
+            )
+            self._respond(msg, status, text)
+            return
+        self.counts[op] += 1
+        await retrieve(self, msg, records, destination, transfer_syntax)
+
+
+_EXTRA = {
+    "remaining": dimse.REMAINING,
+    "completed": dimse.COMPLETED,
+    "failed": dimse.FAILED,
+    "warning": dimse.WARNING,
+}

@@ -1,0 +1,87 @@
+"""The DICOM listener: one asyncio server per worker process, graceful shutdown.
+
+`serve_forever` runs one worker (a full `Archive` plus event loop). `pacsgrid serve` binds the
+listening socket once and forks several workers that all accept on it (pre-fork model), so
+both CPU cores work on DIMSE parsing while SQLite/PostgreSQL and the filesystem see ordinary
+concurrent clients. On SIGTERM or SIGINT a worker stops accepting, lets in-flight associations
+finish for `dicom.shutdown_grace` seconds, aborts the rest, waits for the stores already handed
+to the thread pool (they either complete, durable and indexed, or were never acknowledged), and
+flushes the group committer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from pacsgrid.archive import Archive
+from pacsgrid.dicom.scp import ServerAssociation, ServiceContext
+
+log = logging.getLogger("pacsgrid.dicom")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind the DICOM port (raises OSError with the reason when it is taken)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(addr)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class DicomServer:
+    def __init__(self, archive: Archive, sock: socket.socket) -> None:
+        self.archive = archive
+        self.sock = sock
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dicom")
+        self.service = ServiceContext(archive, self.executor)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerAssociation(self.service), sock=self.sock
+        )
+
+    async def shutdown(self, grace: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        live = list(self.service.associations)
+        if live:
+            log.info("waiting up to %.0fs for %d association(s) to finish", grace, len(live))
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.service.associations and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            for assoc in list(self.service.associations):
+                log.warning("aborting association with %s at shutdown", assoc.describe())
+                assoc.abort()
+        # Stores already in the thread pool finish (durable + indexed) before we exit.
+        self.executor.shutdown(wait=True)
+        await asyncio.sleep(0)
+
+
+def serve_forever(archive: Archive, sock: socket.socket, grace: float) -> None:
+    """Run one worker until SIGTERM/SIGINT; close the archive on the way out."""
+
+    async def main() -> None:
+        server = DicomServer(archive, sock)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        await stop.wait()
+        log.info("stopping: no new associations")
+        await server.shutdown(grace)
+
+    try:
+        asyncio.run(main())
+    finally:
+        archive.close()

@@ -1,0 +1,96 @@
+"""The `Index` contract: metadata of every instance and where each copy lives.
+
+The index is derived data: everything in it can be rebuilt from the storage sites
+(`pacsgrid reindex`). SQLite and PostgreSQL implement this protocol and run the same contract
+tests (tests/test_index_contract.py).
+
+Writes arrive in batches (`add_batch`) from the group committer, one transaction per batch, so
+that many concurrent stores share one database fsync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pacsgrid.index.query import Query
+from pacsgrid.model import CopyRecord, InstanceRecord
+
+
+@dataclass(frozen=True, slots=True)
+class NewInstance:
+    """An instance whose bytes are durable on `copies`, waiting for its index row."""
+
+    values: dict[str, str]  # indexed attribute values by keyword (pacsgrid.model.ATTRIBUTES)
+    transfer_syntax: str
+    size: int
+    sha256: str
+    copies: tuple[CopyRecord, ...]
+    source_ae: str = ""
+    replace: bool = False
+
+    @property
+    def sop_uid(self) -> str:
+        return self.values["SOPInstanceUID"]
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    outcome: str  # "stored" | "duplicate" | "replaced"
+    warnings: tuple[str, ...] = ()
+    # For a duplicate: the checksum of the object that was already indexed.
+    existing_sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SiteUsage:
+    site: str
+    objects: int
+    bytes: int
+    bad: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+    sites: tuple[SiteUsage, ...] = field(default_factory=tuple)
+
+
+class Index(Protocol):
+    url: str
+
+    def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
+        """Index `items` in one transaction; all or none (raises IndexUnavailable)."""
+        ...
+
+    def has_instance(self, sop_uid: str) -> bool: ...
+
+    def find(self, query: Query) -> Iterator[dict[str, str]]:
+        """Entities at `query.level` matching `query`, as attribute values by keyword
+        (including the computed counts and ModalitiesInStudy)."""
+        ...
+
+    def instances(self, query: Query) -> list[InstanceRecord]:
+        """Instances below the entities matched by `query`, with their copies (retrieve)."""
+        ...
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None: ...
+
+    def record_copy(self, sop_uid: str, copy: CopyRecord) -> None:
+        """Add or update one copy of an instance (repair, cache fill, audit)."""
+        ...
+
+    def register_site(self, name: str) -> bool:
+        """Remember a site; True if it was new to the index."""
+        ...
+
+    def known_sites(self) -> set[str]: ...
+
+    def stats(self) -> IndexStats: ...
+
+    def close(self) -> None: ...

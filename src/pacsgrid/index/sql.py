@@ -1,0 +1,496 @@
+"""The Index logic both SQL engines share: schema shape, batch insert, find, locate, stats.
+
+Queries are written once with `?` placeholders; an engine whose driver wants `%s` sets
+`dialect = POSTGRES` and `_sql()` rewrites them. Engines supply connections, transactions and
+the DDL type names; everything DICOM-specific lives here.
+
+Hierarchy rules (real-world untidiness is stored, never refused):
+- a study belongs to the patient it was first stored under; a later instance of the same
+  study with another PatientID is filed in that study, with a warning;
+- likewise a series stays in the study it was first stored in.
+Patient, study and series attributes are those of the first instance stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from pacsgrid.errors import IndexUnavailable
+from pacsgrid.index.base import AddResult, IndexStats, NewInstance, SiteUsage
+from pacsgrid.index.query import (
+    ALIAS,
+    SQLITE,
+    Dialect,
+    Query,
+    compile_where,
+    normalize_stored,
+    pn_norm,
+)
+from pacsgrid.model import ATTRIBUTES, CopyRecord, InstanceRecord, Level
+
+SCHEMA_VERSION = 1
+
+LEVEL_TABLE = {
+    Level.PATIENT: "patient",
+    Level.STUDY: "study",
+    Level.SERIES: "series",
+    Level.IMAGE: "instance",
+}
+
+
+def _columns(level: Level) -> list[tuple[str, str]]:
+    """(column, vr) of the indexed attributes stored at `level`."""
+    return [(a.column, a.vr) for a in ATTRIBUTES if a.level is level]
+
+
+def schema_statements(pk: str, real: str, blob_text: str = "TEXT") -> list[str]:
+    """DDL of schema version 1. `pk` is the type of an auto-increment primary key."""
+
+    def cols(level: Level, skip: tuple[str, ...] = ()) -> str:
+        out = []
+        for col, vr in _columns(level):
+            if col in skip:
+                continue
+            out.append(f"{col} TEXT NOT NULL DEFAULT ''")
+            if vr == "PN":
+                out.append(f"{col}_norm TEXT NOT NULL DEFAULT ''")
+        return ",\n  ".join(out)
+
+    t = blob_text
+    return [
+        f"CREATE TABLE meta (key {t} PRIMARY KEY, value {t} NOT NULL)",
+        f"""CREATE TABLE patient (
+  pk {pk},
+  patient_key {t} NOT NULL UNIQUE,
+  {cols(Level.PATIENT)},
+  num_studies INTEGER NOT NULL DEFAULT 0,
+  num_series INTEGER NOT NULL DEFAULT 0,
+  num_instances INTEGER NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE study (
+  pk {pk},
+  patient_pk BIGINT NOT NULL REFERENCES patient(pk),
+  {cols(Level.STUDY)},
+  modalities {t} NOT NULL DEFAULT '',
+  sop_classes {t} NOT NULL DEFAULT '',
+  num_series INTEGER NOT NULL DEFAULT 0,
+  num_instances INTEGER NOT NULL DEFAULT 0,
+  updated_at {real} NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE series (
+  pk {pk},
+  study_pk BIGINT NOT NULL REFERENCES study(pk),
+  {cols(Level.SERIES)},
+  num_instances INTEGER NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE instance (
+  pk {pk},
+  series_pk BIGINT NOT NULL REFERENCES series(pk),
+  {cols(Level.IMAGE)},
+  transfer_syntax {t} NOT NULL,
+  size BIGINT NOT NULL,
+  sha256 {t} NOT NULL,
+  stored_at {real} NOT NULL,
+  source_ae {t} NOT NULL DEFAULT '')""",
+        f"""CREATE TABLE copy (
+  instance_pk BIGINT NOT NULL REFERENCES instance(pk) ON DELETE CASCADE,
+  site {t} NOT NULL,
+  key {t} NOT NULL,
+  size BIGINT NOT NULL,
+  sha256 {t} NOT NULL,
+  stored_at {real} NOT NULL,
+  state {t} NOT NULL DEFAULT 'ok',
+  verified_at {real},
+  PRIMARY KEY (instance_pk, site))""",
+        f"CREATE TABLE site (name {t} PRIMARY KEY, registered_at {real} NOT NULL)",
+        "CREATE UNIQUE INDEX study_uid_idx ON study(study_uid)",
+        "CREATE UNIQUE INDEX series_uid_idx ON series(series_uid)",
+        "CREATE UNIQUE INDEX sop_uid_idx ON instance(sop_uid)",
+        "CREATE INDEX patient_id_idx ON patient(patient_id)",
+        "CREATE INDEX patient_name_idx ON patient(patient_name_norm)",
+        "CREATE INDEX study_patient_idx ON study(patient_pk)",
+        "CREATE INDEX study_date_idx ON study(study_date)",
+        "CREATE INDEX study_accession_idx ON study(accession)",
+        "CREATE INDEX series_study_idx ON series(study_pk)",
+        "CREATE INDEX instance_series_idx ON instance(series_pk)",
+        "CREATE INDEX copy_site_idx ON copy(site, state)",
+    ]
+
+
+JOINS = {
+    Level.PATIENT: "patient p",
+    Level.STUDY: "study st JOIN patient p ON st.patient_pk = p.pk",
+    Level.SERIES: "series se JOIN study st ON se.study_pk = st.pk "
+    "JOIN patient p ON st.patient_pk = p.pk",
+    Level.IMAGE: "instance i JOIN series se ON i.series_pk = se.pk "
+    "JOIN study st ON se.study_pk = st.pk JOIN patient p ON st.patient_pk = p.pk",
+}
+
+
+class SqlIndex:
+    """Shared implementation; subclasses provide `_conn()`, `_write()` and `_tx()`."""
+
+    url: str
+    dialect: Dialect = SQLITE
+    db_errors: tuple[type[Exception], ...] = ()  # the driver's errors, mapped to IndexUnavailable
+
+    # ------------------------------------------------------------------ engine hooks
+    def _conn(self) -> Any:
+        """A connection for reads in the calling thread."""
+        raise NotImplementedError
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        """A write transaction; yields a connection (cursor-like `execute`)."""
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.dialect.placeholder == "?" else sql.replace("?", "%s")
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return list(self._conn().execute(self._sql(sql), params).fetchall())
+        except self.db_errors as e:
+            raise IndexUnavailable(f"index query failed: {e}") from e
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self._conn().execute(self._sql(sql), params).fetchone()
+        except self.db_errors as e:
+            raise IndexUnavailable(f"index query failed: {e}") from e
+
+    # ------------------------------------------------------------------ writes
+    def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
+        with self._tx() as db:
+            return [self._add_one(db, item) for item in items]
+
+    def _x(self, db: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        return db.execute(self._sql(sql), params)
+
+    def _add_one(self, db: Any, item: NewInstance) -> AddResult:
+        v = item.values
+        now = time.time()
+        row = self._x(
+            db, "SELECT pk, sha256 FROM instance WHERE sop_uid = ?", (item.sop_uid,)
+        ).fetchone()
+        if row is not None:
+            if not item.replace:
+                for c in item.copies:
+                    if c.sha256 == row[1]:
+                        self._insert_copy(db, row[0], c, ignore=True)
+                return AddResult("duplicate", existing_sha256=row[1])
+            self._remove_instance(db, row[0])
+        warnings: list[str] = []
+
+        study = self._x(
+            db, "SELECT pk, patient_pk FROM study WHERE study_uid = ?", (v["StudyInstanceUID"],)
+        ).fetchone()
+        new_study = study is None
+        if study is None:
+            patient_pk = self._patient_pk(db, v)
+            study_pk = self._insert(
+                db, "study", Level.STUDY, v, {"patient_pk": patient_pk, "updated_at": now}
+            )
+        else:
+            study_pk, patient_pk = study
+            pid = self._x(
+                db, "SELECT patient_id FROM patient WHERE pk = ?", (patient_pk,)
+            ).fetchone()[0]
+            if pid != v.get("PatientID", ""):
+                warnings.append(
+                    f"study {v['StudyInstanceUID']} is stored under PatientID "
+                    f"{pid!r}; instance {item.sop_uid} says {v.get('PatientID', '')!r}"
+                    f" and is filed in the existing study"
+                )
+
+        series = self._x(
+            db, "SELECT pk, study_pk FROM series WHERE series_uid = ?", (v["SeriesInstanceUID"],)
+        ).fetchone()
+        new_series = series is None
+        if series is None:
+            series_pk = self._insert(db, "series", Level.SERIES, v, {"study_pk": study_pk})
+        else:
+            series_pk = series[0]
+            if series[1] != study_pk:
+                warnings.append(
+                    f"series {v['SeriesInstanceUID']} belongs to another study; "
+                    f"instance {item.sop_uid} is filed in that series"
+                )
+                study_pk = series[1]
+                patient_pk = self._x(
+                    db, "SELECT patient_pk FROM study WHERE pk = ?", (study_pk,)
+                ).fetchone()[0]
+                new_study = False
+
+        instance_pk = self._insert(
+            db,
+            "instance",
+            Level.IMAGE,
+            v,
+            {
+                "series_pk": series_pk,
+                "transfer_syntax": item.transfer_syntax,
+                "size": item.size,
+                "sha256": item.sha256,
+                "stored_at": now,
+                "source_ae": item.source_ae,
+            },
+        )
+        for c in item.copies:
+            self._insert_copy(db, instance_pk, c, ignore=False)
+
+        self._x(
+            db, "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,)
+        )
+        study_row = self._x(
+            db, "SELECT modalities, sop_classes FROM study WHERE pk = ?", (study_pk,)
+        ).fetchone()
+        modalities = _add_to_set(study_row[0], v.get("Modality", ""))
+        sop_classes = _add_to_set(study_row[1], v.get("SOPClassUID", ""))
+        self._x(
+            db,
+            "UPDATE study SET num_instances = num_instances + 1, num_series = num_series"
+            " + ?, modalities = ?, sop_classes = ?, updated_at = ? WHERE pk = ?",
+            (int(new_series), modalities, sop_classes, now, study_pk),
+        )
+        self._x(
+            db,
+            "UPDATE patient SET num_instances = num_instances + 1, num_series = "
+            "num_series + ?, num_studies = num_studies + ? WHERE pk = ?",
+            (int(new_series), int(new_study), patient_pk),
+        )
+        return AddResult("replaced" if row is not None else "stored", tuple(warnings))
+
+    def _patient_pk(self, db: Any, v: dict[str, str]) -> int:
+        pid = v.get("PatientID", "")
+        key = (
+            f"{pid}\x00{v.get('IssuerOfPatientID', '')}"
+            if pid
+            else f"\x00{pn_norm(v.get('PatientName', ''))}"
+        )
+        row = self._x(db, "SELECT pk FROM patient WHERE patient_key = ?", (key,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return self._insert(db, "patient", Level.PATIENT, v, {"patient_key": key})
+
+    def _insert(
+        self, db: Any, table: str, level: Level, v: dict[str, str], extra: dict[str, Any]
+    ) -> int:
+        cols: dict[str, Any] = dict(extra)
+        for a in ATTRIBUTES:
+            if a.level is level:
+                value = normalize_stored(a.vr, v.get(a.keyword, ""))
+                cols[a.column] = value
+                if a.vr == "PN":
+                    cols[a.column + "_norm"] = pn_norm(value)
+        names = ", ".join(cols)
+        marks = ", ".join("?" * len(cols))
+        cur = self._x(
+            db, f"INSERT INTO {table} ({names}) VALUES ({marks}) RETURNING pk", list(cols.values())
+        )
+        return int(cur.fetchone()[0])
+
+    def _insert_copy(self, db: Any, instance_pk: int, c: CopyRecord, *, ignore: bool) -> None:
+        conflict = (
+            "DO NOTHING"
+            if ignore
+            else (
+                "DO UPDATE SET key = excluded.key, size = excluded.size, sha256 = excluded.sha256, "
+                "stored_at = excluded.stored_at, state = excluded.state, "
+                "verified_at = excluded.verified_at"
+            )
+        )
+        self._x(
+            db,
+            "INSERT INTO copy (instance_pk, site, key, size, sha256, stored_at, state, "
+            f"verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_pk, site) "
+            f"{conflict}",
+            (instance_pk, c.site, c.key, c.size, c.sha256, c.stored_at, c.state, c.verified_at),
+        )
+
+    def _remove_instance(self, db: Any, instance_pk: int) -> None:
+        """Drop an instance row (replace policy) and keep the counters right."""
+        (series_pk,) = self._x(
+            db, "SELECT series_pk FROM instance WHERE pk = ?", (instance_pk,)
+        ).fetchone()
+        (study_pk,) = self._x(
+            db, "SELECT study_pk FROM series WHERE pk = ?", (series_pk,)
+        ).fetchone()
+        (patient_pk,) = self._x(
+            db, "SELECT patient_pk FROM study WHERE pk = ?", (study_pk,)
+        ).fetchone()
+        self._x(db, "DELETE FROM copy WHERE instance_pk = ?", (instance_pk,))
+        self._x(db, "DELETE FROM instance WHERE pk = ?", (instance_pk,))
+        for table, pk in (("series", series_pk), ("study", study_pk), ("patient", patient_pk)):
+            self._x(db, f"UPDATE {table} SET num_instances = num_instances - 1 WHERE pk = ?", (pk,))
+
+    def record_copy(self, sop_uid: str, copy: CopyRecord) -> None:
+        with self._tx() as db:
+            row = self._x(db, "SELECT pk FROM instance WHERE sop_uid = ?", (sop_uid,)).fetchone()
+            if row is not None:
+                self._insert_copy(db, row[0], copy, ignore=False)
+
+    def register_site(self, name: str) -> bool:
+        with self._tx() as db:
+            row = self._x(db, "SELECT name FROM site WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                self._x(
+                    db, "INSERT INTO site (name, registered_at) VALUES (?, ?)", (name, time.time())
+                )
+            return row is None
+
+    def known_sites(self) -> set[str]:
+        return {r[0] for r in self._all("SELECT name FROM site")}
+
+    # ------------------------------------------------------------------ reads
+    def has_instance(self, sop_uid: str) -> bool:
+        return self._one("SELECT 1 FROM instance WHERE sop_uid = ?", (sop_uid,)) is not None
+
+    def _select(self, level: Level) -> tuple[list[str], list[str], str]:
+        """(select expressions, keywords they produce, FROM clause) for a level."""
+        exprs: list[str] = []
+        keys: list[str] = []
+        for a in ATTRIBUTES:
+            if a.level.depth <= level.depth:
+                exprs.append(f"{ALIAS[a.level]}.{a.column}")
+                keys.append(a.keyword)
+        counts = {
+            Level.PATIENT: [
+                ("p.num_studies", "NumberOfPatientRelatedStudies"),
+                ("p.num_series", "NumberOfPatientRelatedSeries"),
+                ("p.num_instances", "NumberOfPatientRelatedInstances"),
+            ],
+            Level.STUDY: [
+                ("st.num_series", "NumberOfStudyRelatedSeries"),
+                ("st.num_instances", "NumberOfStudyRelatedInstances"),
+                ("st.modalities", "ModalitiesInStudy"),
+                ("st.sop_classes", "SOPClassesInStudy"),
+            ],
+            Level.SERIES: [("se.num_instances", "NumberOfSeriesRelatedInstances")],
+            Level.IMAGE: [
+                ("i.transfer_syntax", "TransferSyntaxUID"),
+                ("i.size", "_size"),
+                ("i.sha256", "_sha256"),
+                ("i.pk", "_pk"),
+            ],
+        }
+        for lv in Level:
+            if lv.depth <= level.depth:
+                for expr, key in counts[lv]:
+                    exprs.append(expr)
+                    keys.append(key)
+        return exprs, keys, JOINS[level]
+
+    def _rows(self, query: Query) -> tuple[list[str], list[Any]]:
+        exprs, keys, joins = self._select(query.level)
+        where, params = compile_where(query, self.dialect)
+        sql = f"SELECT {', '.join(exprs)} FROM {joins}"
+        if where:
+            sql += f" WHERE {where}"
+        sql += f" ORDER BY {ALIAS[query.level]}.pk"
+        if query.limit is not None:
+            sql += f" LIMIT {int(query.limit)} OFFSET {int(query.offset)}"
+        elif query.offset:
+            sql += (
+                f" LIMIT -1 OFFSET {int(query.offset)}"
+                if self.dialect is SQLITE
+                else f" OFFSET {int(query.offset)}"
+            )
+        return keys, self._all(sql, params)
+
+    def find(self, query: Query) -> Iterator[dict[str, str]]:
+        keys, rows = self._rows(query)
+        for row in rows:
+            out = {}
+            for k, val in zip(keys, row, strict=True):
+                if k.startswith("_"):
+                    continue
+                if k in ("ModalitiesInStudy", "SOPClassesInStudy"):
+                    val = val.strip("\\")
+                out[k] = "" if val is None else str(val)
+            yield out
+
+    def instances(self, query: Query) -> list[InstanceRecord]:
+        q = Query(Level.IMAGE, query.matches, query.limit, query.offset)
+        keys, rows = self._rows(q)
+        records: list[tuple[int, dict[str, str], Any]] = []
+        for row in rows:
+            d = dict(zip(keys, row, strict=True))
+            records.append((int(d["_pk"]), d, row))
+        copies = self._copies([pk for pk, _, _ in records])
+        out = []
+        for pk, d, _ in records:
+            attrs = {
+                k: ("" if val is None else str(val))
+                for k, val in d.items()
+                if not k.startswith("_")
+            }
+            out.append(
+                InstanceRecord(
+                    sop_uid=attrs["SOPInstanceUID"],
+                    study_uid=attrs["StudyInstanceUID"],
+                    series_uid=attrs["SeriesInstanceUID"],
+                    sop_class_uid=attrs["SOPClassUID"],
+                    transfer_syntax=attrs["TransferSyntaxUID"],
+                    size=int(d["_size"]),
+                    sha256=str(d["_sha256"]),
+                    attributes=attrs,
+                    copies=tuple(copies.get(pk, ())),
+                )
+            )
+        return out
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        from pacsgrid.index.query import Match
+
+        found = self.instances(Query(Level.IMAGE, (Match("SOPInstanceUID", "single", (sop_uid,)),)))
+        return found[0] if found else None
+
+    def _copies(self, pks: list[int]) -> dict[int, list[CopyRecord]]:
+        out: dict[int, list[CopyRecord]] = {}
+        for start in range(0, len(pks), 500):
+            chunk = pks[start : start + 500]
+            if not chunk:
+                break
+            rows = self._all(
+                "SELECT instance_pk, site, key, size, sha256, stored_at, state, verified_at "
+                f"FROM copy WHERE instance_pk IN ({', '.join('?' * len(chunk))}) "
+                "ORDER BY instance_pk, site",
+                chunk,
+            )
+            for r in rows:
+                out.setdefault(int(r[0]), []).append(
+                    CopyRecord(
+                        r[1],
+                        r[2],
+                        int(r[3]),
+                        r[4],
+                        float(r[5]),
+                        r[6],
+                        None if r[7] is None else float(r[7]),
+                    )
+                )
+        return out
+
+    def stats(self) -> IndexStats:
+        counts = self._one(
+            "SELECT (SELECT count(*) FROM patient), (SELECT count(*) FROM study), "
+            "(SELECT count(*) FROM series), (SELECT count(*) FROM instance), "
+            "(SELECT coalesce(sum(size), 0) FROM instance)"
+        )
+        sites = [
+            SiteUsage(r[0], int(r[1]), int(r[2]), int(r[3]))
+            for r in self._all(
+                "SELECT site, count(*), coalesce(sum(size), 0), "
+                "coalesce(sum(CASE WHEN state <> 'ok' THEN 1 ELSE 0 END), 0) "
+                "FROM copy GROUP BY site ORDER BY site"
+            )
+        ]
+        patients, studies, series, instances, size = (int(c) for c in counts)
+        return IndexStats(patients, studies, series, instances, size, tuple(sites))
+
+
+def _add_to_set(stored: str, value: str) -> str:
+    """Add `value` to a set kept as '\\A\\B\\' (empty string for the empty set)."""
+    if not value or f"\\{value}\\" in stored:
+        return stored
+    return (stored or "\\") + value + "\\"

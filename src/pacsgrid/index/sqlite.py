@@ -1,0 +1,114 @@
+"""The embedded index: one SQLite file in WAL mode.
+
+One write connection per process, used by the group committer's thread (serialised by a lock
+for the rare direct writers); one read connection per reading thread, so queries never wait for
+a commit. `synchronous=FULL`: a commit is on disk when it returns, and the group committer
+spreads that fsync over every instance in the batch. Several processes (DICOM workers, CLI
+commands) may open the same file; SQLite's lock serialises their transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from pacsgrid.errors import IndexUnavailable
+from pacsgrid.index.query import SQLITE
+from pacsgrid.index.sql import SCHEMA_VERSION, SqlIndex, schema_statements
+
+
+class SqliteIndex(SqlIndex):
+    dialect = SQLITE
+    db_errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all_conns: list[sqlite3.Connection] = []
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._connect()
+            self._migrate()
+        except (sqlite3.Error, OSError) as e:
+            raise IndexUnavailable(f"cannot open index {path}: {e}") from e
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.execute("PRAGMA busy_timeout = 30000")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA cache_size = -65536")
+        with self._lock:
+            self._all_conns.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._writer
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise IndexUnavailable(f"index {self.path}: {e}") from e
+            try:
+                yield db
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                _rollback(db)
+                raise IndexUnavailable(f"index {self.path}: {e}") from e
+            except BaseException:
+                _rollback(db)
+                raise
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            has_meta = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            if not has_meta:
+                for stmt in schema_statements("INTEGER PRIMARY KEY", "REAL"):
+                    db.execute(stmt)
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                return
+            version = int(
+                db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            )
+            if version > SCHEMA_VERSION:
+                raise IndexUnavailable(
+                    f"index {self.path} has schema version {version}, newer "
+                    f"than this pacsgrid ({SCHEMA_VERSION}): upgrade pacsgrid"
+                )
+            # Future upgrades: `for v in range(version, SCHEMA_VERSION): UPGRADES[v](db)`.
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all_conns:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            self._all_conns.clear()
+        self._local = threading.local()
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    with suppress(sqlite3.Error):
+        db.execute("ROLLBACK")

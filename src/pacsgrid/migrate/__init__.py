@@ -1,0 +1,1 @@
+"""Bringing objects in from outside: files and folders (import), legacy archives (migrate)."""
