@@ -47,8 +47,10 @@ def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
 
                 ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = UID(source)
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)
                 ds.file_meta = None  # type: ignore[assignment]
+            if (source == EXPLICIT_BE) != (target == EXPLICIT_BE):
+                _swap_words(ds)
             out = DicomBytesIO()
             out.is_little_endian = target != EXPLICIT_BE
             out.is_implicit_VR = target == IMPLICIT_LE
@@ -58,3 +60,18 @@ def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
         raise TranscodeError(
             f"{UID(source).name} to {UID(target).name}: {type(e).__name__}: {e}"
         ) from None
+
+
+_WORD = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: object) -> None:
+    """pydicom re-encodes numbers in the new byte order but writes OW/OF/OL/OD/OV values as
+    the raw bytes they were read as; swap those words so big endian data survives."""
+    import numpy as np
+
+    for elem in ds.iterall():  # type: ignore[attr-defined]
+        size = _WORD.get(elem.VR)
+        if size and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            dtype = np.dtype(f"u{size}")
+            elem.value = np.frombuffer(elem.value, dtype).byteswap().tobytes()
