@@ -1,24 +1,16 @@
-"""`pacsgrid serve`: the archive's DICOM listener (and, as they land, its web face and jobs).
-
-With more than one worker, this process is a supervisor: it binds the port once, starts the
-workers as child processes that inherit the listening socket, restarts a worker that dies, and
-on SIGTERM/SIGINT passes the signal on and waits for every worker to finish cleanly.
-"""
+"""`pacsgrid serve`: run an archive node (see pacsgrid.node for its processes)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
+from pacsgrid import node
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
-from pacsgrid.dicom.server import listening_socket, serve_forever
+from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
 from pacsgrid.settings import Settings, load_settings
 
@@ -70,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.worker_fd is not None:
         sock = socket.socket(fileno=args.worker_fd)
         sock.setblocking(False)
-        serve_forever(Archive(settings), sock, d.shutdown_grace)
+        node.run_worker(Archive(settings), sock, d.shutdown_grace)
         return 0
 
     # Prepare once, before any worker starts: create/upgrade the index schema, initialise new
-    # sites, and fail here, with one clear line, if something is wrong.
+    # sites, index what a crash left unindexed, and fail here, with one clear line, if
+    # something is wrong.
     archive = Archive(settings, probe_interval=0)
     try:
         archive.recover()
@@ -99,56 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sites,
     )
     if workers == 1:
-        serve_forever(Archive(settings), sock, d.shutdown_grace)
-        return 0
-    return supervise(sock, workers, d.shutdown_grace)
-
-
-def supervise(sock: socket.socket, workers: int, grace: float) -> int:
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
-    argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
-    stopping = False
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    children: dict[int, subprocess.Popen[bytes]] = {}
-
-    def spawn(slot: int) -> None:
-        # The child ignores SIGINT from the terminal's process group: the supervisor passes
-        # SIGTERM on, so that every worker shuts down the same, graceful way.
-        children[slot] = subprocess.Popen(
-            argv, pass_fds=(fd,), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
-        )
-
-    for slot in range(workers):
-        spawn(slot)
-    restarts: dict[int, float] = {}
-    while not stopping:
-        time.sleep(0.2)
-        for slot, proc in list(children.items()):
-            code = proc.poll()
-            if code is not None and not stopping:
-                log.error("worker %d (pid %d) exited with %s; restarting", slot, proc.pid, code)
-                if time.monotonic() - restarts.get(slot, 0) < 5:
-                    time.sleep(2)  # do not spin when a worker cannot start at all
-                restarts[slot] = time.monotonic()
-                spawn(slot)
-    log.info("stopping %d worker(s)", len(children))
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace + 30
-    for proc in children.values():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.error("worker pid %d did not stop; killing it", proc.pid)
-            proc.kill()
-            proc.wait()
-    sock.close()
+        node.run_single(Archive(settings), sock, d.shutdown_grace)
+    else:
+        node.run_supervisor(lambda: Archive(settings), sock, workers, d.shutdown_grace)
     return 0

@@ -1,19 +1,16 @@
 """The DICOM listener: one asyncio server per worker process, graceful shutdown.
 
-`serve_forever` runs one worker (a full `Archive` plus event loop). `pacsgrid serve` binds the
-listening socket once and forks several workers that all accept on it (pre-fork model), so
-both CPU cores work on DIMSE parsing while SQLite/PostgreSQL and the filesystem see ordinary
-concurrent clients. On SIGTERM or SIGINT a worker stops accepting, lets in-flight associations
-finish for `dicom.shutdown_grace` seconds, aborts the rest, waits for the stores already handed
-to the thread pool (they either complete, durable and indexed, or were never acknowledged), and
-flushes the group committer.
+Several worker processes may accept on one inherited listening socket (see pacsgrid.node), so
+both CPU cores work on DIMSE while SQLite/PostgreSQL and the filesystem see ordinary concurrent
+clients. On shutdown a server stops accepting, lets in-flight associations finish for
+`dicom.shutdown_grace` seconds, aborts the rest, and waits for the stores already handed to
+the thread pool: they either complete (durable and indexed) or were never acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,23 +62,3 @@ class DicomServer:
         # Stores already in the thread pool finish (durable + indexed) before we exit.
         self.executor.shutdown(wait=True)
         await asyncio.sleep(0)
-
-
-def serve_forever(archive: Archive, sock: socket.socket, grace: float) -> None:
-    """Run one worker until SIGTERM/SIGINT; close the archive on the way out."""
-
-    async def main() -> None:
-        server = DicomServer(archive, sock)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await server.start()
-        await stop.wait()
-        log.info("stopping: no new associations")
-        await server.shutdown(grace)
-
-    try:
-        asyncio.run(main())
-    finally:
-        archive.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pacsgrid.errors import ConfigError
-from pacsgrid.index.base import AddResult, Index, IndexStats, NewInstance, SiteUsage
+from pacsgrid.index.base import AddResult, Index, IndexStats, NewInstance, SiteUsage, WorkItem
 from pacsgrid.index.query import Match, Query, parse_match
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "NewInstance",
     "Query",
     "SiteUsage",
+    "WorkItem",
     "open_index",
     "parse_match",
 ]

@@ -29,6 +29,9 @@ class NewInstance:
     copies: tuple[CopyRecord, ...]
     source_ae: str = ""
     replace: bool = False
+    # Work to queue in the same transaction as the instance row (a durable outbox):
+    # (kind, key, payload), e.g. ("copy", "<sop>>site-b", "").
+    work: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def sop_uid(self) -> str:
@@ -41,6 +44,15 @@ class AddResult:
     warnings: tuple[str, ...] = ()
     # For a duplicate: the checksum of the object that was already indexed.
     existing_sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    pk: int
+    kind: str
+    key: str
+    payload: str
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,5 +104,27 @@ class Index(Protocol):
     def known_sites(self) -> set[str]: ...
 
     def stats(self) -> IndexStats: ...
+
+    # ------------------------------------------------------------------ work queue
+    def enqueue(self, kind: str, items: Sequence[tuple[str, str]]) -> int:
+        """Queue (key, payload) items of `kind`; an item already pending stays as it is, a
+        done or failed one is queued again. Returns how many were (re)queued."""
+        ...
+
+    def claim(self, kind: str, owner: str, limit: int, lease: float) -> list[WorkItem]:
+        """Up to `limit` ready items of `kind`, leased to `owner` for `lease` seconds; no
+        other owner gets them while the lease runs (SKIP LOCKED on PostgreSQL)."""
+        ...
+
+    def complete(self, pks: Sequence[int]) -> None: ...
+
+    def fail(self, pk: int, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt: retry after `retry_at` (epoch seconds), or give up
+        (state 'failed', listed for the operator) when `retry_at` is None."""
+        ...
+
+    def work_counts(self, kind: str) -> dict[str, int]:
+        """Items of `kind` by state (pending, done, failed)."""
+        ...
 
     def close(self) -> None: ...

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from pacsgrid.errors import IndexUnavailable
-from pacsgrid.index.base import AddResult, IndexStats, NewInstance, SiteUsage
+from pacsgrid.index.base import AddResult, IndexStats, NewInstance, SiteUsage, WorkItem
 from pacsgrid.index.query import (
     ALIAS,
     SQLITE,
@@ -29,93 +29,8 @@ from pacsgrid.index.query import (
     normalize_stored,
     pn_norm,
 )
+from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
 from pacsgrid.model import ATTRIBUTES, CopyRecord, InstanceRecord, Level
-
-SCHEMA_VERSION = 1
-
-LEVEL_TABLE = {
-    Level.PATIENT: "patient",
-    Level.STUDY: "study",
-    Level.SERIES: "series",
-    Level.IMAGE: "instance",
-}
-
-
-def _columns(level: Level) -> list[tuple[str, str]]:
-    """(column, vr) of the indexed attributes stored at `level`."""
-    return [(a.column, a.vr) for a in ATTRIBUTES if a.level is level]
-
-
-def schema_statements(pk: str, real: str, blob_text: str = "TEXT") -> list[str]:
-    """DDL of schema version 1. `pk` is the type of an auto-increment primary key."""
-
-    def cols(level: Level, skip: tuple[str, ...] = ()) -> str:
-        out = []
-        for col, vr in _columns(level):
-            if col in skip:
-                continue
-            out.append(f"{col} TEXT NOT NULL DEFAULT ''")
-            if vr == "PN":
-                out.append(f"{col}_norm TEXT NOT NULL DEFAULT ''")
-        return ",\n  ".join(out)
-
-    t = blob_text
-    return [
-        f"CREATE TABLE meta (key {t} PRIMARY KEY, value {t} NOT NULL)",
-        f"""CREATE TABLE patient (
-  pk {pk},
-  patient_key {t} NOT NULL UNIQUE,
-  {cols(Level.PATIENT)},
-  num_studies INTEGER NOT NULL DEFAULT 0,
-  num_series INTEGER NOT NULL DEFAULT 0,
-  num_instances INTEGER NOT NULL DEFAULT 0)""",
-        f"""CREATE TABLE study (
-  pk {pk},
-  patient_pk BIGINT NOT NULL REFERENCES patient(pk),
-  {cols(Level.STUDY)},
-  modalities {t} NOT NULL DEFAULT '',
-  sop_classes {t} NOT NULL DEFAULT '',
-  num_series INTEGER NOT NULL DEFAULT 0,
-  num_instances INTEGER NOT NULL DEFAULT 0,
-  updated_at {real} NOT NULL DEFAULT 0)""",
-        f"""CREATE TABLE series (
-  pk {pk},
-  study_pk BIGINT NOT NULL REFERENCES study(pk),
-  {cols(Level.SERIES)},
-  num_instances INTEGER NOT NULL DEFAULT 0)""",
-        f"""CREATE TABLE instance (
-  pk {pk},
-  series_pk BIGINT NOT NULL REFERENCES series(pk),
-  {cols(Level.IMAGE)},
-  transfer_syntax {t} NOT NULL,
-  size BIGINT NOT NULL,
-  sha256 {t} NOT NULL,
-  stored_at {real} NOT NULL,
-  source_ae {t} NOT NULL DEFAULT '')""",
-        f"""CREATE TABLE copy (
-  instance_pk BIGINT NOT NULL REFERENCES instance(pk) ON DELETE CASCADE,
-  site {t} NOT NULL,
-  key {t} NOT NULL,
-  size BIGINT NOT NULL,
-  sha256 {t} NOT NULL,
-  stored_at {real} NOT NULL,
-  state {t} NOT NULL DEFAULT 'ok',
-  verified_at {real},
-  PRIMARY KEY (instance_pk, site))""",
-        f"CREATE TABLE site (name {t} PRIMARY KEY, registered_at {real} NOT NULL)",
-        "CREATE UNIQUE INDEX study_uid_idx ON study(study_uid)",
-        "CREATE UNIQUE INDEX series_uid_idx ON series(series_uid)",
-        "CREATE UNIQUE INDEX sop_uid_idx ON instance(sop_uid)",
-        "CREATE INDEX patient_id_idx ON patient(patient_id)",
-        "CREATE INDEX patient_name_idx ON patient(patient_name_norm)",
-        "CREATE INDEX study_patient_idx ON study(patient_pk)",
-        "CREATE INDEX study_date_idx ON study(study_date)",
-        "CREATE INDEX study_accession_idx ON study(accession)",
-        "CREATE INDEX series_study_idx ON series(study_pk)",
-        "CREATE INDEX instance_series_idx ON instance(series_pk)",
-        "CREATE INDEX copy_site_idx ON copy(site, state)",
-    ]
-
 
 JOINS = {
     Level.PATIENT: "patient p",
@@ -128,7 +43,7 @@ JOINS = {
 
 
 class SqlIndex:
-    """Shared implementation; subclasses provide `_conn()`, `_write()` and `_tx()`."""
+    """Shared implementation; subclasses provide `_conn()` and `_tx()`."""
 
     url: str
     dialect: Dialect = SQLITE
@@ -157,6 +72,29 @@ class SqlIndex:
             return self._conn().execute(self._sql(sql), params).fetchone()
         except self.db_errors as e:
             raise IndexUnavailable(f"index query failed: {e}") from e
+
+    def _apply_migrations(self, types: Types) -> None:
+        """Bring the schema up to date (see pacsgrid.index.schema); idempotent."""
+        with self._tx() as db:
+            self._x(db, TRACKING_TABLE)
+            applied = {r[0] for r in self._x(db, "SELECT name FROM schema_migrations").fetchall()}
+            known = [name for name, _ in MIGRATIONS]
+            unknown = sorted(applied - set(known))
+            if unknown:
+                raise IndexUnavailable(
+                    f"index {self.url} was upgraded by a newer pacsgrid (migrations "
+                    f"{', '.join(unknown)} are unknown here): upgrade pacsgrid"
+                )
+            for name, statements in MIGRATIONS:
+                if name in applied:
+                    continue
+                for stmt in statements(types):
+                    self._x(db, stmt)
+                self._x(
+                    db,
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, time.time()),
+                )
 
     # ------------------------------------------------------------------ writes
     def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
@@ -237,6 +175,8 @@ class SqlIndex:
         )
         for c in item.copies:
             self._insert_copy(db, instance_pk, c, ignore=False)
+        for kind, key, payload in item.work:
+            self._enqueue(db, kind, key, payload, now)
 
         self._x(
             db, "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,)
@@ -340,6 +280,70 @@ class SqlIndex:
 
     def known_sites(self) -> set[str]:
         return {r[0] for r in self._all("SELECT name FROM site")}
+
+    # ------------------------------------------------------------------ work queue
+    def _enqueue(self, db: Any, kind: str, key: str, payload: str, now: float) -> int:
+        cur = self._x(
+            db,
+            "INSERT INTO work (kind, key, payload, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET "
+            "state = 'pending', payload = excluded.payload, attempts = 0, not_before = 0, "
+            "claimed_by = NULL, claimed_until = NULL, last_error = '', "
+            "updated_at = excluded.updated_at WHERE work.state <> 'pending'",
+            (kind, key, payload, now, now),
+        )
+        return max(0, int(cur.rowcount))
+
+    def enqueue(self, kind: str, items: Sequence[tuple[str, str]]) -> int:
+        now = time.time()
+        with self._tx() as db:
+            return sum(self._enqueue(db, kind, key, payload, now) for key, payload in items)
+
+    # Appended to the claim subquery; PostgreSQL sets " FOR UPDATE SKIP LOCKED".
+    CLAIM_LOCK = ""
+
+    def claim(self, kind: str, owner: str, limit: int, lease: float) -> list[WorkItem]:
+        now = time.time()
+        with self._tx() as db:
+            rows = self._x(
+                db,
+                "UPDATE work SET claimed_by = ?, claimed_until = ?, attempts = attempts + 1, "
+                "updated_at = ? WHERE pk IN (SELECT pk FROM work WHERE kind = ? AND "
+                "state = 'pending' AND not_before <= ? AND (claimed_until IS NULL OR "
+                f"claimed_until < ?) ORDER BY pk LIMIT ?{self.CLAIM_LOCK}) "
+                "RETURNING pk, kind, key, payload, attempts",
+                (owner, now + lease, now, kind, now, now, int(limit)),
+            ).fetchall()
+        items = [WorkItem(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in rows]
+        return sorted(items, key=lambda w: w.pk)
+
+    def complete(self, pks: Sequence[int]) -> None:
+        if not pks:
+            return
+        now = time.time()
+        with self._tx() as db:
+            for start in range(0, len(pks), 500):
+                chunk = list(pks[start : start + 500])
+                self._x(
+                    db,
+                    "UPDATE work SET state = 'done', claimed_by = NULL, claimed_until = NULL, "
+                    f"updated_at = ? WHERE pk IN ({', '.join('?' * len(chunk))})",
+                    [now, *chunk],
+                )
+
+    def fail(self, pk: int, error: str, retry_at: float | None) -> None:
+        state = "failed" if retry_at is None else "pending"
+        with self._tx() as db:
+            self._x(
+                db,
+                "UPDATE work SET state = ?, not_before = ?, claimed_by = NULL, "
+                "claimed_until = NULL, last_error = ?, updated_at = ? WHERE pk = ?",
+                (state, retry_at or 0, error[:2000], time.time(), pk),
+            )
+
+    def work_counts(self, kind: str) -> dict[str, int]:
+        rows = self._all("SELECT state, count(*) FROM work WHERE kind = ? GROUP BY state", (kind,))
+        return {r[0]: int(r[1]) for r in rows}
 
     # ------------------------------------------------------------------ reads
     def has_instance(self, sop_uid: str) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.query import SQLITE
-from pacsgrid.index.sql import SCHEMA_VERSION, SqlIndex, schema_statements
+from pacsgrid.index.schema import SQLITE_TYPES
+from pacsgrid.index.sql import SqlIndex
 
 
 class SqliteIndex(SqlIndex):
@@ -33,7 +34,7 @@ class SqliteIndex(SqlIndex):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
-            self._migrate()
+            self._apply_migrations(SQLITE_TYPES)
         except (sqlite3.Error, OSError) as e:
             raise IndexUnavailable(f"cannot open index {path}: {e}") from e
 
@@ -76,29 +77,6 @@ class SqliteIndex(SqlIndex):
             except BaseException:
                 _rollback(db)
                 raise
-
-    def _migrate(self) -> None:
-        with self._tx() as db:
-            has_meta = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).fetchone()
-            if not has_meta:
-                for stmt in schema_statements("INTEGER PRIMARY KEY", "REAL"):
-                    db.execute(stmt)
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                return
-            version = int(
-                db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            )
-            if version > SCHEMA_VERSION:
-                raise IndexUnavailable(
-                    f"index {self.path} has schema version {version}, newer "
-                    f"than this pacsgrid ({SCHEMA_VERSION}): upgrade pacsgrid"
-                )
-            # Future upgrades: `for v in range(version, SCHEMA_VERSION): UPGRADES[v](db)`.
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,134 @@
+"""The index schema as a list of named migrations, applied in order, each once.
+
+Each feature adds its tables as a new migration at the end of `MIGRATIONS` (never by editing
+an applied one). Names, not numbers, record what was applied (table `schema_migrations`), so
+features developed side by side do not fight over version numbers. An index carrying a
+migration this pacsgrid does not know was upgraded by a newer pacsgrid: opening it fails with
+a clear message rather than guessing.
+
+DDL is written once for both engines; `Types` fills in what differs (an auto-increment key,
+a float type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pacsgrid.model import ATTRIBUTES, Level
+
+
+@dataclass(frozen=True)
+class Types:
+    pk: str  # "INTEGER PRIMARY KEY" (SQLite) / "BIGSERIAL PRIMARY KEY" (PostgreSQL)
+    real: str  # "REAL" / "DOUBLE PRECISION"
+    text: str = "TEXT"
+
+
+SQLITE_TYPES = Types("INTEGER PRIMARY KEY", "REAL")
+POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION")
+
+
+def _attribute_columns(level: Level) -> str:
+    out = []
+    for a in ATTRIBUTES:
+        if a.level is level:
+            out.append(f"{a.column} TEXT NOT NULL DEFAULT ''")
+            if a.vr == "PN":
+                out.append(f"{a.column}_norm TEXT NOT NULL DEFAULT ''")
+    return ",\n  ".join(out)
+
+
+def core(t: Types) -> list[str]:
+    """Patients, studies, series, instances, copies and sites."""
+    return [
+        f"""CREATE TABLE patient (
+  pk {t.pk},
+  patient_key {t.text} NOT NULL UNIQUE,
+  {_attribute_columns(Level.PATIENT)},
+  num_studies INTEGER NOT NULL DEFAULT 0,
+  num_series INTEGER NOT NULL DEFAULT 0,
+  num_instances INTEGER NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE study (
+  pk {t.pk},
+  patient_pk BIGINT NOT NULL REFERENCES patient(pk),
+  {_attribute_columns(Level.STUDY)},
+  modalities {t.text} NOT NULL DEFAULT '',
+  sop_classes {t.text} NOT NULL DEFAULT '',
+  num_series INTEGER NOT NULL DEFAULT 0,
+  num_instances INTEGER NOT NULL DEFAULT 0,
+  updated_at {t.real} NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE series (
+  pk {t.pk},
+  study_pk BIGINT NOT NULL REFERENCES study(pk),
+  {_attribute_columns(Level.SERIES)},
+  num_instances INTEGER NOT NULL DEFAULT 0)""",
+        f"""CREATE TABLE instance (
+  pk {t.pk},
+  series_pk BIGINT NOT NULL REFERENCES series(pk),
+  {_attribute_columns(Level.IMAGE)},
+  transfer_syntax {t.text} NOT NULL,
+  size BIGINT NOT NULL,
+  sha256 {t.text} NOT NULL,
+  stored_at {t.real} NOT NULL,
+  source_ae {t.text} NOT NULL DEFAULT '')""",
+        f"""CREATE TABLE copy (
+  instance_pk BIGINT NOT NULL REFERENCES instance(pk) ON DELETE CASCADE,
+  site {t.text} NOT NULL,
+  key {t.text} NOT NULL,
+  size BIGINT NOT NULL,
+  sha256 {t.text} NOT NULL,
+  stored_at {t.real} NOT NULL,
+  state {t.text} NOT NULL DEFAULT 'ok',
+  verified_at {t.real},
+  PRIMARY KEY (instance_pk, site))""",
+        f"CREATE TABLE site (name {t.text} PRIMARY KEY, registered_at {t.real} NOT NULL)",
+        "CREATE UNIQUE INDEX study_uid_idx ON study(study_uid)",
+        "CREATE UNIQUE INDEX series_uid_idx ON series(series_uid)",
+        "CREATE UNIQUE INDEX sop_uid_idx ON instance(sop_uid)",
+        "CREATE INDEX patient_id_idx ON patient(patient_id)",
+        "CREATE INDEX patient_name_idx ON patient(patient_name_norm)",
+        "CREATE INDEX study_patient_idx ON study(patient_pk)",
+        "CREATE INDEX study_date_idx ON study(study_date)",
+        "CREATE INDEX study_accession_idx ON study(accession)",
+        "CREATE INDEX series_study_idx ON series(study_pk)",
+        "CREATE INDEX instance_series_idx ON instance(series_pk)",
+        "CREATE INDEX copy_site_idx ON copy(site, state)",
+    ]
+
+
+def work_queue(t: Types) -> list[str]:
+    """Durable work items for background jobs (copies to make, instances to forward, ...).
+
+    One row per (kind, key). A worker claims items by setting a lease (claimed_by,
+    claimed_until); an item whose lease ran out (its node died) can be claimed again.
+    """
+    return [
+        f"""CREATE TABLE work (
+  pk {t.pk},
+  kind {t.text} NOT NULL,
+  key {t.text} NOT NULL,
+  payload {t.text} NOT NULL DEFAULT '',
+  state {t.text} NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  not_before {t.real} NOT NULL DEFAULT 0,
+  claimed_by {t.text},
+  claimed_until {t.real},
+  last_error {t.text} NOT NULL DEFAULT '',
+  created_at {t.real} NOT NULL,
+  updated_at {t.real} NOT NULL,
+  UNIQUE (kind, key))""",
+        "CREATE INDEX work_ready_idx ON work(kind, state, not_before)",
+    ]
+
+
+# Append new migrations at the end; never edit or reorder applied ones.
+MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
+    ("0001_core", core),
+    ("0002_work_queue", work_queue),
+]
+
+TRACKING_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations "
+    "(name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+)

@@ -1,0 +1,155 @@
+"""One archive node: DICOM workers plus the node's background components.
+
+Layout of a running `pacsgrid serve`:
+- with one worker: one process, one event loop, running the DICOM server and every component;
+- with N workers: a supervisor process binds the DICOM port once and starts N worker processes
+  that inherit the listening socket (each runs a DICOM server and nothing else); the supervisor
+  runs the components (background jobs, the web face) and restarts a worker that dies.
+
+A component is anything with `name` and `async run(stop)`: it works until `stop` is set, then
+returns. `components()` lists what a node runs; a feature adds its line there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+from pacsgrid.archive import Archive
+from pacsgrid.dicom.server import DicomServer
+
+log = logging.getLogger("pacsgrid.node")
+
+
+class Component(Protocol):
+    name: str
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def components(archive: Archive) -> list[Component]:
+    """Background components of this node, built from the archive's settings."""
+    out: list[Component] = []
+    return out
+
+
+async def _run_components(archive: Archive, stop: asyncio.Event) -> None:
+    tasks = [asyncio.create_task(_guard(c, stop), name=c.name) for c in components(archive)]
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+async def _guard(component: Component, stop: asyncio.Event) -> None:
+    """Run a component; if it crashes, log it and start it again (with a pause)."""
+    while not stop.is_set():
+        try:
+            await component.run(stop)
+            return
+        except Exception:
+            log.exception("component %s failed; restarting it in 10s", component.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 10)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def run_single(archive: Archive, sock: socket.socket, grace: float) -> None:
+    """One process: DICOM server and components on one event loop."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        server = DicomServer(archive, sock)
+        await server.start()
+        background = asyncio.create_task(_run_components(archive, stop))
+        await stop.wait()
+        log.info("stopping: no new associations")
+        await server.shutdown(grace)
+        await background
+
+    try:
+        asyncio.run(main())
+    finally:
+        archive.close()
+
+
+def run_worker(archive: Archive, sock: socket.socket, grace: float) -> None:
+    """A worker process: the DICOM server only (the supervisor runs the components)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        server = DicomServer(archive, sock)
+        await server.start()
+        await stop.wait()
+        await server.shutdown(grace)
+
+    try:
+        asyncio.run(main())
+    finally:
+        archive.close()
+
+
+def run_supervisor(
+    make_archive: Callable[[], Archive], sock: socket.socket, workers: int, grace: float
+) -> None:
+    """Start `workers` worker processes on the inherited socket; run the components here."""
+    fd = sock.fileno()
+    os.set_inheritable(fd, True)
+    argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
+
+    def spawn() -> subprocess.Popen[bytes]:
+        # Workers ignore the terminal's SIGINT: the supervisor passes SIGTERM on, so every
+        # worker shuts down the same, graceful way.
+        return subprocess.Popen(
+            argv,
+            pass_fds=(fd,),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        children = [spawn() for _ in range(workers)]
+        archive = make_archive()
+        background = asyncio.create_task(_run_components(archive, stop))
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                for i, proc in enumerate(children):
+                    code = proc.poll()
+                    if code is not None and not stop.is_set():
+                        log.error("worker pid %d exited with %s; starting another", proc.pid, code)
+                        await asyncio.sleep(1)  # do not spin when a worker cannot start
+                        children[i] = spawn()
+            log.info("stopping %d worker(s)", len(children))
+            for proc in children:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = asyncio.get_running_loop().time() + grace + 30
+            for proc in children:
+                while proc.poll() is None and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.1)
+                if proc.poll() is None:
+                    log.error("worker pid %d did not stop; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+            await background
+        finally:
+            archive.close()
+            sock.close()
+
+    asyncio.run(main())
