@@ -20,8 +20,8 @@ def text(ds: Any, keyword: str) -> str:
     if v is None:
         return ""
     if isinstance(v, list | tuple) or type(v).__name__ == "MultiValue":
-        return str(v[0]).strip() if len(v) else ""
-    return str(v).rstrip("\x00 ").strip()
+        return str(v[0]).strip(" ") if len(v) else ""
+    return str(v).rstrip("\x00 ").strip(" ")  # DICOM pads with spaces only
 
 
 @dataclass

@@ -35,10 +35,11 @@ from pacsgrid.errors import (
     StorageError,
     UnknownPeer,
 )
-from pacsgrid.index import Index, IndexStats, NewInstance, Query, open_index
+from pacsgrid.index import Index, IndexStats, NewInstance, open_index
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.journal import IngestJournal
 from pacsgrid.model import CopyRecord, InstanceRecord
+from pacsgrid.query import Query
 from pacsgrid.settings import PeerSettings, Settings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement

@@ -217,20 +217,20 @@ def _convert(key: str, f: dataclasses.Field[Any], raw: Any, from_text: bool) -> 
             raise ConfigError(key, f"must be true or false, got {raw!r}")
         return raw
     if tp in (int, float):
-        if isinstance(raw, bool):
-            raise ConfigError(key, f"must be {_type_name(tp)}, got {raw!r}")
-        try:
-            value = tp(raw) if (from_text or isinstance(raw, int | float)) else None
+        lo, hi = meta.get("min"), meta.get("max")
+        expect = _type_name(tp)
+        if lo is not None:
+            expect += f" from {lo} to {hi}" if hi is not None else f" of at least {lo}"
+        value = None
+        if not isinstance(raw, bool) and (from_text or isinstance(raw, int | float)):
+            try:
+                value = tp(raw)
+            except (TypeError, ValueError):
+                value = None
             if tp is int and isinstance(raw, float) and not raw.is_integer():
                 value = None
-        except (TypeError, ValueError):
-            value = None
-        if value is None:
-            raise ConfigError(key, f"must be {_type_name(tp)}, got {raw!r}")
-        lo, hi = meta.get("min"), meta.get("max")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
-            raise ConfigError(key, f"must be {_type_name(tp)} {rng}, got {raw!r}")
+        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(key, f"must be {expect}, got {raw!r}")
         return value
     if tp is Path:
         if not isinstance(raw, str | Path) or not str(raw):

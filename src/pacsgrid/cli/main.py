@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from pacsgrid import __version__
@@ -16,7 +17,38 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     serve.add_parser(sub)
     archive_cmds.add_parsers(sub)
+    p = sub.add_parser("cli-reference", help="print the reference of every command")
+    p.set_defaults(func=lambda args: print(cli_reference()) or 0)
     return parser
+
+
+def cli_reference() -> str:
+    """Markdown of `pacsgrid --help` and every subcommand's help (docs/cli.md)."""
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # help text wraps to the terminal; keep the docs stable
+    try:
+        parser = build_parser()
+        out = [
+            "# Command-line reference",
+            "",
+            "Generated from `--help` (`pacsgrid cli-reference`); a test checks it is current.",
+            "",
+            "```",
+            parser.format_help().rstrip(),
+            "```",
+            "",
+        ]
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, p in sub.choices.items():
+            out += [f"## pacsgrid {name}", "", "```", p.format_help().rstrip(), "```", ""]
+        return "\n".join(out)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def main(argv: list[str] | None = None) -> int:

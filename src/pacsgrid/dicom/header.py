@@ -269,10 +269,7 @@ def decode_value(vr: str, value: bytes, encodings: list[str] | None, little: boo
             return ""
         return str(struct.unpack_from("<H" if little else ">H", value)[0])
     if vr in TEXT_VRS and encodings and (not value.isascii() or b"\x1b" in value):
-        from pydicom.charset import decode_bytes
-
-        delims = {0x5E, 0x3D} if vr == "PN" else {0x5C}
-        text: str = decode_bytes(value, encodings, delims)
+        text = _decode_text(value, encodings, vr)
     else:
         text = value.decode("latin-1") if not value.isascii() else value.decode("ascii")
     if vr == "UI":
@@ -289,6 +286,25 @@ def decode_value(vr: str, value: bytes, encodings: list[str] | None, little: boo
         # Multi-valued where the index keeps one value (e.g. Modality): keep the first.
         text = text.split("\\")[0].strip()
     return text
+
+
+def _decode_text(value: bytes, encodings: list[str], vr: str) -> str:
+    """Decode text in a SpecificCharacterSet without pydicom's warnings (one per instance in
+    the log is noise): plain codecs with replacement characters, and pydicom's ISO 2022
+    code-extension logic only when every escape sequence in the value is one it knows."""
+    if b"\x1b" not in value:
+        return value.decode(encodings[0], errors="replace")
+    from pydicom.charset import CODES_TO_ENCODINGS, ESC, decode_bytes
+
+    known = set(CODES_TO_ENCODINGS)
+    escapes = [ESC + frag for frag in value.split(ESC)[1:]]
+    if not all(any(e.startswith(code) for code in known) for e in escapes):
+        return value.decode(encodings[0], errors="replace")
+    delims = {0x5E, 0x3D} if vr == "PN" else {0x5C}
+    try:
+        return str(decode_bytes(value, encodings, delims))
+    except (UnicodeError, LookupError):
+        return value.decode(encodings[0], errors="replace")
 
 
 def _encodings(value: bytes) -> list[str]:

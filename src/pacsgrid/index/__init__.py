@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pacsgrid.errors import ConfigError
 from pacsgrid.index.base import AddResult, Index, IndexStats, NewInstance, SiteUsage, WorkItem
-from pacsgrid.index.query import Match, Query, parse_match
+from pacsgrid.query import Match, Query, parse_match
 
 __all__ = [
     "AddResult",

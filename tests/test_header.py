@@ -1,0 +1,211 @@
+"""The fast header scanner agrees with pydicom, and refuses what pydicom cannot read."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+
+from pacsgrid.dicom.header import scan
+from pacsgrid.dicom.part10 import build_file_meta, split_part10
+from pacsgrid.errors import InvalidDataset
+from pacsgrid.model import ATTRIBUTES
+from tests.corpus import accepted, corpus
+from tests.oracle import text
+
+SYNTAXES = {
+    "1.2.840.10008.1.2": (True, True),
+    "1.2.840.10008.1.2.1": (False, True),
+    "1.2.840.10008.1.2.2": (False, False),
+    "1.2.840.10008.1.2.1.99": (False, True),
+}
+
+
+def expected_values(ds: Dataset) -> dict[str, str]:
+    """What pydicom reads for the indexed attributes (its warnings about odd values muted)."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for a in ATTRIBUTES:
+            if a.keyword in ds:
+                v = text(ds, a.keyword)
+                out[a.keyword] = v.rstrip("=") if a.vr == "PN" else v
+    return out
+
+
+@pytest.mark.parametrize("f", accepted(), ids=lambda f: str(f.path.name))
+def test_scanner_matches_pydicom_on_the_corpus(f) -> None:  # type: ignore[no-untyped-def]
+    data = f.path.read_bytes()
+    p10 = split_part10(data)
+    header = scan(data[p10.dataset_offset :], p10.transfer_syntax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(f.path, force=True, stop_before_pixels=True)
+    assert header.values == expected_values(ds)
+
+
+@pytest.mark.parametrize(
+    "f", [f for f in corpus() if f.expect == "reject-or-tolerate"], ids=lambda f: str(f.path.name)
+)
+def test_broken_files_are_refused_or_read_like_pydicom(f) -> None:  # type: ignore[no-untyped-def]
+    """A broken file either raises InvalidDataset or yields what pydicom reads from it."""
+    data = f.path.read_bytes()
+    try:
+        p10 = split_part10(data)
+        header = scan(data[p10.dataset_offset :], p10.transfer_syntax)
+    except InvalidDataset as e:
+        assert e.reason
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(f.path, force=True, stop_before_pixels=True)
+    assert header.values == expected_values(ds)
+
+
+def encode(ds: Dataset, ts: str) -> bytes:
+    implicit, little = SYNTAXES[ts]
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    write_dataset(fp, ds)
+    raw = fp.getvalue()
+    if ts == "1.2.840.10008.1.2.1.99":
+        c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        raw = c.compress(raw) + c.flush()
+    return raw
+
+
+uid = st.from_regex(r"1\.2\.[1-9][0-9]{0,8}(\.[1-9][0-9]{0,8}){0,6}", fullmatch=True).filter(
+    lambda u: len(u) <= 64
+)
+words = st.text(
+    alphabet=st.characters(codec="latin-1", exclude_characters="\\^=\x00\r\n\x0c"), max_size=20
+).map(str.strip)
+names = st.tuples(words, words).map(lambda t: "^".join(t).strip("^"))
+dates = st.one_of(
+    st.just(""),
+    st.dates(min_value=__import__("datetime").date(1900, 1, 1)).map(lambda d: d.strftime("%Y%m%d")),
+)
+times = st.one_of(st.just(""), st.times().map(lambda t: t.strftime("%H%M%S")))
+ints = st.one_of(st.just(""), st.integers(0, 99999).map(str))
+
+
+@st.composite
+def datasets(draw: st.DrawFn) -> Dataset:
+    ds = Dataset()
+    if draw(st.booleans()):
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = draw(uid)
+    ds.SOPInstanceUID = draw(uid)
+    ds.StudyInstanceUID = draw(uid)
+    ds.SeriesInstanceUID = draw(uid)
+    for keyword, strategy in (
+        ("PatientName", names),
+        ("PatientID", words),
+        ("StudyDate", dates),
+        ("StudyTime", times),
+        ("AccessionNumber", words.map(lambda w: w[:16])),
+        ("Modality", st.sampled_from(["CT", "MR", "", "US"])),
+        ("SeriesNumber", ints),
+        ("InstanceNumber", ints),
+        ("StudyDescription", words),
+        ("ReferringPhysicianName", names),
+    ):
+        if draw(st.booleans()):
+            setattr(ds, keyword, draw(strategy))
+    if draw(st.booleans()):
+        item = Dataset()
+        item.ReferencedSOPClassUID = draw(uid)
+        item.ReferencedSOPInstanceUID = draw(uid)
+        if draw(st.booleans()):
+            inner = Dataset()
+            inner.CodeValue = "123"
+            item.ConceptNameCodeSequence = Sequence([inner])
+        ds.ReferencedImageSequence = Sequence([item] * draw(st.integers(0, 3)))
+    if draw(st.booleans()):
+        block = ds.private_block(0x0029, "PACSGRID TEST", create=True)
+        block.add_new(0x01, "LO", draw(words))
+    if draw(st.booleans()):
+        ds.Rows = draw(st.integers(1, 4096))
+        ds.Columns = draw(st.integers(1, 4096))
+        ds.BitsAllocated = 16
+        ds.PixelData = bytes(draw(st.integers(0, 64)) * 2)
+    return ds
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ds=datasets(), ts=st.sampled_from(sorted(SYNTAXES)))
+def test_scanner_matches_pydicom_on_generated_datasets(ds: Dataset, ts: str) -> None:
+    raw = encode(ds, ts)
+    header = scan(raw, ts)
+    implicit, little = SYNTAXES[ts]
+    body = zlib.decompress(raw, -zlib.MAX_WBITS) if ts.endswith(".99") else raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = pydicom.filereader.read_dataset(io.BytesIO(body), implicit, little)
+    assert header.values == expected_values(again)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ds=datasets(),
+    ts=st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]),
+    cut=st.integers(1, 200),
+)
+def test_truncated_datasets_are_refused(ds: Dataset, ts: str, cut: int) -> None:
+    raw = encode(ds, ts)
+    cut = min(cut, len(raw) - 1)
+    truncated = raw[:-cut]
+    try:
+        header = scan(truncated, ts)
+    except InvalidDataset:
+        return
+    # Cut exactly at an element boundary: what remains is a shorter, valid dataset.
+    implicit, little = SYNTAXES[ts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = pydicom.filereader.read_dataset(io.BytesIO(truncated), implicit, little)
+    assert header.values == expected_values(again)
+
+
+def test_missing_uids_are_named() -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.3"
+    ds.PatientName = "NO^UIDS"
+    with pytest.raises(InvalidDataset) as e:
+        scan(encode(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.1")
+    assert e.value.missing_uids
+    assert "SOPInstanceUID" in e.value.reason and "StudyInstanceUID" in e.value.reason
+
+
+def test_file_meta_round_trip() -> None:
+    meta = build_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", "AE1")
+    p10 = split_part10(meta + b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00")
+    assert (p10.transfer_syntax, p10.sop_instance_uid, p10.source_ae) == (
+        "1.2.840.10008.1.2.1",
+        "1.2.3.4",
+        "AE1",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(meta + b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"))
+    assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert ds.file_meta.ImplementationClassUID.startswith("2.25.")
+
+
+@pytest.mark.parametrize(
+    "junk", [b"", b"hello world, not dicom", b"\x00" * 300, b"%PDF-1.4\n" * 40]
+)
+def test_not_dicom(junk: bytes) -> None:
+    with pytest.raises(InvalidDataset):
+        p10 = split_part10(junk)
+        scan(junk[p10.dataset_offset :], p10.transfer_syntax)
