@@ -142,4 +142,6 @@ def test_paging_is_stable() -> None:
     finally:
         index.close()
     assert [len(p) for p in pages] == [10, 10, 5]
-    assert sorted(sum(pages, [])) == sorted(r["StudyInstanceUID"] for r in rows)
+    assert sorted(uid for page in pages for uid in page) == sorted(
+        r["StudyInstanceUID"] for r in rows
+    )

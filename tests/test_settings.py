@@ -90,9 +90,9 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, messag
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="dicom.port: must be an integer"):
+    with pytest.raises(ConfigError, match=r"dicom\.port: must be an integer"):
         load_settings(Overrides(), environ={"PACSGRID_DICOM_PORT": "many"})
-    with pytest.raises(ConfigError, match="PACSGRID_DICOM_PROT: unknown setting"):
+    with pytest.raises(ConfigError, match=r"PACSGRID_DICOM_PROT: unknown setting"):
         load_settings(Overrides(), environ={"PACSGRID_DICOM_PROT": "1"})
 
 
