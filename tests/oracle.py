@@ -99,6 +99,10 @@ def matches(value: str, key: str, vr: str) -> bool:
     """DICOM matching of one stored value against one request key (non-empty)."""
     if vr == "UI":
         return value in key.split("\\")
+    if "\\" in key and vr != "PN":
+        # Multiple values (PS3.4 C.2.2.2.8): any of them matches.
+        parts = [k.strip() for k in key.split("\\") if k.strip()]
+        return not parts or any(matches(value, k, vr) for k in parts)
     if vr in ("DA", "TM") and "-" in key:
         lo, _, hi = key.partition("-")
         if not value:
@@ -113,6 +117,4 @@ def matches(value: str, key: str, vr: str) -> bool:
         return re.fullmatch(pattern, value, flags | re.DOTALL) is not None
     if vr == "PN":
         return value.rstrip("^").upper() == key.rstrip("^").upper()
-    if vr == "CS" and "\\" in key:
-        return value in key.split("\\")
     return value == key

@@ -49,14 +49,19 @@ def parse_match(keyword: str, value: str) -> Match | None:
         return None
     if vr == "UI":
         uids = tuple(u.strip().rstrip("\x00") for u in value.split("\\") if u.strip())
+        if not uids:
+            return None
         return Match(keyword, "list" if len(uids) > 1 else "single", uids)
     if vr in ("DA", "TM", "DT") and "-" in value:
         low, _, high = value.partition("-")
         return Match(keyword, "range", (_clean_dt(vr, low), _clean_dt(vr, high)))
     if vr in ("DA", "TM", "DT", "CS", "IS", "SH", "LO") and "\\" in value:
+        # Multiple values (PS3.4 C.2.2.2.8): an entity matches if any value matches.
         parts = tuple(v.strip() for v in value.split("\\") if v.strip())
         if vr in ("DA", "TM", "DT"):
             parts = tuple(_clean_dt(vr, v) for v in parts)
+        if not parts or "*" in parts:
+            return None
         return Match(keyword, "list", parts)
     if vr in ("DA", "TM", "DT"):
         return Match(keyword, "single", (_clean_dt(vr, value),))

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
+
+from pydicom.charset import CODES_TO_ENCODINGS, ESC, decode_bytes, python_encoding
+from pydicom.filereader import read_dataset
 
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.model import BY_TAG, REQUIRED_UIDS
@@ -294,8 +298,6 @@ def _decode_text(value: bytes, encodings: list[str], vr: str) -> str:
     code-extension logic only when every escape sequence in the value is one it knows."""
     if b"\x1b" not in value:
         return value.decode(encodings[0], errors="replace")
-    from pydicom.charset import CODES_TO_ENCODINGS, ESC, decode_bytes
-
     known = set(CODES_TO_ENCODINGS)
     escapes = [ESC + frag for frag in value.split(ESC)[1:]]
     if not all(any(e.startswith(code) for code in known) for e in escapes):
@@ -309,8 +311,6 @@ def _decode_text(value: bytes, encodings: list[str], vr: str) -> str:
 
 def _encodings(value: bytes) -> list[str]:
     """Python codecs for a SpecificCharacterSet value; unknown terms fall back to latin-1."""
-    from pydicom.charset import python_encoding
-
     terms = [t.strip() for t in value.decode("ascii", "replace").split("\\")]
     if not terms:
         return ["iso8859"]
@@ -327,10 +327,6 @@ def _encodings(value: bytes) -> list[str]:
 
 def _scan_with_pydicom(buf: bytes, implicit: bool, little: bool) -> tuple[dict[str, str], int, int]:
     """The slow, lenient path: let pydicom parse the whole dataset."""
-    import warnings
-
-    from pydicom.filereader import read_dataset
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

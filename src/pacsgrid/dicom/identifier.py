@@ -13,6 +13,9 @@ import struct
 import warnings
 from dataclasses import dataclass
 
+from pydicom.datadict import dictionary_VR
+from pydicom.filereader import read_dataset
+
 from pacsgrid.dicom.header import EXPLICIT_BE, IMPLICIT_LE, LONG_VRS, _encodings, decode_value
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.model import BY_KEYWORD, BY_TAG, COMPUTED, UNIQUE_KEY, Level
@@ -63,9 +66,6 @@ def _keyword(tag: int) -> str | None:
 
 def decode_request(data: bytes, transfer_syntax: str) -> Request:
     """Parse a request identifier; raise InvalidDataset if it is unreadable or has no level."""
-    from pydicom.datadict import dictionary_VR
-    from pydicom.filereader import read_dataset
-
     implicit = transfer_syntax == IMPLICIT_LE
     little = transfer_syntax != EXPLICIT_BE
     try:

@@ -18,6 +18,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydicom.uid import UID
+from pynetdicom.sop_class import uid_to_service_class
+
 from pacsgrid.dicom import pdu
 from pacsgrid.dicom.association import AcceptedContext
 from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
@@ -54,8 +57,6 @@ def service_of(abstract_syntax: str) -> str:
         return "echo"
     if abstract_syntax in QR_MODELS:
         return QR_MODELS[abstract_syntax][0]
-    from pynetdicom.sop_class import uid_to_service_class
-
     cls = uid_to_service_class(abstract_syntax).__name__
     if cls in ("StorageServiceClass", "ServiceClass"):  # ServiceClass: unknown/private UID
         return "store"
@@ -63,8 +64,6 @@ def service_of(abstract_syntax: str) -> str:
 
 
 def _known_syntax(uid: str) -> bool:
-    from pydicom.uid import UID
-
     return bool(UID(uid).is_transfer_syntax) or uid == DEFLATED_LE
 
 

@@ -13,6 +13,12 @@ import io
 import warnings
 import zlib
 
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
+
 from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
 
 
@@ -26,10 +32,6 @@ def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
         return bytes(dataset)
     if target not in UNCOMPRESSED:
         raise TranscodeError(f"cannot encode to {target}: only uncompressed targets supported")
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
-    from pydicom.filewriter import write_dataset
-    from pydicom.uid import UID
 
     data = bytes(dataset)
     if source == DEFLATED_LE:
@@ -43,8 +45,6 @@ def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
             warnings.simplefilter("ignore")
             ds = read_dataset(io.BytesIO(data), source == IMPLICIT_LE, source != EXPLICIT_BE)
             if source not in UNCOMPRESSED:
-                from pydicom.dataset import FileMetaDataset
-
                 ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = UID(source)
                 ds.decompress(generate_instance_uid=False)

@@ -104,15 +104,19 @@ def compile_where(query: Query, dialect: Dialect) -> tuple[str, list[str]]:
             conds.append(f"{col} = {ph}")
             params.append(values[0])
         elif m.kind == "list":
-            conds.append(f"{col} IN ({', '.join([ph] * len(values))})")
-            params.extend(values)
+            plain = [v for v in values if "*" not in v and "?" not in v]
+            ors = []
+            if plain:
+                ors.append(f"{col} IN ({', '.join([ph] * len(plain))})")
+                params.extend(plain)
+            for v in values:
+                if v not in plain:
+                    ors.append(_wildcard_condition(col, dialect))
+                    params.append(wildcard_pattern(v, dialect))
+            conds.append("(" + " OR ".join(ors) + ")")
         elif m.kind == "wildcard":
-            pattern = wildcard_pattern(values[0], dialect)
-            if dialect.wildcard_op == "GLOB":
-                conds.append(f"{col} GLOB {ph}")
-            else:
-                conds.append(f"{col} LIKE {ph} ESCAPE '\\'")
-            params.append(pattern)
+            conds.append(_wildcard_condition(col, dialect))
+            params.append(wildcard_pattern(values[0], dialect))
         elif m.kind == "range":
             low, high = values
             if low:
@@ -125,6 +129,12 @@ def compile_where(query: Query, dialect: Dialect) -> tuple[str, list[str]]:
                 params.append(high)
             conds.append(f"{col} <> ''")
     return " AND ".join(conds), params
+
+
+def _wildcard_condition(col: str, dialect: Dialect) -> str:
+    if dialect.wildcard_op == "GLOB":
+        return f"{col} GLOB {dialect.placeholder}"
+    return f"{col} LIKE {dialect.placeholder} ESCAPE '\\'"
 
 
 def _time_upper(value: str) -> str:

@@ -1,0 +1,171 @@
+"""`pacsgrid import`, `pacsgrid status`, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.synth import Spec, write
+from tests.conftest import DCMTK_ENV, Server, require_tool
+from tests.corpus import SHARED, accepted, corpus, shared_available
+
+
+def pacsgrid(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pacsgrid", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def summary_numbers(stdout: str) -> dict[str, int]:
+    m = re.search(r"stored (\d+) .*duplicates (\d+), skipped (\d+).*failed (\d+)", stdout)
+    assert m, stdout
+    return dict(
+        zip(("stored", "duplicates", "skipped", "failed"), map(int, m.groups()), strict=True)
+    )
+
+
+def test_import_the_corpus_with_junk(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    (junk / "deep" / "er").mkdir(parents=True)
+    (junk / "notes.txt").write_text("not an image\n")
+    (junk / "deep" / "empty").write_bytes(b"")
+    (junk / "deep" / "er" / "random.bin").write_bytes(os.urandom(4096))
+    roots = [SHARED] if shared_available() else sorted({f.path.parent for f in corpus()})
+    proc = pacsgrid(
+        "import", "--data-dir", str(tmp_path / "d"), *map(str, roots), str(junk), cwd=tmp_path
+    )
+    n = summary_numbers(proc.stdout)
+    files = corpus()
+    dicomdirs = sum(1 for f in files if f.expect.startswith("not-an-instance"))
+    assert f"{dicomdirs} DICOMDIR" in proc.stdout or dicomdirs == 0
+    assert n["skipped"] >= dicomdirs + 3
+    # Every valid file went in (stored, or a duplicate of a stored UID); only broken files fail.
+    assert n["stored"] + n["duplicates"] >= len(accepted())
+    invalid_paths = {str(f.path) for f in files if f.expect == "reject-or-tolerate"}
+    failed_paths = re.findall(r"^  failed: (.+?): ", proc.stdout, re.M)
+    assert set(failed_paths) <= invalid_paths
+    assert n["failed"] == len(failed_paths)
+    assert proc.returncode == (1 if n["failed"] else 0)
+    status = json.loads(
+        pacsgrid("status", "--json", "--data-dir", str(tmp_path / "d"), cwd=tmp_path).stdout
+    )
+    assert status["index"]["instances"] == n["stored"]
+    assert status["sites"][0]["objects"] == n["stored"]
+    # Running it again stores nothing new.
+    again = summary_numbers(
+        pacsgrid("import", "--data-dir", str(tmp_path / "d"), *map(str, roots), cwd=tmp_path).stdout
+    )
+    assert again["stored"] == 0
+    assert again["duplicates"] == n["stored"] + n["duplicates"]
+
+
+@pytest.mark.slow
+def test_import_interrupted_and_resumed(tmp_path: Path) -> None:
+    files = write(
+        Spec(studies=10, series=3, instances=50, size=16, seed="import"), tmp_path / "src"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pacsgrid",
+            "import",
+            "--jobs",
+            "2",
+            "--data-dir",
+            str(tmp_path / "d"),
+            str(tmp_path / "src"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Interrupt once the import is under way (its log says how far it got).
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "d" / "index.sqlite").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the import finished before it could be interrupted")
+    assert proc.returncode == 130, err
+    assert "interrupted: run the same command again to continue" in out
+    first = summary_numbers(out)
+    resumed = summary_numbers(
+        pacsgrid(
+            "import", "--data-dir", str(tmp_path / "d"), str(tmp_path / "src"), cwd=tmp_path
+        ).stdout
+    )
+    assert first["stored"] + resumed["stored"] == len(files)
+    assert resumed["duplicates"] == first["stored"]
+
+
+def test_status_text(tmp_path: Path) -> None:
+    out = pacsgrid("status", "--data-dir", str(tmp_path / "d"), cwd=tmp_path).stdout
+    assert out.startswith("patients 0  studies 0  series 0  instances 0  bytes 0")
+    assert "site local [archive, default]" in out and ": up;" in out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_storescu_stops_cleanly(tmp_path: Path, workers: int) -> None:
+    """SIGTERM with a short grace period while storescu sends: the association in progress is
+    aborted after the grace, every acknowledged instance is indexed, nothing half-written."""
+    files = write(
+        Spec(studies=6, series=4, instances=50, size=16, seed=f"term{workers}"), tmp_path / "src"
+    )
+    server = Server(
+        tmp_path / "d", workers=workers, env={"PACSGRID_DICOM_SHUTDOWN_GRACE": "0.5"}
+    ).start()
+    sender = subprocess.Popen(
+        [
+            require_tool("storescu"),
+            "-v",
+            "-nh",
+            "-aec",
+            "PACSGRID",
+            "127.0.0.1",
+            str(server.port),
+            *map(str, files),
+        ],
+        env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(0.8)
+    assert server.proc is not None
+    started = time.monotonic()
+    code = server.stop(signal.SIGTERM, timeout=60)
+    took = time.monotonic() - started
+    output, _ = sender.communicate(timeout=60)
+    assert code == 0, server.text()[-2000:]
+    acked = output.count("Received Store Response (Success)")
+    log = server.text()
+    assert "stopping" in log
+    assert 0 < acked < len(files), "the stop should land in the middle of the transfer"
+    assert "aborting association with STORESCU" in log
+    assert "Traceback" not in log
+    from pacsgrid.index.sqlite import SqliteIndex
+
+    index = SqliteIndex(tmp_path / "d" / "index.sqlite")
+    try:
+        assert index.stats().instances >= acked
+    finally:
+        index.close()
+    incoming = tmp_path / "d" / "objects" / ".incoming"
+    assert [p.name for p in incoming.iterdir()] == []
+    # storescu either finished or was told to go away: its association ended within the grace
+    print(f"\nworkers={workers}: stopped in {took:.1f}s with {acked} instances acknowledged")
