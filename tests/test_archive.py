@@ -79,8 +79,9 @@ def test_ingest_is_durable_and_indexed(archive: Archive) -> None:
     assert hashlib.sha256(content).hexdigest() == record.sha256 == record.copies[0].sha256
     assert record.copies[0].key == object_key("1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert not list((objects(archive) / ".incoming").iterdir())
-    assert not list((archive.settings.data_dir / "journal").iterdir())
     assert archive.read(record).dataset.tobytes() == data
+    archive.close()
+    assert not list((archive.settings.data_dir / "journal").iterdir())  # clean stop
 
 
 def test_duplicate_keeps_the_first_by_default(archive: Archive) -> None:
@@ -235,15 +236,20 @@ def test_a_known_site_without_its_sentinel_is_not_reinitialised(tmp_path: Path) 
 def test_journal_indexes_what_a_crash_left_behind(archive: Archive) -> None:
     """A crash after the object was durable but before its index commit: the next start
     finds the marker and indexes the object."""
+    from pacsgrid.journal import IngestJournal
+
     data = dataset("8.1")
     key = object_key("1.2.3", "1.2.3.4", "8.1")
-    marker = archive.journal.begin(key, ["local"])
+    dying = IngestJournal(archive.settings.data_dir / "journal")  # another process's journal
+    token = dying.begin(key, ["local"])
     meta = build_file_meta("1.2.840.10008.5.1.4.1.1.2", "8.1", EXPLICIT, "MODALITY")
     archive.placement.sites["local"].put(key, [meta, data])
+    assert archive.recover() == 0  # its owner is alive: not touched
+    os.close(token[0].fd)  # the process dies: its lock goes, its journal stays
     assert not archive.index.has_instance("8.1")
     assert archive.recover() == 1
     assert archive.index.has_instance("8.1")
-    assert not marker.exists()
+    assert not token[0].path.exists()
     assert archive.recover() == 0
 
 

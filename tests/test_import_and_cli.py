@@ -119,6 +119,23 @@ def test_status_text(tmp_path: Path) -> None:
     assert "site local [archive, default]" in out and ": up;" in out
 
 
+def wait_until_stored(db: Path, n: int, timeout: float = 60) -> None:
+    """Poll the index until it holds `n` instances (the transfer is under way)."""
+    from pacsgrid.index.sqlite import SqliteIndex
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            index = SqliteIndex(db)
+            try:
+                if index.stats().instances >= n:
+                    return
+            finally:
+                index.close()
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {n} instances stored after {timeout}s")
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_during_storescu_stops_cleanly(tmp_path: Path, workers: int) -> None:
     """SIGTERM with a short grace period while storescu sends: the association in progress is
@@ -145,7 +162,7 @@ def test_sigterm_during_storescu_stops_cleanly(tmp_path: Path, workers: int) -> 
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(0.8)
+    wait_until_stored(tmp_path / "d" / "index.sqlite", 20)
     assert server.proc is not None
     started = time.monotonic()
     code = server.stop(signal.SIGTERM, timeout=60)

@@ -152,6 +152,7 @@ class Archive:
     def close(self) -> None:
         self._closed.set()
         self.committer.close()
+        self.journal.close()
         self.index.close()
 
     # ------------------------------------------------------------------ access control
@@ -241,7 +242,7 @@ class Archive:
             caller.ae_title,
             replace,
         )
-        added = self.committer.submit(item).result()
+        added = self.committer.commit(item)
         self.journal.end(marker)
         for w in added.warnings:
             log.warning("%s (from %s)", w, caller)
@@ -295,42 +296,44 @@ class Archive:
         Returns how many were indexed. Run once at start-up, before serving.
         """
         recovered = 0
-        for marker in self.journal.pending():
-            found: list[CopyRecord] = []
-            header = None
-            for name in marker.sites:
-                site = self.placement.sites.get(name)
-                if site is None:
-                    continue
-                try:
-                    data = site.get(marker.key)
-                    p10 = split_part10(data)
-                    h = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
-                except (StorageError, InvalidDataset):
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                if found and digest != found[0].sha256:
-                    continue  # a different object: leave it to the audit
-                header = header or h
-                found.append(CopyRecord(name, marker.key, len(data), digest, time.time()))
-            if header is not None and not self.index.has_instance(header.sop_instance_uid):
-                self.committer.submit(
-                    NewInstance(
-                        dict(header.values),
-                        header.transfer_syntax,
-                        found[0].size,
-                        found[0].sha256,
-                        tuple(found),
-                        "",
-                    )
-                ).result()
-                recovered += 1
-                log.warning(
-                    "indexed %s, written before a crash but not indexed (never acknowledged)",
-                    marker.key,
-                )
-            self.journal.end(marker.path)
+        for journal, markers in self.journal.replay():
+            for marker in markers:
+                recovered += self._recover_one(marker.key, marker.sites)
+            self.journal.done(journal)
         return recovered
+
+    def _recover_one(self, key: str, sites: tuple[str, ...]) -> int:
+        found: list[CopyRecord] = []
+        header = None
+        for name in sites:
+            site = self.placement.sites.get(name)
+            if site is None:
+                continue
+            try:
+                data = site.get(key)
+                p10 = split_part10(data)
+                h = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
+            except (StorageError, InvalidDataset):
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if found and digest != found[0].sha256:
+                continue  # a different object: leave it to the audit
+            header = header or h
+            found.append(CopyRecord(name, key, len(data), digest, time.time()))
+        if header is None or self.index.has_instance(header.sop_instance_uid):
+            return 0
+        self.committer.commit(
+            NewInstance(
+                dict(header.values),
+                header.transfer_syntax,
+                found[0].size,
+                found[0].sha256,
+                tuple(found),
+                "",
+            )
+        )
+        log.warning("indexed %s, written before a crash but not indexed (never acknowledged)", key)
+        return 1
 
     def _adopt(self, site: StorageSite, key: str) -> tuple[Header, list[bytes], str, int] | None:
         try:

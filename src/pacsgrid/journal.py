@@ -1,62 +1,141 @@
 """The ingest journal: closes the gap between "object durable" and "index row committed".
 
-Before an ingest writes its object, it drops a marker (one small file naming the key and the
-sites) in `<data_dir>/journal/`; after the index commit the marker is removed. If the process
-dies in between, the object may be complete on a site but missing from the index (an orphan).
-`pacsgrid serve` replays the journal at start-up: every marked object that exists on a site and
-is not indexed is read, checked and indexed, so no orphan stays invisible. Such an object was
-never acknowledged; indexing it is what a retry by the sender would have done.
+Before an ingest writes its object it appends a BEGIN line (key and sites) to its process's
+journal file in `<data_dir>/journal/`; after the index commit it appends an END line. If the
+process dies in between, the object may be complete on a site but missing from the index (an
+orphan). `pacsgrid serve` replays the journals of dead processes at start-up: every object with
+a BEGIN and no END that exists on a site and is not indexed is read, checked and indexed. Such
+an object was never acknowledged; indexing it is what a retry by the sender would have done.
 
-Markers are not fsynced: a process crash keeps them (the page cache survives), and after a
-power loss `pacsgrid reindex --reconcile` finds what a lost marker would have pointed to.
+Each process appends to its own file, which it holds locked (flock) while it lives, so replay
+never touches the journal of a running `pacsgrid import` or worker. Appends are not fsynced: a
+process crash keeps them (the page cache survives); after a power loss,
+`pacsgrid reindex --reconcile` finds what a lost line would have pointed to. A file is replaced
+by a new one once it is large and has nothing in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import logging
 import os
+import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+ROTATE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Marker:
-    path: Path
+    """An ingest that began and never ended, found in a dead process's journal."""
+
+    journal: Path
     key: str
     sites: tuple[str, ...]
+
+
+class _File:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.log"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.size = 0
+        self.pending = 0
+
+    def append(self, line: str) -> None:
+        data = line.encode()
+        os.write(self.fd, data)
+        self.size += len(data)
+
+    def close(self, remove: bool) -> None:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)
 
 
 class IngestJournal:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._current: _File | None = None
+        self._seq = 0
 
-    def begin(self, key: str, sites: list[str]) -> Path:
-        path = self.directory / f"{uuid.uuid4().hex}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, json.dumps({"key": key, "sites": sites}).encode())
-        finally:
-            os.close(fd)
-        return path
+    def begin(self, key: str, sites: list[str]) -> tuple[_File, int]:
+        with self._lock:
+            if self._current is None or (
+                self._current.size > ROTATE_BYTES and self._current.pending == 0
+            ):
+                if self._current is not None:
+                    self._current.close(remove=True)
+                self._current = _File(self.directory)
+            self._seq += 1
+            self._current.append(f"B {self._seq} {json.dumps([key, sites])}\n")
+            self._current.pending += 1
+            return self._current, self._seq
+
+    def end(self, token: tuple[_File, int]) -> None:
+        f, seq = token
+        with self._lock:
+            if f.fd < 0:
+                return
+            f.append(f"E {seq}\n")
+            f.pending -= 1
+            if f is not self._current and f.pending == 0:
+                f.close(remove=True)
+                f.fd = -1
+
+    def close(self) -> None:
+        """A clean stop: nothing in flight, so the journal file is no longer needed."""
+        with self._lock:
+            if self._current is not None:
+                self._current.close(remove=self._current.pending == 0)
+                self._current = None
+
+    # ------------------------------------------------------------------ replay
+    def replay(self) -> list[tuple[Path, list[Marker]]]:
+        """Journal files of processes that are no longer running, each with its unfinished
+        ingests. A file some live process holds locked is left alone."""
+        out = []
+        for path in sorted(self.directory.glob("*.log")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                out.append((path, _unfinished(path)))
+            finally:
+                os.close(fd)
+        return out
 
     @staticmethod
-    def end(marker: Path) -> None:
-        try:
-            os.unlink(marker)
-        except FileNotFoundError:
-            pass
+    def done(journal: Path) -> None:
+        """Forget a replayed journal file."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
 
-    def pending(self) -> Iterator[Marker]:
-        for entry in sorted(self.directory.glob("*.json")):
-            try:
-                doc = json.loads(entry.read_text())
-                yield Marker(entry, str(doc["key"]), tuple(doc["sites"]))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("ignoring unreadable journal marker %s: %s", entry, e)
-                self.end(entry)
+
+def _unfinished(path: Path) -> list[Marker]:
+    begun: dict[str, tuple[str, tuple[str, ...]]] = {}
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            kind, _, rest = line.rstrip("\n").partition(" ")
+            seq, _, doc = rest.partition(" ")
+            if kind == "B":
+                try:
+                    key, sites = json.loads(doc)
+                except ValueError:
+                    continue  # a line cut short by the crash: its object was not written yet
+                begun[seq] = (str(key), tuple(sites))
+            elif kind == "E":
+                begun.pop(seq, None)
+    return [Marker(path, key, sites) for key, sites in begun.values()]

@@ -1,10 +1,11 @@
 """Group commit: many concurrent stores share one index transaction.
 
-Every ingest thread hands its `NewInstance` to `GroupCommitter.submit` and waits. One committer
-thread takes whatever has queued up while the previous transaction was being fsynced and
-commits it as the next batch. With one association that is a batch of one (no added delay);
-with N busy associations the database fsync is paid once per batch instead of once per
-instance.
+Each ingest thread calls `GroupCommitter.commit(item)`. If no commit is in progress, that thread
+becomes the leader: it takes everything queued (its own item first) and commits it as one
+batch. Threads that arrive while a commit is running queue their item and wait; when the
+leader is done, one of them leads the next batch with everything that queued up in the
+meantime. So one association pays one database fsync per instance with no hand-off to another
+thread, and N busy associations pay one fsync per batch.
 
 If a batch fails, its items are retried one by one, so a single bad row cannot fail the
 stores that happened to share its transaction.
@@ -13,65 +14,79 @@ stores that happened to share its transaction.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import AddResult, Index, NewInstance
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+
+@dataclass
+class _Entry:
+    item: NewInstance
+    done: bool = False
+    result: AddResult | None = None
+    error: BaseException | None = None
 
 
 class GroupCommitter:
     def __init__(self, index: Index, max_batch: int = 256) -> None:
         self.index = index
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-        self._thread.start()
+        self._cond = threading.Condition()
+        self._queue: list[_Entry] = []
+        self._leading = False
         self.batches = 0
         self.committed = 0
 
+    def commit(self, item: NewInstance) -> AddResult:
+        """Index `item` (in a batch with whatever else is waiting); raise IndexUnavailable."""
+        entry = _Entry(item)
+        with self._cond:
+            self._queue.append(entry)
+            while True:
+                if entry.done:
+                    break
+                if not self._leading:
+                    self._leading = True
+                    batch = self._queue[: self.max_batch]
+                    del self._queue[: len(batch)]
+                    self._cond.release()
+                    try:
+                        self._commit(batch)
+                    finally:
+                        self._cond.acquire()
+                        self._leading = False
+                        self._cond.notify_all()
+                    continue
+                self._cond.wait()
+        if entry.error is not None:
+            raise entry.error
+        assert entry.result is not None
+        return entry.result
+
     def submit(self, item: NewInstance) -> Future[AddResult]:
+        """`commit` for callers that want a future (it is complete when returned)."""
         fut: Future[AddResult] = Future()
-        self._queue.put((item, fut))
+        try:
+            fut.set_result(self.commit(item))
+        except BaseException as e:
+            fut.set_exception(e)
         return fut
 
     def close(self) -> None:
-        """Commit what is queued, then stop the thread."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout=60)
+        """Nothing to flush: every commit finishes in the thread that asked for it."""
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(batch)  # type: ignore[arg-type]
-            if stop:
-                return
-
-    def _commit(self, batch: list[tuple[NewInstance, Future[AddResult]]]) -> None:
+    def _commit(self, batch: list[_Entry]) -> None:
         try:
-            results = self.index.add_batch([item for item, _ in batch])
+            results = self.index.add_batch([e.item for e in batch])
         except Exception as e:
             if len(batch) > 1:
-                for pair in batch:
-                    self._commit([pair])
+                for entry in batch:
+                    self._commit([entry])
                 return
             err = (
                 e
@@ -79,10 +94,10 @@ class GroupCommitter:
                 else IndexUnavailable(f"index commit failed: {type(e).__name__}: {e}")
             )
             if not isinstance(e, IndexUnavailable):
-                log.exception("index commit failed for %s", batch[0][0].sop_uid)
-            batch[0][1].set_exception(err)
+                log.exception("index commit failed for %s", batch[0].item.sop_uid)
+            batch[0].error, batch[0].done = err, True
             return
         self.batches += 1
         self.committed += len(batch)
-        for (_, fut), result in zip(batch, results, strict=True):
-            fut.set_result(result)
+        for entry, result in zip(batch, results, strict=True):
+            entry.result, entry.done = result, True
