@@ -108,12 +108,15 @@ class FilesystemSite:
     def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
         path = self._path(key)
         try:
-            self._ensure_dir(path.parent)
-            return self._write_atomic(path, chunks, replace=replace)
+            return self._write_atomic(path, chunks, replace=replace, make_dirs=True)
         except OSError as e:
             raise self._error(e, f"write {key}") from e
 
-    def _write_atomic(self, path: Path, chunks: Sequence[bytes], *, replace: bool) -> PutResult:
+    def _write_atomic(
+        self, path: Path, chunks: Sequence[bytes], *, replace: bool, make_dirs: bool = False
+    ) -> PutResult:
+        # The temp file comes first: on an unmounted volume (.incoming missing) the write fails
+        # here, before any directory is created on the empty mount point underneath.
         tmp = self._incoming / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -122,15 +125,18 @@ class FilesystemSite:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            created = True
-            if replace:
-                os.rename(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    created = False
-                os.unlink(tmp)
+            if make_dirs:
+                self._ensure_dir(path.parent)
+            try:
+                created = _place(tmp, path, replace)
+            except FileNotFoundError:
+                if not make_dirs:
+                    raise
+                # The folder went away since we made it (a wiped site being rebuilt).
+                with self._dir_lock:
+                    self._durable_dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                created = _place(tmp, path, replace)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -258,6 +264,20 @@ class FilesystemSite:
                 hint="is the volume mounted?",
             )
         return StorageError(self.name, f"{what}: {e.strerror}")
+
+
+def _place(tmp: Path, path: Path, replace: bool) -> bool:
+    """Move a written temp file to its key; False if `path` existed and was kept."""
+    if replace:
+        os.rename(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)
+        created = True
+    except FileExistsError:
+        created = False
+    os.unlink(tmp)
+    return created
 
 
 def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
