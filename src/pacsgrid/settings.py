@@ -144,7 +144,7 @@ class ReplicationSettings:
 @dataclass(frozen=True)
 class RepairSettings:
     interval: float = setting(
-        300.0,
+        3600.0,
         "Seconds between full repair scans in `serve` (every site's listing and every "
         "object's copies against the policy); the outbox of copies is drained continuously.",
         min=5.0,

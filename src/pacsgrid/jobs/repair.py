@@ -162,8 +162,17 @@ class Repairer:
     # ------------------------------------------------------------------ scan
     def reconcile(self, site: StorageSite) -> tuple[int, int]:
         """Compare a site's listing with the copies the index records there; mark the copies
-        whose object is gone as missing. Returns (missing, unindexed objects)."""
+        whose object is gone as missing. Returns (missing, unindexed objects).
+
+        The sentinel is checked before and after listing: an unmounted volume lists as empty,
+        and must not turn every copy it holds into a "missing" one."""
+        health = site.check()
+        if not health.ok:
+            raise SiteUnavailable(site.name, health.reason)
         present = {o.key for o in site.list()}
+        health = site.check()
+        if not health.ok:
+            raise SiteUnavailable(site.name, health.reason)
         missing: list[int] = []
         seen = 0
         after = 0
