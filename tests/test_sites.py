@@ -64,6 +64,16 @@ def records(data_dir: Path) -> dict[str, InstanceRecord]:
         index.close()
 
 
+def count(data_dir: Path) -> int:
+    if not (data_dir / "index.sqlite").exists():
+        return 0
+    index = SqliteIndex(data_dir / "index.sqlite")
+    try:
+        return index.stats().instances
+    finally:
+        index.close()
+
+
 class Raw:
     """Reads and writes site contents behind pacsgrid's back (the test's own eyes)."""
 
@@ -176,12 +186,12 @@ def move_studies(
     )
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout: float, what: str, every: float = 0.5) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
@@ -209,7 +219,13 @@ def test_site_lost_while_storing_the_corpus(
     server = Server(
         tmp_path / "archive",
         args=(
-            *site_args(sites, 3, 2, "--site-location", "c=cloud"),
+            *site_args(
+                sites,
+                3,
+                2,
+                *("--site-location", "a=campus-a", "--site-location", "b=campus-b"),
+                *("--site-location", "c=cloud"),
+            ),
             "--peer",
             "MOVESCU@127.0.0.1:9",
             "--peer",
@@ -227,7 +243,7 @@ def test_site_lost_while_storing_the_corpus(
             )
         )
         sender.start()
-        wait_until(lambda: len(records(server.data_dir)) >= 20, 120, "20 instances stored")
+        wait_until(lambda: count(server.data_dir) >= 20, 120, "20 instances stored", every=0.05)
         away = unmount(b)
         sender.join(300)
         run = result["run"]
@@ -236,12 +252,18 @@ def test_site_lost_while_storing_the_corpus(
         stored = records(server.data_dir)
         assert set(stored) == set(model.instances)  # every acknowledged instance is indexed
         on_b_before = sum(1 for r in stored.values() if any(c.site == "b" for c in r.copies))
+        after_b = [r for r in stored.values() if all(c.site != "b" for c in r.copies)]
+        assert all({c.site for c in r.copies} == {"a", "c"} for r in after_b)
         assert on_b_before < len(stored), "b was unmounted too late to matter"
         for r in stored.values():
-            good = [c for c in r.copies if c.site in ("a", "c")]
-            assert len(good) >= 2, r.sop_uid
-            for c in good:
+            assert sum(1 for c in r.copies if c.state == "ok") >= 2, r.sop_uid  # the quorum
+            surviving = [c for c in r.copies if c.site != "b"]
+            assert surviving, r.sop_uid
+            for c in surviving:
                 assert sha(raw.get(sites[c.site], c.key)) == r.sha256
+        # The write order is a, b (distinct locations, by name), so b was in every quorum
+        # until it failed; after that the stores went to a and c.
+        assert "site b is down" in server.text()
 
         proc = move_studies(server.port, sorted(model.studies))
         assert "Received Final Move Response (Success)" in proc.stdout, proc.stdout[-3000:]

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from bench.synth import Spec, write
+from hypothesis import given
+from hypothesis import settings as settings_hyp
+from hypothesis import strategies as st
 
 from pacsgrid.archive import LOCAL, Archive
 from pacsgrid.errors import ConfigError
@@ -240,3 +243,63 @@ def test_a_scan_never_marks_the_copies_of_an_unmounted_site_missing(tmp_path: Pa
         ]
     finally:
         archive.close()
+
+
+# ---------------------------------------------------------------------------- placement
+site_specs = st.lists(
+    st.tuples(st.sampled_from(["x", "y", "z"]), st.booleans()),  # (location, up)
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(
+    specs=site_specs,
+    copies=st.integers(1, 4),
+    states=st.lists(st.sampled_from(["none", "ok", "bad", "missing"]), min_size=6, max_size=6),
+)
+@settings_hyp(max_examples=200, deadline=None)
+def test_repair_targets(specs: list[tuple[str, bool]], copies: int, states: list[str]) -> None:
+    """Repair never targets a down site or one holding a good copy, asks for exactly the
+    copies missing, and prefers a site that lost its copy, then a location not yet used."""
+    from types import SimpleNamespace
+
+    from pacsgrid.model import CopyRecord, InstanceRecord
+    from pacsgrid.storage.filesystem import FilesystemSite
+    from pacsgrid.storage.placement import Placement
+
+    sites = [
+        FilesystemSite(f"s{i}", Path(f"/nonexistent/s{i}"), location=loc)
+        for i, (loc, _) in enumerate(specs)
+    ]
+    placement = Placement(sites, copies, 1)
+    for site, (_, up) in zip(sites, specs, strict=True):
+        if not up:
+            placement.mark_down(site.name, "test")
+    copies_held = tuple(
+        CopyRecord(s.name, "k.dcm", 1, "h", 0.0, state)
+        for s, state in zip(sites, states, strict=False)
+        if state != "none"
+    )
+    record = InstanceRecord("1", "2", "3", "4", "5", 1, "h", {}, copies_held)
+    fake = SimpleNamespace(
+        index=None,
+        placement=placement,
+        settings=SimpleNamespace(
+            repair=Settings().repair, replication=SimpleNamespace(copies=copies)
+        ),
+    )
+    need, targets = Repairer(fake).targets(record)  # type: ignore[arg-type]
+    ok = {c.site for c in copies_held if c.state == "ok"}
+    assert need == max(0, copies - len(ok))
+    if need == 0:
+        assert targets == []
+        return
+    names = [t.name for t in targets]
+    assert len(set(names)) == len(names)
+    assert all(placement.is_up(n) and n not in ok for n in names)
+    assert set(names) == {s.name for s in sites if placement.is_up(s.name) and s.name not in ok}
+    lost = {c.site for c in copies_held if c.state != "ok"}
+    used = {placement.sites[n].location for n in ok}
+    keys = [(t.name not in lost, t.location in used) for t in targets]
+    assert keys == sorted(keys)
