@@ -363,8 +363,14 @@ class RepairComponent:
                         log.info("repair scan queued %d under-replicated object(s)", queued)
                     next_scan = time.monotonic() + interval
                 report = self.repairer.drain(halt, progress)
-                if report.counts.get("copied"):
-                    log.info("repair: %s", progress.summary())
+                if report.counts:
+                    log.info(
+                        "repair: %s; %.1f MB in %.1fs (totals since start: %s)",
+                        ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items())),
+                        report.bytes / 1e6,
+                        report.seconds,
+                        progress.summary(),
+                    )
                 self.archive.cache.enforce()
                 errors = 0
             except PacsgridError as e:
