@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.seaweedfs import SeaweedFS
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench.synth
 
@@ -239,3 +241,11 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "storescp-out")
     yield scp
     scp.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS S3 server for the session (tests that stop S3 start their own)."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()

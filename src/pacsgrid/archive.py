@@ -30,6 +30,7 @@ from pacsgrid.errors import (
     InvalidDataset,
     NotFound,
     ObjectCorrupt,
+    PacsgridError,
     QuorumNotMet,
     SiteUnavailable,
     StorageError,
@@ -37,6 +38,7 @@ from pacsgrid.errors import (
 )
 from pacsgrid.index import Index, IndexStats, NewInstance, open_index
 from pacsgrid.index.commit import GroupCommitter
+from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.query import Query
@@ -112,7 +114,7 @@ class Archive:
         *,
         index: Index | None = None,
         sites: list[StorageSite] | None = None,
-        probe_interval: float = 30.0,
+        probe_interval: float | None = None,
     ) -> None:
         self.settings = settings
         self.index = index or open_index(settings.database_url)
@@ -121,10 +123,14 @@ class Archive:
             self.sites, settings.replication.copies, settings.replication.write_quorum
         )
         self._init_sites()
+        self.cache = CacheTier(self.index, self.placement, settings)
+        self.placement.on_up.append(self._site_up)
         self.committer = GroupCommitter(self.index)
         self.journal = IngestJournal(settings.data_dir / "journal")
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
+        if probe_interval is None:
+            probe_interval = settings.replication.probe_interval
         if probe_interval > 0:
             self._prober = threading.Thread(
                 target=self._probe_loop, args=(probe_interval,), name="site-probe", daemon=True
@@ -149,8 +155,19 @@ class Archive:
         while not self._closed.wait(interval):
             self.placement.probe()
 
+    def _site_up(self, name: str) -> None:
+        """A site is back: copies waiting in the outbox for it are due now."""
+        try:
+            woken = self.index.wake("copy")
+        except PacsgridError as e:
+            log.warning("cannot wake waiting copies for %s: %s", name, e)
+            return
+        if woken:
+            log.info("site %s is up: %d waiting copies are due", name, woken)
+
     def close(self) -> None:
         self._closed.set()
+        self.cache.flush()
         self.committer.close()
         self.journal.close()
         self.index.close()
@@ -241,6 +258,7 @@ class Archive:
             tuple(copies),
             caller.ae_title,
             replace,
+            work=self.outbox(header.sop_instance_uid, len(copies)),
         )
         added = self.committer.commit(item)
         self.journal.end(marker)
@@ -249,6 +267,14 @@ class Archive:
         return IngestResult(
             added.outcome, header.sop_instance_uid, header.study_uid, added.warnings
         )
+
+    def outbox(self, sop_uid: str, copies_written: int) -> tuple[tuple[str, str, str], ...]:
+        """The durable outbox entry of an ingest: the repair job makes the copies beyond the
+        write quorum. Queued in the same transaction as the index row, so an acknowledged
+        object always has either all its copies or a pending item that will make them."""
+        if copies_written >= self.settings.replication.copies:
+            return ()
+        return (("copy", sop_uid, ""),)
 
     def _write_copies(
         self,
@@ -330,6 +356,7 @@ class Archive:
                 found[0].sha256,
                 tuple(found),
                 "",
+                work=self.outbox(header.sop_instance_uid, len(found)),
             )
         )
         log.warning("indexed %s, written before a crash but not indexed (never acknowledged)", key)
@@ -363,11 +390,12 @@ class Archive:
         self.authorize(caller, operation)
         return self.index.instances(query)
 
-    def read(self, record: InstanceRecord) -> StoredObject:
+    def read(self, record: InstanceRecord, *, use_cache: bool = True) -> StoredObject:
         """The object's bytes from the best copy, falling back copy by copy.
 
         Every read is checked against the recorded SHA-256; a copy that does not match is
-        skipped (and reported), never served.
+        skipped (and reported), never served. A read served by an archive site fills the cache
+        tier (`use_cache=False` for the repair and audit jobs, which must not churn it).
         """
         errors = []
         for site, copy in self.placement.read_order(record.copies):
@@ -390,6 +418,11 @@ class Archive:
                 errors.append(str(err))
                 continue
             p10 = split_part10(data)
+            if use_cache:
+                try:
+                    self.cache.on_read(record, copy, data)
+                except Exception:  # the cache is an optimisation: never fail a read for it
+                    log.exception("cache update after reading %s failed", record.sop_uid)
             return StoredObject(data, p10.dataset_offset, p10.transfer_syntax, site.name)
         raise NotFound(
             f"no readable copy of {record.sop_uid}: " + ("; ".join(errors) or "no copies recorded")

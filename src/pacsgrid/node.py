@@ -37,7 +37,10 @@ class Component(Protocol):
 
 def components(archive: Archive) -> list[Component]:
     """Background components of this node, built from the archive's settings."""
-    out: list[Component] = []
+    from pacsgrid.jobs.audit import AuditComponent
+    from pacsgrid.jobs.repair import RepairComponent
+
+    out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
     return out
 
 

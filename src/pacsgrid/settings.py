@@ -21,7 +21,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +133,47 @@ class ReplicationSettings:
     write_quorum: int = setting(
         1, "Copies that must be durable before a store is acknowledged.", min=1, max=16
     )
+    probe_interval: float = setting(
+        30.0,
+        "Seconds between health probes of every site (a failing operation marks a site "
+        "down at once; a probe brings it back up).",
+        min=0.5,
+    )
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    interval: float = setting(
+        3600.0,
+        "Seconds between full repair scans in `serve` (every site's listing and every "
+        "object's copies against the policy); the outbox of copies is drained continuously.",
+        min=5.0,
+    )
+    rate_mb: float = setting(0.0, "Repair bandwidth limit in MB/s (0 = unlimited).", min=0.0)
+    jobs: int = setting(4, "Copies the repair job makes in parallel.", min=1, max=64)
+    retry_max: float = setting(
+        300.0,
+        "Longest pause (seconds) before a copy that could not be made is tried again; a site "
+        "coming back up wakes every waiting copy at once.",
+        min=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    interval: float = setting(
+        3600.0,
+        "Seconds between scheduled fixity audit passes in `serve` (0 = only on demand).",
+        min=0.0,
+    )
+    max_age_days: float = setting(
+        30.0,
+        "A copy is re-read and checked when its last verification is older than this.",
+        min=0.0,
+    )
+    rate_mb: float = setting(
+        20.0, "Bandwidth limit of the scheduled audit in MB/s (0 = unlimited).", min=0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +198,8 @@ class Settings:
     )
     dicom: DicomSettings = field(default_factory=DicomSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
+    repair: RepairSettings = field(default_factory=RepairSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
@@ -172,7 +215,13 @@ class Settings:
         return None
 
 
-SECTIONS = {"dicom": DicomSettings, "replication": ReplicationSettings, "log": LogSettings}
+SECTIONS = {
+    "dicom": DicomSettings,
+    "replication": ReplicationSettings,
+    "repair": RepairSettings,
+    "audit": AuditSettings,
+    "log": LogSettings,
+}
 LISTS = {"peers": PeerSettings, "sites": SiteSettings}
 TOP_LEVEL = ("data_dir", "database")
 
@@ -268,7 +317,16 @@ def _field_type(f: dataclasses.Field[Any]) -> Any:
 
 
 _hints_cache: dict[int, Any] = {}
-for _cls in (PeerSettings, SiteSettings, DicomSettings, ReplicationSettings, LogSettings, Settings):
+for _cls in (
+    PeerSettings,
+    SiteSettings,
+    DicomSettings,
+    ReplicationSettings,
+    RepairSettings,
+    AuditSettings,
+    LogSettings,
+    Settings,
+):
     _h = typing.get_type_hints(_cls)
     for _f in dataclasses.fields(_cls):
         _t = _h[_f.name]
@@ -316,6 +374,56 @@ def parse_peer(text: str, key: str = "--peer") -> PeerSettings:
         raise ConfigError(key, f"expected AET@HOST:PORT, got {text!r}")
     raw = {"ae_title": m["ae"], "host": m["host"].strip("[]"), "port": int(m["port"])}
     return typing.cast(PeerSettings, _build(PeerSettings, key, raw))
+
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str, key: str) -> int:
+    """Bytes from ``500000``, ``500MB``, ``20GB``, ``1.5TB`` (KiB/MiB/GiB: powers of 1024)."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(key, f"expected a size such as 500MB or 2TB, got {text!r}")
+    unit = (m[2] or "").upper()
+    factor = _UNITS.get(unit[:1], 1)
+    if "I" in unit:
+        factor = 1024 ** " KMGT".index(unit[0])
+    return int(float(m[1]) * factor)
+
+
+def parse_site_options(
+    sites: Sequence[str],
+    locations: Sequence[str] = (),
+    roles: Sequence[str] = (),
+    capacities: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """``--site NAME=URL`` (repeatable) plus ``--site-location/-role/-capacity NAME=VALUE``,
+    as raw `[[sites]]` tables (validated like the config file's)."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in sites:
+        name, sep, url = text.partition("=")
+        if not sep or not name.strip() or not url.strip():
+            raise ConfigError("--site", f"expected NAME=URL, got {text!r}")
+        if name.strip() in out:
+            raise ConfigError("--site", f"site {name.strip()!r} given twice")
+        out[name.strip()] = {"name": name.strip(), "url": url.strip()}
+    for option, field_name, values in (
+        ("--site-location", "location", locations),
+        ("--site-role", "role", roles),
+        ("--site-capacity", "capacity", capacities),
+    ):
+        for text in values:
+            name, sep, value = text.partition("=")
+            if not sep or not value.strip():
+                raise ConfigError(option, f"expected NAME=VALUE, got {text!r}")
+            if name.strip() not in out:
+                raise ConfigError(option, f"no --site named {name.strip()!r}")
+            raw: Any = value.strip()
+            if field_name == "capacity":
+                raw = parse_size(raw, option)
+            out[name.strip()][field_name] = raw
+    return list(out.values())
 
 
 @dataclass

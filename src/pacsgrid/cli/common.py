@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from pacsgrid.settings import Overrides, Settings, load_settings
+from pacsgrid.settings import Overrides, Settings, load_settings, parse_site_options
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,12 +44,60 @@ def add_archive_options(p: argparse.ArgumentParser) -> None:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="log level (default INFO)",
     )
+    g = p.add_argument_group(
+        "storage sites (replace the config file's [[sites]] when given)",
+        "e.g. --site a=file:///srv/a --site b=s3://bucket/pacs?endpoint=http://10.0.0.9:8333 "
+        "--site-location b=cloud --copies 2 --write-quorum 1",
+    )
+    g.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a storage site: file:///path, a bare path, or s3://bucket/prefix?endpoint=URL "
+        "(repeatable)",
+    )
+    g.add_argument(
+        "--site-location",
+        action="append",
+        default=[],
+        metavar="NAME=LABEL",
+        help="location label of a site; copies go to distinct locations first",
+    )
+    g.add_argument(
+        "--site-role",
+        action="append",
+        default=[],
+        metavar="NAME=ROLE",
+        help="archive (default; never deletes) or cache (bounded, evicts)",
+    )
+    g.add_argument(
+        "--site-capacity",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="capacity of a cache site, e.g. 50GB",
+    )
+    g.add_argument("--copies", metavar="N", help="archive copies of every object")
+    g.add_argument(
+        "--write-quorum", metavar="W", help="copies durable before a store is acknowledged"
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> Overrides:
     ov = Overrides(config=args.config, data_dir=args.data_dir, database=args.database)
     if getattr(args, "log_level", None):
         ov.values["log.level"] = args.log_level
+    ov.sites = parse_site_options(
+        getattr(args, "site", []),
+        getattr(args, "site_location", []),
+        getattr(args, "site_role", []),
+        getattr(args, "site_capacity", []),
+    )
+    if getattr(args, "copies", None) is not None:
+        ov.values["replication.copies"] = args.copies
+    if getattr(args, "write_quorum", None) is not None:
+        ov.values["replication.write_quorum"] = args.write_quorum
     return ov
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pacsgrid import __version__
-from pacsgrid.cli import archive_cmds, serve
+from pacsgrid.cli import archive_cmds, serve, sites_cmds
 from pacsgrid.cli.common import Parser
 from pacsgrid.errors import ConfigError, PacsgridError
 
@@ -17,6 +17,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     serve.add_parser(sub)
     archive_cmds.add_parsers(sub)
+    sites_cmds.add_parsers(sub)
     p = sub.add_parser("cli-reference", help="print the reference of every command")
     p.set_defaults(func=lambda args: print(cli_reference()) or 0)
     return parser

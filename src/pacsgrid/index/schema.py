@@ -122,10 +122,24 @@ def work_queue(t: Types) -> list[str]:
     ]
 
 
+def sites(t: Types) -> list[str]:
+    """Several sites: when a cache copy was last read (LRU eviction), an index for the fixity
+    audit's "least recently verified first", and small named state for resumable jobs."""
+    return [
+        f"ALTER TABLE copy ADD COLUMN accessed_at {t.real}",
+        "CREATE INDEX copy_site_verified_idx ON copy(site, verified_at)",
+        f"""CREATE TABLE job_state (
+  name {t.text} PRIMARY KEY,
+  value {t.text} NOT NULL,
+  updated_at {t.real} NOT NULL)""",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
     ("0002_work_queue", work_queue),
+    ("0003_sites", sites),
 ]
 
 TRACKING_TABLE = (

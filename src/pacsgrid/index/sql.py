@@ -30,6 +30,7 @@ from pacsgrid.index.query import (
     pn_norm,
 )
 from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
+from pacsgrid.index.sites import SiteQueries
 from pacsgrid.model import ATTRIBUTES, CopyRecord, InstanceRecord, Level
 
 JOINS = {
@@ -42,8 +43,10 @@ JOINS = {
 }
 
 
-class SqlIndex:
-    """Shared implementation; subclasses provide `_conn()` and `_tx()`."""
+class SqlIndex(SiteQueries):
+    """Shared implementation; subclasses provide `_conn()` and `_tx()`.
+
+    The queries of repair, audit and the cache tier live in `SiteQueries` (index/sites.py)."""
 
     url: str
     dialect: Dialect = SQLITE

@@ -113,61 +113,51 @@ class FilesystemSite:
     def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
         path = self._path(key)
         try:
-            self._ensure_dir(path.parent)
-            return self._write_atomic(path, chunks, replace=replace)
+            return self._write_atomic(path, chunks, replace=replace, make_dirs=True)
         except OSError as e:
             raise self._error(e, f"write {key}") from e
 
-    def _write_atomic(self, path: Path, chunks: Sequence[bytes], *, replace: bool) -> PutResult:
+    def _write_atomic(
+        self, path: Path, chunks: Sequence[bytes], *, replace: bool, make_dirs: bool = False
+    ) -> PutResult:
         """Write, fdatasync, link into place, fsync the directory.
 
-        With O_TMPFILE (Linux, local filesystems) the file has no name until it is complete and
-        durable, and a crash before the link leaves nothing behind. Elsewhere (NFS, SMB) a named
-        temp file in .incoming is used and swept at start-up.
+        The new file comes first, in the filesystem of .incoming: on an unmounted volume
+        (.incoming missing) the write fails there, before any folder is created on the empty
+        mount point underneath. With O_TMPFILE (Linux, local filesystems) the file has no name
+        until it is complete and durable, and a crash before the link leaves nothing behind;
+        elsewhere (NFS, SMB) a named temp file in .incoming is used and swept at start-up.
         """
-        if self._tmpfile and path.parent != self.root:
-            fd = self._pool.take()
-            if fd is None:
-                self._tmpfile = False  # no O_TMPFILE here (NFS, SMB...): named temp files
-            else:
-                dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    return self._link_tmpfile(fd, dirfd, path.name, chunks, replace)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._tmpfile = False  # the site spans mounts: fall back to temp names
-                finally:
-                    os.close(dirfd)
-        return self._write_named(path, chunks, replace)
-
-    @staticmethod
-    def _link_tmpfile(
-        fd: int, dirfd: int, name: str, chunks: Sequence[bytes], replace: bool
-    ) -> PutResult:
-        # os.link only calls linkat (which can follow the /proc magic link) when a dir_fd is
-        # given; plain link() would try to link the symlink itself and fail with EXDEV.
-        created = True
+        fd = self._pool.take() if self._tmpfile and path.parent != self.root else None
+        if fd is None:
+            self._tmpfile = self._tmpfile and self._pool.supported
+            return self._write_named(path, chunks, replace, make_dirs)
         try:
             _write_all(fd, chunks)
             os.fdatasync(fd)
-            source = f"/proc/self/fd/{fd}"
-            if replace:
-                tmp = f".{uuid.uuid4().hex}.tmp"
-                os.link(source, tmp, dst_dir_fd=dirfd, follow_symlinks=True)
-                os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            else:
-                try:
-                    os.link(source, name, dst_dir_fd=dirfd, follow_symlinks=True)
-                except FileExistsError:
-                    created = False
+            if make_dirs:
+                self._ensure_dir(path.parent)
+            try:
+                return PutResult(_link_fd(fd, path, replace))
+            except FileNotFoundError:
+                if not make_dirs:
+                    raise
+                # The folder went away since we made it (a wiped site being rebuilt).
+                with self._dir_lock:
+                    self._durable_dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                return PutResult(_link_fd(fd, path, replace))
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                self._tmpfile = False  # the site spans mounts: fall back to temp names
         finally:
             os.close(fd)
-        if created:
-            os.fsync(dirfd)
-        return PutResult(created)
+        return self._write_named(path, chunks, replace, make_dirs)
 
-    def _write_named(self, path: Path, chunks: Sequence[bytes], replace: bool) -> PutResult:
+    def _write_named(
+        self, path: Path, chunks: Sequence[bytes], replace: bool, make_dirs: bool
+    ) -> PutResult:
         tmp = self._incoming / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -176,15 +166,17 @@ class FilesystemSite:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            created = True
-            if replace:
-                os.rename(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    created = False
-                os.unlink(tmp)
+            if make_dirs:
+                self._ensure_dir(path.parent)
+            try:
+                created = _place(tmp, path, replace)
+            except FileNotFoundError:
+                if not make_dirs:
+                    raise
+                with self._dir_lock:
+                    self._durable_dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                created = _place(tmp, path, replace)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -202,6 +194,11 @@ class FilesystemSite:
         while not d.is_dir():
             missing.append(d)
             d = d.parent
+        if missing and not (self.root / SENTINEL).is_file():
+            # Never create folders on an empty mount point: the volume is not there.
+            raise SiteUnavailable(
+                self.name, f"{SENTINEL} missing in {self.root}", hint="is the volume mounted?"
+            )
         for m in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 m.mkdir()
@@ -375,6 +372,44 @@ class _TmpfilePool:
                 if fd is None:
                     return
                 self._ready.put(fd)
+
+
+def _link_fd(fd: int, path: Path, replace: bool) -> bool:
+    """Give an unnamed file its name; fsync the folder. False if `path` existed and was kept.
+
+    os.link only calls linkat (which can follow the /proc magic link) when a dir_fd is given;
+    plain link() would try to link the symlink itself and fail with EXDEV.
+    """
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        source = f"/proc/self/fd/{fd}"
+        if replace:
+            tmp = f".{uuid.uuid4().hex}.tmp"
+            os.link(source, tmp, dst_dir_fd=dirfd, follow_symlinks=True)
+            os.rename(tmp, path.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        else:
+            try:
+                os.link(source, path.name, dst_dir_fd=dirfd, follow_symlinks=True)
+            except FileExistsError:
+                return False
+        os.fsync(dirfd)
+        return True
+    finally:
+        os.close(dirfd)
+
+
+def _place(tmp: Path, path: Path, replace: bool) -> bool:
+    """Move a written temp file to its key; False if `path` existed and was kept."""
+    if replace:
+        os.rename(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)
+        created = True
+    except FileExistsError:
+        created = False
+    os.unlink(tmp)
+    return created
 
 
 def _write_all(fd: int, chunks: Sequence[bytes]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pacsgrid.model import CopyRecord
@@ -33,6 +33,9 @@ class Placement:
         self.write_quorum = write_quorum
         self._state = {s.name: SiteState(since=time.time()) for s in sites}
         self._lock = threading.Lock()
+        # Called (outside the lock) with a site's name when it comes back up: the repair job
+        # wakes the copies that waited for it.
+        self.on_up: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ health
     def mark_down(self, name: str, reason: str) -> None:
@@ -45,7 +48,8 @@ class Placement:
     def mark_up(self, name: str) -> None:
         with self._lock:
             st = self._state[name]
-            if not st.up:
+            came_back = not st.up
+            if came_back:
                 log.info(
                     "site %s is up again (was down for %.0fs: %s)",
                     name,
@@ -53,6 +57,12 @@ class Placement:
                     st.reason,
                 )
                 self._state[name] = SiteState(True, "", time.time())
+        if came_back:
+            for callback in list(self.on_up):
+                try:
+                    callback(name)
+                except Exception:
+                    log.exception("site-up callback failed")
 
     def state(self, name: str) -> SiteState:
         return self._state[name]

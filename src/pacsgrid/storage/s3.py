@@ -1,0 +1,358 @@
+"""A storage site in an S3-compatible object store (SeaweedFS, MinIO, Ceph RGW, AWS S3, ...).
+
+URL: ``s3://BUCKET/PREFIX?endpoint=http://HOST:PORT&region=R`` with optional query parameters
+``access_key``/``secret_key`` (else boto3's usual chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+AWS_PROFILE, ~/.aws), ``retention_days`` and ``lock_mode`` (GOVERNANCE or COMPLIANCE: every
+object is written with an Object Lock retention, for buckets created with Object Lock), and
+``timeout`` (seconds, default 10).
+
+Layout under the prefix mirrors the filesystem site:
+    .pacsgrid-site              sentinel (an empty or foreign bucket is never taken for ours)
+    .quarantine/<time>/<key>    copies that failed a fixity check, kept as evidence
+    <study>/<series>/<sop>.dcm
+
+Contract details:
+- a PUT carries Content-MD5 and x-amz-checksum-sha256, so the server refuses bytes damaged on
+  the way (BadDigest) and the object is durable when the PUT returns;
+- no-clobber is a conditional PUT (``If-None-Match: *``): the server answers 412 when the key
+  exists, the same rule as `link()` on a filesystem, without any lock;
+- on a versioned or Object Lock bucket nothing is ever destroyed: quarantine copies the object
+  aside and puts a delete marker on the key, so the damaged version stays retrievable;
+- connection failures, unknown buckets and refused credentials are `SiteUnavailable`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+
+from pacsgrid.errors import ConfigError, ObjectMissing, SiteUnavailable, StorageError
+from pacsgrid.settings import SiteSettings
+from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
+
+QUARANTINE = ".quarantine"
+_UNAVAILABLE_CODES = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_NETWORK = (
+    bexc.EndpointConnectionError,
+    bexc.ConnectTimeoutError,
+    bexc.ReadTimeoutError,
+    bexc.ConnectionClosedError,
+    bexc.NoCredentialsError,
+)
+_SECRET_PARAMS = ("secret_key", "access_key")
+
+
+class S3Site:
+    def __init__(
+        self,
+        name: str,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        retention_days: int = 0,
+        lock_mode: str = "GOVERNANCE",
+        timeout: float = 10.0,
+        location: str = "default",
+        role: str = "archive",
+        url: str = "",
+    ) -> None:
+        self.name = name
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.location = location
+        self.role = role
+        self.url = url or f"s3://{bucket}/{self.prefix}"
+        self.retention_days = retention_days
+        self.lock_mode = lock_mode
+        self.endpoint = endpoint
+        session = boto3.session.Session(
+            aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None,
+            region_name=region or "us-east-1",
+        )
+        self._s3: Any = session.client(
+            "s3",
+            endpoint_url=endpoint or None,
+            config=Config(
+                connect_timeout=timeout,
+                read_timeout=max(timeout, 30.0),
+                retries={"max_attempts": 2, "mode": "standard"},
+                max_pool_connections=32,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    @classmethod
+    def from_settings(cls, s: SiteSettings) -> S3Site:
+        key = f"sites.{s.name}.url"
+        u = urlparse(s.url)
+        if not u.netloc:
+            raise ConfigError(key, f"expected s3://BUCKET/PREFIX?endpoint=URL, got {s.url!r}")
+        q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+        known = {
+            "endpoint",
+            "region",
+            "access_key",
+            "secret_key",
+            "retention_days",
+            "lock_mode",
+            "timeout",
+        }
+        for k in q:
+            if k not in known:
+                raise ConfigError(
+                    key, f"unknown parameter {k!r} (known: {', '.join(sorted(known))})"
+                )
+        try:
+            retention = int(q.get("retention_days", "0"))
+            timeout = float(q.get("timeout", "10"))
+        except ValueError:
+            raise ConfigError(key, "retention_days and timeout must be numbers") from None
+        mode = q.get("lock_mode", "GOVERNANCE").upper()
+        if mode not in ("GOVERNANCE", "COMPLIANCE"):
+            raise ConfigError(key, f"lock_mode must be GOVERNANCE or COMPLIANCE, got {mode!r}")
+        shown = {k: v for k, v in q.items() if k not in _SECRET_PARAMS}
+        url = f"s3://{u.netloc}{u.path}" + (f"?{urlencode(shown)}" if shown else "")
+        return cls(
+            s.name,
+            u.netloc,
+            u.path,
+            endpoint=q.get("endpoint"),
+            region=q.get("region"),
+            access_key=q.get("access_key"),
+            secret_key=q.get("secret_key"),
+            retention_days=retention,
+            lock_mode=mode,
+            timeout=timeout,
+            location=s.location,
+            role=s.role,
+            url=url,
+        )
+
+    # ------------------------------------------------------------------ errors
+    def _error(self, e: Exception, what: str) -> StorageError:
+        if isinstance(e, _NETWORK):
+            return SiteUnavailable(
+                self.name,
+                f"{what}: {e}",
+                hint=f"is the S3 endpoint {self.endpoint or 'AWS'} reachable?",
+            )
+        if isinstance(e, bexc.ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in _UNAVAILABLE_CODES:
+                return SiteUnavailable(
+                    self.name,
+                    f"{what}: {code}",
+                    hint=f"check bucket {self.bucket!r} exists and the credentials may use it",
+                )
+            msg = e.response.get("Error", {}).get("Message", "")
+            return StorageError(self.name, f"{what}: {code} {msg}".strip())
+        if isinstance(e, bexc.BotoCoreError):
+            return SiteUnavailable(self.name, f"{what}: {e}")
+        return StorageError(self.name, f"{what}: {e}")
+
+    @staticmethod
+    def _code(e: bexc.ClientError) -> str:
+        return str(e.response.get("Error", {}).get("Code", ""))
+
+    def _k(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/") or key.startswith("."):
+            raise StorageError(self.name, f"refusing unsafe key {key!r}")
+        return self.prefix + key
+
+    # ------------------------------------------------------------------ lifecycle
+    def initialize(self) -> None:
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            if self._exists(self.prefix + SENTINEL):
+                return
+            page = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=20)
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(self.prefix) :]
+                if not rel.startswith("."):
+                    raise SiteUnavailable(
+                        self.name,
+                        f"s3://{self.bucket}/{self.prefix} holds objects but no {SENTINEL}",
+                        hint="use an empty prefix or one pacsgrid initialised",
+                    )
+            body = json.dumps(
+                {"site": self.name, "created": time.time(), "host": socket.gethostname()}
+            ).encode()
+            self._put(self.prefix + SENTINEL, body, conditional=False)
+        except StorageError:
+            raise
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            err = self._error(e, "initialise")
+            raise SiteUnavailable(self.name, str(err), hint="") from e
+
+    def check(self) -> SiteHealth:
+        try:
+            if not self._exists(self.prefix + SENTINEL):
+                return SiteHealth(
+                    False,
+                    f"{SENTINEL} missing in s3://{self.bucket}/{self.prefix} (wrong bucket or "
+                    f"prefix, or wiped? 'pacsgrid sites init {self.name}' adopts an empty one)",
+                )
+        except StorageError as e:
+            return SiteHealth(False, str(e))
+        return SiteHealth(True)
+
+    def describe(self) -> dict[str, str]:
+        """Versioning and Object Lock state of the bucket (for `pacsgrid sites`)."""
+        out: dict[str, str] = {}
+        try:
+            out["versioning"] = self._s3.get_bucket_versioning(Bucket=self.bucket).get(
+                "Status", "off"
+            )
+        except (bexc.BotoCoreError, bexc.ClientError):
+            out["versioning"] = "unknown"
+        try:
+            cfg = self._s3.get_object_lock_configuration(Bucket=self.bucket)
+            out["object_lock"] = cfg["ObjectLockConfiguration"].get("ObjectLockEnabled", "off")
+        except (bexc.BotoCoreError, bexc.ClientError):
+            out["object_lock"] = "off"
+        return out
+
+    # ------------------------------------------------------------------ objects
+    def _exists(self, full_key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=full_key)
+            return True
+        except bexc.ClientError as e:
+            if self._code(e) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(e, f"head {full_key}") from e
+        except bexc.BotoCoreError as e:
+            raise self._error(e, f"head {full_key}") from e
+
+    def _put(self, full_key: str, body: bytes, *, conditional: bool) -> bool:
+        """PUT with checksums; False when `conditional` and the key exists."""
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full_key,
+            "Body": body,
+            "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
+            "ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
+            "ContentType": "application/dicom",
+        }
+        if conditional:
+            args["IfNoneMatch"] = "*"
+        if self.retention_days > 0:
+            args["ObjectLockMode"] = self.lock_mode
+            args["ObjectLockRetainUntilDate"] = dt.datetime.now(dt.UTC) + dt.timedelta(
+                days=self.retention_days
+            )
+        try:
+            self._s3.put_object(**args)
+            return True
+        except bexc.ClientError as e:
+            if conditional and self._code(e) in ("PreconditionFailed", "412"):
+                return False
+            raise
+
+    def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
+        full = self._k(key)
+        body = b"".join(chunks)
+        try:
+            return PutResult(self._put(full, body, conditional=not replace))
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"write {key}") from e
+
+    def get(self, key: str) -> bytes:
+        full = self._k(key)
+        try:
+            resp = self._s3.get_object(Bucket=self.bucket, Key=full)
+            return bytes(resp["Body"].read())
+        except bexc.ClientError as e:
+            if self._code(e) in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectMissing(self.name, f"no object {key}") from None
+            raise self._error(e, f"read {key}") from e
+        except bexc.BotoCoreError as e:
+            raise self._error(e, f"read {key}") from e
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        full = self._k(key)
+        try:
+            h = self._s3.head_object(Bucket=self.bucket, Key=full)
+        except bexc.ClientError as e:
+            if self._code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(e, f"stat {key}") from e
+        except bexc.BotoCoreError as e:
+            raise self._error(e, f"stat {key}") from e
+        return ObjectInfo(key, int(h["ContentLength"]), h["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(self.prefix) :]
+                    if not rel.endswith(".dcm") or any(
+                        part.startswith(".") for part in rel.split("/")
+                    ):
+                        continue
+                    yield ObjectInfo(rel, int(obj["Size"]), obj["LastModified"].timestamp())
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"list {prefix or '/'}") from e
+
+    def delete(self, key: str) -> None:
+        if self.role != "cache":
+            raise StorageError(self.name, f"refusing to delete {key}: archive sites never delete")
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=self._k(key))
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"delete {key}") from e
+
+    def quarantine(self, key: str, reason: str) -> str:
+        full = self._k(key)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        base = f"{QUARANTINE}/{stamp}/{key}"
+        try:
+            dest = base
+            n = 0
+            while self._exists(self.prefix + dest):  # never overwrite earlier evidence
+                n += 1
+                dest = f"{base}.{n}"
+            try:
+                self._s3.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.prefix + dest,
+                    CopySource={"Bucket": self.bucket, "Key": full},
+                )
+            except bexc.ClientError as e:
+                if self._code(e) in ("NoSuchKey", "404", "NotFound"):
+                    raise ObjectMissing(self.name, f"no object {key}") from None
+                raise
+            self._put(
+                self.prefix + dest + ".reason.txt", (reason + "\n").encode(), conditional=False
+            )
+            # On a versioned bucket this only adds a delete marker: the bad version stays.
+            self._s3.delete_object(Bucket=self.bucket, Key=full)
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"quarantine {key}") from e
+        return dest
