@@ -43,6 +43,11 @@ _VRS = frozenset(
 )
 
 
+_LE = (struct.Struct("<HH"), struct.Struct("<H"), struct.Struct("<I"))
+_BE = (struct.Struct(">HH"), struct.Struct(">H"), struct.Struct(">I"))
+_VR_TEXT = {vr: vr.decode() for vr in _VRS}
+
+
 class ScanError(Exception):
     """The fast scanner cannot read this; the pydicom path decides."""
 
@@ -98,72 +103,80 @@ def scan(data: bytes | memoryview, transfer_syntax: str) -> Header:
     return header
 
 
+def _element_header(
+    buf: bytes, pos: int, implicit: bool, little: bool
+) -> tuple[int, str, int, int]:
+    """(tag, VR, value length, value offset) of the element at `pos`.
+
+    Implicit VR: the VR of an indexed attribute comes from the catalogue; anything else is
+    reported as SQ (only the length matters to a walker that skips it).
+    """
+    end = len(buf)
+    if pos + 8 > end:
+        raise ScanError("truncated element header")
+    tag_s, u16_s, u32_s = _LE if little else _BE
+    group, elem = tag_s.unpack_from(buf, pos)
+    tag = (group << 16) | elem
+    if implicit:
+        attr = BY_TAG.get(tag)
+        vr = attr.vr if attr else ("OW" if tag == PIXEL_DATA_TAG else "SQ")
+        return tag, vr, u32_s.unpack_from(buf, pos + 4)[0], pos + 8
+    vr_bytes = buf[pos + 4 : pos + 6]
+    if vr_bytes not in _VRS:
+        raise ScanError(f"unknown VR {vr_bytes!r} at offset {pos}")
+    if vr_bytes in LONG_VRS:
+        if pos + 12 > end:
+            raise ScanError("truncated element header")
+        return tag, _VR_TEXT[vr_bytes], u32_s.unpack_from(buf, pos + 8)[0], pos + 12
+    return tag, _VR_TEXT[vr_bytes], u16_s.unpack_from(buf, pos + 6)[0], pos + 8
+
+
+def _skip_undefined(buf: bytes, pos: int, tag: int, vr: str, implicit: bool, little: bool) -> int:
+    """Skip the value of an undefined-length element (sequence or encapsulated pixels)."""
+    if tag == PIXEL_DATA_TAG or (vr in ("OB", "OW") and not implicit):
+        return _skip_encapsulated(buf, pos, little)
+    if implicit or vr in ("SQ", "UN"):
+        # PS3.5 6.2.2: an undefined-length UN is an implicit VR little endian sequence.
+        return _skip_sequence(buf, pos, implicit or vr == "UN", little)
+    raise ScanError(f"undefined length on VR {vr}")
+
+
 def _walk(
     buf: bytes, implicit: bool, little: bool
 ) -> tuple[dict[int, tuple[str, bytes]], int, int]:
     """Walk the top-level elements; return wanted raw values and the pixel data position."""
     end = len(buf)
     pos = 0
-    wanted = BY_TAG
     raw: dict[int, tuple[str, bytes]] = {}
     pix_off = pix_len = -1
-    tag_fmt = "<HH" if little else ">HH"
-    u16 = "<H" if little else ">H"
-    u32 = "<I" if little else ">I"
-    unpack_from = struct.unpack_from
     last_tag = -1
     while pos < end:
-        if pos + 8 > end:
-            # Trailing padding of fewer than 8 bytes is tolerated only if it is all zeros.
-            if not any(buf[pos:]):
-                break
-            raise ScanError("truncated element header")
-        group, elem = unpack_from(tag_fmt, buf, pos)
-        tag = (group << 16) | elem
+        if pos + 8 > end and not any(buf[pos:]):
+            break  # trailing zero padding shorter than an element header
+        tag, vr, length, value = _element_header(buf, pos, implicit, little)
         if tag <= last_tag:
             if tag == 0 and not any(buf[pos : pos + 64]):
                 break  # zero padding at the end of a dataset
             raise ScanError(f"tags out of order at offset {pos}")
         last_tag = tag
-        if implicit:
-            vr = wanted[tag].vr if tag in wanted else ("SQ" if tag != PIXEL_DATA_TAG else "OW")
-            (length,) = unpack_from(u32, buf, pos + 4)
-            pos += 8
-        else:
-            vr_bytes = buf[pos + 4 : pos + 6]
-            if vr_bytes not in _VRS:
-                raise ScanError(f"unknown VR {vr_bytes!r} at offset {pos}")
-            vr = vr_bytes.decode()
-            if vr_bytes in LONG_VRS:
-                if pos + 12 > end:
-                    raise ScanError("truncated element header")
-                (length,) = unpack_from(u32, buf, pos + 8)
-                pos += 12
-            else:
-                (length,) = unpack_from(u16, buf, pos + 6)
-                pos += 8
         if length == UNDEFINED:
             if tag == PIXEL_DATA_TAG:
-                pix_off, pix_len = pos, UNDEFINED
-                pos = _skip_encapsulated(buf, pos, little)
-            elif implicit or vr in ("SQ", "UN"):
-                pos = _skip_sequence(buf, pos, implicit or vr == "UN", little)
-            else:
-                raise ScanError(f"undefined length on VR {vr}")
+                pix_off, pix_len = value, UNDEFINED
+            pos = _skip_undefined(buf, value, tag, vr, implicit, little)
             continue
-        if pos + length > end:
+        if value + length > end:
             # The walk was consistent up to here, so this is truncation, not a misread syntax.
             raise InvalidDataset(
-                f"truncated: element ({group:04X},{elem:04X}) declares {length} "
-                f"bytes, {end - pos} remain"
+                f"truncated: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} "
+                f"bytes, {end - value} remain"
             )
-        if tag in wanted:
-            raw[tag] = (vr, buf[pos : pos + length])
+        if tag in BY_TAG:
+            raw[tag] = (vr, buf[value : value + length])
         elif tag == CHARSET_TAG:
-            raw[tag] = ("CS", buf[pos : pos + length])
+            raw[tag] = ("CS", buf[value : value + length])
         elif tag == PIXEL_DATA_TAG:
-            pix_off, pix_len = pos, length
-        pos += length
+            pix_off, pix_len = value, length
+        pos = value + length
     return raw, pix_off, pix_len
 
 
@@ -193,39 +206,21 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool, little: bool) -> int:
 
 def _skip_item_elements(buf: bytes, pos: int, implicit: bool, little: bool) -> int:
     """Skip the elements of an undefined-length item up to and including its delimiter."""
-    u16 = "<H" if little else ">H"
-    u32 = "<I" if little else ">I"
-    tag_fmt = "<HH" if little else ">HH"
     end = len(buf)
+    tag_fmt = "<HH" if little else ">HH"
     while True:
         if pos + 8 > end:
             raise ScanError("item runs past the end")
         group, elem = struct.unpack_from(tag_fmt, buf, pos)
-        tag = (group << 16) | elem
-        if tag == ITEM_END:
+        if (group << 16) | elem == ITEM_END:
             return pos + 8
+        _, vr, length, value = _element_header(buf, pos, implicit, little)
         if implicit:
-            vr = "SQ"
-            (length,) = struct.unpack_from(u32, buf, pos + 4)
-            pos += 8
-        else:
-            vr_bytes = buf[pos + 4 : pos + 6]
-            if vr_bytes not in _VRS:
-                raise ScanError(f"unknown VR {vr_bytes!r} at offset {pos}")
-            vr = vr_bytes.decode()
-            if vr_bytes in LONG_VRS:
-                (length,) = struct.unpack_from(u32, buf, pos + 8)
-                pos += 12
-            else:
-                (length,) = struct.unpack_from(u16, buf, pos + 6)
-                pos += 8
+            vr = "SQ"  # inside an item only the structure matters
         if length == UNDEFINED:
-            if vr in ("OB", "OW"):
-                pos = _skip_encapsulated(buf, pos, little)
-            else:
-                pos = _skip_sequence(buf, pos, implicit or vr == "UN", little)
+            pos = _skip_undefined(buf, value, 0, vr, implicit, little)
         else:
-            pos += length
+            pos = value + length
             if pos > end:
                 raise ScanError("element runs past the end")
 
