@@ -136,6 +136,49 @@ class ReplicationSettings:
 
 
 @dataclass(frozen=True)
+class ForwardRule:
+    """Forward each newly received instance to a peer (a parallel run with a legacy PACS).
+
+    An instance is never forwarded to the AE title that sent it, so two systems forwarding to
+    each other do not loop. Only instances received over the network are forwarded, not
+    those brought in by `import` or `migrate`.
+    """
+
+    to: str = setting(
+        "", "AE title of the peer to forward to (a configured peer).", ae=True, required=True
+    )
+    calling_ae: tuple[str, ...] = setting(
+        [], "Forward only instances received from these calling AE titles (empty: from any)."
+    )
+    modality: tuple[str, ...] = setting(
+        [], "Forward only instances of these modalities, e.g. CT, MR (empty: any)."
+    )
+
+    def matches(self, calling_ae: str, modality: str) -> bool:
+        if self.calling_ae and calling_ae not in self.calling_ae:
+            return False
+        return not self.modality or modality.strip().upper() in {m.upper() for m in self.modality}
+
+
+@dataclass(frozen=True)
+class ForwardingSettings:
+    retry_initial: float = setting(
+        10.0, "Seconds before the first retry of a failed forward; doubles per attempt.", min=0.1
+    )
+    retry_max: float = setting(3600.0, "Longest wait between two retries (seconds).", min=1.0)
+    max_attempts: int = setting(
+        50,
+        "Attempts before an instance is given up and listed by 'pacsgrid forward status' "
+        "(0 = retry forever).",
+        min=0,
+    )
+    batch: int = setting(64, "Instances sent per association.", min=1, max=10000)
+    poll: float = setting(
+        2.0, "Seconds between two looks at the forwarding queue when it is empty.", min=0.05
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
         "INFO",
@@ -158,8 +201,10 @@ class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
+    forward: tuple[ForwardRule, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -172,8 +217,13 @@ class Settings:
         return None
 
 
-SECTIONS = {"dicom": DicomSettings, "replication": ReplicationSettings, "log": LogSettings}
-LISTS = {"peers": PeerSettings, "sites": SiteSettings}
+SECTIONS = {
+    "dicom": DicomSettings,
+    "replication": ReplicationSettings,
+    "log": LogSettings,
+    "forwarding": ForwardingSettings,
+}
+LISTS = {"peers": PeerSettings, "sites": SiteSettings, "forward": ForwardRule}
 TOP_LEVEL = ("data_dir", "database")
 
 
@@ -268,7 +318,16 @@ def _field_type(f: dataclasses.Field[Any]) -> Any:
 
 
 _hints_cache: dict[int, Any] = {}
-for _cls in (PeerSettings, SiteSettings, DicomSettings, ReplicationSettings, LogSettings, Settings):
+for _cls in (
+    PeerSettings,
+    SiteSettings,
+    DicomSettings,
+    ReplicationSettings,
+    LogSettings,
+    ForwardRule,
+    ForwardingSettings,
+    Settings,
+):
     _h = typing.get_type_hints(_cls)
     for _f in dataclasses.fields(_cls):
         _t = _h[_f.name]
@@ -355,7 +414,7 @@ def load_settings(
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     top: dict[str, Any] = {}
-    lists: dict[str, list[Any]] = {"peers": [], "sites": []}
+    lists: dict[str, list[Any]] = {name: [] for name in LISTS}
     for name, val in doc.items():
         if name in SECTIONS:
             if not isinstance(val, dict):
@@ -456,8 +515,15 @@ def load_settings(
         if s.role == "cache" and s.low_watermark > s.high_watermark:
             raise ConfigError(f"sites[{i}].low_watermark", "must not exceed high_watermark")
 
+    forward = [_build(ForwardRule, f"forward[{i}]", r) for i, r in enumerate(lists["forward"])]
+
     settings = Settings(
-        data_dir=data_dir, database=database, peers=tuple(peers), sites=tuple(sites), **built
+        data_dir=data_dir,
+        database=database,
+        peers=tuple(peers),
+        sites=tuple(sites),
+        forward=tuple(forward),
+        **built,
     )
     _check_policy(settings)
     return settings
@@ -478,6 +544,11 @@ def _resolve_site_url(site: SiteSettings, key: str, base: Path) -> SiteSettings:
 
 
 def _check_policy(s: Settings) -> None:
+    for i, rule in enumerate(s.forward):
+        if s.peer(rule.to) is None:
+            raise ConfigError(
+                f"forward[{i}].to", f"{rule.to!r} is not a configured peer (add it to [[peers]])"
+            )
     archives = [x for x in s.sites if x.role == "archive"]
     if not archives:
         raise ConfigError("sites", "at least one site must have role 'archive'")
