@@ -23,8 +23,9 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from pacsgrid.archive import Archive
+from pacsgrid.archive import FORWARD, Archive
 from pacsgrid.dicom.server import DicomServer
+from pacsgrid.jobs.forward import Forwarder
 
 log = logging.getLogger("pacsgrid.node")
 
@@ -38,6 +39,8 @@ class Component(Protocol):
 def components(archive: Archive) -> list[Component]:
     """Background components of this node, built from the archive's settings."""
     out: list[Component] = []
+    if archive.settings.forward or archive.index.work_counts(FORWARD).get("pending"):
+        out.append(Forwarder(archive))
     return out
 
 

@@ -51,6 +51,7 @@ class PassSummary:
     failed_before: int = 0  # failures of earlier passes whose files did not change
     removed: list[str] = field(default_factory=list)  # gone from the source in this pass
     changed: list[str] = field(default_factory=list)  # read again because size/mtime changed
+    same_content: int = 0  # of those, files whose bytes turned out unchanged (touched)
     bytes: int = 0  # bytes read
     seconds: float = 0.0
     interrupted: bool = False
@@ -106,10 +107,9 @@ def _process(archive: Archive, c: _Candidate) -> FileEntry:
         )
     try:
         classify(data, c.path)
+        result = archive.ingest_file(data, MIGRATE)
     except NotDicom as e:
         return FileEntry(c.rel, len(data), c.mtime_ns, digest, "", SKIPPED, str(e))
-    try:
-        result = archive.ingest_file(data, MIGRATE)
     except PacsgridError as e:
         return FileEntry(c.rel, len(data), c.mtime_ns, digest, "", FAILED, str(e))
     reason = ""
@@ -194,7 +194,10 @@ def migrate_pass(
             )
         summary.read += 1
         summary.bytes += entry.size
-        if entry.state == STORED:
+        prev = c.previous
+        if prev is not None and prev.state not in (FAILED, REMOVED) and prev.sha256 == entry.sha256:
+            summary.same_content += 1
+        elif entry.state == STORED:
             summary.stored += 1
         elif entry.state == DUPLICATE:
             summary.duplicates += 1

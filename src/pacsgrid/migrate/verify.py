@@ -11,8 +11,10 @@ the pixel data instance by instance.
 
 Findings: missing (in the source, not in the archive), extra (in an archived study, not in the
 source's), moved (in the archive, filed under another study), mismatch (pixel data differ, or
-a copy cannot be read), unreadable (a source file without UIDs). The report is a CSV of every
-finding plus a short Markdown summary; missing or mismatched items make it a failure.
+a copy cannot be read), conflict (a folder holds different objects under one SOP Instance
+UID and the archive holds one of them), unreadable (a source file without UIDs). The report
+is a CSV of every finding plus a short Markdown summary; missing or mismatched items make it
+a failure.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pacsgrid.settings import PeerSettings
 log = logging.getLogger(__name__)
 
 FAILING = ("missing", "mismatch")
+CONFLICT = "; another file with this SOP Instance UID matches the archived object"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class _FileCheck:
     study_uid: str = ""
     skipped: bool = False
     finding: Finding | None = None
+    matched: bool = False  # the archived object has this file's pixel data
 
 
 def _check_file(archive: Archive, root: Path, path: Path) -> _FileCheck:
@@ -157,10 +161,13 @@ def _check_file(archive: Archive, root: Path, path: Path) -> _FileCheck:
             f"pixel data SHA-256 {source[:16] or 'none'} here, {archived[:16] or 'none'} archived"
         )
         return _FileCheck(rel, sop, study, finding=Finding("mismatch", study, sop, rel, detail))
+
     if archived_study != study:
         detail = f"filed in study {archived_study}"
-        return _FileCheck(rel, sop, study, finding=Finding("moved", study, sop, rel, detail))
-    return _FileCheck(rel, sop, study)
+        return _FileCheck(
+            rel, sop, study, finding=Finding("moved", study, sop, rel, detail), matched=True
+        )
+    return _FileCheck(rel, sop, study, matched=True)
 
 
 def verify_folder(
@@ -177,6 +184,7 @@ def verify_folder(
     prog = progress or Progress("verify", bar=False)
     prog.set_total(len(files))
     by_study: dict[str, set[str]] = {}
+    matched: set[str] = set()
     root = src.resolve()
 
     def record(path: Path, fut: Future[_FileCheck]) -> None:
@@ -191,6 +199,8 @@ def verify_folder(
         if check.sop_uid:
             report.instances += 1
             by_study.setdefault(check.study_uid, set()).add(check.sop_uid)
+        if check.matched:
+            matched.add(check.sop_uid)
         if check.finding is not None:
             report.findings.append(check.finding)
         if check.sop_uid and (check.finding is None or check.finding.kind != "missing"):
@@ -206,6 +216,15 @@ def verify_folder(
         name="verify",
     )
     report.studies = len(by_study)
+    # Two source files with one SOP Instance UID but different pixel data: the archive keeps
+    # the first it stored (dicom.on_duplicate). When one of them matches, the others are
+    # conflicts within the source, not damage in the archive.
+    report.findings = [
+        Finding("conflict", f.study_uid, f.sop_uid, f.source_item, f.detail + CONFLICT)
+        if f.kind == "mismatch" and f.sop_uid in matched and f.detail.startswith("pixel data")
+        else f
+        for f in report.findings
+    ]
     for study, sops in sorted(by_study.items()):
         for extra in sorted(archive.study_sop_uids(study) - sops):
             report.findings.append(Finding("extra", study, extra, "", "not in the folder"))
@@ -409,6 +428,8 @@ def write_report(report: VerifyReport, out: Path) -> tuple[Path, Path]:
         f"| mismatch | {counts['mismatch']} | pixel data differ, or no readable copy |",
         f"| moved | {counts['moved']} | in the archive, filed under another study |",
         f"| extra | {counts['extra']} | in an archived study, not in the source |",
+        f"| conflict | {counts['conflict']} | the source has other objects under the same "
+        "SOP Instance UID; the archive holds one of them |",
         f"| unreadable | {counts['unreadable']} | source files without usable UIDs |",
     ]
     if report.skipped:

@@ -1,0 +1,1 @@
+"""Background jobs of a node: resumable, their progress kept in the index (see pacsgrid.node)."""
