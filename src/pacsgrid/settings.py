@@ -165,7 +165,7 @@ class ForwardingSettings:
     retry_initial: float = setting(
         10.0, "Seconds before the first retry of a failed forward; doubles per attempt.", min=0.1
     )
-    retry_max: float = setting(3600.0, "Longest wait between two retries (seconds).", min=1.0)
+    retry_max: float = setting(3600.0, "Longest wait between two retries (seconds).", min=0.1)
     max_attempts: int = setting(
         50,
         "Attempts before an instance is given up and listed by 'pacsgrid forward status' "

@@ -47,6 +47,16 @@ STORAGE_SYNTAXES = (
     DEFLATED_LE,
 )
 
+COMMON_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.1.2",  # MG for presentation
+    "1.2.840.10008.5.1.4.1.1.12.1",  # XA
+)
 StoreCallback = Callable[[str, bytes, str], Awaitable[int]]  # (sop class, dataset, ts) -> status
 
 
@@ -151,11 +161,15 @@ class LegacySession:
         ]
         if self.on_store is not None:
             proposals.append((STUDY_ROOT_GET, QR_SYNTAXES))
+            # The source sends on a context for the class in each file's meta, which may
+            # differ from the SOPClassUID it answers C-FIND with: offer common classes too.
+            classes = list(dict.fromkeys([*self.get_classes, *COMMON_CLASSES]))
             room = 128 - len(proposals)
-            per_class = max(1, min(len(STORAGE_SYNTAXES), room // max(1, len(self.get_classes))))
-            for sop_class in self.get_classes[:room]:
+            per_class = max(1, min(len(STORAGE_SYNTAXES), room // len(self.get_classes or [1])))
+            for sop_class in classes:
                 for ts in STORAGE_SYNTAXES[:per_class]:
-                    proposals.append((sop_class, [ts]))
+                    if len(proposals) < 128:
+                        proposals.append((sop_class, [ts]))
         try:
             self.assoc = await connect(
                 self.peer.host,
@@ -164,7 +178,7 @@ class LegacySession:
                 self.peer.ae_title,
                 proposals,
                 timeout=self.timeout,
-                scp_roles=self.get_classes if self.on_store else (),
+                scp_roles=sorted({p[0] for p in proposals[3:]}) if self.on_store else (),
                 on_store=self._store if self.on_store else None,
             )
         except (OSError, AssociationRejected, AssociationAborted, TimeoutError) as e:
