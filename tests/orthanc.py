@@ -13,7 +13,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -143,11 +142,3 @@ class Orthanc:
 
     def instance_count(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
-
-    def wait_for(self, predicate: Any, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return bool(predicate())

@@ -57,6 +57,21 @@ def pacsgrid(*args: str | Path, timeout: float = 300) -> subprocess.CompletedPro
     )
 
 
+def pull(legacy: Legacy, data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`migrate pull` from the legacy Orthanc, moving to the pacsgrid port it knows."""
+    return pacsgrid(
+        "migrate",
+        "pull",
+        "--data-dir",
+        data,
+        "--from",
+        legacy.address,
+        "--port",
+        str(legacy.pacsgrid_port),
+        *args,
+    )
+
+
 def archived(data_dir: Path) -> tuple[set[str], int]:
     """SOP Instance UIDs in the archive's index, and object files on its site."""
     index = SqliteIndex(data_dir / "index.sqlite")
@@ -82,18 +97,7 @@ def test_pull_brings_everything_and_verify_finds_nothing_missing(
     data = tmp_path / "archive"
     server = Server(data, port=legacy.pacsgrid_port).start()
     try:
-        run = pacsgrid(
-            "migrate",
-            "pull",
-            "--data-dir",
-            data,
-            "--from",
-            legacy.address,
-            "--parallel",
-            "2",
-            "--port",
-            legacy.pacsgrid_port,
-        )
+        run = pull(legacy, data, "--parallel", "2")
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
         assert "instances/s" in run.stdout
         print("\n" + run.stdout)
@@ -103,16 +107,7 @@ def test_pull_brings_everything_and_verify_finds_nothing_missing(
         states = ledger(data, legacy.address)
         assert states and all(state == DONE for state, _ in states.values())
 
-        again = pacsgrid(
-            "migrate",
-            "pull",
-            "--data-dir",
-            data,
-            "--from",
-            legacy.address,
-            "--port",
-            legacy.pacsgrid_port,
-        )
+        again = pull(legacy, data)
         assert again.returncode == 0, again.stdout + again.stderr[-2000:]
         assert f"{len(states)} already complete, 0 retrieved" in again.stdout
 
@@ -161,16 +156,7 @@ def test_pull_killed_midway_resumes_nothing_missing_nothing_twice(
 
     server = Server(data, port=legacy.pacsgrid_port).start()
     try:
-        run = pacsgrid(
-            "migrate",
-            "pull",
-            "--data-dir",
-            data,
-            "--from",
-            legacy.address,
-            "--port",
-            legacy.pacsgrid_port,
-        )
+        run = pull(legacy, data)
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
         print("\nafter the kill: " + run.stdout)
     finally:
@@ -194,19 +180,7 @@ def test_pull_with_c_get_and_a_capping_source(legacy: Legacy, tmp_path: Path) ->
     )
     assert refused.returncode == 1 and "pacsgrid serve" in refused.stderr, refused.stderr
 
-    run = pacsgrid(
-        "migrate",
-        "pull",
-        "--data-dir",
-        data,
-        "--from",
-        legacy.address,
-        "--get",
-        "--find-limit",
-        "10",
-        "--parallel",
-        "2",
-    )
+    run = pull(legacy, data, "--get", "--find-limit", "10", "--parallel", "2")
     m = re.search(r"(\d+) studies found \((\d+) C-FIND\)", run.stdout)
     assert m and int(m[2]) > 3, run.stdout  # the answers were sliced by date
     states = ledger(data, legacy.address)

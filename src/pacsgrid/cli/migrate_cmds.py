@@ -61,8 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     add_archive_options(q)
     q.add_argument("--from", dest="source", required=True, metavar="AET@HOST:PORT")
-    q.add_argument("--since", metavar="DATE", help="only studies from this StudyDate on")
-    q.add_argument("--until", metavar="DATE", help="only studies up to this StudyDate")
+    _add_study_range(q)
     q.add_argument("--window", metavar="HH:MM-HH:MM", help="retrieve only in these hours")
     q.add_argument(
         "--max-rate", type=float, default=0.0, help="instances per second at most (default: any)"
@@ -73,13 +72,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--listen",
         action="store_true",
         help="receive the C-MOVE sub-operations in this process (when 'serve' is not running)",
-    )
-    q.add_argument(
-        "--find-limit",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the source answers at most N matches per C-FIND: split queries that reach it",
     )
     q.add_argument(
         "--attempts", type=int, default=3, help="retrievals of an incomplete study (default 3)"
@@ -109,9 +101,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     v.add_argument(
         "--sample", type=int, default=3, help="old studies retrieved end to end (default 3)"
     )
-    v.add_argument("--since", metavar="DATE", help="only studies from this StudyDate on")
-    v.add_argument("--until", metavar="DATE", help="only studies up to this StudyDate")
-    v.add_argument("--find-limit", type=int, default=0, metavar="N", help="as for migrate pull")
+    _add_study_range(v)
     v.add_argument("--parallel", type=int, default=2, help="associations at once (default 2)")
     v.add_argument("--jobs", type=int, default=4, help="files checked at once (default 4)")
     v.add_argument("--ae-title", help="this archive's AE title (default: dicom.ae_title)")
@@ -132,6 +122,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rt = fsub.add_parser("retry", help="queue every given-up instance again")
     add_archive_options(rt)
     rt.set_defaults(func=run_forward_retry)
+
+
+def _add_study_range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", metavar="DATE", help="only studies from this StudyDate on")
+    p.add_argument("--until", metavar="DATE", help="only studies up to this StudyDate")
+    p.add_argument(
+        "--find-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the source answers at most N matches per C-FIND: split queries that reach it",
+    )
 
 
 def _stop_event() -> threading.Event:
