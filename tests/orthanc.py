@@ -85,6 +85,11 @@ class Orthanc:
         self.log = workdir / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def config_modality_port(self, ae_title: str) -> int:
+        """The port this Orthanc sends to for a configured modality."""
+        modalities = json.loads(self.config.read_text())["DicomModalities"]
+        return int(modalities[ae_title.lower()]["Port"])
+
     def start(self) -> Orthanc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

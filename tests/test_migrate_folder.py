@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +225,31 @@ def test_cli_migrate_folder_and_verify(tree: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "--every" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_every_repeats_passes_until_stopped(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "every.log"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pacsgrid", "migrate", "folder", "--data-dir"]
+            + [str(tmp_path / "a"), str(tree), "--every", "1s"],
+            stdout=fh,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and out.read_text().count("pass over") < 3:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    passes = [line for line in text.splitlines() if "pass over" in line]
+    assert len(passes) >= 3, text
+    assert all(" 0 read " in line for line in passes[1:])  # later passes read nothing
+    assert code in (0, 1), text  # 1: the corpus holds files the archive refuses
 
 
 def test_parse_duration() -> None:

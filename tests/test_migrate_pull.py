@@ -129,7 +129,7 @@ def test_pull_killed_midway_resumes_nothing_missing_nothing_twice(
     server = Server(data, port=legacy.pacsgrid_port).start()
     log = tmp_path / "pull.log"
     with open(log, "wb") as out:
-        pull = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "pacsgrid", "migrate", "pull", "--data-dir", str(data)]
             + ["--from", legacy.address, "--max-rate", "20", "--port", str(legacy.pacsgrid_port)],
             stdout=out,
@@ -138,19 +138,19 @@ def test_pull_killed_midway_resumes_nothing_missing_nothing_twice(
     try:
         deadline = time.monotonic() + 120
         done_before: dict[str, int] = {}
-        while time.monotonic() < deadline and pull.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.3)
             states = ledger(data, legacy.address) if (data / "index.sqlite").exists() else {}
             done_before = {u: a for u, (s, a) in states.items() if s == DONE}
             if len(done_before) >= 8:
                 break
-        assert pull.poll() is None, "the pull ended before it could be killed:\n" + log.read_text()
-        pull.send_signal(signal.SIGKILL)
+        assert proc.poll() is None, "the pull ended before it could be killed:\n" + log.read_text()
+        proc.send_signal(signal.SIGKILL)
         server.kill()
     finally:
-        if pull.poll() is None:
-            pull.kill()
-        pull.wait()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     total = len(ledger(data, legacy.address))
     assert 8 <= len(done_before) < total
 
@@ -180,7 +180,7 @@ def test_pull_with_c_get_and_a_capping_source(legacy: Legacy, tmp_path: Path) ->
     )
     assert refused.returncode == 1 and "pacsgrid serve" in refused.stderr, refused.stderr
 
-    run = pull(legacy, data, "--get", "--find-limit", "10", "--parallel", "2")
+    run = pull(legacy, data, "--get", "--find-limit", "10", "--parallel", "2", "--attempts", "1")
     m = re.search(r"(\d+) studies found \((\d+) C-FIND\)", run.stdout)
     assert m and int(m[2]) > 3, run.stdout  # the answers were sliced by date
     states = ledger(data, legacy.address)
@@ -195,3 +195,64 @@ def test_pull_with_c_get_and_a_capping_source(legacy: Legacy, tmp_path: Path) ->
     assert len(failed) == sum(1 for state, _ in states.values() if state != DONE)
     assert len(failed) <= 2 and len(uids) >= len(legacy.uids) - 2
     assert uids <= legacy.uids
+
+
+def test_pull_from_a_source_that_caps_its_answers(tmp_path: Path) -> None:
+    """Orthanc with LimitFindResults answers at most 10 studies per C-FIND and says so with a
+    Cancel status: discovery slices by date, and by PatientID for studies without a date."""
+    orthanc = Orthanc(
+        tmp_path / "capped",
+        modalities={"PACSGRID": ("127.0.0.1", free_port())},
+        extra={"LimitFindResults": 10},
+    )
+    port = orthanc.config_modality_port("PACSGRID")
+    orthanc.start()
+    try:
+        orthanc.upload([f.path for f in corpus()])
+        studies = orthanc.get("/studies?expand")
+        findable = {
+            s["MainDicomTags"]["StudyInstanceUID"]
+            for s in studies
+            if s["MainDicomTags"].get("StudyDate") or s["PatientMainDicomTags"].get("PatientID")
+        }
+        assert len(findable) > 30
+        data = tmp_path / "archive"
+        source = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+        run = pacsgrid(
+            "migrate", "pull", "--data-dir", data, "--from", source, "--listen", "--port", port
+        )
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        assert "warning: the source caps its answers" in run.stdout
+        print("\n" + run.stdout)
+        found = set(ledger(data, source))
+        assert found >= findable, findable - found
+        index = SqliteIndex(data / "index.sqlite")
+        try:
+            held = {r[0] for r in index._all("SELECT DISTINCT study_uid FROM study")}
+        finally:
+            index.close()
+        assert held >= findable
+    finally:
+        orthanc.stop()
+
+
+def test_window_and_dates() -> None:
+    import datetime as dt
+
+    from pacsgrid.errors import ConfigError
+    from pacsgrid.migrate.pull import in_window, parse_date, parse_window, seconds_until_open
+
+    night = parse_window("19:00-07:00")
+    assert in_window(night, dt.datetime(2024, 1, 1, 23, 0))
+    assert in_window(night, dt.datetime(2024, 1, 1, 6, 59))
+    assert not in_window(night, dt.datetime(2024, 1, 1, 12, 0))
+    assert seconds_until_open(night, dt.datetime(2024, 1, 1, 18, 0)) == 3600
+    day = parse_window("8:30-17:00")
+    assert in_window(day, dt.datetime(2024, 1, 1, 8, 30))
+    assert not in_window(day, dt.datetime(2024, 1, 1, 17, 0))
+    assert parse_date("2005-01-31", "--since") == dt.date(2005, 1, 31)
+    for bad in ("25:00-07:00", "7-19", ""):
+        with pytest.raises(ConfigError, match="--window"):
+            parse_window(bad)
+    with pytest.raises(ConfigError, match="--since"):
+        parse_date("31.01.2005", "--since")

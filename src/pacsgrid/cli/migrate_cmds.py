@@ -215,6 +215,7 @@ def _print_folder(s: object) -> None:
         print(f"  ... and {len(s.removed) - 50} more removed")
     if s.interrupted:
         print("interrupted: run the same command again to continue")
+    sys.stdout.flush()
 
 
 def run_pull(args: argparse.Namespace) -> int:

@@ -4,9 +4,12 @@ Many PACS answer at most N matches per C-FIND (Orthanc's LimitFindResults, dcm4c
 QueryMaxNumberOfResults ...) and say so by a non-success final status, or silently. A query
 whose answer looks capped (a final status other than Success, or `find_limit` answers or more)
 is split: a date range in two halves, down to single days, then a day by StudyTime, down to one
-minute. Studies whose StudyDate is empty match no date range: they are found only by the first,
-unsliced query (when no --since/--until is given), so with a capping source some may be missed;
-the summary says when that can have happened.
+minute. Studies whose StudyDate is empty match no date range; so when the first, unsliced query
+(no --since/--until) is capped, a second sweep queries by PatientID prefix (`0*` ... `z*`,
+longer prefixes where still capped), which finds them when they have a PatientID. A study with
+neither, or with a PatientID that starts with a character outside [0-9A-Za-z.-^], can still be
+missed behind a capping source ('_' is left out: some PACS match it as a wildcard); the summary
+says when that can have happened.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ STUDY_KEYS = (
     "NumberOfStudyRelatedInstances",
 )
 EARLIEST = dt.date(1900, 1, 1)
+PREFIX_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.-^"
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,12 @@ async def discover(
 ) -> Discovery:
     out = Discovery()
 
-    async def query(date_value: str, time_value: str = "") -> bool:
+    async def query(date_value: str, time_value: str = "", patient_id: str = "") -> bool:
         """Run one query, keep its answers; True if the answer looks capped."""
         keys = {k: "" for k in STUDY_KEYS}
         keys["StudyDate"] = date_value
         keys["StudyTime"] = time_value
+        keys["PatientID"] = patient_id
         result = await session.find(Level.STUDY, keys)
         out.queries += 1
         for row in result.rows:
@@ -97,10 +102,7 @@ async def discover(
     if since is None and until is None:
         if not await query(""):
             return out
-        out.warnings.append(
-            "the source capped the unsliced query; studies without a StudyDate beyond the "
-            "cap cannot be found by date slices"
-        )
+        await _sweep_patient_ids(query, out)
     out.sliced = since is not None or until is not None
     lo = since or EARLIEST
     hi = until or dt.date.today() + dt.timedelta(days=1)
@@ -120,13 +122,13 @@ async def discover(
 
 
 async def _split_day(
-    query: Callable[[str, str], Awaitable[bool]], day: dt.date, out: Discovery
+    query: Callable[[str, str, str], Awaitable[bool]], day: dt.date, out: Discovery
 ) -> None:
     stack = [(0, 24 * 3600 - 1)]
     while stack:
         a, b = stack.pop()
         value = f"{_tm(a)}-{_tm(b)}"
-        if not await query(_da(day), value):
+        if not await query(_da(day), value, ""):
             continue
         if b - a >= 120:
             mid = (a + b) // 2
@@ -135,6 +137,24 @@ async def _split_day(
             out.warnings.append(
                 f"{_da(day)} {value}: still capped at one minute; some studies may be missed"
             )
+
+
+async def _sweep_patient_ids(
+    query: Callable[[str, str, str], Awaitable[bool]], out: Discovery
+) -> None:
+    """Find undated studies behind a capping source: STUDY queries by PatientID prefix."""
+    stack = list(reversed(PREFIX_CHARS))
+    while stack:
+        prefix = stack.pop()
+        if await query("", "", prefix + "*"):
+            if len(prefix) < 16:
+                stack += [prefix + c for c in reversed(PREFIX_CHARS)]
+            else:
+                out.warnings.append(f"PatientID {prefix}*: still capped; studies may be missed")
+    out.warnings.append(
+        "the source caps its answers: studies with neither a StudyDate nor a PatientID "
+        "starting with a letter, digit or .-^ cannot be found"
+    )
 
 
 def _tm(seconds: int) -> str:
