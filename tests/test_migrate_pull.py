@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from pacsgrid.index.sqlite import SqliteIndex
@@ -118,6 +119,24 @@ def test_pull_brings_everything_and_verify_finds_nothing_missing(
         assert "| missing | 0 |" in verify.stdout
         assert verify.stdout.count("compared with the source, 0 bad") == 3
         assert (tmp_path / "r" / "verify.csv").read_text().startswith("kind,")
+
+        # The legacy system gets one more instance in a study already migrated: verify sees
+        # it missing, and the next pull retrieves that study again.
+        late = tmp_path / "late.dcm"
+        template = next(f for f in corpus() if f.accepted and f.sop_uid in legacy.uids)
+        ds = pydicom.dcmread(template.path)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(late)
+        assert legacy.orthanc.upload([late]) == [ds.SOPInstanceUID]
+        legacy.uids.add(ds.SOPInstanceUID)
+        verify = pacsgrid(
+            "verify", "--data-dir", data, "--against", legacy.address, "--out", tmp_path / "r2"
+        )
+        assert verify.returncode == 1 and "| missing | 1 |" in verify.stdout, verify.stdout
+        assert ds.SOPInstanceUID in (tmp_path / "r2" / "verify.csv").read_text()
+        third = pull(legacy, data)
+        assert third.returncode == 0 and ", 1 retrieved now" in third.stdout, third.stdout
+        assert archived(data)[0] == legacy.uids
     finally:
         server.stop()
 
