@@ -60,7 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "are never retrieved again.",
     )
     add_archive_options(q)
-    q.add_argument("--from", dest="source", required=True, metavar="AET@HOST:PORT")
+    q.add_argument(
+        "--from", dest="source", required=True, metavar="AET@HOST:PORT", help="the legacy PACS"
+    )
     _add_study_range(q)
     q.add_argument("--window", metavar="HH:MM-HH:MM", help="retrieve only in these hours")
     q.add_argument(
