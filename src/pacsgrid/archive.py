@@ -7,6 +7,8 @@ The rules of the archive live here, once:
 - duplicates (a SOP Instance UID stored again) follow `dicom.on_duplicate`: keep (default) or
   replace; never two rows, never a torn file;
 - access control: who may echo, store, find, move, get;
+- forwarding: an instance a forwarding rule selects is queued for its peer in the same index
+  transaction as its row (never to the peer it came from, so forwarding pairs do not loop);
 - reads fall back copy by copy and verify the SHA-256 of what they read.
 
 All methods are synchronous and thread-safe; the asyncio DICOM server calls them from a thread
@@ -20,7 +22,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pacsgrid.dicom.header import Header, scan
@@ -40,6 +42,7 @@ from pacsgrid.index import Index, IndexStats, NewInstance, open_index
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
+from pacsgrid.ledger import FileEntry, StudyEntry
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.query import Query
 from pacsgrid.settings import PeerSettings, Settings
@@ -64,6 +67,7 @@ class Caller:
 
 
 LOCAL = Caller(via="cli")
+FORWARD = "forward"  # work queue kind of forwarding items
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +262,8 @@ class Archive:
             tuple(copies),
             caller.ae_title,
             replace,
-            work=self.outbox(header.sop_instance_uid, len(copies)),
+            work=self.outbox(header.sop_instance_uid, len(copies))
+            + self._forward_work(header, caller),
         )
         added = self.committer.commit(item)
         self.journal.end(marker)
@@ -275,6 +280,23 @@ class Archive:
         if copies_written >= self.settings.replication.copies:
             return ()
         return (("copy", sop_uid, ""),)
+
+    def _forward_work(self, header: Header, caller: Caller) -> tuple[tuple[str, str, str], ...]:
+        """Forwarding work items for a new instance (kind 'forward', key '<sop>><peer>').
+
+        Only instances received over the network are forwarded (not import or migrate, which
+        bring in what the legacy system already has), and never back to the AE that sent them.
+        """
+        if caller.via not in ("dimse", "web") or not self.settings.forward:
+            return ()
+        modality = header.values.get("Modality", "")
+        out: dict[str, tuple[str, str, str]] = {}
+        for rule in self.settings.forward:
+            if rule.to == caller.ae_title or not rule.matches(caller.ae_title, modality):
+                continue
+            key = f"{header.sop_instance_uid}>{rule.to}"
+            out.setdefault(key, (FORWARD, key, rule.to))
+        return tuple(out.values())
 
     def _write_copies(
         self,
@@ -427,6 +449,29 @@ class Archive:
         raise NotFound(
             f"no readable copy of {record.sop_uid}: " + ("; ".join(errors) or "no copies recorded")
         )
+
+    # ------------------------------------------------------------------ migration ledgers
+    # Thin on purpose: migrate/ keeps its state in the index through these (pacsgrid.ledger).
+    def folder_ledger(self, source: str) -> dict[str, FileEntry]:
+        return self.index.folder_ledger(source)
+
+    def record_files(self, source: str, entries: Sequence[FileEntry]) -> None:
+        self.index.record_files(source, entries)
+
+    def study_ledger(self, source: str, states: Sequence[str] = ()) -> list[StudyEntry]:
+        return self.index.study_ledger(source, states)
+
+    def record_studies(self, source: str, entries: Sequence[StudyEntry]) -> None:
+        self.index.record_studies(source, entries)
+
+    def study_sop_uids(self, study_uid: str) -> set[str]:
+        return self.index.study_sop_uids(study_uid)
+
+    def has_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        return self.index.has_instances(sop_uids)
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        return self.index.instance(sop_uid)
 
     # ------------------------------------------------------------------ status
     def status(self) -> ArchiveStatus:

@@ -23,8 +23,9 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from pacsgrid.archive import Archive
+from pacsgrid.archive import FORWARD, Archive
 from pacsgrid.dicom.server import DicomServer
+from pacsgrid.jobs.forward import Forwarder
 
 log = logging.getLogger("pacsgrid.node")
 
@@ -41,6 +42,8 @@ def components(archive: Archive) -> list[Component]:
     from pacsgrid.jobs.repair import RepairComponent
 
     out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
+    if archive.settings.forward or archive.index.work_counts(FORWARD).get("pending"):
+        out.append(Forwarder(archive))
     return out
 
 

@@ -177,6 +177,49 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class ForwardRule:
+    """Forward each newly received instance to a peer (a parallel run with a legacy PACS).
+
+    An instance is never forwarded to the AE title that sent it, so two systems forwarding to
+    each other do not loop. Only instances received over the network are forwarded, not
+    those brought in by `import` or `migrate`.
+    """
+
+    to: str = setting(
+        "", "AE title of the peer to forward to (a configured peer).", ae=True, required=True
+    )
+    calling_ae: tuple[str, ...] = setting(
+        [], "Forward only instances received from these calling AE titles (empty: from any)."
+    )
+    modality: tuple[str, ...] = setting(
+        [], "Forward only instances of these modalities, e.g. CT, MR (empty: any)."
+    )
+
+    def matches(self, calling_ae: str, modality: str) -> bool:
+        if self.calling_ae and calling_ae not in self.calling_ae:
+            return False
+        return not self.modality or modality.strip().upper() in {m.upper() for m in self.modality}
+
+
+@dataclass(frozen=True)
+class ForwardingSettings:
+    retry_initial: float = setting(
+        10.0, "Seconds before the first retry of a failed forward; doubles per attempt.", min=0.1
+    )
+    retry_max: float = setting(3600.0, "Longest wait between two retries (seconds).", min=0.1)
+    max_attempts: int = setting(
+        50,
+        "Attempts before an instance is given up and listed by 'pacsgrid forward status' "
+        "(0 = retry forever).",
+        min=0,
+    )
+    batch: int = setting(64, "Instances sent per association.", min=1, max=10000)
+    poll: float = setting(
+        2.0, "Seconds between two looks at the forwarding queue when it is empty.", min=0.05
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
         "INFO",
@@ -201,8 +244,10 @@ class Settings:
     repair: RepairSettings = field(default_factory=RepairSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
+    forward: tuple[ForwardRule, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -221,8 +266,9 @@ SECTIONS = {
     "repair": RepairSettings,
     "audit": AuditSettings,
     "log": LogSettings,
+    "forwarding": ForwardingSettings,
 }
-LISTS = {"peers": PeerSettings, "sites": SiteSettings}
+LISTS = {"peers": PeerSettings, "sites": SiteSettings, "forward": ForwardRule}
 TOP_LEVEL = ("data_dir", "database")
 
 
@@ -325,6 +371,8 @@ for _cls in (
     RepairSettings,
     AuditSettings,
     LogSettings,
+    ForwardRule,
+    ForwardingSettings,
     Settings,
 ):
     _h = typing.get_type_hints(_cls)
@@ -463,7 +511,7 @@ def load_settings(
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     top: dict[str, Any] = {}
-    lists: dict[str, list[Any]] = {"peers": [], "sites": []}
+    lists: dict[str, list[Any]] = {name: [] for name in LISTS}
     for name, val in doc.items():
         if name in SECTIONS:
             if not isinstance(val, dict):
@@ -564,8 +612,15 @@ def load_settings(
         if s.role == "cache" and s.low_watermark > s.high_watermark:
             raise ConfigError(f"sites[{i}].low_watermark", "must not exceed high_watermark")
 
+    forward = [_build(ForwardRule, f"forward[{i}]", r) for i, r in enumerate(lists["forward"])]
+
     settings = Settings(
-        data_dir=data_dir, database=database, peers=tuple(peers), sites=tuple(sites), **built
+        data_dir=data_dir,
+        database=database,
+        peers=tuple(peers),
+        sites=tuple(sites),
+        forward=tuple(forward),
+        **built,
     )
     _check_policy(settings)
     return settings
@@ -586,6 +641,11 @@ def _resolve_site_url(site: SiteSettings, key: str, base: Path) -> SiteSettings:
 
 
 def _check_policy(s: Settings) -> None:
+    for i, rule in enumerate(s.forward):
+        if s.peer(rule.to) is None:
+            raise ConfigError(
+                f"forward[{i}].to", f"{rule.to!r} is not a configured peer (add it to [[peers]])"
+            )
     archives = [x for x in s.sites if x.role == "archive"]
     if not archives:
         raise ConfigError("sites", "at least one site must have role 'archive'")

@@ -145,8 +145,12 @@ def decode_command(data: bytes) -> Command:
     end = len(data)
     while pos + 8 <= end:
         group, elem, length = struct.unpack_from("<HHI", data, pos)
+        if group != 0:
+            # Some peers (Orthanc's C-GET SCP on failure) append identifier elements to the
+            # command set; the command proper ends at the first element outside group 0000.
+            break
         pos += 8
-        if group != 0 or pos + length > end:
+        if pos + length > end:
             raise ValueError("malformed command set")
         raw = data[pos : pos + length]
         pos += length

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pacsgrid.index.query import Query
 from pacsgrid.index.sites import SiteCopy, SiteReport
+from pacsgrid.ledger import FileEntry, StudyEntry
 from pacsgrid.model import CopyRecord, InstanceRecord
 
 
@@ -167,5 +168,38 @@ class Index(Protocol):
     def get_job_state(self, name: str) -> str | None: ...
 
     def set_job_state(self, name: str, value: str | None) -> None: ...
+
+    def work_failures(self, kind: str, limit: int = 100) -> list[tuple[str, int, str]]:
+        """(key, attempts, last error) of given-up items of `kind`, newest first."""
+        ...
+
+    def retry_failed_work(self, kind: str) -> int:
+        """Queue every given-up item of `kind` again; returns how many."""
+        ...
+
+    # ------------------------------------------------------------------ migration ledgers
+    def folder_ledger(self, source: str) -> dict[str, FileEntry]:
+        """Every file recorded for a legacy folder, by relative path (pacsgrid.ledger)."""
+        ...
+
+    def record_files(self, source: str, entries: Sequence[FileEntry]) -> None:
+        """Insert or update ledger rows of a folder, in one transaction."""
+        ...
+
+    def study_ledger(self, source: str, states: Sequence[str] = ()) -> list[StudyEntry]:
+        """Studies recorded for a legacy PACS (optionally only those in `states`)."""
+        ...
+
+    def record_studies(self, source: str, entries: Sequence[StudyEntry]) -> None:
+        """Insert or update ledger rows of a PACS, in one transaction."""
+        ...
+
+    def study_sop_uids(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs the archive holds in one study."""
+        ...
+
+    def has_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """The subset of `sop_uids` the archive holds."""
+        ...
 
     def close(self) -> None: ...

@@ -135,11 +135,46 @@ def sites(t: Types) -> list[str]:
     ]
 
 
+def migration_ledgers(t: Types) -> list[str]:
+    """Ledgers of `pacsgrid migrate` (see pacsgrid.ledger): one row per file of a legacy
+    folder, one row per study of a legacy PACS, keyed by the source they came from."""
+    return [
+        f"""CREATE TABLE folder_ledger (
+  pk {t.pk},
+  source {t.text} NOT NULL,
+  path {t.text} NOT NULL,
+  size BIGINT NOT NULL,
+  mtime_ns BIGINT NOT NULL,
+  sha256 {t.text} NOT NULL DEFAULT '',
+  sop_uid {t.text} NOT NULL DEFAULT '',
+  state {t.text} NOT NULL,
+  reason {t.text} NOT NULL DEFAULT '',
+  updated_at {t.real} NOT NULL,
+  UNIQUE (source, path))""",
+        "CREATE INDEX folder_ledger_state_idx ON folder_ledger(source, state)",
+        f"""CREATE TABLE study_ledger (
+  pk {t.pk},
+  source {t.text} NOT NULL,
+  study_uid {t.text} NOT NULL,
+  study_date {t.text} NOT NULL DEFAULT '',
+  patient_id {t.text} NOT NULL DEFAULT '',
+  expected INTEGER NOT NULL DEFAULT -1,
+  received INTEGER NOT NULL DEFAULT 0,
+  state {t.text} NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  last_error {t.text} NOT NULL DEFAULT '',
+  updated_at {t.real} NOT NULL,
+  UNIQUE (source, study_uid))""",
+        "CREATE INDEX study_ledger_state_idx ON study_ledger(source, state)",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
     ("0002_work_queue", work_queue),
     ("0003_sites", sites),
+    ("0003_migration_ledgers", migration_ledgers),
 ]
 
 TRACKING_TABLE = (

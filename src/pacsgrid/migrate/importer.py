@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from pacsgrid.archive import Archive, Caller, IngestResult
 from pacsgrid.dicom.part10 import split_part10
@@ -25,6 +26,8 @@ from pacsgrid.errors import InvalidDataset, PacsgridError
 from pacsgrid.progress import Progress
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 IMPORT = Caller(via="import")
@@ -82,6 +85,41 @@ def import_one(archive: Archive, path: Path, caller: Caller = IMPORT) -> IngestR
     return archive.ingest_file(data, caller)
 
 
+def run_parallel(
+    items: Iterable[T],
+    work: Callable[[T], R],
+    record: Callable[[T, Future[R]], None],
+    *,
+    jobs: int,
+    stop: threading.Event,
+    name: str = "import",
+) -> bool:
+    """Run `work(item)` on a pool of `jobs` threads, calling `record(item, future)` in this
+    thread as each finishes (so `record` needs no lock). At most 4 x jobs items are in
+    flight. Stops taking new items when `stop` is set or on Ctrl-C, finishes those in
+    flight, and returns True if it was interrupted."""
+    interrupted = False
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix=name) as pool:
+        pending: dict[Future[R], T] = {}
+        try:
+            for item in items:
+                if stop.is_set():
+                    interrupted = True
+                    break
+                while len(pending) >= jobs * 4:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        record(pending.pop(f), f)
+                pending[pool.submit(work, item)] = item
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: finishing the %d files in flight", len(pending))
+        finally:
+            for f in list(pending):
+                record(pending.pop(f), f)
+    return interrupted
+
+
 def import_paths(
     archive: Archive,
     paths: list[Path],
@@ -122,24 +160,9 @@ def import_paths(
             summary.bytes += size
         prog.advance(result.outcome, size)
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="import") as pool:
-        pending: dict[Future[IngestResult], Path] = {}
-        try:
-            for path in files:
-                if stop.is_set():
-                    summary.interrupted = True
-                    break
-                while len(pending) >= jobs * 4:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        record(pending.pop(f), f)
-                pending[pool.submit(import_one, archive, path)] = path
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            log.warning("interrupted: finishing the %d files in flight", len(pending))
-        finally:
-            for f in list(pending):
-                record(pending.pop(f), f)
+    summary.interrupted = run_parallel(
+        files, lambda path: import_one(archive, path), record, jobs=jobs, stop=stop
+    )
     if progress is None:
         prog.close()
     return summary
