@@ -250,27 +250,7 @@ class SiteQueries:
         )
         return [(r[0], r[1], int(r[2])) for r in rows]
 
-    # ------------------------------------------------------------------ jobs
-    def wake(self, kind: str) -> int:
-        """Make every waiting item of `kind` ready now (a site came back up)."""
-        with self._tx() as db:
-            cur = self._x(
-                db,
-                "UPDATE work SET not_before = 0 WHERE kind = ? AND state = 'pending' "
-                "AND not_before > 0",
-                (kind,),
-            )
-            return max(0, int(cur.rowcount))
-
-    def failed_work(self, kind: str, limit: int = 100) -> list[tuple[str, str]]:
-        """(key, last error) of items of `kind` that were given up, for the operator."""
-        rows = self._all(
-            "SELECT key, last_error FROM work WHERE kind = ? AND state = 'failed' "
-            "ORDER BY updated_at DESC LIMIT ?",
-            (kind, int(limit)),
-        )
-        return [(r[0], r[1]) for r in rows]
-
+    # ------------------------------------------------------------------ job state
     def get_job_state(self, name: str) -> str | None:
         rows = self._all("SELECT value FROM job_state WHERE name = ?", (name,))
         return str(rows[0][0]) if rows else None

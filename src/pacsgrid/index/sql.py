@@ -358,6 +358,17 @@ class SqlIndex(SiteQueries):
         )
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
+    def wake(self, kind: str) -> int:
+        """Make every waiting item of `kind` ready now (a site came back up)."""
+        with self._tx() as db:
+            cur = self._x(
+                db,
+                "UPDATE work SET not_before = 0 WHERE kind = ? AND state = 'pending' "
+                "AND not_before > 0",
+                (kind,),
+            )
+            return max(0, int(cur.rowcount))
+
     def retry_failed_work(self, kind: str) -> int:
         """Queue every given-up item of `kind` again (an operator fixed the cause)."""
         with self._tx() as db:

@@ -284,7 +284,7 @@ class Repairer:
         self.drain(stop, progress, report)
         counts = self.index.work_counts(KIND)
         report.waiting = counts.get("pending", 0)
-        report.failed = self.index.failed_work(KIND, 50)
+        report.failed = [(key, error) for key, _, error in self.index.work_failures(KIND, 50)]
         return report
 
 
