@@ -129,6 +129,7 @@ class IngestResult:
     sop_instance_uid: str
     study_uid: str
     warnings: tuple[str, ...] = ()
+    series_uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +326,9 @@ class Archive:
             raise InvalidDataset("missing SOPClassUID", missing_uids=True)
         replace = self.settings.dicom.on_duplicate == "replace"
         if not replace and self.index.has_instance(header.sop_instance_uid):
-            return IngestResult("duplicate", header.sop_instance_uid, header.study_uid)
+            return IngestResult(
+                "duplicate", header.sop_instance_uid, header.study_uid, (), header.series_uid
+            )
         meta = build_file_meta(
             header.sop_class_uid, header.sop_instance_uid, transfer_syntax, caller.ae_title
         )
@@ -373,7 +376,11 @@ class Archive:
         for w in added.warnings:
             log.warning("%s (from %s)", w, caller)
         return IngestResult(
-            added.outcome, header.sop_instance_uid, header.study_uid, added.warnings
+            added.outcome,
+            header.sop_instance_uid,
+            header.study_uid,
+            added.warnings,
+            header.series_uid,
         )
 
     def _write_copies(

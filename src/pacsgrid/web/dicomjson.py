@@ -79,5 +79,11 @@ def metadata_json(part10: bytes, base_url: str, transfer_syntax: str) -> dict[st
         out: dict[str, Any] = ds.to_json_dict(
             bulk_data_threshold=1024, bulk_data_element_handler=bulk
         )
+    pixels = out.get("7FE00010")
+    if isinstance(pixels, dict) and "BulkDataURI" not in pixels:  # always by reference
+        out["7FE00010"] = {
+            "vr": pixels.get("vr", "OB"),
+            "BulkDataURI": f"{base_url}/bulkdata/7FE00010",
+        }
     out["00083002"] = {"vr": "UI", "Value": [transfer_syntax]}
     return out

@@ -102,7 +102,10 @@ async def store(request: web.Request) -> web.Response:
             SOP_INSTANCE: _ui(result.sop_instance_uid),
             RETRIEVE_URL: {
                 "vr": "UR",
-                "Value": [f"{base}/studies/{result.study_uid}/instances/{result.sop_instance_uid}"],
+                "Value": [
+                    f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
+                    f"/instances/{result.sop_instance_uid}"
+                ],
             },
         }
         if result.warnings:
