@@ -197,7 +197,7 @@ def test_wado_of_raw_stow_is_byte_identical(loaded: Loaded) -> None:
         got = requests.get(url, headers={"Accept": "multipart/related; type=application/dicom"})
         assert got.status_code == 200, got.text
         (part,) = parse_multipart(got.headers["Content-Type"], got.content)
-        ts, dataset = dataset_bytes(f.path)
+        _, dataset = dataset_bytes(f.path)
         if loaded.model.files.get(f.sop_uid) == f.path:
             assert part[1].endswith(dataset), f.path
 
@@ -313,7 +313,7 @@ def test_rendered_and_thumbnails_are_images(loaded: Loaded) -> None:
 
 
 def test_wado_uri(loaded: Loaded) -> None:
-    sop, path = next(iter(loaded.model.files.items()))
+    sop = next(iter(loaded.model.files))
     inst = loaded.model.instances[sop]
     q = (
         f"requestType=WADO&studyUID={inst['StudyInstanceUID']}&seriesUID="
