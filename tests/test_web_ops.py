@@ -194,4 +194,3 @@ def test_fuzz_no_server_errors(
     assert r.status_code < 500, (method, path, params, headers, r.status_code, r.text[:300])
     if r.status_code >= 400:
         assert r.headers["Content-Type"].startswith("application/problem+json"), r.text[:200]
-

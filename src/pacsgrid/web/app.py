@@ -35,6 +35,7 @@ def make_app(archive: Archive) -> web.Application:
     ops.add_routes(app)
     if settings.http.viewer:
         viewer.add_routes(app)
+        viewer.add_fallback(app)  # last: only what no other route takes
 
     async def close_pool(app: web.Application) -> None:
         ctx.executor.shutdown(wait=False, cancel_futures=True)

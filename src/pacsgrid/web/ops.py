@@ -169,7 +169,7 @@ async def openapi(request: web.Request) -> web.Response:
     for route in request.app.router.routes():
         info = route.resource.get_info() if route.resource else {}
         path = info.get("formatter") or info.get("path")
-        if not path or route.method == "HEAD" or path.startswith("/viewer"):
+        if not path or route.method == "HEAD" or path.startswith("/viewer") or path == "/{path}":
             continue
         params = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}

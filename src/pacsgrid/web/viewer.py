@@ -1,8 +1,10 @@
 """Serving the prebuilt OHIF viewer (npm `@ohif/app`, its `dist/` folder) at /viewer/.
 
-OHIF is built for the root of a site (`PUBLIC_URL="/"`), so its index.html is rewritten on the
-way out to load everything from /viewer/, and its app-config.js is replaced by one pointing
-at this server's DICOMweb (same origin: the browser's credentials apply to the viewer's
+OHIF is built for the root of a site (`PUBLIC_URL="/"`, and webpack loads its chunks from
+"/"), so its index.html is rewritten to load the entry points from /viewer/, and any other path
+that is not one of pacsgrid's own and names a file of the viewer (`/6938.bundle.js`,
+`/assets/...`) is served from the viewer folder (`add_fallback`, registered last). Its
+app-config.js is replaced by one pointing at this server's DICOMweb (same origin: the browser's credentials apply to the viewer's
 requests too). Any path under /viewer/ that is not a file is the single-page app's route and
 gets index.html.
 """
@@ -87,6 +89,24 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     if "." in rel.rsplit("/", 1)[-1] and not rel.endswith(".html"):
         raise Problem(404, f"no file {rel[:100]} in the viewer")
     return web.Response(text=_index_html(root), content_type="text/html")
+
+
+@requires("get")
+async def viewer_file(request: web.Request) -> web.StreamResponse:
+    """A file of the viewer requested from the site root (webpack chunks, assets)."""
+    ctx = ctx_of(request)
+    root = Path(ctx.settings.http.viewer).resolve()
+    target = (root / request.match_info["path"]).resolve()
+    if root not in target.parents or not target.is_file():
+        raise Problem(404, f"no such resource: {request.path[:100]}")
+    ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    return web.FileResponse(
+        target, headers={"Content-Type": ctype, "Cache-Control": "public, max-age=86400"}
+    )
+
+
+def add_fallback(app: web.Application) -> None:
+    app.router.add_get("/{path:.+}", viewer_file)
 
 
 @requires(PUBLIC)
