@@ -4,9 +4,9 @@ OHIF is built for the root of a site (`PUBLIC_URL="/"`, and webpack loads its ch
 "/"), so its index.html is rewritten to load the entry points from /viewer/, and any other path
 that is not one of pacsgrid's own and names a file of the viewer (`/6938.bundle.js`,
 `/assets/...`) is served from the viewer folder (`add_fallback`, registered last). Its
-app-config.js is replaced by one pointing at this server's DICOMweb (same origin: the browser's credentials apply to the viewer's
-requests too). Any path under /viewer/ that is not a file is the single-page app's route and
-gets index.html.
+app-config.js is replaced by one pointing at this server's DICOMweb (same origin: the
+browser's credentials apply to the viewer's requests too). Any path under /viewer/ that is
+not a file is the single-page app's route and gets index.html.
 """
 
 from __future__ import annotations
