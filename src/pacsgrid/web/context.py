@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ class WebContext:
         default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="web")
     )
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    _refreshing: set[str] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def settings(self):  # type: ignore[no-untyped-def]
@@ -40,14 +43,31 @@ class WebContext:
 
     async def cached(self, key: str, ttl: float, fn: Callable[[], T]) -> T:
         """A slow-changing value (index totals, site usage) computed at most every `ttl` s, so
-        the dashboard stays fast on a large index."""
+        the dashboard stays fast on a large index. Once computed, an expired value is still
+        answered at once while one background refresh replaces it (no page waits on a scan
+        after the first)."""
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit is not None and now - hit[0] < ttl:
             return hit[1]  # type: ignore[no-any-return]
+        if hit is not None:
+            if key not in self._refreshing:
+                self._refreshing.add(key)
+                task = asyncio.get_running_loop().create_task(self._refresh(key, fn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return hit[1]  # type: ignore[no-any-return]
         value = await self.call(fn)
-        self._cache[key] = (now, value)
+        self._cache[key] = (time.monotonic(), value)
         return value
+
+    async def _refresh(self, key: str, fn: Callable[[], Any]) -> None:
+        try:
+            self._cache[key] = (time.monotonic(), await self.call(fn))
+        except Exception:  # keep the stale value; the next expiry tries again
+            logging.getLogger("pacsgrid.web").exception("refreshing %s failed", key)
+        finally:
+            self._refreshing.discard(key)
 
 
 def ctx_of(request: web.Request) -> WebContext:
