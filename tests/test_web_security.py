@@ -323,3 +323,28 @@ def test_https(tmp_path: Path, certs: dict[str, Path]) -> None:
             requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
     finally:
         server.stop()
+
+
+@pytest.mark.dcmtk
+def test_dimse_actions_share_the_audit_log(tmp_path: Path) -> None:
+    server = Server(tmp_path / "dimse", args=("--peer", "FINDSCU@127.0.0.1:9")).start()
+    try:
+        f = next(f for f in accepted() if f.path.name == "CT_small.dcm")
+        assert (
+            dcmtk("storescu", "-aec", "PACSGRID", "127.0.0.1", server.port, f.path).returncode == 0
+        )
+        query = ("-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={f.study_uid}")
+        ok = dcmtk(
+            "findscu", "-aet", "FINDSCU", "-aec", "PACSGRID", *query, "127.0.0.1", server.port
+        )
+        assert ok.returncode == 0, ok.stdout
+        dcmtk("findscu", "-aet", "STRANGER", "-aec", "PACSGRID", *query, "127.0.0.1", server.port)
+    finally:
+        server.stop()
+    records = audit_records(server.data_dir / "audit.jsonl")
+    seen = {(r["operation"], r["outcome"], r["ae"]) for r in records}
+    assert ("C-STORE", "success", "STORESCU") in seen
+    assert ("C-FIND", "success", "FINDSCU") in seen
+    assert ("C-FIND", "denied", "STRANGER") in seen
+    store = next(r for r in records if r["operation"] == "C-STORE")
+    assert store["study"] == f.study_uid and store["address"] == "127.0.0.1"
