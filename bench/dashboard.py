@@ -112,6 +112,9 @@ def main() -> None:
             f"filled {a.instances} instances in {time.perf_counter() - start:.0f}s", file=sys.stderr
         )
     study = marker.read_text()
+    from pacsgrid.storage.filesystem import FilesystemSite
+
+    FilesystemSite("local", data / "objects").initialize()  # the (empty) site, healthy
     http = free_port()
     log = a.work / "serve.log"
     proc = subprocess.Popen(

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,8 @@ def wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 503 from /health)
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(url)

@@ -249,6 +249,8 @@ SECTIONS = {
 }
 LISTS = {"peers": PeerSettings, "sites": SiteSettings}
 TOP_LEVEL = ("data_dir", "database")
+# Command-line options whose name is not the key's own (for error messages).
+_FLAGS = {"http.port": "--http-port", "http.bind": "--http-bind"}
 
 
 # ---------------------------------------------------------------- validation of single values
@@ -507,8 +509,9 @@ def load_settings(
         name, _, key = dotted.partition(".")
         cls = SECTIONS[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        flag = _FLAGS.get(dotted, f"--{key.replace('_', '-')}")
         built[name] = dataclasses.replace(
-            built[name], **{key: _convert(f"--{key.replace('_', '-')}", fields[key], raw, True)}
+            built[name], **{key: _convert(flag, fields[key], raw, True)}
         )
 
     peers = [_build(PeerSettings, f"peers[{i}]", p) for i, p in enumerate(lists["peers"])]

@@ -184,11 +184,20 @@ async def study(request: web.Request) -> web.Response:
     )
     series.sort(key=lambda r: _int(r["SeriesNumber"]))
     viewer = bool(ctx.settings.http.viewer)
+    facts = [
+        f"ID {st['PatientID']}" if st["PatientID"] else "",
+        f"born {_date(st['PatientBirthDate'])}" if st["PatientBirthDate"] else "",
+        st["PatientSex"],
+    ]
+    study_facts = [
+        _date(st["StudyDate"]),
+        st["StudyDescription"],
+        f"accession {st['AccessionNumber']}" if st["AccessionNumber"] else "",
+    ]
     head = (
-        f"<p><b>{_e(_pn(st['PatientName']))}</b> ({_e(st['PatientID'])}, born "
-        f"{_e(_date(st['PatientBirthDate']))}, {_e(st['PatientSex'])}) &middot; "
-        f"{_e(_date(st['StudyDate']))} &middot; {_e(st['StudyDescription'])} &middot; "
-        f"accession {_e(st['AccessionNumber'])}</p><p class='muted'>{_e(uid)}</p>"
+        f"<p><b>{_e(_pn(st['PatientName']) or '(no name)')}</b> "
+        f"({_e(', '.join(x for x in facts if x))}) &middot; "
+        f"{_e(' · '.join(x for x in study_facts if x))}</p><p class='muted'>{_e(uid)}</p>"
     )
     if viewer:
         head += (
