@@ -194,3 +194,29 @@ def test_fuzz_no_server_errors(
     assert r.status_code < 500, (method, path, params, headers, r.status_code, r.text[:300])
     if r.status_code >= 400:
         assert r.headers["Content-Type"].startswith("application/problem+json"), r.text[:200]
+
+
+def test_jobs_and_failures_pages_show_the_work_queue(tmp_path: Path) -> None:
+    from pacsgrid.index.sqlite import SqliteIndex
+
+    server, base = start_web(tmp_path / "jobs")
+    try:
+        index = SqliteIndex(server.data_dir / "index.sqlite")
+        try:
+            index.enqueue("repair", [(f"item{i}", "") for i in range(10)])
+            claimed = index.claim("repair", "test", 4, 60)
+            index.complete([w.pk for w in claimed[:3]])
+            index.fail(claimed[3].pk, "copy on site-b does not match its SHA-256", None)
+        finally:
+            index.close()
+        html = requests.get(base + "/ui/jobs").text
+        row = re.search(r"<tr><td>repair</td>(.*?)</tr>", html)
+        assert row is not None, html
+        cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+        assert cells[:4] == ["6", "3", "1", "40.0%"]
+        failures = requests.get(base + "/ui/failures").text
+        assert "does not match its SHA-256" in failures
+        metrics = requests.get(base + "/metrics").text
+        assert _metric(metrics, "pacsgrid_work_items", kind="repair", state="pending") == 6
+    finally:
+        server.stop()

@@ -26,8 +26,10 @@ CALLER = "pacsgrid.caller"
 class WebContext:
     archive: Archive
     executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="web")
+        default_factory=lambda: ThreadPoolExecutor(32, thread_name_prefix="web")
     )
+    # The jobs page's memory of (time, finished items) per work kind, for rates.
+    job_history: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
     _refreshing: set[str] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)

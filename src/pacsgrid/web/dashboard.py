@@ -305,21 +305,29 @@ async def jobs(request: web.Request) -> web.Response:
         k = by_kind.setdefault(w.kind, {"updated": 0.0})
         k[w.state] = w.count
         k["updated"] = max(k["updated"], w.updated_at)
+    # Rate: items finished per minute between this view and the oldest snapshot of the last
+    # ten minutes that this web process remembers (no scan of the work table needed).
+    now = time.monotonic()
+    history = ctx.job_history
     rows = [
         "<table id='jobs'><tr><th>Job (work kind)</th><th>Pending</th><th>Done</th>"
-        "<th>Failed</th><th>Progress</th><th>Last activity</th></tr>"
+        "<th>Failed</th><th>Progress</th><th>Rate</th><th>Last activity</th></tr>"
     ]
     for kind, c in sorted(by_kind.items()):
         pending, done, failed = c.get("pending", 0), c.get("done", 0), c.get("failed", 0)
         total = pending + done + failed
         pct = f"{100 * (done + failed) / total:.1f}%" if total else "-"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["updated"]))
+        seen = [h for h in history.get(kind, []) if now - h[0] <= 600] + [(now, done + failed)]
+        history[kind] = seen[-50:]
+        span = seen[-1][0] - seen[0][0]
+        rate = f"{(seen[-1][1] - seen[0][1]) / span * 60:.0f}/min" if span >= 10 else "-"
         rows.append(
             f"<tr><td>{_e(kind)}</td><td>{pending}</td><td>{done}</td><td>{failed}</td>"
-            f"<td>{pct}</td><td>{when}</td></tr>"
+            f"<td>{pct}</td><td>{rate}</td><td>{when}</td></tr>"
         )
     if not by_kind:
-        rows.append("<tr><td colspan='6' class='muted'>no background work queued</td></tr>")
+        rows.append("<tr><td colspan='7' class='muted'>no background work queued</td></tr>")
     rows.append("</table>")
     return page("Jobs", "".join(rows), viewer=bool(ctx.settings.http.viewer))
 
