@@ -47,16 +47,15 @@ from pacsgrid.errors import (
     StorageError,
     UnknownPeer,
 )
-from pacsgrid.index import (
-    FailedWork,
-    Index,
-    IndexStats,
-    NewInstance,
-    Query,
-    WebUser,
-    WorkSummary,
-    open_index,
-)
+from pacsgrid.index import FailedWork, Index, IndexStats, NewInstance, open_index
+
+# Re-exported: the query vocabulary and records the front ends use (they import nothing
+# from pacsgrid.index or pacsgrid.storage themselves).
+from pacsgrid.index import Match as Match
+from pacsgrid.index import Query as Query
+from pacsgrid.index import WebUser as WebUser
+from pacsgrid.index import WorkSummary as WorkSummary
+from pacsgrid.index import parse_match as parse_match
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.journal import IngestJournal
 from pacsgrid.model import CopyRecord, InstanceRecord

@@ -21,9 +21,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from pacsgrid.archive import Caller
+from pacsgrid.archive import Caller, WebUser
 from pacsgrid.errors import AccessDenied
-from pacsgrid.index import WebUser
 from pacsgrid.web.context import CALLER, ctx_of
 from pacsgrid.web.problems import Handler, problem_response
 

@@ -15,8 +15,8 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from pacsgrid.archive import Match, Query, parse_match
 from pacsgrid.cli.common import human_bytes
-from pacsgrid.index import Match, Query, parse_match
 from pacsgrid.model import Level
 from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of

@@ -12,8 +12,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from pacsgrid import metrics
-from pacsgrid.archive import ArchiveStatus
-from pacsgrid.index import WorkSummary
+from pacsgrid.archive import ArchiveStatus, WorkSummary
 from pacsgrid.web.auth import PUBLIC, requires
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.problems import Problem

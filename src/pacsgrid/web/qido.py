@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pacsgrid.index import Match, Query, parse_match
+from pacsgrid.archive import Match, Query, parse_match
 from pacsgrid.model import ATTRIBUTES, BY_KEYWORD, BY_TAG, COMPUTED, Level
 from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of

@@ -23,11 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from pacsgrid.archive import StoredObject
+from pacsgrid.archive import Match, Query, StoredObject
 from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, UNCOMPRESSED
 from pacsgrid.dicom.part10 import build_file_meta
 from pacsgrid.dicom.transcode import TranscodeError, transcode
-from pacsgrid.index import Match, Query
 from pacsgrid.model import InstanceRecord, Level
 from pacsgrid.web import multipart
 from pacsgrid.web.auth import requires
