@@ -112,8 +112,10 @@ def test_every_route_needs_credentials(secured: Secured) -> None:
     routes = _routes(secured)
     assert len(routes) >= 25
     for method, url, role in routes:
-        if role == "public":
+        if url.endswith("/health"):  # public for load balancers (http.public_health)
+            assert requests.get(url).json()["status"] == "ok"
             continue
+        assert role != "public", url
         r = requests.request(method, url)
         assert r.status_code == 401, (method, url, r.status_code)
         assert r.headers["WWW-Authenticate"].startswith("Basic")
@@ -348,3 +350,13 @@ def test_dimse_actions_share_the_audit_log(tmp_path: Path) -> None:
     assert ("C-FIND", "denied", "STRANGER") in seen
     store = next(r for r in records if r["operation"] == "C-STORE")
     assert store["study"] == f.study_uid and store["address"] == "127.0.0.1"
+
+
+def test_health_can_require_credentials(tmp_path: Path) -> None:
+    cfg = tmp_path / "private-health.toml"
+    cfg.write_text('[http]\nauth = "on"\npublic_health = false\n')
+    server, base = start_web(tmp_path / "ph", extra=("--config", str(cfg)))
+    try:
+        assert requests.get(base + "/health").status_code == 401
+    finally:
+        server.stop()

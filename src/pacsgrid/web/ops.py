@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from pacsgrid import metrics
 from pacsgrid.archive import ArchiveStatus, WorkSummary
-from pacsgrid.web.auth import PUBLIC, requires
+from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.problems import Problem
 
@@ -83,7 +83,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     )
 
 
-@requires(PUBLIC)
+@requires("find")  # and public while http.public_health is true (see pacsgrid.web.auth)
 async def health(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     h = await ctx.call(ctx.archive.health)
@@ -162,7 +162,7 @@ _QIDO_PARAMS: list[dict[str, Any]] = [
 ]
 
 
-@requires(PUBLIC)
+@requires("find")
 async def openapi(request: web.Request) -> web.Response:
     paths: dict[str, dict[str, Any]] = {}
     for route in request.app.router.routes():
