@@ -127,6 +127,11 @@ def test_qido_series_and_instances(loaded: Loaded) -> None:
         assert {s["0020000E"]["Value"][0] for s in series} == want
         instances = loaded.client.search_for_instances(study_instance_uid=study_uid)
         assert {i["00080018"]["Value"][0] for i in instances} == m.study_instances(study_uid)
+        for i in instances:  # AvailableTransferSyntaxUID: what the file on disk says
+            path = m.files[i["00080018"]["Value"][0]]
+            stored_ts = _read(path).file_meta.get("TransferSyntaxUID")
+            if stored_ts:
+                assert i["00083002"]["Value"] == [str(stored_ts)], path
     ct = loaded.client.search_for_series(search_filters={"Modality": "CT"})
     assert {s["0020000E"]["Value"][0] for s in ct} == {
         k for k, v in m.series.items() if v["Modality"] == "CT"

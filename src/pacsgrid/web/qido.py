@@ -59,6 +59,7 @@ DEFAULTS = {
         "Rows",
         "Columns",
         "NumberOfFrames",
+        "TransferSyntaxUID",  # returned as AvailableTransferSyntaxUID (0008,3002)
     ),
 }
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
