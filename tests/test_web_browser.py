@@ -110,8 +110,9 @@ def test_study_page_shows_thumbnails(browser, site) -> None:  # type: ignore[no-
     from selenium.webdriver.common.by import By
 
     _, base, _ = site
+    ct = next(f for f in accepted() if f.path.name == "CT_small.dcm")
     browser.get(base + "/")
-    link = browser.find_element(By.CSS_SELECTOR, "#studies tr.study a")
+    link = browser.find_element(By.CSS_SELECTOR, f"#studies a[href='/ui/studies/{ct.study_uid}']")
     link.click()
     _wait(browser, lambda d: "/ui/studies/" in d.current_url)
     imgs = browser.find_elements(By.CSS_SELECTOR, ".thumb img")
