@@ -69,3 +69,18 @@ ensure_venv() {
         touch "$stamp"
     fi
 }
+
+# ensure_ohif: the prebuilt OHIF viewer (npm @ohif/app ships its built site in dist/), for
+# `pacsgrid serve --viewer DIR` and the browser tests; kept in .cache/ohif/VERSION/dist.
+OHIF_VERSION=3.13.2
+ensure_ohif() {
+    local dir=".cache/ohif/$OHIF_VERSION"
+    if [ ! -f "$dir/dist/index.html" ]; then
+        command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+        mkdir -p "$dir"
+        echo "pacsgrid: fetching the OHIF viewer (npm @ohif/app@$OHIF_VERSION)" >&2
+        (cd "$dir" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null &&
+            tar xzf "ohif-app-$OHIF_VERSION.tgz" --strip-components=1 package/dist &&
+            rm -f "ohif-app-$OHIF_VERSION.tgz")
+    fi
+}

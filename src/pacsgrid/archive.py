@@ -6,9 +6,14 @@ The rules of the archive live here, once:
   then return; any failure raises and nothing is acknowledged;
 - duplicates (a SOP Instance UID stored again) follow `dicom.on_duplicate`: keep (default) or
   replace; never two rows, never a torn file;
-- access control: who may echo, store, find, move, get;
+- access control: who may echo, store, find, move, get (DICOM peers by AE title, web users
+  by role: read, write, admin);
 - forwarding: an instance a forwarding rule selects is queued for its peer in the same index
   transaction as its row (never to the peer it came from, so forwarding pairs do not loop);
+- audit: every store, query and retrieve, allowed or refused, and every admin action, is one
+  record in the audit log (pacsgrid.audit), whichever front end it came through;
+- metrics: ingest and retrieve counts and latencies per service, site operations and errors
+  (pacsgrid.metrics);
 - reads fall back copy by copy and verify the SHA-256 of what they read.
 
 All methods are synchronous and thread-safe; the asyncio DICOM server calls them from a thread
@@ -19,16 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from pacsgrid import metrics
+from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.dicom.header import Header, scan
 from pacsgrid.dicom.part10 import build_file_meta, split_part10
 from pacsgrid.errors import (
     AccessDenied,
+    ConfigError,
     InvalidDataset,
     NotFound,
     ObjectCorrupt,
@@ -38,13 +49,20 @@ from pacsgrid.errors import (
     StorageError,
     UnknownPeer,
 )
-from pacsgrid.index import Index, IndexStats, NewInstance, open_index
+from pacsgrid.index import FailedWork, Index, IndexStats, NewInstance, open_index
+
+# Re-exported: the query vocabulary and records the front ends use (they import nothing
+# from pacsgrid.index or pacsgrid.storage themselves).
+from pacsgrid.index import WebUser as WebUser
+from pacsgrid.index import WorkSummary as WorkSummary
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.ledger import FileEntry, StudyEntry
 from pacsgrid.model import CopyRecord, InstanceRecord
-from pacsgrid.query import Query
+from pacsgrid.query import Match as Match
+from pacsgrid.query import Query as Query
+from pacsgrid.query import parse_match as parse_match
 from pacsgrid.settings import PeerSettings, Settings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement
@@ -60,6 +78,7 @@ class Caller:
     address: str = ""
     user: str = ""
     via: str = "dimse"  # dimse | web | import | migrate | cli
+    role: str = ""  # web callers: read | write | admin (set by the web layer after login)
 
     def __str__(self) -> str:
         who = self.user or self.ae_title or self.via
@@ -69,6 +88,44 @@ class Caller:
 LOCAL = Caller(via="cli")
 FORWARD = "forward"  # work queue kind of forwarding items
 
+ROLES = ("read", "write", "admin")
+_RANK = {"read": 1, "write": 2, "admin": 3}
+# The role a web caller needs for each archive operation.
+_NEEDS = {
+    "echo": "read",
+    "find": "read",
+    "get": "read",
+    "move": "read",
+    "retrieve": "read",
+    "store": "write",
+}
+_SCRYPT = (1 << 14, 8, 1)  # n, r, p: ~50 ms and 16 MB per check
+
+
+def hash_password(password: str) -> str:
+    """scrypt with a random salt, as `scrypt$n$r$p$salt$hash` (hex)."""
+    n, r, p = _SCRYPT
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, want = stored.split("$")
+        if kind != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), want)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -76,6 +133,7 @@ class IngestResult:
     sop_instance_uid: str
     study_uid: str
     warnings: tuple[str, ...] = ()
+    series_uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +169,20 @@ class ArchiveStatus:
     sites: tuple[SiteStatus, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class Health:
+    """What a load balancer asks: can this node answer queries and acknowledge stores?"""
+
+    index_ok: bool
+    index_error: str
+    writable_sites: int
+    write_quorum: int
+
+    @property
+    def ok(self) -> bool:
+        return self.index_ok and self.writable_sites >= self.write_quorum
+
+
 class Archive:
     def __init__(
         self,
@@ -131,6 +203,8 @@ class Archive:
         self.placement.on_up.append(self._site_up)
         self.committer = GroupCommitter(self.index)
         self.journal = IngestJournal(settings.data_dir / "journal")
+        self.audit_log = AuditLog(settings.audit_log.target, settings.audit_path)
+        self._last_probe = time.monotonic()
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
         if probe_interval is None:
@@ -175,6 +249,7 @@ class Archive:
         self.committer.close()
         self.journal.close()
         self.index.close()
+        self.audit_log.close()
 
     # ------------------------------------------------------------------ access control
     def peer(self, ae_title: str) -> PeerSettings:
@@ -188,9 +263,14 @@ class Archive:
 
         Known peers may do what their `allow` list says. Unknown callers may echo and store
         when `dicom.accept_unknown` is true, nothing otherwise. Local commands may do anything.
+        Web callers may do what their role allows: read (query, retrieve), write (also store),
+        admin (also manage users and tokens).
         """
         if caller.via in ("cli", "import", "migrate"):
             return True
+        if caller.via == "web":
+            need = _NEEDS.get(operation, "admin")
+            return _RANK.get(caller.role, 0) >= _RANK[need]
         peer = self.settings.peer(caller.ae_title) if caller.ae_title else None
         if peer is not None:
             return operation in peer.allow
@@ -199,9 +279,38 @@ class Archive:
     def accepts_association(self, caller: Caller) -> bool:
         return self.settings.dicom.accept_unknown or self.settings.peer(caller.ae_title) is not None
 
-    def authorize(self, caller: Caller, operation: str) -> None:
+    def authorize(self, caller: Caller, operation: str, study: str = "") -> None:
         if not self.may(caller, operation):
+            metrics.ACCESS_DENIED.labels(metrics.service_of(caller.via)).inc()
+            self.audit(caller, operation, "denied", study, f"may not {operation}")
             raise AccessDenied(f"{caller} may not {operation}")
+
+    # ------------------------------------------------------------------ audit
+    def audit(
+        self, caller: Caller, operation: str, outcome: str, study: str = "", detail: str = ""
+    ) -> None:
+        """One audit record. `operation` is an archive operation (store, find, get, move) or
+        an audit name (admin, login); the record names it as the standard does for the front
+        end (C-STORE or STOW, C-FIND or QIDO, ...)."""
+        if caller.via in ("import", "migrate", "cli") and operation == "store":
+            return  # bulk loads are recorded by their own ledgers, not one line per file
+        self.audit_log.write(
+            AuditRecord(
+                now_iso(),
+                caller.user,
+                caller.ae_title,
+                caller.address,
+                caller.via,
+                operation_name(operation, caller.via),
+                outcome,
+                study,
+                detail[:300],
+            )
+        )
+
+    def recent_failures(self, limit: int = 50) -> list[AuditRecord]:
+        """Refused and failed requests, newest first (from a file audit log)."""
+        return self.audit_log.tail(limit, failures_only=True)
 
     # ------------------------------------------------------------------ ingest
     def ingest(
@@ -213,6 +322,23 @@ class Archive:
         Raises InvalidDataset (nothing written), AccessDenied, ArchiveUnavailable.
         """
         self.authorize(caller, "store")
+        service = metrics.service_of(caller.via)
+        started = time.perf_counter()
+        try:
+            result = self._ingest(dataset, transfer_syntax, caller, sop_class_uid)
+        except PacsgridError as e:
+            metrics.INGEST.labels(service, "failed").inc()
+            self.audit(caller, "store", "failed", "", str(e))
+            raise
+        metrics.INGEST.labels(service, result.outcome).inc()
+        metrics.INGEST_BYTES.labels(service).inc(len(dataset))
+        metrics.INGEST_SECONDS.labels(service).observe(time.perf_counter() - started)
+        self.audit(caller, "store", "success", result.study_uid, result.outcome)
+        return result
+
+    def _ingest(
+        self, dataset: bytes, transfer_syntax: str, caller: Caller, sop_class_uid: str
+    ) -> IngestResult:
         header = scan(dataset, transfer_syntax)
         if not header.sop_class_uid and sop_class_uid:
             header.values["SOPClassUID"] = sop_class_uid
@@ -220,7 +346,9 @@ class Archive:
             raise InvalidDataset("missing SOPClassUID", missing_uids=True)
         replace = self.settings.dicom.on_duplicate == "replace"
         if not replace and self.index.has_instance(header.sop_instance_uid):
-            return IngestResult("duplicate", header.sop_instance_uid, header.study_uid)
+            return IngestResult(
+                "duplicate", header.sop_instance_uid, header.study_uid, (), header.series_uid
+            )
         meta = build_file_meta(
             header.sop_class_uid, header.sop_instance_uid, transfer_syntax, caller.ae_title
         )
@@ -270,7 +398,11 @@ class Archive:
         for w in added.warnings:
             log.warning("%s (from %s)", w, caller)
         return IngestResult(
-            added.outcome, header.sop_instance_uid, header.study_uid, added.warnings
+            added.outcome,
+            header.sop_instance_uid,
+            header.study_uid,
+            added.warnings,
+            header.series_uid,
         )
 
     def outbox(self, sop_uid: str, copies_written: int) -> tuple[tuple[str, str, str], ...]:
@@ -319,6 +451,7 @@ class Archive:
         for site in targets:
             if len(copies) >= self.settings.replication.write_quorum:
                 break
+            metrics.SITE_OPS.labels(site.name, "put").inc()
             try:
                 result = site.put(key, chunks, replace=replace)
                 if not result.created:
@@ -330,9 +463,11 @@ class Archive:
                     else:
                         header, chunks, digest, size = adopted
             except SiteUnavailable as e:
+                metrics.SITE_ERRORS.labels(site.name, "put").inc()
                 self.placement.mark_down(site.name, str(e))
                 continue
             except StorageError as e:
+                metrics.SITE_ERRORS.labels(site.name, "put").inc()
                 log.warning("store %s on %s failed: %s", header.sop_instance_uid, site.name, e)
                 continue
             copies.append(CopyRecord(site.name, key, size, digest, time.time()))
@@ -404,33 +539,64 @@ class Archive:
 
     # ------------------------------------------------------------------ query and retrieve
     def find(self, caller: Caller, query: Query) -> Iterator[dict[str, str]]:
-        self.authorize(caller, "find")
-        return self.index.find(query)
+        study = _study_of(query)
+        self.authorize(caller, "find", study)
+        started = time.perf_counter()
+        rows = list(self.index.find(query))
+        metrics.QUERY_SECONDS.labels(metrics.service_of(caller.via)).observe(
+            time.perf_counter() - started
+        )
+        self.audit(caller, "find", "success", study, f"{query.level.value}: {len(rows)} found")
+        return iter(rows)
 
     def locate(self, caller: Caller, query: Query, operation: str = "get") -> list[InstanceRecord]:
         """Instances a C-MOVE/C-GET/WADO request selects."""
-        self.authorize(caller, operation)
-        return self.index.instances(query)
+        study = _study_of(query)
+        self.authorize(caller, operation, study)
+        records = self.index.instances(query)
+        if not study and records:
+            study = records[0].study_uid
+        self.audit(caller, operation, "success", study, f"{len(records)} instance(s)")
+        return records
 
-    def read(self, record: InstanceRecord, *, use_cache: bool = True) -> StoredObject:
+    def read(
+        self, record: InstanceRecord, caller: Caller | None = None, *, use_cache: bool = True
+    ) -> StoredObject:
         """The object's bytes from the best copy, falling back copy by copy.
 
         Every read is checked against the recorded SHA-256; a copy that does not match is
         skipped (and reported), never served. A read served by an archive site fills the cache
         tier (`use_cache=False` for the repair and audit jobs, which must not churn it).
         """
+        service = metrics.service_of(caller.via if caller else "dimse")
+        started = time.perf_counter()
+        try:
+            obj = self._read(record, use_cache)
+        except NotFound:
+            metrics.RETRIEVE.labels(service, "failed").inc()
+            raise
+        metrics.RETRIEVE.labels(service, "success").inc()
+        metrics.RETRIEVE_BYTES.labels(service).inc(len(obj.data))
+        metrics.RETRIEVE_SECONDS.labels(service).observe(time.perf_counter() - started)
+        return obj
+
+    def _read(self, record: InstanceRecord, use_cache: bool) -> StoredObject:
         errors = []
         for site, copy in self.placement.read_order(record.copies):
+            metrics.SITE_OPS.labels(site.name, "get").inc()
             try:
                 data = site.get(copy.key)
             except SiteUnavailable as e:
+                metrics.SITE_ERRORS.labels(site.name, "get").inc()
                 self.placement.mark_down(site.name, str(e))
                 errors.append(str(e))
                 continue
             except StorageError as e:
+                metrics.SITE_ERRORS.labels(site.name, "get").inc()
                 errors.append(str(e))
                 continue
             if hashlib.sha256(data).hexdigest() != record.sha256:
+                metrics.SITE_ERRORS.labels(site.name, "verify").inc()
                 err = ObjectCorrupt(
                     site.name,
                     f"{copy.key} does not match its SHA-256",
@@ -474,7 +640,40 @@ class Archive:
         return self.index.instance(sop_uid)
 
     # ------------------------------------------------------------------ status
-    def status(self) -> ArchiveStatus:
+    def probe(self, min_interval: float = 0.0) -> None:
+        """Check every site now (unless checked less than `min_interval` seconds ago)."""
+        now = time.monotonic()
+        if min_interval and now - self._last_probe < min_interval:
+            return
+        self._last_probe = now
+        self.placement.probe()
+
+    def health(self) -> Health:
+        """Index reachable and enough healthy sites for the write quorum (sites re-probed at
+        most every 5 seconds)."""
+        try:
+            self.index.has_instance("")
+            index_ok, error = True, ""
+        except PacsgridError as e:
+            index_ok, error = False, str(e)
+        self.probe(min_interval=5.0)
+        return Health(
+            index_ok,
+            error,
+            len(self.placement.write_targets()),
+            self.settings.replication.write_quorum,
+        )
+
+    def work_summary(self) -> list[WorkSummary]:
+        return self.index.work_summary()
+
+    def failed_work(self, limit: int = 50) -> list[FailedWork]:
+        return self.index.failed_work(limit)
+
+    def status(self, *, probe: bool = False) -> ArchiveStatus:
+        """Index counts and every site's health and usage; `probe`: check the sites first."""
+        if probe:
+            self.probe(min_interval=2.0)
         stats = self.index.stats()
         usage = {u.site: u for u in stats.sites}
         out = []
@@ -499,3 +698,55 @@ class Archive:
                 )
             )
         return ArchiveStatus(stats, tuple(out))
+
+    # ------------------------------------------------------------------ web users and tokens
+    def add_user(self, caller: Caller, name: str, role: str, password: str = "") -> None:
+        """Create a user or change their role (and password, when one is given)."""
+        self.authorize(caller, "admin")
+        if role not in ROLES:
+            raise ConfigError("--role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if not name or not name.isprintable() or ":" in name or len(name) > 64:
+            raise ConfigError("user", f"invalid user name {name!r} (no ':', at most 64)")
+        existing = self.index.user(name)
+        stored = (
+            hash_password(password) if password else (existing.password_hash if existing else "")
+        )
+        self.index.save_user(WebUser(name, role, stored))
+        self.audit(caller, "admin", "success", "", f"user {name} role {role}")
+
+    def remove_user(self, caller: Caller, name: str) -> bool:
+        self.authorize(caller, "admin")
+        removed = self.index.remove_user(name)
+        self.audit(caller, "admin", "success", "", f"removed user {name}: {removed}")
+        return removed
+
+    def users(self, caller: Caller) -> list[WebUser]:
+        self.authorize(caller, "admin")
+        return self.index.users()
+
+    def create_token(self, caller: Caller, name: str, label: str = "") -> str:
+        """A new API token for user `name`; only its hash is kept, so it is shown once."""
+        self.authorize(caller, "admin")
+        if self.index.user(name) is None:
+            raise NotFound(f"no user {name!r}")
+        token = "pgt_" + secrets.token_urlsafe(32)
+        self.index.save_token(token_hash(token), name, label)
+        self.audit(caller, "admin", "success", "", f"token for {name} ({label})")
+        return token
+
+    def authenticate(self, name: str, password: str) -> WebUser | None:
+        user = self.index.user(name)
+        if user is None or not user.password_hash:
+            check_password(password, hash_password("x"))  # same cost as a real check
+            return None
+        return user if check_password(password, user.password_hash) else None
+
+    def authenticate_token(self, token: str) -> WebUser | None:
+        return self.index.token_user(token_hash(token))
+
+
+def _study_of(query: Query) -> str:
+    for m in query.matches:
+        if m.keyword == "StudyInstanceUID" and m.kind == "single":
+            return m.values[0]
+    return ""

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from pacsgrid.archive import FORWARD, Archive
@@ -36,7 +37,17 @@ class Component(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-def components(archive: Archive) -> list[Component]:
+@dataclass
+class Listeners:
+    """Sockets `pacsgrid serve` bound before anything started (so that a port in use fails
+    start-up with one clear line): DICOM, DICOM TLS, HTTP."""
+
+    dicom: socket.socket
+    tls: socket.socket | None = None
+    http: socket.socket | None = None
+
+
+def components(archive: Archive, listeners: Listeners | None = None) -> list[Component]:
     """Background components of this node, built from the archive's settings."""
     from pacsgrid.jobs.audit import AuditComponent
     from pacsgrid.jobs.repair import RepairComponent
@@ -44,11 +55,33 @@ def components(archive: Archive) -> list[Component]:
     out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
     if archive.settings.forward or archive.index.work_counts(FORWARD).get("pending"):
         out.append(Forwarder(archive))
+    if listeners is not None and listeners.http is not None:
+        from pacsgrid.web import WebComponent
+
+        ssl_context = None
+        if archive.settings.http.tls:
+            from pacsgrid.tls import server_context
+
+            ssl_context = server_context(archive.settings.dicom, verify_clients=False)
+        out.append(WebComponent(archive, listeners.http, ssl_context))
     return out
 
 
-async def _run_components(archive: Archive, stop: asyncio.Event) -> None:
-    tasks = [asyncio.create_task(_guard(c, stop), name=c.name) for c in components(archive)]
+def _dicom_server(archive: Archive, listeners: Listeners) -> DicomServer:
+    tls_context = None
+    if listeners.tls is not None:
+        from pacsgrid.tls import server_context
+
+        tls_context = server_context(archive.settings.dicom)
+    return DicomServer(archive, listeners.dicom, tls_sock=listeners.tls, tls_context=tls_context)
+
+
+async def _run_components(
+    archive: Archive, stop: asyncio.Event, listeners: Listeners | None = None
+) -> None:
+    tasks = [
+        asyncio.create_task(_guard(c, stop), name=c.name) for c in components(archive, listeners)
+    ]
     if tasks:
         await asyncio.gather(*tasks)
 
@@ -71,15 +104,15 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-def run_single(archive: Archive, sock: socket.socket, grace: float) -> None:
+def run_single(archive: Archive, listeners: Listeners, grace: float) -> None:
     """One process: DICOM server and components on one event loop."""
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        server = DicomServer(archive, sock)
+        server = _dicom_server(archive, listeners)
         await server.start()
-        background = asyncio.create_task(_run_components(archive, stop))
+        background = asyncio.create_task(_run_components(archive, stop, listeners))
         await stop.wait()
         log.info("stopping: no new associations")
         await server.shutdown(grace)
@@ -91,13 +124,13 @@ def run_single(archive: Archive, sock: socket.socket, grace: float) -> None:
         archive.close()
 
 
-def run_worker(archive: Archive, sock: socket.socket, grace: float) -> None:
+def run_worker(archive: Archive, listeners: Listeners, grace: float) -> None:
     """A worker process: the DICOM server only (the supervisor runs the components)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        server = DicomServer(archive, sock)
+        server = _dicom_server(archive, listeners)
         await server.start()
         await stop.wait()
         await server.shutdown(grace)
@@ -109,19 +142,26 @@ def run_worker(archive: Archive, sock: socket.socket, grace: float) -> None:
 
 
 def run_supervisor(
-    make_archive: Callable[[], Archive], sock: socket.socket, workers: int, grace: float
+    make_archive: Callable[[], Archive], listeners: Listeners, workers: int, grace: float
 ) -> None:
-    """Start `workers` worker processes on the inherited socket; run the components here."""
+    """Start `workers` worker processes on the inherited socket(s); run the components here."""
+    sock = listeners.dicom
     fd = sock.fileno()
     os.set_inheritable(fd, True)
     argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
+    fds = [fd]
+    if listeners.tls is not None:
+        tls_fd = listeners.tls.fileno()
+        os.set_inheritable(tls_fd, True)
+        argv += ["--worker-tls-fd", str(tls_fd)]
+        fds.append(tls_fd)
 
     def spawn() -> subprocess.Popen[bytes]:
         # Workers ignore the terminal's SIGINT: the supervisor passes SIGTERM on, so every
         # worker shuts down the same, graceful way.
         return subprocess.Popen(
             argv,
-            pass_fds=(fd,),
+            pass_fds=tuple(fds),
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
 
@@ -130,7 +170,7 @@ def run_supervisor(
         _stop_on_signals(stop)
         children = [spawn() for _ in range(workers)]
         archive = make_archive()
-        background = asyncio.create_task(_run_components(archive, stop))
+        background = asyncio.create_task(_run_components(archive, stop, listeners))
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -156,6 +196,8 @@ def run_supervisor(
             await background
         finally:
             archive.close()
-            sock.close()
+            for s in (sock, listeners.tls, listeners.http):
+                if s is not None:
+                    s.close()
 
     asyncio.run(main())

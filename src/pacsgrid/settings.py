@@ -120,6 +120,20 @@ class DicomSettings:
         "On SIGTERM, seconds in-flight associations get to finish before they are aborted.",
         min=0.0,
     )
+    tls_port: int = setting(
+        0,
+        "DICOM TLS listening port (0 = no TLS listener); needs tls_cert and tls_key.",
+        min=0,
+        max=65535,
+    )
+    tls_cert: str = setting("", "PEM certificate (chain) the TLS listeners present.")
+    tls_key: str = setting("", "PEM private key of tls_cert.")
+    tls_ca: str = setting(
+        "", "PEM CA bundle that client certificates are checked against (tls_verify_clients)."
+    )
+    tls_verify_clients: bool = setting(
+        False, "DICOM TLS: require a client certificate signed by tls_ca."
+    )
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,45 @@ class ForwardingSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The web face: DICOMweb, the dashboard, the viewer, /metrics and /health."""
+
+    port: int = setting(0, "HTTP listening port (0 = no web server).", min=0, max=65535)
+    bind: str = setting("127.0.0.1", "Address the web server binds to.")
+    auth: str = setting(
+        "auto",
+        "Require users or API tokens: on, off, or auto (on whenever bind is not a loopback "
+        "address).",
+        choices=("auto", "on", "off"),
+    )
+    tls: bool = setting(
+        False, "Serve HTTPS with dicom.tls_cert and dicom.tls_key (or use a reverse proxy)."
+    )
+    max_upload: int = setting(
+        1 << 30, "Largest request body accepted (bytes); larger STOW-RS requests get 413.", min=1
+    )
+    max_results: int = setting(
+        10000, "Most QIDO-RS results one request returns (a larger limit is capped).", min=1
+    )
+    viewer: str = setting(
+        "", "Folder of a prebuilt OHIF viewer (npm @ohif/app, its dist/) served at /viewer/."
+    )
+    public_health: bool = setting(
+        True, "Answer /health without credentials (for load balancers; it shows no patient data)."
+    )
+
+
+@dataclass(frozen=True)
+class AuditLogSettings:
+    target: str = setting(
+        "file",
+        "Where audit records (JSON lines) go: file, syslog, or off.",
+        choices=("file", "syslog", "off"),
+    )
+    file: str = setting("", "Audit log file (default: audit.jsonl under data_dir).")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
         "INFO",
@@ -245,6 +298,8 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
     forward: tuple[ForwardRule, ...] = ()
@@ -252,6 +307,19 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit_log.file) if self.audit_log.file else self.data_dir / "audit.jsonl"
+
+    @property
+    def web_auth_required(self) -> bool:
+        """Auth is on whenever the web server is reachable from other machines."""
+        if self.http.auth != "auto":
+            return self.http.auth == "on"
+        return self.http.bind not in ("127.0.0.1", "localhost", "::1") and not (
+            self.http.bind.startswith("127.")
+        )
 
     def peer(self, ae_title: str) -> PeerSettings | None:
         for p in self.peers:
@@ -267,9 +335,13 @@ SECTIONS = {
     "audit": AuditSettings,
     "log": LogSettings,
     "forwarding": ForwardingSettings,
+    "http": HttpSettings,
+    "audit_log": AuditLogSettings,
 }
 LISTS = {"peers": PeerSettings, "sites": SiteSettings, "forward": ForwardRule}
 TOP_LEVEL = ("data_dir", "database")
+# Command-line options whose name is not the key's own (for error messages).
+_FLAGS = {"http.port": "--http-port", "http.bind": "--http-bind"}
 
 
 # ---------------------------------------------------------------- validation of single values
@@ -373,6 +445,8 @@ for _cls in (
     LogSettings,
     ForwardRule,
     ForwardingSettings,
+    HttpSettings,
+    AuditLogSettings,
     Settings,
 ):
     _h = typing.get_type_hints(_cls)
@@ -580,8 +654,9 @@ def load_settings(
         name, _, key = dotted.partition(".")
         cls = SECTIONS[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        flag = _FLAGS.get(dotted, f"--{key.replace('_', '-')}")
         built[name] = dataclasses.replace(
-            built[name], **{key: _convert(f"--{key.replace('_', '-')}", fields[key], raw, True)}
+            built[name], **{key: _convert(flag, fields[key], raw, True)}
         )
 
     peers = [_build(PeerSettings, f"peers[{i}]", p) for i, p in enumerate(lists["peers"])]
@@ -646,6 +721,17 @@ def _check_policy(s: Settings) -> None:
             raise ConfigError(
                 f"forward[{i}].to", f"{rule.to!r} is not a configured peer (add it to [[peers]])"
             )
+    d = s.dicom
+    if (d.tls_port or s.http.tls) and not (d.tls_cert and d.tls_key):
+        raise ConfigError("dicom.tls_cert", "TLS needs dicom.tls_cert and dicom.tls_key")
+    if d.tls_verify_clients and not d.tls_ca:
+        raise ConfigError("dicom.tls_ca", "tls_verify_clients needs a CA bundle")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(d, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"dicom.{key}", f"file not found: {value}")
+    if s.http.viewer and not (Path(s.http.viewer) / "index.html").is_file():
+        raise ConfigError("http.viewer", f"no index.html in {s.http.viewer} (OHIF's dist/ folder)")
     archives = [x for x in s.sites if x.role == "archive"]
     if not archives:
         raise ConfigError("sites", "at least one site must have role 'archive'")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
+import tempfile
 
 from pacsgrid import node
 from pacsgrid.archive import Archive
@@ -36,7 +38,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="a known peer: may query/retrieve, usable as C-MOVE destination (repeatable)",
     )
     p.add_argument("--workers", type=str, help="worker processes (default: one per CPU core)")
+    w = p.add_argument_group("web face and TLS")
+    w.add_argument(
+        "--http-port", type=str, help="serve DICOMweb, the dashboard and /metrics on this port"
+    )
+    w.add_argument("--http-bind", help="address the web server binds to (default 127.0.0.1)")
+    w.add_argument(
+        "--auth",
+        choices=("auto", "on", "off"),
+        help="web users/tokens required (default auto: on unless bound to loopback)",
+    )
+    w.add_argument("--viewer", metavar="DIR", help="prebuilt OHIF viewer to serve at /viewer/")
+    w.add_argument("--tls-port", type=str, help="DICOM TLS port (needs --tls-cert, --tls-key)")
+    w.add_argument("--tls-cert", metavar="PEM", help="certificate of the TLS listeners")
+    w.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    w.add_argument("--tls-ca", metavar="PEM", help="CA bundle for client certificates")
     p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-tls-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -47,6 +65,14 @@ def settings_for(args: argparse.Namespace) -> Settings:
         ("bind", "dicom.bind"),
         ("ae_title", "dicom.ae_title"),
         ("workers", "dicom.workers"),
+        ("http_port", "http.port"),
+        ("http_bind", "http.bind"),
+        ("auth", "http.auth"),
+        ("viewer", "http.viewer"),
+        ("tls_port", "dicom.tls_port"),
+        ("tls_cert", "dicom.tls_cert"),
+        ("tls_key", "dicom.tls_key"),
+        ("tls_ca", "dicom.tls_ca"),
     ):
         value = getattr(args, opt)
         if value is not None:
@@ -62,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if args.worker_fd is not None:
         sock = socket.socket(fileno=args.worker_fd)
         sock.setblocking(False)
-        node.run_worker(Archive(settings), sock, d.shutdown_grace)
+        tls_sock = None
+        if args.worker_tls_fd is not None:
+            tls_sock = socket.socket(fileno=args.worker_tls_fd)
+            tls_sock.setblocking(False)
+        node.run_worker(Archive(settings), node.Listeners(sock, tls_sock), d.shutdown_grace)
         return 0
 
     # Prepare once, before any worker starts: create/upgrade the index schema, initialise new
@@ -73,12 +103,14 @@ def run(args: argparse.Namespace) -> int:
         archive.recover()
     finally:
         archive.close()
-    try:
-        sock = listening_socket(d.bind, d.port)
-    except OSError as e:
-        raise ConfigError(
-            "dicom.port", f"cannot listen on {d.bind}:{d.port}: {e.strerror or e}"
-        ) from None
+    listeners = node.Listeners(_listen("dicom.port", d.bind, d.port))
+    if d.tls_port:
+        from pacsgrid.tls import server_context
+
+        server_context(d)  # a bad certificate or key fails here, with one line
+        listeners.tls = _listen("dicom.tls_port", d.bind, d.tls_port)
+    if settings.http.port:
+        listeners.http = _listen("http.port", settings.http.bind, settings.http.port)
     workers = d.workers or os.cpu_count() or 1
     sites = ", ".join(f"{s.name}={s.url}" for s in settings.sites)
     log.info(
@@ -91,8 +123,29 @@ def run(args: argparse.Namespace) -> int:
         settings.database_url,
         sites,
     )
+    if d.tls_port:
+        log.info("DICOM TLS on %s:%d", d.bind, d.tls_port)
     if workers == 1:
-        node.run_single(Archive(settings), sock, d.shutdown_grace)
-    else:
-        node.run_supervisor(lambda: Archive(settings), sock, workers, d.shutdown_grace)
+        node.run_single(Archive(settings), listeners, d.shutdown_grace)
+        return 0
+    # Workers count in their own processes: their metrics meet in a shared folder (see
+    # pacsgrid.metrics), made fresh for this run and removed at the end.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="pacsgrid-metrics-")
+        from pacsgrid.metrics import enable_multiprocess
+
+        enable_multiprocess(own_dir)
+    try:
+        node.run_supervisor(lambda: Archive(settings), listeners, workers, d.shutdown_grace)
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0
+
+
+def _listen(key: str, host: str, port: int) -> socket.socket:
+    try:
+        return listening_socket(host, port)
+    except OSError as e:
+        raise ConfigError(key, f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -184,7 +184,9 @@ async def _send_one(
         )
         return dimse.UNABLE_TO_PROCESS
     try:
-        obj = await loop.run_in_executor(requester.service.executor, archive.read, record)
+        obj = await loop.run_in_executor(
+            requester.service.executor, archive.read, record, requester.caller
+        )
         dataset: bytes | memoryview = obj.dataset
         if send_ts != obj.transfer_syntax:
             dataset = await loop.run_in_executor(

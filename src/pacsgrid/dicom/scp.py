@@ -100,6 +100,7 @@ class ServerAssociation(Association):
             )
             return
         if not self.archive.accepts_association(caller):
+            self.archive.audit(caller, "associate", "denied", "", "unknown calling AE title")
             self._reject(
                 pdu.RJ_PERMANENT,
                 pdu.RJ_SOURCE_USER,
@@ -115,6 +116,8 @@ class ServerAssociation(Association):
             max_pdu=self.max_pdu,
         )
         for what in result.refused:
+            operation = what.split(" ", 1)[0]
+            self.archive.audit(caller, operation, "denied", "", f"{what}: context rejected")
             log.warning(
                 "%s may not %s: presentation context rejected (not a configured peer, "
                 "or not in its 'allow' list)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 
 from pacsgrid.archive import Archive
@@ -34,22 +35,43 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class DicomServer:
-    def __init__(self, archive: Archive, sock: socket.socket) -> None:
+    """DIMSE on `sock`, and DICOM TLS on `tls_sock` when given (same services, same
+    associations set, so shutdown treats both alike)."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        sock: socket.socket,
+        *,
+        tls_sock: socket.socket | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.archive = archive
         self.sock = sock
+        self.tls_sock = tls_sock
+        self.tls_context = tls_context
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dicom")
         self.service = ServiceContext(archive, self.executor)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ServerAssociation(self.service), sock=self.sock
+        self._servers.append(
+            await loop.create_server(lambda: ServerAssociation(self.service), sock=self.sock)
         )
+        if self.tls_sock is not None and self.tls_context is not None:
+            self._servers.append(
+                await loop.create_server(
+                    lambda: ServerAssociation(self.service),
+                    sock=self.tls_sock,
+                    ssl=self.tls_context,
+                    ssl_handshake_timeout=30,
+                )
+            )
 
     async def shutdown(self, grace: float) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         live = list(self.service.associations)
         if live:
             log.info("waiting up to %.0fs for %d association(s) to finish", grace, len(live))

@@ -5,18 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from pacsgrid.errors import ConfigError
-from pacsgrid.index.base import AddResult, Index, IndexStats, NewInstance, SiteUsage, WorkItem
+from pacsgrid.index.base import (
+    AddResult,
+    FailedWork,
+    Index,
+    IndexStats,
+    NewInstance,
+    SiteUsage,
+    WebUser,
+    WorkItem,
+    WorkSummary,
+)
 from pacsgrid.query import Match, Query, parse_match
 
 __all__ = [
     "AddResult",
+    "FailedWork",
     "Index",
     "IndexStats",
     "Match",
     "NewInstance",
     "Query",
     "SiteUsage",
+    "WebUser",
     "WorkItem",
+    "WorkSummary",
     "open_index",
     "parse_match",
 ]

@@ -66,6 +66,30 @@ class SiteUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class WebUser:
+    name: str
+    role: str  # read | write | admin
+    password_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkSummary:
+    kind: str
+    state: str
+    count: int
+    updated_at: float  # latest change of an item of this kind and state
+
+
+@dataclass(frozen=True, slots=True)
+class FailedWork:
+    kind: str
+    key: str
+    error: str
+    attempts: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class IndexStats:
     patients: int
     studies: int
@@ -200,6 +224,33 @@ class Index(Protocol):
 
     def has_instances(self, sop_uids: Sequence[str]) -> set[str]:
         """The subset of `sop_uids` the archive holds."""
+        ...
+
+    def work_summary(self) -> list[WorkSummary]:
+        """Every kind of work with its counts by state (the dashboard's jobs page)."""
+        ...
+
+    def failed_work(self, limit: int) -> list[FailedWork]:
+        """The most recently failed work items of every kind."""
+        ...
+
+    # ------------------------------------------------------------------ web users
+    def save_user(self, user: WebUser) -> None:
+        """Create or update a user (role and password hash)."""
+        ...
+
+    def user(self, name: str) -> WebUser | None: ...
+
+    def users(self) -> list[WebUser]: ...
+
+    def remove_user(self, name: str) -> bool:
+        """Delete a user and their tokens; False if there was no such user."""
+        ...
+
+    def save_token(self, token_hash: str, user: str, label: str) -> None: ...
+
+    def token_user(self, token_hash: str) -> WebUser | None:
+        """The user an API token (by its SHA-256) belongs to."""
         ...
 
     def close(self) -> None: ...

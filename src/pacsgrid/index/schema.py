@@ -169,12 +169,31 @@ def migration_ledgers(t: Types) -> list[str]:
     ]
 
 
+def web_auth(t: Types) -> list[str]:
+    """Users of the web face (hashed passwords, a role) and their API tokens (SHA-256 only:
+    tokens are random, so a fast hash is safe and checking one costs nothing)."""
+    return [
+        f"""CREATE TABLE web_user (
+  name {t.text} PRIMARY KEY,
+  role {t.text} NOT NULL,
+  password_hash {t.text} NOT NULL DEFAULT '',
+  created_at {t.real} NOT NULL)""",
+        f"""CREATE TABLE web_token (
+  token_hash {t.text} PRIMARY KEY,
+  user_name {t.text} NOT NULL REFERENCES web_user(name) ON DELETE CASCADE,
+  label {t.text} NOT NULL DEFAULT '',
+  created_at {t.real} NOT NULL)""",
+        "CREATE INDEX web_token_user_idx ON web_token(user_name)",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
     ("0002_work_queue", work_queue),
     ("0003_sites", sites),
     ("0003_migration_ledgers", migration_ledgers),
+    ("0003_web_auth", web_auth),
 ]
 
 TRACKING_TABLE = (

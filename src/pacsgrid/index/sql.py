@@ -19,7 +19,16 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from pacsgrid.errors import IndexUnavailable
-from pacsgrid.index.base import AddResult, IndexStats, NewInstance, SiteUsage, WorkItem
+from pacsgrid.index.base import (
+    AddResult,
+    FailedWork,
+    IndexStats,
+    NewInstance,
+    SiteUsage,
+    WebUser,
+    WorkItem,
+    WorkSummary,
+)
 from pacsgrid.index.query import (
     ALIAS,
     SQLITE,
@@ -138,10 +147,10 @@ class SqlIndex(SiteQueries):
                 db, "SELECT patient_id FROM patient WHERE pk = ?", (patient_pk,)
             ).fetchone()[0]
             if pid != v.get("PatientID", ""):
+                # No PatientID values here: warnings reach the ordinary log.
                 warnings.append(
-                    f"study {v['StudyInstanceUID']} is stored under PatientID "
-                    f"{pid!r}; instance {item.sop_uid} says {v.get('PatientID', '')!r}"
-                    f" and is filed in the existing study"
+                    f"study {v['StudyInstanceUID']} is stored under another PatientID than "
+                    f"instance {item.sop_uid} gives; the instance is filed in the existing study"
                 )
 
         series = self._x(
@@ -481,6 +490,68 @@ class SqlIndex(SiteQueries):
             )
             found.update(r[0] for r in rows)
         return found
+
+    def work_summary(self) -> list[WorkSummary]:
+        rows = self._all(
+            "SELECT kind, state, count(*), max(updated_at) FROM work GROUP BY kind, state "
+            "ORDER BY kind, state"
+        )
+        return [WorkSummary(r[0], r[1], int(r[2]), float(r[3] or 0)) for r in rows]
+
+    def failed_work(self, limit: int) -> list[FailedWork]:
+        kinds = [r[0] for r in self._all("SELECT DISTINCT kind FROM work")]
+        out: list[FailedWork] = []
+        for kind in kinds:  # per kind, so that the (kind, state) index serves the filter
+            rows = self._all(
+                "SELECT kind, key, last_error, attempts, updated_at FROM work WHERE kind = ? "
+                "AND state = 'failed' ORDER BY updated_at DESC LIMIT ?",
+                (kind, int(limit)),
+            )
+            out += [FailedWork(r[0], r[1], r[2], int(r[3]), float(r[4])) for r in rows]
+        out.sort(key=lambda f: f.updated_at, reverse=True)
+        return out[:limit]
+
+    # ------------------------------------------------------------------ web users
+    def save_user(self, user: WebUser) -> None:
+        with self._tx() as db:
+            self._x(
+                db,
+                "INSERT INTO web_user (name, role, password_hash, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET role = excluded.role, "
+                "password_hash = excluded.password_hash",
+                (user.name, user.role, user.password_hash, time.time()),
+            )
+
+    def user(self, name: str) -> WebUser | None:
+        r = self._one("SELECT name, role, password_hash FROM web_user WHERE name = ?", (name,))
+        return None if r is None else WebUser(r[0], r[1], r[2])
+
+    def users(self) -> list[WebUser]:
+        rows = self._all("SELECT name, role, password_hash FROM web_user ORDER BY name")
+        return [WebUser(r[0], r[1], r[2]) for r in rows]
+
+    def remove_user(self, name: str) -> bool:
+        with self._tx() as db:
+            self._x(db, "DELETE FROM web_token WHERE user_name = ?", (name,))
+            cur = self._x(db, "DELETE FROM web_user WHERE name = ?", (name,))
+            return int(cur.rowcount) > 0
+
+    def save_token(self, token_hash: str, user: str, label: str) -> None:
+        with self._tx() as db:
+            self._x(
+                db,
+                "INSERT INTO web_token (token_hash, user_name, label, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (token_hash, user, label, time.time()),
+            )
+
+    def token_user(self, token_hash: str) -> WebUser | None:
+        r = self._one(
+            "SELECT u.name, u.role, u.password_hash FROM web_token t JOIN web_user u "
+            "ON t.user_name = u.name WHERE t.token_hash = ?",
+            (token_hash,),
+        )
+        return None if r is None else WebUser(r[0], r[1], r[2])
 
     # ------------------------------------------------------------------ reads
     def has_instance(self, sop_uid: str) -> bool:

@@ -1,0 +1,362 @@
+"""Security of the web face and DICOM TLS, with real clients.
+
+- auth: every route refuses requests without credentials, with a wrong token, and (write and
+  admin routes) a read-only user; the audit log records allowed and refused actions alike,
+  with the user, the source address, the operation and the study;
+- DICOM TLS: DCMTK echoscu/storescu with +tls reach the TLS port; a plain connection to it
+  fails, and the plain port still works;
+- HTTPS with the same certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import REPO, Server, dcmtk, free_port, wait_port
+from tests.corpus import accepted
+from tests.web_helpers import audit_records, multipart_body, start_web
+
+PACSGRID = [sys.executable, "-m", "pacsgrid"]
+
+
+def _users(data_dir: Path, *args: str, stdin: str = "") -> str:
+    proc = subprocess.run(
+        [*PACSGRID, "users", *args, "--data-dir", str(data_dir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@dataclass
+class Secured:
+    server: Server
+    base: str
+    reader: str  # Basic header value
+    writer_token: str
+    admin: str
+    study: str
+    instance_url: str
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    data = tmp_path_factory.mktemp("secured") / "archive"
+    data.mkdir()
+    _users(data, "add", "reader", "--role", "read", "--password-stdin", stdin="r-secret\n")
+    _users(data, "add", "writer", "--role", "write", "--no-password")
+    _users(data, "add", "boss", "--role", "admin", "--password-stdin", stdin="b-secret\n")
+    token = _users(data, "token", "writer", "--label", "test")
+    assert token.startswith("pgt_")
+    server, base = start_web(data, extra=("--auth", "on"))
+    f = accepted()[0]
+    body, ctype = multipart_body([f.path.read_bytes()])
+    r = requests.post(
+        base + "/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": ctype, "Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+    url = r.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+    yield Secured(
+        server,
+        base,
+        _basic("reader", "r-secret"),
+        token,
+        _basic("boss", "b-secret"),
+        f.study_uid,
+        url,
+    )
+    server.stop()
+
+
+def _routes(s: Secured) -> list[tuple[str, str, str]]:
+    """(method, url, role needed) of every route in the server's own OpenAPI document."""
+    doc = requests.get(s.base + "/openapi.json", headers={"Authorization": s.admin}).json()
+    sample = {
+        "study": s.study,
+        "series": s.instance_url.split("/series/")[1].split("/")[0],
+        "instance": s.instance_url.rsplit("/", 1)[1],
+        "frames": "1",
+        "tag": "7FE00010",
+        "name": "reader",
+        "path": "index.html",
+    }
+    out = []
+    for path, ops in doc["paths"].items():
+        url = s.base + path.format(**sample)
+        for method, op in ops.items():
+            out.append((method.upper(), url, op["x-pacsgrid-role"]))
+    return out
+
+
+def test_every_route_needs_credentials(secured: Secured) -> None:
+    routes = _routes(secured)
+    assert len(routes) >= 25
+    for method, url, role in routes:
+        if url.endswith("/health"):  # public for load balancers (http.public_health)
+            assert requests.get(url).json()["status"] == "ok"
+            continue
+        assert role != "public", url
+        r = requests.request(method, url)
+        assert r.status_code == 401, (method, url, r.status_code)
+        assert r.headers["WWW-Authenticate"].startswith("Basic")
+        r = requests.request(method, url, headers={"Authorization": "Bearer pgt_wrong"})
+        assert r.status_code == 401, (method, url)
+        r = requests.request(method, url, headers={"Authorization": _basic("reader", "nope")})
+        assert r.status_code == 401, (method, url)
+
+
+def test_roles_on_every_route(secured: Secured) -> None:
+    for method, url, role in _routes(secured):
+        if role in ("store", "admin"):
+            r = requests.request(method, url, headers={"Authorization": secured.reader})
+            assert r.status_code == 403, (method, url, r.status_code)
+        if role == "admin":
+            bearer = {"Authorization": f"Bearer {secured.writer_token}"}
+            assert requests.request(method, url, headers=bearer).status_code == 403
+    ok = requests.get(
+        secured.base + "/dicom-web/studies", headers={"Authorization": secured.reader}
+    )
+    assert ok.status_code == 200 and len(ok.json()) == 1
+    users = requests.get(secured.base + "/api/users", headers={"Authorization": secured.admin})
+    assert {u["name"] for u in users.json()} == {"reader", "writer", "boss"}
+
+
+def test_read_only_user_cannot_store(secured: Secured) -> None:
+    body, ctype = multipart_body([accepted()[1].path.read_bytes()])
+    r = requests.post(
+        secured.base + "/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": ctype, "Authorization": secured.reader},
+    )
+    assert r.status_code == 403
+    assert "may not store" in r.json()["detail"]
+
+
+def test_audit_records_allowed_and_refused(secured: Secured) -> None:
+    h = {"Authorization": secured.reader}
+    requests.get(f"{secured.base}/dicom-web/studies?StudyInstanceUID={secured.study}", headers=h)
+    requests.get(secured.instance_url, headers=h)
+    requests.get(secured.base + "/dicom-web/studies", headers={"Authorization": "Bearer bad"})
+    body, ctype = multipart_body([accepted()[1].path.read_bytes()])
+    requests.post(
+        secured.base + "/dicom-web/studies", data=body, headers={"Content-Type": ctype, **h}
+    )
+    records = audit_records(secured.server.data_dir / "audit.jsonl")
+    kinds = {(r["operation"], r["outcome"], r["user"]) for r in records}
+    assert ("STOW", "success", "writer") in kinds
+    assert ("QIDO", "success", "reader") in kinds
+    assert ("WADO", "success", "reader") in kinds
+    assert ("STOW", "denied", "reader") in kinds
+    assert ("login", "denied", "") in kinds
+    assert ("admin", "success", "") in kinds  # users created by the CLI
+    wado = next(r for r in records if r["operation"] == "WADO")
+    assert wado["study"] == secured.study and wado["address"] == "127.0.0.1"
+    # no patient identifiers in the ordinary log
+    pids = {f.path.name for f in accepted()[:2]}
+    log = secured.server.text()
+    import pydicom
+
+    for f in accepted()[:2]:
+        pid = str(pydicom.dcmread(f.path, stop_before_pixels=True).get("PatientID", ""))
+        if len(pid) > 3:
+            assert pid not in log, pids
+
+
+def test_failures_page_shows_refusals(secured: Secured) -> None:
+    r = requests.get(secured.base + "/ui/failures", headers={"Authorization": secured.admin})
+    assert r.status_code == 200
+    assert "denied" in r.text and "STOW" in r.text
+
+
+def test_auth_is_on_by_default_off_loopback(tmp_path: Path) -> None:
+    from pacsgrid.settings import Overrides, load_settings
+
+    ov = Overrides(data_dir=tmp_path)
+    ov.values["http.bind"] = "0.0.0.0"
+    assert load_settings(ov, environ={}).web_auth_required
+    ov.values["http.bind"] = "127.0.0.1"
+    assert not load_settings(ov, environ={}).web_auth_required
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("certs")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            f"{name}.pem",
+        )
+    return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+@pytest.mark.dcmtk
+def test_dicom_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
+    tls_port = free_port()
+    server = Server(
+        tmp_path / "tls",
+        workers=2,
+        args=(
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert",
+            str(certs["server.pem"]),
+            "--tls-key",
+            str(certs["server.key"]),
+            "--tls-ca",
+            str(certs["ca.pem"]),
+        ),
+    ).start()
+    try:
+        wait_port(tls_port)
+        tls = [
+            "+tls",
+            str(certs["client.key"]),
+            str(certs["client.pem"]),
+            "+cf",
+            str(certs["ca.pem"]),
+        ]
+        echo = dcmtk("echoscu", "-v", *tls, "-aec", "PACSGRID", "127.0.0.1", tls_port)
+        assert echo.returncode == 0, echo.stdout
+        f = accepted()[0]
+        store = dcmtk("storescu", "-v", *tls, "-aec", "PACSGRID", "127.0.0.1", tls_port, f.path)
+        assert store.returncode == 0 and "Success" in store.stdout, store.stdout
+        plain = dcmtk("echoscu", "-to", "5", "-ta", "5", "-aec", "PACSGRID", "127.0.0.1", tls_port)
+        assert plain.returncode != 0
+        # the plain port still answers plain DICOM
+        assert dcmtk("echoscu", "-aec", "PACSGRID", "127.0.0.1", server.port).returncode == 0
+        # anonymous TLS (no client certificate) is fine unless tls_verify_clients is set
+        anon = dcmtk(
+            "echoscu",
+            "+tla",
+            "+cf",
+            str(certs["ca.pem"]),
+            "-aec",
+            "PACSGRID",
+            "127.0.0.1",
+            tls_port,
+        )
+        assert anon.returncode == 0, anon.stdout
+    finally:
+        server.stop()
+
+
+def test_https(tmp_path: Path, certs: dict[str, Path]) -> None:
+    cfg = tmp_path / "https.toml"
+    cfg.write_text(
+        f'[dicom]\ntls_cert = "{certs["server.pem"]}"\ntls_key = "{certs["server.key"]}"\n'
+        "[http]\ntls = true\n"
+    )
+    port = free_port()
+    server = Server(tmp_path / "https", config=cfg, args=("--http-port", str(port))).start()
+    try:
+        wait_port(port)
+        ctx = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx) as resp:
+            assert resp.status == 200
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.dcmtk
+def test_dimse_actions_share_the_audit_log(tmp_path: Path) -> None:
+    server = Server(tmp_path / "dimse", args=("--peer", "FINDSCU@127.0.0.1:9")).start()
+    try:
+        f = next(f for f in accepted() if f.path.name == "CT_small.dcm")
+        assert (
+            dcmtk("storescu", "-aec", "PACSGRID", "127.0.0.1", server.port, f.path).returncode == 0
+        )
+        query = ("-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={f.study_uid}")
+        ok = dcmtk(
+            "findscu", "-aet", "FINDSCU", "-aec", "PACSGRID", *query, "127.0.0.1", server.port
+        )
+        assert ok.returncode == 0, ok.stdout
+        dcmtk("findscu", "-aet", "STRANGER", "-aec", "PACSGRID", *query, "127.0.0.1", server.port)
+    finally:
+        server.stop()
+    records = audit_records(server.data_dir / "audit.jsonl")
+    seen = {(r["operation"], r["outcome"], r["ae"]) for r in records}
+    assert ("C-STORE", "success", "STORESCU") in seen
+    assert ("C-FIND", "success", "FINDSCU") in seen
+    assert ("C-FIND", "denied", "STRANGER") in seen
+    store = next(r for r in records if r["operation"] == "C-STORE")
+    assert store["study"] == f.study_uid and store["address"] == "127.0.0.1"
+
+
+def test_health_can_require_credentials(tmp_path: Path) -> None:
+    cfg = tmp_path / "private-health.toml"
+    cfg.write_text('[http]\nauth = "on"\npublic_health = false\n')
+    server, base = start_web(tmp_path / "ph", extra=("--config", str(cfg)))
+    try:
+        assert requests.get(base + "/health").status_code == 401
+    finally:
+        server.stop()
