@@ -86,8 +86,8 @@ def check_alive(proc: subprocess.Popen[bytes] | None, log: Path | None = None) -
 # ---------------------------------------------------------------- /proc
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds of the process and its reaped children)."""
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, user and system CPU seconds of the process and its reaped children)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
@@ -97,7 +97,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
     fields = data[data.rindex(b")") + 2 :].split()
     ppid = int(fields[1])
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return ppid, (utime + stime + cutime + cstime) / CLK_TCK
+    return ppid, (utime + cutime) / CLK_TCK, (stime + cstime) / CLK_TCK
 
 
 def _memory(pid: int) -> tuple[int, int]:
@@ -131,19 +131,26 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu(root: int) -> float:
-    total = 0.0
+def tree_cpu(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tree."""
+    user = system = 0.0
     for pid in tree(root):
         st = _stat(pid)
         if st is not None:
-            total += st[1]
-    return total
+            user += st[1]
+            system += st[2]
+    return user, system
 
 
 @dataclass(frozen=True)
 class Usage:
-    cpu_seconds: float
+    user_seconds: float
+    system_seconds: float
     peak_rss: int  # bytes
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_seconds + self.system_seconds
 
 
 class Sampler:
@@ -159,7 +166,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._peak = 0
-        self._cpu0 = 0.0
+        self._cpu0 = (0.0, 0.0)
 
     def __enter__(self) -> Sampler:
         self._cpu0 = tree_cpu(self.root)
@@ -186,7 +193,8 @@ class Sampler:
     def usage(self) -> Usage:
         """What the tree used since `__enter__`; call after the work is done."""
         self._sample()
-        return Usage(tree_cpu(self.root) - self._cpu0, self._peak)
+        user, system = tree_cpu(self.root)
+        return Usage(user - self._cpu0[0], system - self._cpu0[1], self._peak)
 
 
 def wait_idle(
@@ -195,10 +203,10 @@ def wait_idle(
     """Wait until the tree spends less than `threshold` CPU seconds in `quiet` seconds:
     a server that just started has finished importing and spawning before it is measured."""
     deadline = time.monotonic() + timeout
-    last = tree_cpu(root)
+    last = sum(tree_cpu(root))
     while time.monotonic() < deadline:
         time.sleep(quiet)
-        now = tree_cpu(root)
+        now = sum(tree_cpu(root))
         if now - last < threshold:
             return
         last = now

@@ -214,6 +214,10 @@ class Runner:
     def _ingest(self, srv: Server, ds: DataSet, assoc: int, scenario: str, rnd: int) -> Sample:
         try:
             with self.running(srv):
+                warm = self.data["warmup"].files
+                clients.storescu(
+                    srv.port, srv.ae_title, warm, 4, self.run_dir / "logs" / "warmup", 120
+                )
                 os.sync()  # no dirty pages of the previous measurement
                 with Sampler(srv.pid) as sampler:
                     run = clients.storescu(
@@ -230,18 +234,21 @@ class Runner:
         finally:
             srv.wipe()
         n = len(ds.files)
+        sent = n + len(warm)
         s = _rates("ingest", scenario, srv.name, rnd, ds, run.seconds)
         s.metrics.update(
             cpu_s_per_1000=usage.cpu_seconds / n * 1000,
             peak_rss_mb=usage.peak_rss / 1e6,
             stored=stored,
-            expected=n,
+            expected=sent,
         )
         problems = []
         if not run.ok:
             problems.append(run.failures())
-        if stored != n:
-            problems.append(f"the server holds {stored} instances, {n} were sent")
+        if stored != sent:
+            problems.append(
+                f"the server holds {stored} instances, {sent} were sent ({len(warm)} warm-up)"
+            )
         s.ok, s.note = not problems, "; ".join(problems)
         return s
 
@@ -509,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "plan": plan.name,
         "rounds": args.rounds,
-        "command": "python -m bench.run " + shlex.join(argv),
+        "command": " ".join(["python -m bench.run", shlex.join(argv)]).strip(),
         "network namespace": _in_netns(),
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
