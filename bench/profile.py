@@ -184,7 +184,7 @@ def record(
         time.sleep(2.0)  # attached to every process before the first store
         # Warm-up as in bench.run (not counted): the workers' first associations pay lazy
         # imports, which the recorded profile of a fresh server would otherwise mix in.
-        clients.storescu(srv.port, srv.ae_title, warmup, 4, work / "logs", 120)
+        srv.warm_up(warmup, work / "logs")
         if spy.poll() is not None:
             err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
             raise BenchError(f"py-spy could not attach: {err.strip()[-500:]}")

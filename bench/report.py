@@ -143,8 +143,9 @@ def _summary(meta: dict[str, object]) -> list[str]:
         f"network namespace: {'yes' if meta.get('network namespace') else 'no'}.",
         "",
         "Every ingest starts a fresh, empty server and first stores 8 warm-up instances over 4 "
-        "associations (not timed, counted in the stored-count check), so that the timed part "
-        "is the steady state rather than each worker's first association.",
+        "associations (not timed, counted in the stored-count check; for pacsgrid repeated "
+        "until every worker process has accepted an association), so that the timed part is "
+        "the steady state rather than each worker's first association.",
         "",
         f"Load average before / after the run: {meta.get('loadavg_before')} / "
         f"{meta.get('loadavg_after')} (on a 2-core machine anything above ~0.5 before the run "

@@ -215,9 +215,7 @@ class Runner:
         try:
             with self.running(srv):
                 warm = self.data["warmup"].files
-                clients.storescu(
-                    srv.port, srv.ae_title, warm, 4, self.run_dir / "logs" / "warmup", 120
-                )
+                srv.warm_up(warm, self.run_dir / "logs" / "warmup")
                 os.sync()  # no dirty pages of the previous measurement
                 with Sampler(srv.pid) as sampler:
                     run = clients.storescu(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from bench.procs import (
     dcmtk_tool,
     free_port,
     stop_process,
+    tree,
     wait_idle,
     wait_port,
 )
@@ -103,6 +105,22 @@ class Server:
             time.sleep(0.1)
         raise BenchError(f"{self.name} does not answer C-ECHO after {timeout:.0f}s: {last}")
 
+    def warmed(self) -> bool:
+        """Whether every process that serves associations has served one (see warm_up)."""
+        return True
+
+    def warm_up(self, files: Sequence[Path], logdir: Path, tries: int = 10) -> None:
+        """Store `files` over 4 associations, again (as duplicates) until `warmed()`: a
+        server's first association per process may pay one-time costs (lazy imports) that
+        are not what an ingest benchmark is after."""
+        for _ in range(tries):
+            run = clients.storescu(self.port, self.ae_title, files, 4, logdir, 120)
+            if not run.ok:
+                raise BenchError(f"warm-up of {self.name} failed: {run.failures()}")
+            if self.warmed():
+                return
+        raise BenchError(f"{self.name}: some worker never took a warm-up association")
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
@@ -150,6 +168,16 @@ class Pacsgrid(Server):
         if self.workers:
             cmd += ["--workers", str(self.workers)]
         return cmd
+
+    def warmed(self) -> bool:
+        """Every worker process has logged an accepted storage association (log lines carry
+        the process id: "[pid] pacsgrid.dicom: association from BENCHSTORE@... accepted").
+        If that log line changes, warm_up fails loudly rather than measuring cold workers."""
+        workers = [pid for pid in tree(self.pid) if pid != self.pid] or [self.pid]
+        text = self.log.read_text(errors="replace")
+        return all(
+            f"[{pid}] pacsgrid.dicom: association from {STORE_AE}@" in text for pid in workers
+        )
 
     def count(self) -> int:
         out = subprocess.run(
