@@ -174,6 +174,9 @@ def record(
     out = work / f"{mode}-{assoc}assoc.txt"
     srv.start()
     try:
+        # Warm-up as in bench.run, before py-spy attaches: the workers' first associations
+        # pay lazy imports, which are not the steady state this profile is about.
+        srv.warm_up(warmup, work / "logs")
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(srv.pid), "--subprocesses", "--nonblocking"]
             + MODES[mode]
@@ -182,9 +185,6 @@ def record(
             stderr=subprocess.PIPE,
         )
         time.sleep(2.0)  # attached to every process before the first store
-        # Warm-up as in bench.run (not counted): the workers' first associations pay lazy
-        # imports, which the recorded profile of a fresh server would otherwise mix in.
-        srv.warm_up(warmup, work / "logs")
         if spy.poll() is not None:
             err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
             raise BenchError(f"py-spy could not attach: {err.strip()[-500:]}")

@@ -38,9 +38,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench import clients, disk
-from bench.datasets import FIND_KINDS, PLANS, DataSet, Plan, find_queries, prepare
+from bench.datasets import FIND_KINDS, PLANS, DataSet, FindQuery, Plan, find_queries, prepare
 from bench.procs import BenchError, Sampler
-from bench.report import Sample, Table, machine_info, render, target_status, versions
+from bench.report import (
+    Sample,
+    Table,
+    machine_info,
+    percentile,
+    render,
+    target_status,
+    versions,
+)
 from bench.servers import (
     DEST_AE,
     FIND_AE,
@@ -52,6 +60,7 @@ from bench.servers import (
     Server,
     StoreScp,
 )
+from bench.synth import StudyInfo, studies
 from pacsgrid.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -314,7 +323,7 @@ class Runner:
                     lambda srv=srv, kind=kind: self._find(srv, kind, queries[kind], rnd),
                 )
 
-    def _find(self, srv: Server, kind: str, queries: list, rnd: int) -> Sample:  # type: ignore[type-arg]
+    def _find(self, srv: Server, kind: str, queries: list[FindQuery], rnd: int) -> Sample:
         with Sampler(srv.pid) as sampler:
             run = clients.find_batch(srv.port, srv.ae_title, [q.keys for q in queries])
         usage = sampler.usage()
@@ -328,7 +337,6 @@ class Runner:
                     f"({len(set(got))} studies), {len(q.expected)} studies expected"
                 )
         ms = [x * 1000 for x in run.latencies]
-        from bench.report import percentile
 
         s = Sample(
             "find",
@@ -395,9 +403,7 @@ class Runner:
         return s
 
 
-def _studies(ds: DataSet):  # type: ignore[no-untyped-def]
-    from bench.synth import studies
-
+def _studies(ds: DataSet) -> Iterator[StudyInfo]:
     return studies(ds.spec)
 
 
@@ -440,14 +446,15 @@ def _loopback_up() -> None:
 def _reexec_in_netns(argv: list[str]) -> int:
     env = {**os.environ, NETNS_ENV: "1"}
     cmd = ["unshare", "--net", "--", sys.executable, "-m", "bench.run", *argv]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
-    # The child gets Ctrl-C from the terminal itself; pass SIGTERM on.
+    # Its own session: Ctrl-C reaches only this process, which passes it on exactly once (a
+    # second one could interrupt the child while it stops its servers).
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     while True:
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            continue
+            proc.send_signal(signal.SIGINT)
 
 
 # ---------------------------------------------------------------- main
@@ -473,7 +480,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--phases", default=",".join(PHASES), help="subset of disk,ingest,find,retrieve"
     )
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="cache and scratch")
-    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        help="folder of the results file (default bench/results; bench/work/results for "
+        "plans other than full, whose numbers are not worth keeping)",
+    )
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     ap.add_argument(
         "--pacsgrid-workers", type=int, default=0, help="pacsgrid worker processes (0: default)"
@@ -509,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         _loopback_up()
     signal.signal(signal.SIGTERM, _interrupt)
     plan = PLANS[args.plan]
+    if args.results is None:
+        full = plan.name == "full"
+        args.results = REPO / "bench" / "results" if full else args.work / "results"
     args.work.mkdir(parents=True, exist_ok=True)
     meta: dict[str, object] = {
         "date": datetime.date.today().isoformat(),
