@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +64,47 @@ def study_date(n: int) -> str:
     return f"{year:04d}{month:02d}{day:02d}"
 
 
+@dataclass(frozen=True)
+class StudyInfo:
+    """The study-level keys of one synthetic study: what a C-FIND should find, computed
+    without writing (or reading) a single file."""
+
+    number: int
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    instances: int
+
+
+def patient_name(p: int) -> str:
+    return f"{FAMILY[p % len(FAMILY)]}^{GIVEN[(p // len(FAMILY)) % len(GIVEN)]}^{p}"
+
+
+def studies(spec: Spec) -> Iterator[StudyInfo]:
+    patients = spec.patients or max(1, spec.studies // 2)
+    for st in range(spec.studies):
+        p = st % patients
+        yield StudyInfo(
+            st,
+            uid(spec.seed, "study", st),
+            f"P{p:07d}",
+            patient_name(p),
+            study_date(st),
+            spec.series * spec.instances,
+        )
+
+
 def datasets(spec: Spec) -> Iterator[tuple[str, Dataset]]:
     """(relative file name, dataset) for every instance of `spec`."""
     rng = np.random.default_rng(int(hashlib.sha256(spec.seed.encode()).hexdigest()[:8], 16))
     base = rng.integers(0, 1200, size=(spec.size, spec.size), dtype=np.uint16)
     patients = spec.patients or max(1, spec.studies // 2)
-    for st in range(spec.studies):
+    for info in studies(spec):
+        st = info.number
         p = st % patients
-        name = f"{FAMILY[p % len(FAMILY)]}^{GIVEN[(p // len(FAMILY)) % len(GIVEN)]}^{p}"
-        study_uid = uid(spec.seed, "study", st)
+        name = info.patient_name
+        study_uid = info.study_uid
         for se in range(spec.series):
             series_uid = uid(spec.seed, "series", st, se)
             for i in range(spec.instances):
@@ -134,15 +166,24 @@ def datasets(spec: Spec) -> Iterator[tuple[str, Dataset]]:
                 yield f"{st:05d}/{se:02d}/{i:05d}.dcm", ds
 
 
-def write(spec: Spec, out: Path) -> list[Path]:
-    """Write the dataset tree under `out`; files already there are kept (same bytes)."""
+def write(spec: Spec, out: Path, on_file: Callable[[Path], None] | None = None) -> list[Path]:
+    """Write the dataset tree under `out`; files already there are kept (same bytes).
+
+    A file appears under its final name only once complete (written to a temporary name,
+    then renamed), so an interrupted run resumes where it stopped. `on_file` is called after
+    each file (progress).
+    """
     paths = []
     for rel, ds in datasets(spec):
         path = out / rel
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(path, enforce_file_format=True)
+            tmp = path.with_name(path.name + ".part")
+            ds.save_as(tmp, enforce_file_format=True)
+            tmp.rename(path)
         paths.append(path)
+        if on_file is not None:
+            on_file(path)
     return paths
 
 
@@ -154,8 +195,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=10)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", default="pacsgrid")
+    ap.add_argument("--patients", type=int, default=0, help="0: one patient per 2 studies")
     a = ap.parse_args()
-    paths = write(Spec(a.studies, a.series, a.instances, a.size, a.seed), a.out)
+    paths = write(Spec(a.studies, a.series, a.instances, a.size, a.seed, a.patients), a.out)
     print(f"{len(paths)} files under {a.out}")
 
 

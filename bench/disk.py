@@ -1,0 +1,53 @@
+"""The disk's own ceiling, measured in the same run as the servers.
+
+- `cp -r` of a dataset folder: what copying files costs without any protocol (page cache, no
+  fsync; the data are read from the cache too).
+- write+fsync per file: each file's bytes (already in memory) written to a new file, then
+  fsync, then close: the floor of what a durable archive pays per object before its index.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench.procs import BenchError
+
+
+def cp_r(src: Path, dst: Path, timeout: float) -> float:
+    """Seconds `cp -r src dst` takes; dst is removed afterwards."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.run(["cp", "-r", str(src), str(dst)], capture_output=True, timeout=timeout)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"cp -r failed: {proc.stderr.decode(errors='replace').strip()}")
+    shutil.rmtree(dst)
+    return seconds
+
+
+def write_fsync(files: tuple[Path, ...], dst: Path) -> float:
+    """Seconds to write every file to `dst` with an fsync each; dst is removed afterwards."""
+    blobs = [p.read_bytes() for p in files]
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    os.sync()
+    start = time.perf_counter()
+    for i, data in enumerate(blobs):
+        fd = os.open(dst / f"{i:06d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds

@@ -1,0 +1,247 @@
+"""Processes the benchmark starts and watches: DCMTK tools, ports, CPU and memory from /proc.
+
+A server's cost is measured on its whole process tree (pacsgrid's supervisor and workers,
+storescp's forked children, Orthanc's threads): CPU is utime+stime plus the CPU of children it
+already reaped (cutime+cstime), summed over every live process of the tree, so a delta between
+two samples is what the tree spent in between, whoever of its processes spent it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Debian's DCMTK 3.6.7 leaves Nagle's algorithm on unless told otherwise (~40 ms per message).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class BenchError(Exception):
+    """Something the benchmark needs is missing or failed (one line, for the operator)."""
+
+
+def dcmtk_tool(name: str) -> str:
+    """Path of a DCMTK command line tool.
+
+    pynetdicom installs console scripts with the same names (findscu, getscu, movescu...) into
+    the virtualenv, so the virtualenv's bin folder is skipped.
+    """
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    dirs = [
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and Path(d).resolve() != venv_bin
+    ]
+    path = shutil.which(name, path=os.pathsep.join([*dirs, "/usr/bin", "/usr/local/bin"]))
+    if path is None:
+        raise BenchError(f"{name} not found: install Debian's dcmtk (scripts/bench does)")
+    return path
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.strip():
+            return line.strip()
+    return "unknown"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_alive(proc, log)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def check_alive(proc: subprocess.Popen[bytes] | None, log: Path | None = None) -> None:
+    if proc is not None and proc.poll() is not None:
+        text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+        raise BenchError(f"{proc.args!r} exited with {proc.returncode}:\n{text}")
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, user and system CPU seconds of the process and its reaped children)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    ppid = int(fields[1])
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return ppid, (utime + cutime) / CLK_TCK, (stime + cstime) / CLK_TCK
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes; zeros for a process that is gone or a zombie."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def tree(root: int) -> list[int]:
+    """`root` and all its descendants that are alive (or not yet reaped) now."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                parents.setdefault(st[0], []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += parents.get(pid, [])
+    return out
+
+
+def tree_cpu(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tree."""
+    user = system = 0.0
+    for pid in tree(root):
+        st = _stat(pid)
+        if st is not None:
+            user += st[1]
+            system += st[2]
+    return user, system
+
+
+@dataclass(frozen=True)
+class Usage:
+    user_seconds: float
+    system_seconds: float
+    peak_rss: int  # bytes
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_seconds + self.system_seconds
+
+
+class Sampler:
+    """CPU and peak memory of a process tree while a measurement runs.
+
+    Peak RSS is the largest sum of VmRSS over the tree seen by sampling every `interval`
+    seconds, or the largest single process's VmHWM if that is higher (a peak between samples).
+    """
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root = root
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._peak = 0
+        self._cpu0 = (0.0, 0.0)
+
+    def __enter__(self) -> Sampler:
+        self._cpu0 = tree_cpu(self.root)
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        total = hwm = 0
+        for pid in tree(self.root):
+            rss, peak = _memory(pid)
+            total += rss
+            hwm = max(hwm, peak)
+        self._peak = max(self._peak, total, hwm)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def usage(self) -> Usage:
+        """What the tree used since `__enter__`; call after the work is done."""
+        self._sample()
+        user, system = tree_cpu(self.root)
+        return Usage(user - self._cpu0[0], system - self._cpu0[1], self._peak)
+
+
+def wait_idle(
+    root: int, quiet: float = 0.3, timeout: float = 30.0, threshold: float = 0.03
+) -> None:
+    """Wait until the tree spends less than `threshold` CPU seconds in `quiet` seconds:
+    a server that just started has finished importing and spawning before it is measured."""
+    deadline = time.monotonic() + timeout
+    last = sum(tree_cpu(root))
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sum(tree_cpu(root))
+        if now - last < threshold:
+            return
+        last = now
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL for the whole tree if it does not stop in time."""
+    if proc.poll() is not None:
+        return
+    pids = tree(proc.pid)
+    born = {pid: _starttime(pid) for pid in pids}
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    # Children that outlived their parent (a worker that ignored SIGTERM) go too; the start
+    # time tells that a pid still names the same process.
+    for pid, started in born.items():
+        if pid != proc.pid and _starttime(pid) == started:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _starttime(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[19])
