@@ -23,10 +23,11 @@ class Types:
     pk: str  # "INTEGER PRIMARY KEY" (SQLite) / "BIGSERIAL PRIMARY KEY" (PostgreSQL)
     real: str  # "REAL" / "DOUBLE PRECISION"
     text: str = "TEXT"
+    engine: str = "sqlite"  # "sqlite" | "postgres": for the few statements only one engine needs
 
 
 SQLITE_TYPES = Types("INTEGER PRIMARY KEY", "REAL")
-POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION")
+POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", engine="postgres")
 
 
 def _attribute_columns(level: Level) -> str:
@@ -122,10 +123,38 @@ def work_queue(t: Types) -> list[str]:
     ]
 
 
+def scale(t: Types) -> list[str]:
+    """What several nodes and a large index need.
+
+    - `copy(site, key)`: reindex and reconcile ask "is this object already indexed?" per key;
+    - `job_state`: periodic jobs (backups) that exactly one node of several runs per period;
+    - PostgreSQL compares text with the database's collation, so its plain B-tree indexes
+      cannot serve `LIKE 'SMI%'` (C-FIND wildcards) unless the collation is C: the
+      `text_pattern_ops` twins can. SQLite's GLOB uses the plain indexes already.
+    """
+    out = [
+        "CREATE INDEX copy_key_idx ON copy(site, key)",
+        f"""CREATE TABLE job_state (
+  name {t.text} PRIMARY KEY,
+  last_run {t.real} NOT NULL DEFAULT 0,
+  owner {t.text} NOT NULL DEFAULT '',
+  detail {t.text} NOT NULL DEFAULT '')""",
+    ]
+    if t.engine == "postgres":
+        out += [
+            "CREATE INDEX patient_name_like_idx ON patient(patient_name_norm text_pattern_ops)",
+            "CREATE INDEX patient_id_like_idx ON patient(patient_id text_pattern_ops)",
+            "CREATE INDEX study_accession_like_idx ON study(accession text_pattern_ops)",
+            "CREATE INDEX study_date_pk_idx ON study(study_date, pk)",
+        ]
+    return out
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
     ("0002_work_queue", work_queue),
+    ("0003_scale", scale),
 ]
 
 TRACKING_TABLE = (
