@@ -38,6 +38,10 @@ class Component(Protocol):
 def components(archive: Archive) -> list[Component]:
     """Background components of this node, built from the archive's settings."""
     out: list[Component] = []
+    if archive.settings.backup.interval > 0:
+        from pacsgrid.jobs.backup import BackupSchedule
+
+        out.append(BackupSchedule(archive.settings, archive.index))
     return out
 
 

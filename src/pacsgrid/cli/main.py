@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from pacsgrid import __version__
-from pacsgrid.cli import archive_cmds, serve
+from pacsgrid.cli import archive_cmds, index_cmds, serve
 from pacsgrid.cli.common import Parser
 from pacsgrid.errors import ConfigError, PacsgridError
 
@@ -16,6 +16,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     serve.add_parser(sub)
     archive_cmds.add_parsers(sub)
+    index_cmds.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Background and batch jobs: resumable, progress in view, one owner per work item."""
