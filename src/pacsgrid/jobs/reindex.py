@@ -189,6 +189,8 @@ class Reindexer:
                 self.progress.advance("already indexed")
             todo = [k for k in batch if k not in known]
             for c in range(0, len(todo), CHUNK):
+                if self.stop.is_set():
+                    break
                 chunk = todo[c : c + CHUNK]
                 if pool is None:
                     self._take(name, read_objects(name, chunk))
