@@ -119,6 +119,7 @@ class PgCluster:
             "-R",
             "-X",
             "stream",
+            "--checkpoint=fast",
             "--no-sync",
         )
         # The copied settings name the primary's port; the replica listens on its own.
