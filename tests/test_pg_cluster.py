@@ -52,9 +52,9 @@ def count(url: str, table: str = "instance") -> int:
         return int(row[0])
 
 
-def check_retrievable(data_dir: Path, url: str, sops: set[str]) -> None:
+def check_retrievable(data_dir: Path, url: str, sops: set[str], config: Path | None = None) -> None:
     """Every SOP is indexed and its bytes read back from a site match the recorded hash."""
-    settings = load_settings(Overrides(data_dir=data_dir, database=url), {})
+    settings = load_settings(Overrides(config=config, data_dir=data_dir, database=url), {})
     archive = Archive(settings, probe_interval=0)
     try:
         for sop in sorted(sops):
@@ -110,9 +110,9 @@ def test_primary_killed_replica_promoted_ingest_resumes(
                 state = "promoted"
             elif state == "promoted" and sent.acked:
                 resumed_after_promotion = True
-        assert refused_while_down and all(
-            "OutOfResources" in why for why in refused_while_down
-        ), refused_while_down
+        assert refused_while_down and all("OutOfResources" in why for why in refused_while_down), (
+            refused_while_down
+        )
         assert resumed_after_promotion, "ingest did not resume after the promotion"
         assert server.proc is not None and server.proc.pid == pid  # the same process, no restart
         final = storescu(server.port, retry)  # the modality retries what failed

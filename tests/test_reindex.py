@@ -50,8 +50,7 @@ def answers(url: str) -> dict[str, list[tuple[tuple[str, str], ...]]]:
     ix = open_index(url)
     try:
         return {
-            lv.value: sorted(tuple(sorted(r.items())) for r in ix.find(Query(lv)))
-            for lv in Level
+            lv.value: sorted(tuple(sorted(r.items())) for r in ix.find(Query(lv))) for lv in Level
         }
     finally:
         ix.close()
@@ -188,9 +187,9 @@ def test_reindex_while_the_archive_ingests(tmp_path: Path, files: list[Path]) ->
     finally:
         t.join(120)
         archive.close()
-    assert set(outcomes) <= {"stored", "duplicate"} and len(outcomes) == len(files) - len(
-        files
-    ) // 2
+    assert (
+        set(outcomes) <= {"stored", "duplicate"} and len(outcomes) == len(files) - len(files) // 2
+    )
     ix = open_index(settings.database_url)
     try:
         assert ix.stats().instances == len(files)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from pacsgrid import __version__
-from pacsgrid.cli import archive_cmds, index_cmds, serve
+from pacsgrid.cli import archive_cmds, deploy_cmds, index_cmds, serve
 from pacsgrid.cli.common import Parser
 from pacsgrid.errors import ConfigError, PacsgridError
 
@@ -17,6 +17,7 @@ def build_parser() -> Parser:
     serve.add_parser(sub)
     archive_cmds.add_parsers(sub)
     index_cmds.add_parsers(sub)
+    deploy_cmds.add_parsers(sub)
     return parser
 
 
