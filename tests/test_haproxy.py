@@ -3,6 +3,7 @@ DICOM-level health check): a node killed during a storescu run, a node hung (SIG
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -11,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bench import synth
+
 from pacsgrid.deploy import haproxy_config
 from tests.conftest import Server, dcmtk
 from tests.haproxy import HAProxy
@@ -127,7 +128,7 @@ def test_node_killed_during_storescu(
     taken = backups(tmp_path / "backups")
     assert taken, "the backup schedule never ran"
     starts = sorted(m.created - m.seconds for m in taken)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(g > 2.0 for g in gaps), f"two nodes backed up in the same period: {gaps}"
     print(
         f"\ntwo nodes: {len(acked)} acknowledged, node a killed mid-run, "

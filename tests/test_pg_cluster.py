@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pydicom
 import pytest
-
 from bench import synth
+
 from pacsgrid.archive import Archive
 from pacsgrid.index import open_index
 from pacsgrid.settings import Overrides, load_settings

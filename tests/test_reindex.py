@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from bench import synth
+
 from pacsgrid.archive import LOCAL, Archive
 from pacsgrid.index import Query, open_index
 from pacsgrid.jobs.backup import BackupSchedule, Manifest, backup, backups, restore
@@ -222,7 +222,7 @@ def test_backup_restore_reconcile(
     job = reindex(restored, reconcile=True)
     assert job.report.indexed == len(files) - 30 and not job.report.orphans
     assert answers(target) == answers(settings.database_url)
-    with pytest.raises(Exception, match="exists|not empty"):
+    with pytest.raises(Exception, match=r"exists|not empty"):
         restore(restored, settings.backup_dir / m.name)  # never over a live index
 
 
