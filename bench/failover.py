@@ -8,8 +8,8 @@ Each round: a primary and a streaming replica (initdb, pg_basebackup, pg_ctl on 
 one `pacsgrid serve` with the multi-host conninfo (`target_session_attrs=read-write`), and a
 client (pacsgrid's asyncio SCU) storing new instances one after another on one association
 (opening a new one if the archive aborts it). The primary is SIGKILLed (postmaster and
-backends), the replica promoted with `pg_ctl promote` after --promote-delay seconds (Patroni's job in
-production, after its TTL), and the stores' outcomes are timed.
+backends), the replica promoted with `pg_ctl promote` after --promote-delay seconds
+(Patroni's job in production, after its TTL), and the stores' outcomes are timed.
 """
 
 from __future__ import annotations
