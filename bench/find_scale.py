@@ -133,6 +133,10 @@ def rows(
                     "",
                 )
 
+    def modality_rows() -> Iterator[tuple[Any, ...]]:
+        for st in range(studies):
+            yield (st + 1, "CT")
+
     def copy_rows() -> Iterator[tuple[Any, ...]]:
         n = studies * SERIES_PER_STUDY * instances_per_series
         for pk in range(1, n + 1):
@@ -152,6 +156,7 @@ def rows(
         "series": (secols, series_rows()),
         "instance": (icols, instance_rows()),
         "copy": (ccols, copy_rows()),
+        "study_modality": (["study_pk", "modality"], modality_rows()),
     }
 
 
@@ -177,7 +182,7 @@ def load_postgres(url: str, studies: int, per_series: int) -> None:
             with conn.cursor().copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as cp:
                 for row in it:
                     cp.write_row(row)
-            if table != "copy":
+            if table not in ("copy", "study_modality"):
                 conn.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), "
                     f"(SELECT max(pk) FROM {table}))"

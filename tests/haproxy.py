@@ -63,11 +63,16 @@ class HAProxy:
     def wait_state(self, name: str, state: str, timeout: float = 30) -> float:
         """Seconds until `name` is in `state`."""
         t0 = time.monotonic()
+        seen: dict[str, str] = {}
         while time.monotonic() - t0 < timeout:
-            if self.states().get(name) == state:
+            try:
+                seen = self.states()
+            except OSError:  # the stats socket is not there yet
+                seen = {}
+            if seen.get(name) == state:
                 return time.monotonic() - t0
             time.sleep(0.05)
-        raise TimeoutError(f"{name} not {state} after {timeout}s: {self.states()}")
+        raise TimeoutError(f"{name} not {state} after {timeout}s: {seen}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

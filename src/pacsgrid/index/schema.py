@@ -128,6 +128,9 @@ def scale(t: Types) -> list[str]:
 
     - `copy(site, key)`: reindex and reconcile ask "is this object already indexed?" per key;
     - `job_state`: periodic jobs (backups) that exactly one node of several runs per period;
+    - `study_modality`: ModalitiesInStudy as rows, so that a C-FIND on it is an index lookup
+      on both engines instead of a substring scan of every study (filled from the series
+      already stored);
     - PostgreSQL compares text with the database's collation, so its plain B-tree indexes
       cannot serve `LIKE 'SMI%'` (C-FIND wildcards) unless the collation is C: the
       `text_pattern_ops` twins can. SQLite's GLOB uses the plain indexes already.
@@ -139,6 +142,12 @@ def scale(t: Types) -> list[str]:
   last_run {t.real} NOT NULL DEFAULT 0,
   owner {t.text} NOT NULL DEFAULT '',
   detail {t.text} NOT NULL DEFAULT '')""",
+        f"""CREATE TABLE study_modality (
+  study_pk BIGINT NOT NULL REFERENCES study(pk),
+  modality {t.text} NOT NULL,
+  PRIMARY KEY (modality, study_pk))""",
+        "INSERT INTO study_modality (study_pk, modality) SELECT DISTINCT study_pk, modality "
+        "FROM series WHERE modality <> ''",
     ]
     if t.engine == "postgres":
         out += [

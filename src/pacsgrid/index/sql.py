@@ -185,6 +185,13 @@ class SqlIndex:
             db, "SELECT modalities, sop_classes FROM study WHERE pk = ?", (study_pk,)
         ).fetchone()
         modalities = _add_to_set(study_row[0], v.get("Modality", ""))
+        if modalities != study_row[0]:
+            self._x(
+                db,
+                "INSERT INTO study_modality (study_pk, modality) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (study_pk, v["Modality"]),
+            )
         sop_classes = _add_to_set(study_row[1], v.get("SOPClassUID", ""))
         self._x(
             db,
