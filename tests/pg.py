@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.conftest import _children
+
 PG_BIN = Path(os.environ.get("PACSGRID_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
@@ -219,14 +221,3 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            for child in fh.read().split():
-                out += _children(int(child)) + [int(child)]
-    except OSError:
-        pass
-    return out

@@ -1,28 +1,20 @@
-"""Sending files with DCMTK storescu and telling, file by file, what the archive answered."""
+"""Sending files with DCMTK storescu, one association per call, and telling file by file what
+the archive answered (a file counts as stored only when its response said Success)."""
 
 from __future__ import annotations
 
-import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import dcmtk
+from tests.dcmtk_store import StoreRun, parse_output
 
-SENDING = re.compile(r"^I: Sending file: (.+)$")
-
-
-@dataclass
-class Sent:
-    acked: list[Path] = field(default_factory=list)  # success status received
-    failed: dict[Path, str] = field(default_factory=dict)  # failure status, or never sent
-    output: str = ""
+Sent = StoreRun
 
 
 def storescu(port: int, paths: list[Path], aet: str = "MODALITY", timeout: float = 120) -> Sent:
-    """One association (storescu run) sending `paths`; a file counts as stored only when
-    its C-STORE response said Success."""
-    out = Sent()
+    """One association (storescu run) sending `paths`, with bounded DCMTK timeouts."""
+    run = StoreRun()
     proc = dcmtk(
         "storescu",
         "-v",
@@ -42,27 +34,9 @@ def storescu(port: int, paths: list[Path], aet: str = "MODALITY", timeout: float
         *paths,
         timeout=timeout,
     )
-    out.output = proc.stdout
-    current: Path | None = None
-    for line in proc.stdout.splitlines():
-        m = SENDING.match(line)
-        if m:
-            current = Path(m.group(1))
-            continue
-        if current is not None and line.startswith("I: Received Store Response"):
-            if "(Success)" in line:
-                out.acked.append(current)
-            else:
-                out.failed[current] = line
-            current = None
-        elif current is not None and line.startswith("E: Store Failed"):
-            out.failed[current] = line
-            current = None
-    done = set(out.acked) | set(out.failed)
-    for p in paths:
-        if p not in done:
-            out.failed[p] = "not sent (association failed)"
-    return out
+    run.output = proc.stdout
+    parse_output(proc.stdout, paths, run)
+    return run
 
 
 def sop_uid(path: Path) -> str:

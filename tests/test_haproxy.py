@@ -97,11 +97,11 @@ def test_node_killed_during_storescu(
         assert killed_at
         after = [s for t, s in results if t > killed_at + 0.5]
         assert after and all(not s.failed for s in after), [s.failed for s in after]
-        assert all(s.acked for s in after), "new associations did not reach the survivor"
+        assert all(s.stored for s in after), "new associations did not reach the survivor"
         retry = [p for _, s in results for p in s.failed]
         final = storescu(proxy.port, retry) if retry else Sent()
         assert not final.failed
-        acked = [p for _, s in results for p in s.acked] + final.acked
+        acked = [p for _, s in results for p in s.stored] + final.stored
         assert {sop_uid(p) for p in acked} == {sop_uid(p) for p in synth_files}
         assert "association from MODALITY" in nodes[0].text()  # a took stores before
         assert "association from MODALITY" in nodes[1].text()
@@ -132,7 +132,7 @@ def test_node_killed_during_storescu(
     assert all(g > 2.0 for g in gaps), f"two nodes backed up in the same period: {gaps}"
     print(
         f"\ntwo nodes: {len(acked)} acknowledged, node a killed mid-run, "
-        f"{sum(len(s.acked) for s in after)} stored via node b afterwards; "
+        f"{sum(len(s.stored) for s in after)} stored via node b afterwards; "
         f"{len(taken)} scheduled backups, one per period"
     )
 

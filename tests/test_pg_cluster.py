@@ -98,17 +98,17 @@ def test_primary_killed_replica_promoted_ingest_resumes(
             t0 = time.monotonic()
             sent = storescu(server.port, batch)
             took = time.monotonic() - t0
-            acked += sent.acked
+            acked += sent.stored
             retry += list(sent.failed)
             if state == "dying":
                 state = "down"
             elif state == "down":
-                assert not sent.acked, "stored with no primary reachable"
+                assert not sent.stored, "stored with no primary reachable"
                 assert took < 60, f"storescu took {took:.0f}s while no primary was reachable"
                 refused_while_down += list(sent.failed.values())
                 replica.promote()  # what Patroni does after its TTL
                 state = "promoted"
-            elif state == "promoted" and sent.acked:
+            elif state == "promoted" and sent.stored:
                 resumed_after_promotion = True
         assert refused_while_down and all("OutOfResources" in why for why in refused_while_down), (
             refused_while_down
@@ -116,7 +116,7 @@ def test_primary_killed_replica_promoted_ingest_resumes(
         assert resumed_after_promotion, "ingest did not resume after the promotion"
         assert server.proc is not None and server.proc.pid == pid  # the same process, no restart
         final = storescu(server.port, retry)  # the modality retries what failed
-        acked += final.acked
+        acked += final.stored
         assert not final.failed, final.failed
         server.stop()
         server = None
@@ -175,7 +175,7 @@ def test_backup_while_storescu_sends_then_restore_and_reconcile(
         backup_done.set()
         sender.join(300)
         server.stop()
-    acked = [p for r in results for p in r.acked]
+    acked = [p for r in results for p in r.stored]
     assert len(acked) == len(synth_files), [r.failed for r in results]
     from pacsgrid.jobs.backup import backups
 
@@ -266,7 +266,9 @@ def test_database_deleted_reindex_answers_the_same(tmp_path: Path, pg_server: Pg
     finally:
         server.stop()
     for lv in FIND_KEYS:
-        assert after[lv] == before[lv], lv
+        extra = sorted(set(after[lv]) - set(before[lv]))
+        missing = sorted(set(before[lv]) - set(after[lv]))
+        assert after[lv] == before[lv], f"{lv}: new {extra}, gone {missing}"
     assert len(before["STUDY"]) > 5
     print(f"\nreindex rebuilt {n} instances; C-FIND answers identical at every level")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
 from pacsgrid.index import Index
 from pacsgrid.settings import Settings
+from pacsgrid.storage.filesystem import _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +138,7 @@ def _backup_sqlite(db: Path, folder: Path, base: str) -> Manifest:
         partial = out.with_suffix(".gz.partial")
         with open(copy, "rb") as fin, gzip.open(partial, "wb", compresslevel=6) as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
-        _fsync_file(partial)
-        os.replace(partial, out)
-        _fsync_dir(folder)
-    return Manifest(
-        out.name,
-        "sqlite",
-        time.time(),
-        counts,
-        out.stat().st_size,
-        _sha256(out),
-        str(db),
-    )
+        return _publish(partial, out, "sqlite", counts, str(db))
 
 
 def _backup_postgres(source: str, folder: Path, base: str) -> Manifest:
@@ -190,18 +180,17 @@ def _backup_postgres(source: str, folder: Path, base: str) -> Manifest:
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
         raise BackupError(f"pg_dump of {redact(source)} failed: {proc.stdout.strip()[-2000:]}")
+    return _publish(partial, out, "postgres", counts, redact(source))
+
+
+def _publish(
+    partial: Path, out: Path, engine: str, counts: dict[str, int], source: str
+) -> Manifest:
+    """Make a finished backup file durable under its final name; its manifest."""
     _fsync_file(partial)
     os.replace(partial, out)
-    _fsync_dir(folder)
-    return Manifest(
-        out.name,
-        "postgres",
-        time.time(),
-        counts,
-        out.stat().st_size,
-        _sha256(out),
-        redact(source),
-    )
+    _fsync_dir(out.parent)
+    return Manifest(out.name, engine, time.time(), counts, out.stat().st_size, _sha256(out), source)
 
 
 # ---------------------------------------------------------------- verify and rotate
@@ -395,14 +384,6 @@ def _sha256(path: Path) -> str:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

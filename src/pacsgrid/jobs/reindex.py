@@ -25,8 +25,9 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from pacsgrid.dicom.header import scan
@@ -178,7 +179,9 @@ class Reindexer:
         yield from site.list()
 
     def _index_site(self, name: str, keys: list[str], pool: ProcessPoolExecutor | None) -> None:
-        inflight: set[Future[list[ReadResult]]] = set()
+        # Results are taken in submission order (oldest first), so objects are filed in the
+        # order they were stored even though the reader processes finish out of order.
+        inflight: deque[Future[list[ReadResult]]] = deque()
         for start in range(0, len(keys), 500):
             if self.stop.is_set():
                 break
@@ -196,12 +199,10 @@ class Reindexer:
                     self._take(name, read_objects(name, chunk))
                     continue
                 while len(inflight) >= self.jobs * 3:
-                    done, inflight = _wait_some(inflight)
-                    for f in done:
-                        self._take(name, f.result())
-                inflight.add(pool.submit(read_objects, name, chunk))
-        for f in inflight:
-            self._take(name, f.result())
+                    self._take(name, inflight.popleft().result())
+                inflight.append(pool.submit(read_objects, name, chunk))
+        while inflight:
+            self._take(name, inflight.popleft().result())
         self._flush()
 
     def _take(self, site: str, results: list[ReadResult]) -> None:
@@ -295,10 +296,3 @@ def _exists_now(site: StorageSite | None, key: str) -> bool:
         return site.stat(key) is not None
     except StorageError:
         return True
-
-
-def _wait_some(
-    futures: set[Future[list[ReadResult]]],
-) -> tuple[set[Future[list[ReadResult]]], set[Future[list[ReadResult]]]]:
-    done, rest = wait(futures, return_when=FIRST_COMPLETED)
-    return set(done), set(rest)
