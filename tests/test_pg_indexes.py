@@ -63,3 +63,31 @@ def test_study_level_query_is_served_by_an_index(pg_url: str, key: str) -> None:
         plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params).fetchall())
     assert "Seq Scan" not in plan, plan
     assert index_name in plan, plan
+
+
+def test_read_connections_are_bounded(pg_url: str) -> None:
+    """32 threads querying at once share `pool_size` read connections."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pacsgrid.index.postgres import PostgresIndex
+
+    ix = PostgresIndex(pg_url, pool_size=3)
+    try:
+        ix.add_batch([inst(f"1.{n}", f"9.{n}", f"9.{n}.1") for n in range(20)])
+        peak = 0
+
+        def work(_: int) -> int:
+            rows = list(ix.find(Query(Level.STUDY)))
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pacsgrid'"
+                ).fetchone()
+            assert row is not None
+            return len(rows) * 0 + int(row[0])
+
+        with ThreadPoolExecutor(32) as pool:
+            for n in pool.map(work, range(200)):
+                peak = max(peak, n)
+        assert 1 <= peak <= 3 + 1  # the pool, plus the write connection
+    finally:
+        ix.close()

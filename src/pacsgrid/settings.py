@@ -157,6 +157,13 @@ class IndexSettings:
         "(0 = no limit).",
         min=0.0,
     )
+    pool_size: int = setting(
+        8,
+        "PostgreSQL read connections per process (plus one for writes, and as many again for "
+        "read_database); size max_connections for nodes x workers x this.",
+        min=1,
+        max=256,
+    )
 
 
 @dataclass(frozen=True)

@@ -48,5 +48,6 @@ def open_index(url: str, options: IndexSettings | None = None) -> Index:
             read_url=options.read_database,
             connect_timeout=options.connect_timeout,
             statement_timeout=options.statement_timeout,
+            pool_size=options.pool_size,
         )
     raise ConfigError("database", f"expected sqlite:///path or a PostgreSQL conninfo, got {url!r}")

@@ -2,8 +2,9 @@
 
 Connections:
 - one write connection per process, used by the group committer (serialised by a lock for the
-  rare direct writers), and one read connection per reading thread, so a C-FIND never waits
-  for a commit;
+  rare direct writers), and a small pool of read connections (`index.pool_size`) shared by
+  the reading threads, so a C-FIND never waits for a commit and a node holds a bounded number
+  of connections;
 - with a read-only conninfo (`index.read_database`), `find` and `instances` (C-FIND, C-MOVE,
   C-GET, QIDO) go to a standby; if it cannot answer, the primary does.
 
@@ -29,6 +30,7 @@ other's rows instead of waiting for them or taking them twice.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +40,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerr
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import AddResult, NewInstance
@@ -111,6 +114,7 @@ class PostgresIndex(SqlIndex):
         read_url: str = "",
         connect_timeout: float = 5.0,
         statement_timeout: float = 30.0,
+        pool_size: int = 8,
     ) -> None:
         self.raw_url = url
         self.url = redact(url)
@@ -137,6 +141,12 @@ class PostgresIndex(SqlIndex):
         self._conns_lock = threading.Lock()
         self._closed = False
         self.reconnects = 0
+        self._primary = ReadPool(lambda: self._connect(self._dsn), pool_size, statement_timeout)
+        self._standby = (
+            ReadPool(lambda: self._connect(self._read_dsn), pool_size, statement_timeout)
+            if self._read_dsn
+            else None
+        )
         # Nodes starting together must not both create the schema: a session advisory lock
         # on a connection of its own (closing it releases the lock).
         guard = self._connect(self._dsn)
@@ -183,23 +193,9 @@ class PostgresIndex(SqlIndex):
         self._discard(self._writer)
         self._writer = None
 
-    def _conn(self) -> psycopg.Connection[Any]:
-        reading = getattr(self._local, "reading", False) and bool(self._read_dsn)
-        attr = "reader" if reading else "conn"
-        conn: psycopg.Connection[Any] | None = getattr(self._local, attr, None)
-        if conn is not None and conn.closed:
-            self._discard(conn)
-            conn = None
-        if conn is None:
-            conn = self._connect(self._read_dsn if reading else self._dsn)
-            setattr(self._local, attr, conn)
-        return conn
-
-    def _forget_thread_conn(self) -> None:
-        reading = getattr(self._local, "reading", False) and bool(self._read_dsn)
-        attr = "reader" if reading else "conn"
-        self._discard(getattr(self._local, attr, None))
-        setattr(self._local, attr, None)
+    def _pool(self) -> ReadPool:
+        reading = getattr(self._local, "reading", False) and self._standby is not None
+        return self._standby if reading and self._standby is not None else self._primary
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return list(self._read(sql, params, many=True))
@@ -208,21 +204,27 @@ class PostgresIndex(SqlIndex):
         return self._read(sql, params, many=False)
 
     def _read(self, sql: str, params: Sequence[Any], *, many: bool) -> Any:
-        """A read: on a broken connection, once more on a fresh one (reads are idempotent);
-        a failing standby falls back to the primary."""
+        """A read on a pooled connection: on a broken connection, once more on a fresh one
+        (reads are idempotent); a failing standby falls back to the primary."""
         last: Exception | None = None
         for attempt in range(3):
+            pool = self._pool()
+            conn: psycopg.Connection[Any] | None = None
             try:
-                cur = self._conn().execute(self._sql(sql), _clean(params))
-                return cur.fetchall() if many else cur.fetchone()
+                conn = pool.take()
+                cur = conn.execute(self._sql(sql), _clean(params))
+                result = cur.fetchall() if many else cur.fetchone()
+                pool.give(conn)
+                return result
             except IndexUnavailable as e:
                 last = e
             except psycopg.Error as e:
                 last = e
                 if not _connection_problem(e):
+                    pool.give(conn)
                     raise IndexUnavailable(f"index query failed: {_first_line(e)}") from e
-                self._forget_thread_conn()
-            if getattr(self._local, "reading", False) and self._read_dsn:
+                pool.discard(conn)
+            if pool is self._standby:
                 log.warning("standby cannot answer (%s); asking the primary", _first_line(last))
                 self._local.reading = False
                 continue
@@ -325,7 +327,64 @@ class PostgresIndex(SqlIndex):
             with suppress(Exception):
                 conn.close()
         self._writer = None
+        self._primary.clear()
+        if self._standby is not None:
+            self._standby.clear()
         self._local = threading.local()
+
+
+class ReadPool:
+    """At most `size` read connections shared by every thread of the process (the DICOM
+    thread pool has 32 threads; a connection each, times workers and nodes, would exhaust
+    PostgreSQL's max_connections). A thread waits for a free connection for at most
+    `wait` seconds, then the read fails (IndexUnavailable), as a slow statement would."""
+
+    def __init__(self, connect: Any, size: int, wait: float) -> None:
+        self._connect = connect
+        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(max(1, size))
+        self._wait = wait if wait > 0 else None
+
+    def take(self) -> psycopg.Connection[Any]:
+        if not self._slots.acquire(timeout=self._wait if self._wait is not None else -1):
+            raise IndexUnavailable("every index read connection is busy (index.pool_size)")
+        try:
+            while True:
+                try:
+                    conn = self._idle.get_nowait()
+                except queue.Empty:
+                    return self._connect()  # type: ignore[no-any-return]
+                if not conn.closed:
+                    return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def give(self, conn: psycopg.Connection[Any] | None) -> None:
+        if conn is None:
+            return
+        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+            with suppress(Exception):
+                conn.close()
+        else:
+            self._idle.put(conn)
+        self._slots.release()
+
+    def discard(self, conn: psycopg.Connection[Any] | None) -> None:
+        if conn is None:
+            return
+        with suppress(Exception):
+            conn.close()
+        self._slots.release()
+
+    def clear(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with suppress(Exception):
+                conn.close()
 
 
 def _clean(params: Sequence[Any]) -> Sequence[Any]:
