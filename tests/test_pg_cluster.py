@@ -4,6 +4,7 @@ pg_ctl), pg_dump/pg_restore through `pacsgrid backup`/`restore`."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -309,3 +310,51 @@ def test_reads_use_the_standby_and_fall_back(tmp_path: Path) -> None:
         if replica is not None:
             replica.destroy()
         primary.destroy()
+
+
+def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> None:
+    """A primary that hangs (SIGSTOP: connections stay open, nothing answers) must not hang
+    ingest: the commit fails within the bounded timeouts, and works again once it is back."""
+    import os
+    import signal
+
+    from pacsgrid.errors import IndexUnavailable
+    from pacsgrid.index.postgres import PostgresIndex
+    from tests.pg import _children
+    from tests.test_index_contract import inst
+
+    cluster = PgCluster().init().start()
+    assert cluster.pid is not None
+    pids: list[int] = []
+    try:
+        url = cluster.create_db("frozen")
+        index = PostgresIndex(url, connect_timeout=1, statement_timeout=2)
+        index.add_batch([inst("1.1")])
+        pids = [cluster.pid, *_children(cluster.pid)]  # the postmaster and its backends
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(IndexUnavailable):
+            index.add_batch([inst("1.2")])
+        took = time.monotonic() - t0
+        assert took < 30, f"a commit against a frozen primary took {took:.0f}s"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                index.add_batch([inst("1.3")])
+                break
+            except IndexUnavailable:
+                assert time.monotonic() < deadline, "did not recover"
+                time.sleep(0.5)
+        assert index.has_instance("1.3") and index.has_instance("1.1")
+        index.close()
+        print(f"\nfrozen primary: commit failed after {took:.1f}s, recovered after SIGCONT")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        cluster.destroy()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, settings_from, setup_logging
+from pacsgrid.index import display_url
 from pacsgrid.progress import Progress
 
 
@@ -172,12 +173,7 @@ def run_restore(args: argparse.Namespace) -> int:
     setup_logging(settings, quiet=True)
     m = restore(settings, args.backup, force=args.force)
     counts = ", ".join(f"{k} {v}" for k, v in m.counts.items()) or "counts unknown"
-    url = settings.database_url
-    if not url.startswith("sqlite:"):
-        from pacsgrid.index.postgres import redact
-
-        url = redact(url)
-    print(f"restored {args.backup} into {url}")
+    print(f"restored {args.backup} into {display_url(settings.database_url)}")
     print(f"  backup point: {counts}")
     print("  next: 'pacsgrid reindex --reconcile' indexes what was stored after the backup")
     return 0

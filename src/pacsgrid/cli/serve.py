@@ -12,6 +12,7 @@ from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
 from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
+from pacsgrid.index import display_url
 from pacsgrid.settings import Settings, load_settings
 
 log = logging.getLogger("pacsgrid.serve")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         d.ae_title,
         workers,
         "s" if workers > 1 else "",
-        settings.database_url,
+        display_url(settings.database_url),
         sites,
     )
     if workers == 1:

@@ -21,9 +21,21 @@ __all__ = [
     "Query",
     "SiteUsage",
     "WorkItem",
+    "display_url",
     "open_index",
     "parse_match",
 ]
+
+
+def display_url(url: str) -> str:
+    """The database setting as logs and status may show it (no password)."""
+    if url.startswith("sqlite:"):
+        return url
+    try:
+        from pacsgrid.index.postgres import redact
+    except ImportError:
+        return "postgresql (conninfo hidden)"
+    return redact(url)
 
 
 def open_index(url: str, options: IndexSettings | None = None) -> Index:

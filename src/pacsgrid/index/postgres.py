@@ -30,7 +30,9 @@ other's rows instead of waiting for them or taking them twice.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -141,6 +143,11 @@ class PostgresIndex(SqlIndex):
         self._conns_lock = threading.Lock()
         self._closed = False
         self.reconnects = 0
+        # A server that hangs with its kernel alive (stopped, deadlocked) keeps the TCP
+        # connection up and acknowledges what we send: neither keepalives nor
+        # tcp_user_timeout notice, and its statement_timeout cannot fire. Past this deadline
+        # the client shuts the socket down itself (see _deadline).
+        self._deadline_s = statement_timeout + 2 * connect_timeout if statement_timeout else 0.0
         self._primary = ReadPool(lambda: self._connect(self._dsn), pool_size, statement_timeout)
         self._standby = (
             ReadPool(lambda: self._connect(self._read_dsn), pool_size, statement_timeout)
@@ -212,8 +219,9 @@ class PostgresIndex(SqlIndex):
             conn: psycopg.Connection[Any] | None = None
             try:
                 conn = pool.take()
-                cur = conn.execute(self._sql(sql), _clean(params))
-                result = cur.fetchall() if many else cur.fetchone()
+                with _deadline(conn, self._deadline_s):
+                    cur = conn.execute(self._sql(sql), _clean(params))
+                    result = cur.fetchall() if many else cur.fetchone()
                 pool.give(conn)
                 return result
             except IndexUnavailable as e:
@@ -249,7 +257,7 @@ class PostgresIndex(SqlIndex):
         with self._lock:
             conn = self._writer_conn()
             try:
-                with conn.transaction():
+                with _deadline(conn, self._deadline_s), conn.transaction():
                     yield conn
             except psycopg.Error as e:
                 if _connection_problem(e):
@@ -270,10 +278,11 @@ class PostgresIndex(SqlIndex):
                     raise
                 committing = False
                 try:
-                    conn.execute("BEGIN")
-                    result = fn(conn, *args)
-                    committing = True
-                    conn.execute("COMMIT")
+                    with _deadline(conn, self._deadline_s):
+                        conn.execute("BEGIN")
+                        result = fn(conn, *args)
+                        committing = True
+                        conn.execute("COMMIT")
                     return result
                 except psycopg.Error as e:
                     last = e
@@ -385,6 +394,67 @@ class ReadPool:
                 return
             with suppress(Exception):
                 conn.close()
+
+
+class _Watchdog:
+    """One thread for every deadline of the process (a timer thread per statement would
+    cost more than the statement)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, int, float]] = {}  # token -> (due, fd, seconds)
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int, seconds: float) -> int:
+        with self._cond:
+            self._next += 1
+            self._armed[self._next] = (time.monotonic() + seconds, fd, seconds)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pg-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return self._next
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [t for t, (when, _, _) in self._armed.items() if when <= now]
+                fired = [self._armed.pop(t) for t in due]
+                if not fired:
+                    soonest = min((w for w, _, _ in self._armed.values()), default=now + 60)
+                    self._cond.wait(max(0.01, soonest - now))
+                    continue
+            for _, fd, seconds in fired:
+                log.error("index statement exceeded %.0fs: dropping the connection", seconds)
+                with suppress(OSError):
+                    sock = socket.socket(fileno=os.dup(fd))
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        sock.close()
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextmanager
+def _deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Break `conn` (shut its socket down) if the block runs longer than `seconds`: the
+    waiting call then fails with a connection error instead of waiting forever."""
+    if seconds <= 0:
+        yield
+        return
+    token = _WATCHDOG.arm(conn.fileno(), seconds)
+    try:
+        yield
+    finally:
+        _WATCHDOG.disarm(token)
 
 
 def _clean(params: Sequence[Any]) -> Sequence[Any]:
