@@ -31,7 +31,7 @@ from bench.clients import StoreLoop, encoded  # noqa: E402
 
 
 def one_round(workdir: Path, promote_delay: float, n: int) -> dict[str, float]:
-    items = encoded(20000, f"failover-{n}-{time.time()}")
+    items = encoded(3000, f"failover-{n}-{time.time()}")
     primary = PgCluster().init().start()
     replica = None
     server = None

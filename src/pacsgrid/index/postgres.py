@@ -148,21 +148,29 @@ class PostgresIndex(SqlIndex):
         # tcp_user_timeout notice, and its statement_timeout cannot fire. Past this deadline
         # the client shuts the socket down itself (see _deadline).
         self._deadline_s = statement_timeout + 2 * connect_timeout if statement_timeout else 0.0
-        self._primary = ReadPool(lambda: self._connect(self._dsn), pool_size, statement_timeout)
+        self._primary = ReadPool(
+            lambda: self._connect(self._dsn), self._discard, pool_size, statement_timeout
+        )
         self._standby = (
-            ReadPool(lambda: self._connect(self._read_dsn), pool_size, statement_timeout)
+            ReadPool(
+                lambda: self._connect(self._read_dsn), self._discard, pool_size, statement_timeout
+            )
             if self._read_dsn
             else None
         )
         # Nodes starting together must not both create the schema: a session advisory lock
-        # on a connection of its own (closing it releases the lock).
+        # on a connection of its own (closing it releases the lock). Migrations (an index
+        # built over millions of rows) run without the statement timeouts.
+        self._migrating = True
         guard = self._connect(self._dsn)
         try:
+            guard.execute("SET statement_timeout = 0")
             guard.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
             self._apply_migrations(POSTGRES_TYPES)
         except psycopg.Error as e:
             raise IndexUnavailable(f"cannot open index {self.url}: {_first_line(e)}") from e
         finally:
+            self._migrating = False
             self._discard(guard)
 
     # ------------------------------------------------------------------ connections
@@ -256,8 +264,12 @@ class PostgresIndex(SqlIndex):
         """One write transaction on the write connection (no retry: see `_run`)."""
         with self._lock:
             conn = self._writer_conn()
+            migrating = self._migrating
             try:
-                with _deadline(conn, self._deadline_s), conn.transaction():
+                with _deadline(conn, 0 if migrating else self._deadline_s), conn.transaction():
+                    if migrating:
+                        conn.execute("SET LOCAL statement_timeout = 0")
+                        conn.execute("SET LOCAL lock_timeout = 0")
                     yield conn
             except psycopg.Error as e:
                 if _connection_problem(e):
@@ -348,8 +360,9 @@ class ReadPool:
     PostgreSQL's max_connections). A thread waits for a free connection for at most
     `wait` seconds, then the read fails (IndexUnavailable), as a slow statement would."""
 
-    def __init__(self, connect: Any, size: int, wait: float) -> None:
+    def __init__(self, connect: Any, drop: Any, size: int, wait: float) -> None:
         self._connect = connect
+        self._drop = drop
         self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(max(1, size))
         self._wait = wait if wait > 0 else None
@@ -365,6 +378,7 @@ class ReadPool:
                     return self._connect()  # type: ignore[no-any-return]
                 if not conn.closed:
                     return conn
+                self._drop(conn)
         except BaseException:
             self._slots.release()
             raise
@@ -373,8 +387,7 @@ class ReadPool:
         if conn is None:
             return
         if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
-            with suppress(Exception):
-                conn.close()
+            self._drop(conn)
         else:
             self._idle.put(conn)
         self._slots.release()
@@ -382,8 +395,7 @@ class ReadPool:
     def discard(self, conn: psycopg.Connection[Any] | None) -> None:
         if conn is None:
             return
-        with suppress(Exception):
-            conn.close()
+        self._drop(conn)
         self._slots.release()
 
     def clear(self) -> None:
@@ -392,8 +404,7 @@ class ReadPool:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 return
-            with suppress(Exception):
-                conn.close()
+            self._drop(conn)
 
 
 class _Watchdog:
