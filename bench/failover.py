@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import Server  # noqa: E402
-from tests.pg import PgCluster  # noqa: E402
+from tests.pg import FAST_FAIL, PgCluster, failover_url  # noqa: E402
 
 from bench.clients import StoreLoop, encoded  # noqa: E402
 
@@ -38,14 +38,9 @@ def one_round(workdir: Path, promote_delay: float, n: int) -> dict[str, float]:
     try:
         primary.create_db("pacs")
         replica = primary.replica().start()
-        url = (
-            f"host=127.0.0.1,127.0.0.1 port={primary.port},{replica.port} user=postgres "
-            "dbname=pacs target_session_attrs=read-write"
-        )
+        url = failover_url(primary, replica)
         server = Server(
-            workdir / f"archive-{time.time_ns()}",
-            args=("--database", url),
-            env={"PACSGRID_INDEX_CONNECT_TIMEOUT": "2", "PACSGRID_INDEX_STATEMENT_TIMEOUT": "10"},
+            workdir / f"archive-{time.time_ns()}", args=("--database", url), env=FAST_FAIL
         ).start()
         client = StoreLoop(server.port, items)
         client.start()

@@ -201,6 +201,18 @@ class PgCluster:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def failover_url(primary: PgCluster, replica: PgCluster, dbname: str = "pacs") -> str:
+    """The conninfo of a two-host cluster: libpq picks whichever is the primary."""
+    return (
+        f"host=127.0.0.1,127.0.0.1 port={primary.port},{replica.port} user=postgres "
+        f"dbname={dbname} target_session_attrs=read-write"
+    )
+
+
+# Bounded waits for archives under test, so a missing primary shows within seconds.
+FAST_FAIL = {"PACSGRID_INDEX_CONNECT_TIMEOUT": "2", "PACSGRID_INDEX_STATEMENT_TIMEOUT": "10"}
+
+
 def _has_locale(name: str) -> bool:
     try:
         out = subprocess.run(["locale", "-a"], stdout=subprocess.PIPE, text=True).stdout

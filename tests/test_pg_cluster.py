@@ -23,12 +23,10 @@ from pacsgrid.settings import Overrides, load_settings
 from tests.conftest import Server, dcmtk
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
-from tests.pg import PgCluster
+from tests.pg import FAST_FAIL, PgCluster, failover_url
 from tests.senders import Sent, sop_uid, storescu
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
-
-FAST_FAIL = {"PACSGRID_INDEX_CONNECT_TIMEOUT": "2", "PACSGRID_INDEX_STATEMENT_TIMEOUT": "10"}
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +77,7 @@ def test_primary_killed_replica_promoted_ingest_resumes(
     try:
         primary.create_db("pacs")
         replica = primary.replica().start()
-        url = (
-            f"host=127.0.0.1,127.0.0.1 port={primary.port},{replica.port} user=postgres "
-            "dbname=pacs target_session_attrs=read-write"
-        )
+        url = failover_url(primary, replica)
         server = Server(tmp_path / "archive", args=("--database", url), env=FAST_FAIL).start()
         pid = server.proc.pid if server.proc else 0
         batches = [synth_files[i : i + 6] for i in range(0, len(synth_files), 6)]
