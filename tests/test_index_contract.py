@@ -389,3 +389,53 @@ def test_unreachable_postgres_fails_promptly() -> None:
     with pytest.raises(IndexUnavailable, match="cannot reach a writable PostgreSQL"):
         open_index(f"host=127.0.0.1 port={free_port()} user=postgres dbname=x connect_timeout=2")
     assert time.monotonic() - t0 < 30  # a bound on a hang, not a speed measurement
+
+
+def _adder(url: str, offset: int, go: Any, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    ix = open_index(url)
+    go.wait(60)
+    outcomes: list[str] = []
+    try:
+        for n in range(60):
+            # Both processes create the same new patients, studies and series at once.
+            study = n % 6
+            series = f"8.{study}.{(n // 6) % 2}"
+            item = inst(f"5.{offset}.{n}", f"8.{study}", series, pid=f"Q{study % 3}")
+            outcomes += [r.outcome for r in ix.add_batch([item])]
+    except Exception as e:
+        outcomes.append(f"error: {e}")
+    finally:
+        ix.close()
+        out.put(outcomes)
+
+
+@pytest.mark.slow
+def test_two_writers_filing_into_the_same_new_studies(engine_url: str) -> None:
+    """Two processes (two nodes) store instances of the same new studies at the same moment:
+    every store succeeds, the hierarchy and its counters come out right."""
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    go = ctx.Event()
+    open_index(engine_url).close()  # schema first
+    procs = [ctx.Process(target=_adder, args=(engine_url, k, go, out)) for k in range(2)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    go.set()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(60)
+    errors = [o for r in results for o in r if o != "stored"]
+    assert not errors and sum(map(len, results)) == 120, errors
+    ix = open_index(engine_url)
+    try:
+        stats = ix.stats()
+        assert (stats.patients, stats.studies, stats.series, stats.instances) == (3, 6, 12, 120)
+        for row in ix.find(Query(Level.STUDY)):
+            assert row["NumberOfStudyRelatedInstances"] == "20"
+            assert row["NumberOfStudyRelatedSeries"] == "2"
+        for row in ix.find(Query(Level.PATIENT)):
+            assert row["NumberOfPatientRelatedStudies"] == "2"
+            assert row["NumberOfPatientRelatedInstances"] == "40"
+    finally:
+        ix.close()
