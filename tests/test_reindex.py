@@ -167,10 +167,12 @@ def test_unreadable_object_is_reported_not_fatal(tmp_path: Path, files: list[Pat
     assert [k for _, k, _ in job.report.unreadable] == ["1.2.3/1.2.3.4/broken.dcm"]
 
 
-def test_reindex_while_the_archive_ingests(tmp_path: Path, files: list[Path]) -> None:
+def test_reindex_while_the_archive_ingests(
+    tmp_path: Path, files: list[Path], database: str
+) -> None:
     """Stores keep being acknowledged while a reindex runs on the same index; afterwards
     every stored instance is indexed exactly once."""
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, database)
     store(settings, files[: len(files) // 2])
     archive = Archive(settings, probe_interval=0)
     outcomes: list[str] = []

@@ -60,6 +60,7 @@ RETRYABLE = (
     pgerr.UniqueViolation,  # two nodes inserted the same new study/series/instance at once
     pgerr.LockNotAvailable,
 )
+STANDBY_RETRY = 30.0  # seconds the primary answers reads after the standby failed
 MIGRATION_LOCK = 0x7061637367726964  # "pacsgrid": one node upgrades the schema at a time
 
 
@@ -142,6 +143,7 @@ class PostgresIndex(SqlIndex):
         self._all_conns: set[psycopg.Connection[Any]] = set()
         self._conns_lock = threading.Lock()
         self._closed = False
+        self._standby_down_until = 0.0
         self.reconnects = 0
         # A server that hangs with its kernel alive (stopped, deadlocked) keeps the TCP
         # connection up and acknowledges what we send: neither keepalives nor
@@ -210,6 +212,8 @@ class PostgresIndex(SqlIndex):
 
     def _pool(self) -> ReadPool:
         reading = getattr(self._local, "reading", False) and self._standby is not None
+        if reading and time.monotonic() < self._standby_down_until:
+            return self._primary  # the standby failed recently: do not wait for it again
         return self._standby if reading and self._standby is not None else self._primary
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -241,8 +245,14 @@ class PostgresIndex(SqlIndex):
                     raise IndexUnavailable(f"index query failed: {_first_line(e)}") from e
                 pool.discard(conn)
             if pool is self._standby:
-                log.warning("standby cannot answer (%s); asking the primary", _first_line(last))
-                self._local.reading = False
+                if time.monotonic() >= self._standby_down_until:
+                    log.warning(
+                        "standby cannot answer (%s); the primary answers queries for the "
+                        "next %.0fs",
+                        _first_line(last),
+                        STANDBY_RETRY,
+                    )
+                self._standby_down_until = time.monotonic() + STANDBY_RETRY
                 continue
             if attempt >= 1:
                 break
