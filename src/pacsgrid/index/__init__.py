@@ -32,7 +32,7 @@ def display_url(url: str) -> str:
     if url.startswith("sqlite:"):
         return url
     try:
-        from pacsgrid.index.postgres import redact
+        from pacsgrid.index.pg_connections import redact
     except ImportError:
         return "postgresql (conninfo hidden)"
     return redact(url)

@@ -30,9 +30,6 @@ other's rows instead of waiting for them or taking them twice.
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,11 +38,18 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerr
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import TransactionStatus
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import AddResult, NewInstance
+from pacsgrid.index.pg_connections import (
+    ReadPool,
+    clean_params,
+    connection_problem,
+    deadline,
+    first_line,
+    redact,
+    with_timeouts,
+)
 from pacsgrid.index.query import POSTGRES, Query
 from pacsgrid.index.schema import POSTGRES_TYPES
 from pacsgrid.index.sql import SqlIndex
@@ -62,47 +66,6 @@ RETRYABLE = (
 )
 STANDBY_RETRY = 30.0  # seconds the primary answers reads after the standby failed
 MIGRATION_LOCK = 0x7061637367726964  # "pacsgrid": one node upgrades the schema at a time
-
-
-def with_timeouts(
-    url: str, *, connect_timeout: float, statement_timeout: float, app: str = "pacsgrid"
-) -> str:
-    """`url` (conninfo or URL) plus bounded waits, unless it sets them itself."""
-    given = conninfo_to_dict(url)
-    extra: dict[str, Any] = {}
-    defaults = {
-        "connect_timeout": max(1, round(connect_timeout)),
-        "keepalives": 1,
-        "keepalives_idle": 5,
-        "keepalives_interval": 2,
-        "keepalives_count": 3,
-        "tcp_user_timeout": int(max(connect_timeout, 1) * 2000),
-        "application_name": app,
-    }
-    for k, v in defaults.items():
-        if k not in given:
-            extra[k] = v
-    options = str(given.get("options", "") or "")
-    if "statement_timeout" not in options and statement_timeout > 0:
-        ms = int(statement_timeout * 1000)
-        extra["options"] = (
-            f"{options} -c statement_timeout={ms} -c lock_timeout={ms} "
-            f"-c idle_in_transaction_session_timeout={max(ms * 2, 60000)}"
-        ).strip()
-    return make_conninfo(url, **extra)
-
-
-def redact(url: str) -> str:
-    """The conninfo without its password, for logs and error messages."""
-    try:
-        d = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "<unparseable conninfo>"
-    if "password" in d:
-        d["password"] = "***"
-    hosts = d.get("host", "")
-    ports = d.get("port", "")
-    return f"postgresql {hosts}:{ports}/{d.get('dbname', '')}".replace("::", ":")
 
 
 class PostgresIndex(SqlIndex):
@@ -148,7 +111,7 @@ class PostgresIndex(SqlIndex):
         # A server that hangs with its kernel alive (stopped, deadlocked) keeps the TCP
         # connection up and acknowledges what we send: neither keepalives nor
         # tcp_user_timeout notice, and its statement_timeout cannot fire. Past this deadline
-        # the client shuts the socket down itself (see _deadline).
+        # the client shuts the socket down itself (pg_connections.deadline).
         self._deadline_s = statement_timeout + 2 * connect_timeout if statement_timeout else 0.0
         self._primary = ReadPool(
             lambda: self._connect(self._dsn), self._discard, pool_size, statement_timeout
@@ -170,7 +133,7 @@ class PostgresIndex(SqlIndex):
             guard.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
             self._apply_migrations(POSTGRES_TYPES)
         except psycopg.Error as e:
-            raise IndexUnavailable(f"cannot open index {self.url}: {_first_line(e)}") from e
+            raise IndexUnavailable(f"cannot open index {self.url}: {first_line(e)}") from e
         finally:
             self._migrating = False
             self._discard(guard)
@@ -183,7 +146,7 @@ class PostgresIndex(SqlIndex):
             conn = psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as e:
             raise IndexUnavailable(
-                f"cannot reach a writable PostgreSQL ({self.url}): {_first_line(e)}"
+                f"cannot reach a writable PostgreSQL ({self.url}): {first_line(e)}"
             ) from e
         with self._conns_lock:
             self._all_conns.add(conn)
@@ -231,8 +194,8 @@ class PostgresIndex(SqlIndex):
             conn: psycopg.Connection[Any] | None = None
             try:
                 conn = pool.take()
-                with _deadline(conn, self._deadline_s):
-                    cur = conn.execute(self._sql(sql), _clean(params))
+                with deadline(conn, self._deadline_s):
+                    cur = conn.execute(self._sql(sql), clean_params(params))
                     result = cur.fetchall() if many else cur.fetchone()
                 pool.give(conn)
                 return result
@@ -240,16 +203,16 @@ class PostgresIndex(SqlIndex):
                 last = e
             except psycopg.Error as e:
                 last = e
-                if not _connection_problem(e):
+                if not connection_problem(e):
                     pool.give(conn)
-                    raise IndexUnavailable(f"index query failed: {_first_line(e)}") from e
+                    raise IndexUnavailable(f"index query failed: {first_line(e)}") from e
                 pool.discard(conn)
             if pool is self._standby:
                 if time.monotonic() >= self._standby_down_until:
                     log.warning(
                         "standby cannot answer (%s); the primary answers queries for the "
                         "next %.0fs",
-                        _first_line(last),
+                        first_line(last),
                         STANDBY_RETRY,
                     )
                 self._standby_down_until = time.monotonic() + STANDBY_RETRY
@@ -258,7 +221,7 @@ class PostgresIndex(SqlIndex):
                 break
         if isinstance(last, IndexUnavailable):
             raise last
-        raise IndexUnavailable(f"index query failed: {_first_line(last)}") from last
+        raise IndexUnavailable(f"index query failed: {first_line(last)}") from last
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -276,15 +239,15 @@ class PostgresIndex(SqlIndex):
             conn = self._writer_conn()
             migrating = self._migrating
             try:
-                with _deadline(conn, 0 if migrating else self._deadline_s), conn.transaction():
+                with deadline(conn, 0 if migrating else self._deadline_s), conn.transaction():
                     if migrating:
                         conn.execute("SET LOCAL statement_timeout = 0")
                         conn.execute("SET LOCAL lock_timeout = 0")
                     yield conn
             except psycopg.Error as e:
-                if _connection_problem(e):
+                if connection_problem(e):
                     self._drop_writer()
-                raise IndexUnavailable(f"index {self.url}: {_first_line(e)}") from e
+                raise IndexUnavailable(f"index {self.url}: {first_line(e)}") from e
 
     def _run(self, fn: Any, *args: Any) -> Any:
         """Run fn(conn, *args) in a write transaction, retrying when that is safe."""
@@ -300,7 +263,7 @@ class PostgresIndex(SqlIndex):
                     raise
                 committing = False
                 try:
-                    with _deadline(conn, self._deadline_s):
+                    with deadline(conn, self._deadline_s):
                         conn.execute("BEGIN")
                         result = fn(conn, *args)
                         committing = True
@@ -308,7 +271,7 @@ class PostgresIndex(SqlIndex):
                     return result
                 except psycopg.Error as e:
                     last = e
-                    broken = _connection_problem(e)
+                    broken = connection_problem(e)
                     if broken:
                         self._drop_writer()
                     else:
@@ -318,19 +281,19 @@ class PostgresIndex(SqlIndex):
                         # COMMIT was sent: it may or may not have been applied.
                         raise IndexUnavailable(
                             f"index {self.url}: connection lost during COMMIT "
-                            f"(outcome unknown, not acknowledged): {_first_line(e)}"
+                            f"(outcome unknown, not acknowledged): {first_line(e)}"
                         ) from e
                     if not (broken or isinstance(e, RETRYABLE)):
-                        raise IndexUnavailable(f"index {self.url}: {_first_line(e)}") from e
+                        raise IndexUnavailable(f"index {self.url}: {first_line(e)}") from e
                 except BaseException:
                     with suppress(Exception):
                         conn.execute("ROLLBACK")
                     raise
             time.sleep(min(0.05 * 2**attempt, 1.0))
-        raise IndexUnavailable(f"index {self.url}: {_first_line(last)}") from last
+        raise IndexUnavailable(f"index {self.url}: {first_line(last)}") from last
 
     def _x(self, db: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        return db.execute(self._sql(sql), _clean(params))
+        return db.execute(self._sql(sql), clean_params(params))
 
     # ------------------------------------------------------------------ writes with retry
     def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
@@ -362,145 +325,3 @@ class PostgresIndex(SqlIndex):
         if self._standby is not None:
             self._standby.clear()
         self._local = threading.local()
-
-
-class ReadPool:
-    """At most `size` read connections shared by every thread of the process (the DICOM
-    thread pool has 32 threads; a connection each, times workers and nodes, would exhaust
-    PostgreSQL's max_connections). A thread waits for a free connection for at most
-    `wait` seconds, then the read fails (IndexUnavailable), as a slow statement would."""
-
-    def __init__(self, connect: Any, drop: Any, size: int, wait: float) -> None:
-        self._connect = connect
-        self._drop = drop
-        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(max(1, size))
-        self._wait = wait if wait > 0 else None
-
-    def take(self) -> psycopg.Connection[Any]:
-        if not self._slots.acquire(timeout=self._wait if self._wait is not None else -1):
-            raise IndexUnavailable("every index read connection is busy (index.pool_size)")
-        try:
-            while True:
-                try:
-                    conn = self._idle.get_nowait()
-                except queue.Empty:
-                    return self._connect()  # type: ignore[no-any-return]
-                if not conn.closed:
-                    return conn
-                self._drop(conn)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def give(self, conn: psycopg.Connection[Any] | None) -> None:
-        if conn is None:
-            return
-        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
-            self._drop(conn)
-        else:
-            self._idle.put(conn)
-        self._slots.release()
-
-    def discard(self, conn: psycopg.Connection[Any] | None) -> None:
-        if conn is None:
-            return
-        self._drop(conn)
-        self._slots.release()
-
-    def clear(self) -> None:
-        while True:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                return
-            self._drop(conn)
-
-
-class _Watchdog:
-    """One thread for every deadline of the process (a timer thread per statement would
-    cost more than the statement)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._armed: dict[int, tuple[float, int, float]] = {}  # token -> (due, fd, seconds)
-        self._next = 0
-        self._thread: threading.Thread | None = None
-
-    def arm(self, fd: int, seconds: float) -> int:
-        with self._cond:
-            self._next += 1
-            self._armed[self._next] = (time.monotonic() + seconds, fd, seconds)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pg-deadline", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-            return self._next
-
-    def disarm(self, token: int) -> None:
-        with self._cond:
-            self._armed.pop(token, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                due = [t for t, (when, _, _) in self._armed.items() if when <= now]
-                fired = [self._armed.pop(t) for t in due]
-                if not fired:
-                    soonest = min((w for w, _, _ in self._armed.values()), default=now + 60)
-                    self._cond.wait(max(0.01, soonest - now))
-                    continue
-            for _, fd, seconds in fired:
-                log.error("index statement exceeded %.0fs: dropping the connection", seconds)
-                with suppress(OSError):
-                    sock = socket.socket(fileno=os.dup(fd))
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    finally:
-                        sock.close()
-
-
-_WATCHDOG = _Watchdog()
-
-
-@contextmanager
-def _deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
-    """Break `conn` (shut its socket down) if the block runs longer than `seconds`: the
-    waiting call then fails with a connection error instead of waiting forever."""
-    if seconds <= 0:
-        yield
-        return
-    token = _WATCHDOG.arm(conn.fileno(), seconds)
-    try:
-        yield
-    finally:
-        _WATCHDOG.disarm(token)
-
-
-def _clean(params: Sequence[Any]) -> Sequence[Any]:
-    """PostgreSQL text cannot hold NUL: the patient key separator and the odd NUL a modality
-    leaves in a value become U+241E (the same mapping on every write and lookup)."""
-    if not any(isinstance(p, str) and "\x00" in p for p in params):
-        return params
-    return [p.replace("\x00", "\u241e") if isinstance(p, str) else p for p in params]
-
-
-def _connection_problem(e: BaseException) -> bool:
-    """True when the connection itself is unusable (server gone, read-only after a demotion,
-    admin shutdown), as opposed to an error in one statement."""
-    if isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    return isinstance(
-        e,
-        pgerr.ReadOnlySqlTransaction
-        | pgerr.AdminShutdown
-        | pgerr.CrashShutdown
-        | pgerr.CannotConnectNow
-        | pgerr.IdleInTransactionSessionTimeout,
-    )
-
-
-def _first_line(e: BaseException | None) -> str:
-    text = str(e) if e is not None else "unknown error"
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__

@@ -144,7 +144,7 @@ def _backup_sqlite(db: Path, folder: Path, base: str) -> Manifest:
 def _backup_postgres(source: str, folder: Path, base: str) -> Manifest:
     import psycopg
 
-    from pacsgrid.index.postgres import redact, with_timeouts
+    from pacsgrid.index.pg_connections import redact, with_timeouts
 
     out = folder / (base + ".pgdump")
     partial = out.with_suffix(".pgdump.partial")
@@ -229,7 +229,7 @@ def _verify_postgres(settings: Settings, path: Path) -> dict[str, int]:
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from pacsgrid.index.postgres import with_timeouts
+    from pacsgrid.index.pg_connections import with_timeouts
 
     server = settings.backup.scratch or settings.database_url
     admin = with_timeouts(server, connect_timeout=10, statement_timeout=0, app="pacsgrid-verify")
@@ -323,7 +323,7 @@ def _restore_sqlite(backup_file: Path, target: Path, force: bool) -> None:
 def _restore_postgres(backup_file: Path, url: str) -> None:
     import psycopg
 
-    from pacsgrid.index.postgres import redact, with_timeouts
+    from pacsgrid.index.pg_connections import redact, with_timeouts
 
     dsn = with_timeouts(url, connect_timeout=10, statement_timeout=0, app="pacsgrid-restore")
     try:
