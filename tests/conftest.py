@@ -249,3 +249,29 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """One PostgreSQL server for the session (tests.pg.PgCluster), on 127.0.0.1."""
+    from tests.pg import PgCluster, pg_available
+
+    if not pg_available():
+        pytest.fail("PostgreSQL 15 not found: install Debian's postgresql (scripts/test does)")
+    cluster = PgCluster().init().start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server, request: pytest.FixtureRequest) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A fresh, empty database on the session's server; dropped after the test."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    url: str = pg_server.create_db(name)
+    yield url
+    pg_server.drop_db(name)

@@ -74,28 +74,34 @@ def store_with_storescu(
             timeout=300,
         )
         run.output += proc.stdout
-        current: Path | None = None
-        for line in proc.stdout.splitlines():
-            m = SENDING.match(line)
-            if m:
-                current = Path(m.group(1))
-                continue
-            m = UNREADABLE.match(line)
-            if m:
-                run.unreadable.append(Path(m.group(1)))
-                continue
-            if current is not None and line.startswith("I: Received Store Response"):
-                if "(Success)" in line:
-                    run.stored.append(current)
-                else:
-                    run.failed[current] = line
-                current = None
-            elif current is not None and line.startswith("E: Store Failed"):
-                run.failed[current] = line
-                current = None
-        fatal = [line for line in proc.stdout.splitlines() if line.startswith("F: ")]
-        done = set(run.stored) | set(run.failed) | set(run.unreadable)
-        for path in paths:
-            if path not in done:
-                run.failed[path] = fatal[-1] if fatal else "storescu did not send it"
+        parse_output(proc.stdout, paths, run)
     return run
+
+
+def parse_output(text: str, paths: list[Path], run: StoreRun) -> None:
+    """Add what `storescu -v` printed about `paths` to `run`: a file is stored only when its
+    C-STORE response said Success."""
+    current: Path | None = None
+    for line in text.splitlines():
+        m = SENDING.match(line)
+        if m:
+            current = Path(m.group(1))
+            continue
+        m = UNREADABLE.match(line)
+        if m:
+            run.unreadable.append(Path(m.group(1)))
+            continue
+        if current is not None and line.startswith("I: Received Store Response"):
+            if "(Success)" in line:
+                run.stored.append(current)
+            else:
+                run.failed[current] = line
+            current = None
+        elif current is not None and line.startswith("E: Store Failed"):
+            run.failed[current] = line
+            current = None
+    fatal = [line for line in text.splitlines() if line.startswith("F: ")]
+    done = set(run.stored) | set(run.failed) | set(run.unreadable)
+    for path in paths:
+        if path not in done:
+            run.failed[path] = fatal[-1] if fatal else "storescu did not send it"

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bench.report import Sample, Table, percentile, render, target_status
 from bench.run import rotate
-
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.dcmtk]

@@ -193,7 +193,7 @@ class Archive:
         probe_interval: float | None = None,
     ) -> None:
         self.settings = settings
-        self.index = index or open_index(settings.database_url)
+        self.index = index or open_index(settings.database_url, settings.index)
         self.sites = sites if sites is not None else [open_site(s) for s in settings.sites]
         self.placement = Placement(
             self.sites, settings.replication.copies, settings.replication.write_quorum

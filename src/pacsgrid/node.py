@@ -64,6 +64,10 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
 
             ssl_context = server_context(archive.settings.dicom, verify_clients=False)
         out.append(WebComponent(archive, listeners.http, ssl_context))
+    if archive.settings.backup.interval > 0:
+        from pacsgrid.jobs.backup import BackupSchedule
+
+        out.append(BackupSchedule(archive.settings, archive.index))
     return out
 
 

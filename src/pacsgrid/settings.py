@@ -273,6 +273,66 @@ class AuditLogSettings:
 
 
 @dataclass(frozen=True)
+class IndexSettings:
+    """How the archive talks to its index database (PostgreSQL; SQLite ignores most)."""
+
+    read_database: str = setting(
+        "",
+        "Optional read-only PostgreSQL conninfo (a standby) for C-FIND/C-MOVE/C-GET lookups; "
+        "the primary answers when it cannot.",
+    )
+    connect_timeout: float = setting(
+        5.0,
+        "Seconds to wait for each PostgreSQL host when connecting; bounds how long a C-STORE "
+        "waits while no primary is reachable.",
+        min=1.0,
+        max=300.0,
+    )
+    statement_timeout: float = setting(
+        30.0,
+        "Seconds one index statement may run (and wait for locks) before it is cancelled "
+        "(0 = no limit).",
+        min=0.0,
+    )
+    pool_size: int = setting(
+        8,
+        "PostgreSQL read connections per process (plus one for writes, and as many again for "
+        "read_database); size max_connections for nodes x workers x this.",
+        min=1,
+        max=256,
+    )
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """Index backups (`pacsgrid backup`, and the schedule in `pacsgrid serve`)."""
+
+    dir: Path = setting(
+        Path(""), "Folder for index backups (relative: under data_dir; default <data_dir>/backups)."
+    )
+    keep: int = setting(7, "Backups kept; older ones are deleted after a verified backup.", min=1)
+    interval: float = setting(
+        0.0,
+        "Hours between scheduled backups taken by `serve` (0 = no schedule). With several "
+        "nodes, one of them takes each backup.",
+        min=0.0,
+    )
+    verify: bool = setting(
+        True, "Restore every new backup into a scratch database and compare row counts."
+    )
+    source: str = setting(
+        "",
+        "PostgreSQL conninfo pg_dump reads from (e.g. a standby, so the primary is not "
+        "loaded); default: index.read_database, else the database.",
+    )
+    scratch: str = setting(
+        "",
+        "PostgreSQL conninfo of a server where verification may create and drop a scratch "
+        "database; default: the primary of the database setting.",
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
         "INFO",
@@ -300,6 +360,8 @@ class Settings:
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
     forward: tuple[ForwardRule, ...] = ()
@@ -321,6 +383,13 @@ class Settings:
             self.http.bind.startswith("127.")
         )
 
+    @property
+    def backup_dir(self) -> Path:
+        d = self.backup.dir
+        if str(d) in ("", "."):
+            return self.data_dir / "backups"
+        return d if d.is_absolute() else self.data_dir / d
+
     def peer(self, ae_title: str) -> PeerSettings | None:
         for p in self.peers:
             if p.ae_title == ae_title:
@@ -337,6 +406,8 @@ SECTIONS = {
     "forwarding": ForwardingSettings,
     "http": HttpSettings,
     "audit_log": AuditLogSettings,
+    "index": IndexSettings,
+    "backup": BackupSettings,
 }
 LISTS = {"peers": PeerSettings, "sites": SiteSettings, "forward": ForwardRule}
 TOP_LEVEL = ("data_dir", "database")
@@ -447,6 +518,8 @@ for _cls in (
     ForwardingSettings,
     HttpSettings,
     AuditLogSettings,
+    IndexSettings,
+    BackupSettings,
     Settings,
 ):
     _h = typing.get_type_hints(_cls)

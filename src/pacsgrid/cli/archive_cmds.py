@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
+from pacsgrid.index import display_url
 from pacsgrid.migrate.importer import import_paths
 from pacsgrid.progress import Progress
 from pacsgrid.settings import describe_settings
@@ -91,7 +92,7 @@ def run_status(args: argparse.Namespace) -> int:
         f"patients {i.patients}  studies {i.studies}  series {i.series}  "
         f"instances {i.instances}  bytes {i.bytes} ({human_bytes(i.bytes)})"
     )
-    print(f"index: {settings.database_url}")
+    print(f"index: {display_url(settings.database_url)}")
     for s in st.sites:
         state = "up" if s.up else f"DOWN ({s.reason})"
         free = f", {human_bytes(s.free_bytes)} free" if s.free_bytes is not None else ""

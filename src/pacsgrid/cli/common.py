@@ -37,7 +37,9 @@ def add_archive_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--database",
         metavar="URL",
-        help="index database: sqlite:///path (default: under the data dir)",
+        help="index database: sqlite:///path or a PostgreSQL conninfo/URL, e.g. "
+        "'host=db1,db2 dbname=pacs target_session_attrs=read-write' (default: SQLite "
+        "under the data dir)",
     )
     g.add_argument(
         "--log-level",

@@ -6,7 +6,15 @@ import argparse
 import sys
 
 from pacsgrid import __version__
-from pacsgrid.cli import archive_cmds, migrate_cmds, serve, sites_cmds, users
+from pacsgrid.cli import (
+    archive_cmds,
+    deploy_cmds,
+    index_cmds,
+    migrate_cmds,
+    serve,
+    sites_cmds,
+    users,
+)
 from pacsgrid.cli.common import Parser
 from pacsgrid.errors import ConfigError, PacsgridError
 
@@ -18,8 +26,10 @@ def build_parser() -> Parser:
     serve.add_parser(sub)
     archive_cmds.add_parsers(sub)
     sites_cmds.add_parsers(sub)
+    index_cmds.add_parsers(sub)
     migrate_cmds.add_parsers(sub)
     users.add_parser(sub)
+    deploy_cmds.add_parsers(sub)
     p = sub.add_parser("cli-reference", help="print the reference of every command")
     p.set_defaults(func=lambda args: print(cli_reference()) or 0)
     return parser

@@ -14,6 +14,7 @@ from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
 from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
+from pacsgrid.index import display_url
 from pacsgrid.settings import Settings, load_settings
 
 log = logging.getLogger("pacsgrid.serve")
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         d.ae_title,
         workers,
         "s" if workers > 1 else "",
-        settings.database_url,
+        display_url(settings.database_url),
         sites,
     )
     if d.tls_port:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacsgrid.errors import ConfigError
 from pacsgrid.index.base import (
@@ -18,6 +19,9 @@ from pacsgrid.index.base import (
 )
 from pacsgrid.query import Match, Query, parse_match
 
+if TYPE_CHECKING:
+    from pacsgrid.settings import IndexSettings
+
 __all__ = [
     "AddResult",
     "FailedWork",
@@ -30,21 +34,45 @@ __all__ = [
     "WebUser",
     "WorkItem",
     "WorkSummary",
+    "display_url",
     "open_index",
     "parse_match",
 ]
 
 
-def open_index(url: str) -> Index:
-    """Open (creating or upgrading the schema) the index a `database` setting names."""
+def display_url(url: str) -> str:
+    """The database setting as logs and status may show it (no password)."""
+    if url.startswith("sqlite:"):
+        return url
+    try:
+        from pacsgrid.index.pg_connections import redact
+    except ImportError:
+        return "postgresql (conninfo hidden)"
+    return redact(url)
+
+
+def open_index(url: str, options: IndexSettings | None = None) -> Index:
+    """Open (creating or upgrading the schema) the index a `database` setting names;
+    `options` (the [index] settings) tune PostgreSQL connections."""
     if url.startswith("sqlite:///"):
         from pacsgrid.index.sqlite import SqliteIndex
 
         return SqliteIndex(Path(url[len("sqlite:///") :]))
     if url.startswith(("postgres://", "postgresql://")) or "=" in url:
         try:
-            from pacsgrid.index.postgres import PostgresIndex  # type: ignore[import-not-found,import-untyped,unused-ignore]
+            from pacsgrid.index.postgres import PostgresIndex
         except ImportError as e:
-            raise ConfigError("database", f"PostgreSQL index unavailable: {e}") from None
-        return PostgresIndex(url)  # type: ignore[no-any-return,unused-ignore]
+            raise ConfigError(
+                "database",
+                f"PostgreSQL index unavailable: {e} (pip install 'pacsgrid[postgres]')",
+            ) from None
+        if options is None:
+            return PostgresIndex(url)
+        return PostgresIndex(
+            url,
+            read_url=options.read_database,
+            connect_timeout=options.connect_timeout,
+            statement_timeout=options.statement_timeout,
+            pool_size=options.pool_size,
+        )
     raise ConfigError("database", f"expected sqlite:///path or a PostgreSQL conninfo, got {url!r}")

@@ -253,4 +253,21 @@ class Index(Protocol):
         """The user an API token (by its SHA-256) belongs to."""
         ...
 
+    def lease_job(self, name: str, owner: str, every: float) -> bool:
+        """True if `owner` is to run the periodic job `name` now: no node started it in the
+        last `every` seconds. Records the start, so with several nodes exactly one of them
+        gets True per period."""
+        ...
+
+    # ------------------------------------------------------------------ reindex support
+    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that the index records as copies on `site`."""
+        ...
+
+    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
+        """(instance pk, SOP Instance UID, site, key) of every recorded copy of instances
+        with pk > `after`, in pk order, `limit` instances at a time (site '' when an
+        instance has no copy at all)."""
+        ...
+
     def close(self) -> None: ...

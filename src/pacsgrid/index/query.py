@@ -91,7 +91,15 @@ def compile_where(query: Query, dialect: Dialect) -> tuple[str, list[str]]:
         if level.depth > query.level.depth:
             continue
         vr = vr_of(m.keyword)
-        if m.keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+        if m.keyword == "ModalitiesInStudy":
+            # One row per (study, modality): an index lookup, not a scan of every study.
+            conds.append(
+                f"st.pk IN (SELECT study_pk FROM study_modality WHERE modality IN "
+                f"({', '.join([ph] * len(m.values))}))"
+            )
+            params.extend(m.values)
+            continue
+        if m.keyword == "SOPClassesInStudy":
             # Stored as "\CT\MR\": the study matches if any requested value is among them.
             ors = []
             for v in m.values:

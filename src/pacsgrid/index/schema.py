@@ -23,10 +23,11 @@ class Types:
     pk: str  # "INTEGER PRIMARY KEY" (SQLite) / "BIGSERIAL PRIMARY KEY" (PostgreSQL)
     real: str  # "REAL" / "DOUBLE PRECISION"
     text: str = "TEXT"
+    engine: str = "sqlite"  # "sqlite" | "postgres": for the few statements only one engine needs
 
 
 SQLITE_TYPES = Types("INTEGER PRIMARY KEY", "REAL")
-POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION")
+POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", engine="postgres")
 
 
 def _attribute_columns(level: Level) -> str:
@@ -128,10 +129,15 @@ def sites(t: Types) -> list[str]:
     return [
         f"ALTER TABLE copy ADD COLUMN accessed_at {t.real}",
         "CREATE INDEX copy_site_verified_idx ON copy(site, verified_at)",
+        # Named state of jobs: resumable passes (value) and periodic jobs that one node of
+        # several runs per period (last_run, owner; see Index.lease_job).
         f"""CREATE TABLE job_state (
   name {t.text} PRIMARY KEY,
-  value {t.text} NOT NULL,
-  updated_at {t.real} NOT NULL)""",
+  value {t.text} NOT NULL DEFAULT '',
+  updated_at {t.real} NOT NULL DEFAULT 0,
+  last_run {t.real} NOT NULL DEFAULT 0,
+  owner {t.text} NOT NULL DEFAULT '',
+  detail {t.text} NOT NULL DEFAULT '')""",
     ]
 
 
@@ -187,6 +193,36 @@ def web_auth(t: Types) -> list[str]:
     ]
 
 
+def scale(t: Types) -> list[str]:
+    """What several nodes and a large index need.
+
+    - `copy(site, key)`: reindex and reconcile ask "is this object already indexed?" per key;
+    - `study_modality`: ModalitiesInStudy as rows, so that a C-FIND on it is an index lookup
+      on both engines instead of a substring scan of every study (filled from the series
+      already stored);
+    - PostgreSQL compares text with the database's collation, so its plain B-tree indexes
+      cannot serve `LIKE 'SMI%'` (C-FIND wildcards) unless the collation is C: the
+      `text_pattern_ops` twins can. SQLite's GLOB uses the plain indexes already.
+    """
+    out = [
+        "CREATE INDEX copy_key_idx ON copy(site, key)",
+        f"""CREATE TABLE study_modality (
+  study_pk BIGINT NOT NULL REFERENCES study(pk),
+  modality {t.text} NOT NULL,
+  PRIMARY KEY (modality, study_pk))""",
+        "INSERT INTO study_modality (study_pk, modality) SELECT DISTINCT study_pk, modality "
+        "FROM series WHERE modality <> ''",
+    ]
+    if t.engine == "postgres":
+        out += [
+            "CREATE INDEX patient_name_like_idx ON patient(patient_name_norm text_pattern_ops)",
+            "CREATE INDEX patient_id_like_idx ON patient(patient_id text_pattern_ops)",
+            "CREATE INDEX study_accession_like_idx ON study(accession text_pattern_ops)",
+            "CREATE INDEX study_date_pk_idx ON study(study_date, pk)",
+        ]
+    return out
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
@@ -194,6 +230,7 @@ MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0003_sites", sites),
     ("0003_migration_ledgers", migration_ledgers),
     ("0003_web_auth", web_auth),
+    ("0003_scale", scale),
 ]
 
 TRACKING_TABLE = (

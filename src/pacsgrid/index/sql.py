@@ -198,6 +198,13 @@ class SqlIndex(SiteQueries):
             db, "SELECT modalities, sop_classes FROM study WHERE pk = ?", (study_pk,)
         ).fetchone()
         modalities = _add_to_set(study_row[0], v.get("Modality", ""))
+        if modalities != study_row[0]:
+            self._x(
+                db,
+                "INSERT INTO study_modality (study_pk, modality) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (study_pk, v["Modality"]),
+            )
         sop_classes = _add_to_set(study_row[1], v.get("SOPClassUID", ""))
         self._x(
             db,
@@ -491,6 +498,34 @@ class SqlIndex(SiteQueries):
             found.update(r[0] for r in rows)
         return found
 
+    def lease_job(self, name: str, owner: str, every: float) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            self._x(
+                db,
+                "INSERT INTO job_state (name, last_run, owner) VALUES (?, 0, '') "
+                "ON CONFLICT (name) DO NOTHING",
+                (name,),
+            )
+            cur = self._x(
+                db,
+                "UPDATE job_state SET last_run = ?, owner = ? WHERE name = ? AND last_run <= ?",
+                (now, owner, name, now - every),
+            )
+            return int(cur.rowcount) == 1
+
+    # ------------------------------------------------------------------ reindex support
+    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            rows = self._all(
+                f"SELECT key FROM copy WHERE site = ? AND key IN ({', '.join('?' * len(chunk))})",
+                [site, *chunk],
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def work_summary(self) -> list[WorkSummary]:
         rows = self._all(
             "SELECT kind, state, count(*), max(updated_at) FROM work GROUP BY kind, state "
@@ -552,6 +587,15 @@ class SqlIndex(SiteQueries):
             (token_hash,),
         )
         return None if r is None else WebUser(r[0], r[1], r[2])
+
+    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
+        rows = self._all(
+            "SELECT i.pk, i.sop_uid, coalesce(c.site, ''), coalesce(c.key, '') FROM "
+            "(SELECT pk, sop_uid FROM instance WHERE pk > ? ORDER BY pk LIMIT ?) i "
+            "LEFT JOIN copy c ON c.instance_pk = i.pk ORDER BY i.pk, c.site",
+            (after, int(limit)),
+        )
+        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     # ------------------------------------------------------------------ reads
     def has_instance(self, sop_uid: str) -> bool:

@@ -1,0 +1,298 @@
+"""Rebuild the index from the storage sites, or reconcile the two.
+
+Storage is the source of truth: every object is a complete Part 10 file, so its header says
+everything the index holds about it. `reindex` lists every site, skips the objects the index
+already records on that site, and reads, hashes and scans the rest (in a pool of processes: the
+header scan is CPU work), committing them in batches through the same `add_batch` as ingest.
+
+- On an empty (lost, or new) database that rebuilds the whole index.
+- Interrupted, it keeps what it committed; run again, it skips that: resumable and idempotent.
+- The archive keeps ingesting meanwhile. An object written by a store whose index commit has
+  not happened yet may be indexed here first; the store's own commit then finds it indexed
+  (a duplicate with the same bytes) and still answers success.
+- An object whose UID is already indexed with other bytes is not recorded as a copy; it is
+  reported as a conflict (the fixity audit decides which copy is right).
+
+`reconcile=True` also reports index rows whose objects exist on no site (e.g. after restoring
+an index backup newer than a site, or an asynchronous failover in the other direction) and
+copies recorded on a site that no longer holds them. It never deletes anything: rows and
+objects are listed for the operator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from pacsgrid.dicom.header import scan
+from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.errors import InvalidDataset, StorageError
+from pacsgrid.index import AddResult, Index, NewInstance
+from pacsgrid.model import CopyRecord
+from pacsgrid.progress import Progress
+from pacsgrid.settings import SiteSettings
+from pacsgrid.storage import ObjectInfo, StorageSite, open_site
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64  # objects per task handed to a reader process
+COMMIT_BATCH = 250  # instances per index transaction
+
+
+@dataclass
+class ReindexReport:
+    listed: int = 0
+    already: int = 0  # recorded in the index on that site: skipped
+    indexed: int = 0  # new instance rows
+    copies: int = 0  # copies added to instances that were indexed already
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # site, key, why
+    unreadable: list[tuple[str, str, str]] = field(default_factory=list)  # site, key, why
+    sites_down: list[tuple[str, str]] = field(default_factory=list)  # site, why
+    orphans: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # sop, keys
+    missing_copies: list[tuple[str, str, str]] = field(default_factory=list)  # sop, site, key
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.listed / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    key: str
+    item: NewInstance | None
+    error: str = ""
+
+
+# ---------------------------------------------------------------- reader processes
+
+_sites: dict[str, StorageSite] = {}
+
+
+def _init_reader(site_settings: Sequence[SiteSettings]) -> None:
+    _sites.clear()
+    for s in site_settings:
+        _sites[s.name] = open_site(s)
+
+
+def read_objects(site_name: str, keys: Sequence[str]) -> list[ReadResult]:
+    """Read, hash and scan objects of one site (runs in a reader process, or inline)."""
+    site = _sites[site_name]
+    out = []
+    for key in keys:
+        try:
+            data = site.get(key)
+            info = site.stat(key)
+            p10 = split_part10(data)
+            header = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
+            values = dict(header.values)
+            if not values.get("SOPClassUID") and p10.sop_class_uid:
+                values["SOPClassUID"] = p10.sop_class_uid
+            digest = hashlib.sha256(data).hexdigest()
+            copy = CopyRecord(
+                site_name, key, len(data), digest, info.mtime if info else time.time()
+            )
+            item = NewInstance(
+                values, p10.transfer_syntax, len(data), digest, (copy,), p10.source_ae
+            )
+            out.append(ReadResult(key, item))
+        except (StorageError, InvalidDataset) as e:
+            out.append(ReadResult(key, None, str(e)))
+        except Exception as e:  # one odd file must not stop a rebuild
+            out.append(ReadResult(key, None, f"internal error: {type(e).__name__}: {e}"))
+    return out
+
+
+# ---------------------------------------------------------------- the job
+
+
+class Reindexer:
+    def __init__(
+        self,
+        index: Index,
+        sites: Sequence[StorageSite],
+        site_settings: Sequence[SiteSettings],
+        *,
+        jobs: int = 2,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.index = index
+        self.sites = list(sites)
+        self.site_settings = list(site_settings)
+        self.jobs = max(1, jobs)
+        self.progress = progress or Progress("reindex", unit="objects", bar=False)
+        self.stop = stop or threading.Event()
+        self.report = ReindexReport()
+        self._pending: list[NewInstance] = []
+
+    def run(self, *, reconcile: bool = False) -> ReindexReport:
+        started = time.monotonic()
+        listed: dict[str, set[str]] = {}
+        order: dict[str, list[str]] = {}
+        for site in self.sites:
+            try:
+                # Oldest first: the first instance of a study filed decides its patient and
+                # study attributes, as it did when the objects arrived.
+                infos = sorted(self._list(site), key=lambda o: (o.mtime, o.key))
+                order[site.name] = [o.key for o in infos]
+                listed[site.name] = set(order[site.name])
+            except StorageError as e:
+                self.report.sites_down.append((site.name, str(e)))
+                log.error("cannot list site %s: %s", site.name, e)
+        self.report.listed = sum(len(k) for k in listed.values())
+        self.progress.set_total(self.report.listed)
+        pool = (
+            ProcessPoolExecutor(
+                max_workers=self.jobs, initializer=_init_reader, initargs=(self.site_settings,)
+            )
+            if self.jobs > 1
+            else None
+        )
+        if pool is None:
+            _init_reader(self.site_settings)
+        try:
+            for site in self.sites:
+                if site.name in order and not self.stop.is_set():
+                    self._index_site(site.name, order[site.name], pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._flush()
+        self.report.interrupted = self.stop.is_set()
+        if reconcile and not self.report.interrupted:
+            self._reconcile(listed)
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _list(self, site: StorageSite) -> Iterator[ObjectInfo]:
+        health = site.check()
+        if not health.ok:
+            raise StorageError(site.name, f"site is down: {health.reason}")
+        yield from site.list()
+
+    def _index_site(self, name: str, keys: list[str], pool: ProcessPoolExecutor | None) -> None:
+        # Results are taken in submission order (oldest first), so objects are filed in the
+        # order they were stored even though the reader processes finish out of order.
+        inflight: deque[Future[list[ReadResult]]] = deque()
+        for start in range(0, len(keys), 500):
+            if self.stop.is_set():
+                break
+            batch = keys[start : start + 500]
+            known = self.index.copies_on(name, batch)
+            self.report.already += len(known)
+            for _ in range(len(known)):
+                self.progress.advance("already indexed")
+            todo = [k for k in batch if k not in known]
+            for c in range(0, len(todo), CHUNK):
+                if self.stop.is_set():
+                    break
+                chunk = todo[c : c + CHUNK]
+                if pool is None:
+                    self._take(name, read_objects(name, chunk))
+                    continue
+                while len(inflight) >= self.jobs * 3:
+                    self._take(name, inflight.popleft().result())
+                inflight.append(pool.submit(read_objects, name, chunk))
+        while inflight:
+            self._take(name, inflight.popleft().result())
+        self._flush()
+
+    def _take(self, site: str, results: list[ReadResult]) -> None:
+        for r in results:
+            if r.item is None:
+                self.report.unreadable.append((site, r.key, r.error))
+                log.warning("cannot index %s on %s: %s", r.key, site, r.error)
+                self.progress.advance("unreadable")
+                continue
+            self._pending.append(r.item)
+            if len(self._pending) >= COMMIT_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        items, self._pending = self._pending, []
+        results: list[AddResult | None]
+        try:
+            results = list(self.index.add_batch(items))
+        except Exception as batch_error:
+            # One bad row must not cost the batch: commit one by one and report the refusals;
+            # if every one fails, the index itself is the problem: stop (a rerun resumes).
+            results = []
+            refused: list[tuple[str, str, str]] = []
+            for item in items:
+                try:
+                    results.extend(self.index.add_batch([item]))
+                except Exception as e:
+                    results.append(None)
+                    c = item.copies[0]
+                    refused.append((c.site, c.key, f"index refused it: {e}"))
+            if len(refused) == len(items):
+                raise batch_error
+            self.report.unreadable.extend(refused)
+            for _ in refused:
+                self.progress.advance("refused")
+        for item, res in zip(items, results, strict=True):
+            copy = item.copies[0]
+            if res is None:
+                continue
+            if res.outcome == "duplicate":
+                if res.existing_sha256 and res.existing_sha256 != item.sha256:
+                    why = (
+                        f"SOP Instance UID {item.sop_uid} is indexed with other bytes "
+                        f"(sha256 {res.existing_sha256[:12]}..., this copy {item.sha256[:12]}...)"
+                    )
+                    self.report.conflicts.append((copy.site, copy.key, why))
+                    log.warning("%s on %s: %s", copy.key, copy.site, why)
+                    self.progress.advance("conflict", item.size)
+                else:
+                    self.report.copies += 1
+                    self.progress.advance("copy added", item.size)
+            else:
+                self.report.indexed += 1
+                self.progress.advance("indexed", item.size)
+
+    def _reconcile(self, listed: dict[str, set[str]]) -> None:
+        """Index rows whose objects are on no site, and copies their site does not hold."""
+        sites = {s.name: s for s in self.sites}
+        after = 0
+        while True:
+            rows = self.index.copy_pages(after, 5000)
+            if not rows:
+                break
+            by_instance: dict[int, tuple[str, list[tuple[str, str]]]] = {}
+            for pk, sop, site, key in rows:
+                entry = by_instance.setdefault(pk, (sop, []))
+                if site:
+                    entry[1].append((site, key))
+            for _pk, (sop, copies) in by_instance.items():
+                present = []
+                for site, key in copies:
+                    if site not in listed:
+                        present.append(True)  # site down or unknown: cannot tell, assume held
+                        continue
+                    held = key in listed[site] or _exists_now(sites.get(site), key)
+                    present.append(held)
+                    if not held:
+                        self.report.missing_copies.append((sop, site, key))
+                if not any(present):
+                    self.report.orphans.append((sop, tuple(k for _, k in copies)))
+            after = rows[-1][0]
+
+
+def _exists_now(site: StorageSite | None, key: str) -> bool:
+    """A second look for what the listing did not show (it may have arrived since)."""
+    if site is None:
+        return False
+    try:
+        return site.stat(key) is not None
+    except StorageError:
+        return True

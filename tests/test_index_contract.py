@@ -1,0 +1,441 @@
+"""The Index contract: every engine (SQLite, PostgreSQL) passes these same tests.
+
+PostgreSQL is a real server started for the session (tests.pg); each test gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pacsgrid.errors import IndexUnavailable
+from pacsgrid.index import Index, NewInstance, Query, open_index, parse_match
+from pacsgrid.model import CopyRecord, Level
+from tests import oracle
+
+ENGINES = ("sqlite", "postgres")
+
+
+def url_for(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=ENGINES)
+def engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return url_for(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def index(engine_url: str) -> Iterator[Index]:
+    ix = open_index(engine_url)
+    yield ix
+    ix.close()
+
+
+def inst(
+    sop: str,
+    study: str = "1.2.3",
+    series: str = "1.2.3.1",
+    *,
+    pid: str = "P1",
+    name: str = "DOE^JANE",
+    date: str = "20240115",
+    modality: str = "CT",
+    accession: str = "",
+    sites: tuple[str, ...] = ("a",),
+    sha: str = "",
+    replace: bool = False,
+    work: tuple[tuple[str, str, str], ...] = (),
+) -> NewInstance:
+    values = {
+        "SOPInstanceUID": sop,
+        "StudyInstanceUID": study,
+        "SeriesInstanceUID": series,
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "PatientID": pid,
+        "PatientName": name,
+        "StudyDate": date,
+        "StudyTime": "101500",
+        "Modality": modality,
+        "AccessionNumber": accession,
+        "InstanceNumber": "1",
+    }
+    digest = sha or f"{hash(sop) & 0xFFFFFFFF:064x}"
+    copies = tuple(CopyRecord(s, f"{study}/{series}/{sop}.dcm", 100, digest, 1.0) for s in sites)
+    return NewInstance(values, "1.2.840.10008.1.2.1", 100, digest, copies, "AE", replace, work)
+
+
+def find(index: Index, level: Level, **keys: str) -> list[dict[str, str]]:
+    matches = tuple(m for k, v in keys.items() if (m := parse_match(k, v)) is not None)
+    return list(index.find(Query(level, matches)))
+
+
+def col(rows: list[dict[str, str]], key: str) -> list[str]:
+    return sorted(r[key] for r in rows)
+
+
+# ---------------------------------------------------------------- ingest and hierarchy
+
+
+def test_add_and_find_every_level(index: Index) -> None:
+    res = index.add_batch(
+        [
+            inst("1.1", "9.1", "9.1.1"),
+            inst("1.2", "9.1", "9.1.1"),
+            inst("1.3", "9.1", "9.1.2", modality="MR"),
+            inst("1.4", "9.2", "9.2.1", pid="P2", name="ROE^RICHARD"),
+        ]
+    )
+    assert [r.outcome for r in res] == ["stored"] * 4
+    assert index.has_instance("1.3") and not index.has_instance("1.9")
+    patients = find(index, Level.PATIENT, PatientID="")
+    assert col(patients, "PatientID") == ["P1", "P2"]
+    p1 = next(p for p in patients if p["PatientID"] == "P1")
+    assert (p1["NumberOfPatientRelatedStudies"], p1["NumberOfPatientRelatedInstances"]) == (
+        "1",
+        "3",
+    )
+    studies = find(index, Level.STUDY, StudyInstanceUID="")
+    s1 = next(s for s in studies if s["StudyInstanceUID"] == "9.1")
+    assert s1["NumberOfStudyRelatedSeries"] == "2"
+    assert s1["NumberOfStudyRelatedInstances"] == "3"
+    assert set(s1["ModalitiesInStudy"].split("\\")) == {"CT", "MR"}
+    assert col(find(index, Level.SERIES, StudyInstanceUID="9.1"), "SeriesInstanceUID") == [
+        "9.1.1",
+        "9.1.2",
+    ]
+    assert col(find(index, Level.IMAGE, SeriesInstanceUID="9.1.1"), "SOPInstanceUID") == [
+        "1.1",
+        "1.2",
+    ]
+    stats = index.stats()
+    assert (stats.patients, stats.studies, stats.series, stats.instances) == (2, 2, 3, 4)
+    assert stats.bytes == 400
+    assert [(u.site, u.objects) for u in stats.sites] == [("a", 4)]
+
+
+def test_duplicate_keep_and_replace(index: Index) -> None:
+    index.add_batch([inst("1.1", sha="a" * 64)])
+    [dup] = index.add_batch([inst("1.1", sha="b" * 64)])
+    assert dup.outcome == "duplicate" and dup.existing_sha256 == "a" * 64
+    [rep] = index.add_batch([inst("1.1", sha="c" * 64, replace=True)])
+    assert rep.outcome == "replaced"
+    rec = index.instance("1.1")
+    assert rec is not None and rec.sha256 == "c" * 64
+    [study] = find(index, Level.STUDY, StudyInstanceUID="1.2.3")
+    assert study["NumberOfStudyRelatedInstances"] == "1"
+    assert index.stats().instances == 1
+
+
+def test_duplicate_with_same_bytes_records_the_new_copy(index: Index) -> None:
+    index.add_batch([inst("1.1", sha="a" * 64, sites=("a",))])
+    index.add_batch([inst("1.1", sha="a" * 64, sites=("b",))])
+    rec = index.instance("1.1")
+    assert rec is not None and sorted(c.site for c in rec.copies) == ["a", "b"]
+
+
+def test_study_stays_with_its_first_patient(index: Index) -> None:
+    index.add_batch([inst("1.1", "9.1", "9.1.1", pid="P1")])
+    [res] = index.add_batch([inst("1.2", "9.1", "9.1.1", pid="OTHER")])
+    assert res.outcome == "stored" and res.warnings
+    assert col(find(index, Level.PATIENT, PatientID=""), "PatientID") == ["P1"]
+
+
+def test_batch_is_all_or_nothing(index: Index) -> None:
+    bad = NewInstance({"SOPInstanceUID": "2.2"}, "1.2.840.10008.1.2", 1, "x", ())
+    with pytest.raises(Exception):  # noqa: B017 - whatever the engine raises, nothing stays
+        index.add_batch([inst("2.1"), bad])
+    assert not index.has_instance("2.1")
+    assert index.stats().instances == 0
+    index.add_batch([inst("2.1")])  # the index is still usable
+    assert index.has_instance("2.1")
+
+
+def test_copies_record_and_locate(index: Index) -> None:
+    index.add_batch([inst("1.1", sites=("a", "b"))])
+    index.record_copy("1.1", CopyRecord("c", "k/1.1.dcm", 100, "f" * 64, 2.0, "bad", 3.0))
+    [rec] = index.instances(Query(Level.STUDY, (parse_match("StudyInstanceUID", "1.2.3"),)))  # type: ignore[arg-type]
+    assert rec.sop_uid == "1.1" and rec.transfer_syntax == "1.2.840.10008.1.2.1"
+    assert [(c.site, c.state) for c in rec.copies] == [("a", "ok"), ("b", "ok"), ("c", "bad")]
+    assert rec.copies[2].verified_at == 3.0
+    assert index.instance("nope") is None
+    assert index.copies_on("a", ["1.2.3/1.2.3.1/1.1.dcm", "x/y/z.dcm"]) == {"1.2.3/1.2.3.1/1.1.dcm"}
+    pages = index.copy_pages(0, 10)
+    assert sorted((p[1], p[2]) for p in pages) == [("1.1", "a"), ("1.1", "b"), ("1.1", "c")]
+
+
+def test_sites_registry(index: Index) -> None:
+    assert index.register_site("a") is True
+    assert index.register_site("a") is False
+    index.register_site("b")
+    assert index.known_sites() == {"a", "b"}
+
+
+def test_reopen_keeps_data_and_schema(engine_url: str) -> None:
+    ix = open_index(engine_url)
+    ix.add_batch([inst("1.1")])
+    ix.close()
+    ix = open_index(engine_url)  # migrations already applied: nothing to do
+    try:
+        assert ix.has_instance("1.1")
+    finally:
+        ix.close()
+
+
+def test_limit_and_offset(index: Index) -> None:
+    index.add_batch([inst(f"1.{i}", f"9.{i}", f"9.{i}.1") for i in range(1, 8)])
+    q = Query(Level.STUDY, (), limit=3, offset=2)
+    assert len(list(index.find(q))) == 3
+    assert len(list(index.find(Query(Level.STUDY, (), offset=5)))) == 2
+
+
+# ---------------------------------------------------------------- matching
+
+
+@pytest.fixture
+def matching(index: Index) -> Index:
+    people = [
+        ("P001", "SMITH^JOHN", "20240101", "ACC1", "CT"),
+        ("P002", "smith^anna", "20240215", "ACC2", "MR"),
+        ("P003", "SMYTHE^BOB", "20231231", "XACC3", "CT"),
+        ("P_04", "O'HARA^50%", "", "ACC_4", "US"),
+        ("P005", "[WEIRD]^NAME", "20240301", "ACC5", "CR"),
+    ]
+    for n, (pid, name, date, acc, mod) in enumerate(people):
+        index.add_batch(
+            [
+                inst(
+                    f"1.{n}",
+                    f"9.{n}",
+                    f"9.{n}.1",
+                    pid=pid,
+                    name=name,
+                    date=date,
+                    accession=acc,
+                    modality=mod,
+                )
+            ]
+        )
+    return index
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "want"),
+    [
+        ("PatientID", "P002", {"9.1"}),
+        ("PatientID", "P_04", {"9.3"}),
+        ("PatientID", "P?04", {"9.3"}),  # '?' is one character, '_' is literal
+        ("PatientID", "P_0*", {"9.3"}),
+        ("PatientName", "SMITH*", {"9.0", "9.1"}),  # case-insensitive
+        ("PatientName", "sm?th*", {"9.0", "9.1", "9.2"}),
+        ("PatientName", "SM*", {"9.0", "9.1", "9.2"}),
+        ("PatientName", "*50%", {"9.3"}),  # '%' is literal
+        ("PatientName", "[WEIRD]*", {"9.4"}),  # '[' is literal
+        ("PatientName", "*^JOHN", {"9.0"}),
+        ("StudyDate", "20240101-20240229", {"9.0", "9.1"}),
+        ("StudyDate", "20240201-", {"9.1", "9.4"}),
+        ("StudyDate", "-20231231", {"9.2"}),
+        ("StudyDate", "20231231", {"9.2"}),
+        ("AccessionNumber", "ACC*", {"9.0", "9.1", "9.3", "9.4"}),
+        ("AccessionNumber", "ACC_4", {"9.3"}),
+        ("ModalitiesInStudy", "MR", {"9.1"}),
+        ("ModalitiesInStudy", "MR\\US", {"9.1", "9.3"}),
+        ("StudyInstanceUID", "9.0\\9.4\\9.99", {"9.0", "9.4"}),
+    ],
+)
+def test_study_matching(matching: Index, key: str, value: str, want: set[str]) -> None:
+    got = find(matching, Level.STUDY, **{key: value})
+    assert {r["StudyInstanceUID"] for r in got} == want
+
+
+ALPHABET = st.sampled_from(list("ABab%_[]\\*?^ 1"))
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    names=st.lists(st.text(ALPHABET, min_size=1, max_size=6), min_size=1, max_size=6),
+    pattern=st.text(ALPHABET, min_size=1, max_size=5),
+)
+def test_wildcards_agree_with_an_independent_matcher(
+    index: Index, names: list[str], pattern: str
+) -> None:
+    """PatientName wildcard matching, whatever characters the names hold, agrees with a
+    regular-expression model of PS3.4 C.2.2.2.4 on every engine."""
+    pattern = pattern.replace("\\", "")
+    tag = f"{abs(hash((tuple(names), pattern)))}"
+    items = [
+        inst(f"{tag}.{i}", f"{tag}.{i}", f"{tag}.{i}.1", pid=f"H{tag}{i}", name=n)
+        for i, n in enumerate(names)
+    ]
+    index.add_batch(items)
+    match = parse_match("PatientName", pattern)
+    if match is None or match.kind != "wildcard":
+        return
+    pid = parse_match("PatientID", f"H{tag}*")
+    assert pid is not None
+    got = {r["StudyInstanceUID"] for r in index.find(Query(Level.STUDY, (match, pid)))}
+    stored = {f"{tag}.{i}": n.rstrip("^= ") for i, n in enumerate(names)}
+    want = {uid for uid, n in stored.items() if oracle.matches(n, match.values[0], "PN")}
+    assert got == want
+
+
+# ---------------------------------------------------------------- work queue
+
+
+def test_work_queue_lifecycle(index: Index) -> None:
+    assert index.enqueue("copy", [("k1", "p1"), ("k2", "p2"), ("k3", "")]) == 3
+    assert index.enqueue("copy", [("k1", "again")]) == 0  # still pending: left as it is
+    a = index.claim("copy", "node-a", 2, lease=60)
+    assert [w.key for w in a] == ["k1", "k2"] and a[0].payload == "p1" and a[0].attempts == 1
+    b = index.claim("copy", "node-b", 10, lease=60)
+    assert [w.key for w in b] == ["k3"]  # leased items are not handed out again
+    index.complete([a[0].pk])
+    index.fail(a[1].pk, "site down", retry_at=time.time() - 1)  # retry now
+    index.fail(b[0].pk, "unreadable", retry_at=None)  # give up
+    again = index.claim("copy", "node-b", 10, lease=60)
+    assert [w.key for w in again] == ["k2"] and again[0].attempts == 2
+    index.complete([again[0].pk])
+    assert index.work_counts("copy") == {"done": 2, "failed": 1}
+    assert index.enqueue("copy", [("k1", "p1")]) == 1  # a done item is queued again
+    assert index.work_counts("copy")["pending"] == 1
+
+
+def test_work_queued_with_the_instance(index: Index) -> None:
+    index.add_batch([inst("1.1", work=(("copy", "1.1>b", ""),))])
+    [w] = index.claim("copy", "n", 5, lease=30)
+    assert w.key == "1.1>b"
+
+
+def test_expired_lease_is_claimed_again(index: Index) -> None:
+    index.enqueue("audit", [("x", "")])
+    [first] = index.claim("audit", "dead-node", 1, lease=0.2)
+    assert index.claim("audit", "other", 1, lease=60) == []
+    time.sleep(0.3)
+    [again] = index.claim("audit", "other", 1, lease=60)
+    assert again.pk == first.pk and again.attempts == 2
+
+
+def _claimer(url: str, owner: str, out: multiprocessing.Queue, go: Any) -> None:  # type: ignore[type-arg]
+    ix = open_index(url)
+    got: list[int] = []
+    go.wait(60)  # both processes start claiming at the same moment
+    try:
+        while True:
+            items = ix.claim("race", owner, 7, lease=300)
+            if not items:
+                break
+            got += [w.pk for w in items]
+            time.sleep(0.002)  # the work itself, outside any transaction
+            ix.complete([w.pk for w in items])
+    finally:
+        ix.close()
+    out.put((owner, got))
+
+
+@pytest.mark.slow
+def test_two_processes_never_claim_one_item_twice(engine_url: str) -> None:
+    ix = open_index(engine_url)
+    n = 1500
+    ix.enqueue("race", [(f"item-{i}", "") for i in range(n)])
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    go = ctx.Event()
+    procs = [
+        ctx.Process(target=_claimer, args=(engine_url, f"node-{k}", out, go)) for k in range(2)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    go.set()
+    results = dict(out.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+    a, b = results["node-0"], results["node-1"]
+    assert len(a) == len(set(a)) and len(b) == len(set(b))
+    assert not set(a) & set(b), "an item was claimed by both processes"
+    assert len(a) + len(b) == n
+    assert a and b, "the two processes did not actually run concurrently"
+    assert ix.work_counts("race") == {"done": n}
+    ix.close()
+    print(f"\nclaims: node-0 {len(a)}, node-1 {len(b)} of {n}, none twice")
+
+
+def test_lease_job_runs_once_per_period(index: Index) -> None:
+    assert index.lease_job("backup", "node-a", every=3600) is True
+    assert index.lease_job("backup", "node-b", every=3600) is False
+    assert index.lease_job("backup", "node-a", every=3600) is False
+    assert index.lease_job("other", "node-b", every=3600) is True
+    assert index.lease_job("backup", "node-b", every=0) is True
+
+
+def test_unreachable_postgres_fails_promptly() -> None:
+    """Nothing listens: opening the index raises IndexUnavailable at once, never hangs."""
+    from tests.conftest import free_port
+
+    t0 = time.monotonic()
+    with pytest.raises(IndexUnavailable, match="cannot reach a writable PostgreSQL"):
+        open_index(f"host=127.0.0.1 port={free_port()} user=postgres dbname=x connect_timeout=2")
+    assert time.monotonic() - t0 < 30  # a bound on a hang, not a speed measurement
+
+
+def _adder(url: str, offset: int, go: Any, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    ix = open_index(url)
+    go.wait(60)
+    outcomes: list[str] = []
+    try:
+        for n in range(60):
+            # Both processes create the same new patients, studies and series at once.
+            study = n % 6
+            series = f"8.{study}.{(n // 6) % 2}"
+            item = inst(f"5.{offset}.{n}", f"8.{study}", series, pid=f"Q{study % 3}")
+            outcomes += [r.outcome for r in ix.add_batch([item])]
+    except Exception as e:
+        outcomes.append(f"error: {e}")
+    finally:
+        ix.close()
+        out.put(outcomes)
+
+
+@pytest.mark.slow
+def test_two_writers_filing_into_the_same_new_studies(engine_url: str) -> None:
+    """Two processes (two nodes) store instances of the same new studies at the same moment:
+    every store succeeds, the hierarchy and its counters come out right."""
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    go = ctx.Event()
+    open_index(engine_url).close()  # schema first
+    procs = [ctx.Process(target=_adder, args=(engine_url, k, go, out)) for k in range(2)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    go.set()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(60)
+    errors = [o for r in results for o in r if o != "stored"]
+    assert not errors and sum(map(len, results)) == 120, errors
+    ix = open_index(engine_url)
+    try:
+        stats = ix.stats()
+        assert (stats.patients, stats.studies, stats.series, stats.instances) == (3, 6, 12, 120)
+        for row in ix.find(Query(Level.STUDY)):
+            assert row["NumberOfStudyRelatedInstances"] == "20"
+            assert row["NumberOfStudyRelatedSeries"] == "2"
+        for row in ix.find(Query(Level.PATIENT)):
+            assert row["NumberOfPatientRelatedStudies"] == "2"
+            assert row["NumberOfPatientRelatedInstances"] == "40"
+    finally:
+        ix.close()

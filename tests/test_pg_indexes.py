@@ -1,0 +1,93 @@
+"""Every C-FIND key the archive is asked for most has a PostgreSQL index that can serve it:
+with sequential scans disabled, the plan of each STUDY-level query uses indexes only.
+
+(At small sizes PostgreSQL rightly prefers scanning; `enable_seqscan = off` asks whether an
+index *could* serve the query, which is what matters at a million instances, see
+bench/find_scale.py.)"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pacsgrid.index import Query, open_index, parse_match
+from pacsgrid.index.query import ALIAS, POSTGRES, compile_where
+from pacsgrid.index.sql import SqlIndex
+from pacsgrid.model import Level
+from tests.test_index_contract import inst
+
+CASES = {
+    "PatientID": ("P00042", "patient_id"),
+    "PatientName": ("SMITH^AN*", "patient_name_like_idx"),
+    "StudyDate": ("20240101-20240107", "study_date"),
+    "AccessionNumber": ("A0000042", "study_accession"),
+    "StudyInstanceUID": ("9.42", "study_uid_idx"),
+    "ModalitiesInStudy": ("MR", "study_modality_pkey"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_study_level_query_is_served_by_an_index(pg_url: str, key: str) -> None:
+    ix = open_index(pg_url)
+    try:
+        ix.add_batch(
+            [
+                inst(
+                    f"1.{n}",
+                    f"9.{n}",
+                    f"9.{n}.1",
+                    pid=f"P{n:05d}",
+                    name=f"SMITH^ANNA^{n}" if n % 7 == 0 else f"JONES^BOB^{n}",
+                    date=f"2024{1 + n % 12:02d}{1 + n % 28:02d}",
+                    accession=f"A{n:07d}",
+                    modality="MR" if n % 5 == 0 else "CT",
+                )
+                for n in range(300)
+            ]
+        )
+        assert isinstance(ix, SqlIndex)
+        value, index_name = CASES[key]
+        match = parse_match(key, value)
+        assert match is not None
+        query = Query(Level.STUDY, (match,))
+        exprs, _, joins = ix._select(Level.STUDY)
+        where, params = compile_where(query, POSTGRES)
+        sql = (
+            f"SELECT {', '.join(exprs)} FROM {joins} WHERE {where} ORDER BY {ALIAS[Level.STUDY]}.pk"
+        )
+    finally:
+        ix.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params).fetchall())
+    assert "Seq Scan" not in plan, plan
+    assert index_name in plan, plan
+
+
+def test_read_connections_are_bounded(pg_url: str) -> None:
+    """32 threads querying at once share `pool_size` read connections."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pacsgrid.index.postgres import PostgresIndex
+
+    ix = PostgresIndex(pg_url, pool_size=3)
+    try:
+        ix.add_batch([inst(f"1.{n}", f"9.{n}", f"9.{n}.1") for n in range(20)])
+        peak = 0
+
+        def work(_: int) -> int:
+            rows = list(ix.find(Query(Level.STUDY)))
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pacsgrid'"
+                ).fetchone()
+            assert row is not None
+            return len(rows) * 0 + int(row[0])
+
+        with ThreadPoolExecutor(32) as pool:
+            for n in pool.map(work, range(200)):
+                peak = max(peak, n)
+        assert 1 <= peak <= 3 + 1  # the pool, plus the write connection
+    finally:
+        ix.close()
