@@ -96,7 +96,12 @@ def counts(m: Model) -> dict[str, dict[str, Any]]:
 
 
 def matches(value: str, key: str, vr: str) -> bool:
-    """DICOM matching of one stored value against one request key (non-empty)."""
+    """DICOM matching of one stored value against one request key (non-empty).
+
+    Person names compare without their empty trailing components ("DOE^" is "DOE") and
+    without regard to case, as the README documents."""
+    if vr == "PN":
+        value = value.rstrip("^= ")
     if vr == "UI":
         return value in key.split("\\")
     if "\\" in key and vr != "PN":

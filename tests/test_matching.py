@@ -20,7 +20,7 @@ from pacsgrid.query import Query, parse_match
 from tests.oracle import matches
 
 ALPHABET = "ABCab*?[]%_\\^ .é"
-text_values = st.text(alphabet="ABCabé []%_.^", max_size=6)
+text_values = st.text(alphabet="ABCabé []%_.^", max_size=6).map(str.strip)  # as scanned: unpadded
 dates = st.sampled_from(["", "20200101", "20200615", "20201231", "19991231", "20210101"])
 times = st.sampled_from(["", "0800", "083000", "120000.5", "235959", "1200"])
 modalities = st.sampled_from(["CT", "MR", "US", ""])

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from pacsgrid.index.sql_base import SqlBase, marks
 from pacsgrid.model import CopyRecord
 
 CHUNK = 500
@@ -43,21 +43,8 @@ class SiteReport:
     never_verified: int
 
 
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-class SiteQueries:
-    """Mixed into SqlIndex; relies on its `_tx`, `_x` and `_all`."""
-
-    def _tx(self) -> AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    def _x(self, db: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        raise NotImplementedError
-
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        raise NotImplementedError
+class SiteQueries(SqlBase):
+    """Copies on sites: repair, audit, cache tier, reindex and reconcile."""
 
     _COPY_COLUMNS = (
         "c.instance_pk, i.sop_uid, c.site, c.key, c.size, c.sha256, c.state, c.verified_at"
@@ -95,7 +82,7 @@ class SiteQueries:
             return []
         rows = self._all(
             f"SELECT {self._COPY_COLUMNS} FROM copy c JOIN instance i ON i.pk = c.instance_pk "
-            f"WHERE c.site IN ({_marks(len(sites))}) AND c.state = 'ok' "
+            f"WHERE c.site IN ({marks(len(sites))}) AND c.state = 'ok' "
             "AND (c.verified_at IS NULL OR c.verified_at < ?) "
             "AND (c.instance_pk > ? OR (c.instance_pk = ? AND c.site > ?)) "
             "ORDER BY c.instance_pk, c.site LIMIT ?",
@@ -113,7 +100,7 @@ class SiteQueries:
         rows = self._all(
             "SELECT i.pk, i.sop_uid FROM instance i WHERE i.pk > ? AND (SELECT count(*) "
             "FROM copy c WHERE c.instance_pk = i.pk AND c.state = 'ok' AND c.site IN "
-            f"({_marks(len(archive_sites))})) < ? ORDER BY i.pk LIMIT ?",
+            f"({marks(len(archive_sites))})) < ? ORDER BY i.pk LIMIT ?",
             (after_pk, *archive_sites, copies, int(limit)),
         )
         return [(int(r[0]), r[1]) for r in rows]
@@ -124,7 +111,7 @@ class SiteQueries:
         rows = self._all(
             "SELECT count(*) FROM instance i WHERE (SELECT count(*) FROM copy c WHERE "
             "c.instance_pk = i.pk AND c.state = 'ok' AND c.site IN "
-            f"({_marks(len(archive_sites))})) < ?",
+            f"({marks(len(archive_sites))})) < ?",
             (*archive_sites, copies),
         )
         return int(rows[0][0])
@@ -200,7 +187,7 @@ class SiteQueries:
                 self._x(
                     db,
                     "UPDATE copy SET state = ?, verified_at = coalesce(?, verified_at) "
-                    f"WHERE site = ? AND instance_pk IN ({_marks(len(chunk))})",
+                    f"WHERE site = ? AND instance_pk IN ({marks(len(chunk))})",
                     (state, verified_at, site, *chunk),
                 )
 
@@ -223,7 +210,7 @@ class SiteQueries:
                 self._x(
                     db,
                     "UPDATE copy SET accessed_at = ? WHERE site = ? AND instance_pk IN "
-                    f"(SELECT pk FROM instance WHERE sop_uid IN ({_marks(len(chunk))}))",
+                    f"(SELECT pk FROM instance WHERE sop_uid IN ({marks(len(chunk))}))",
                     (when, site, *chunk),
                 )
 
@@ -244,7 +231,7 @@ class SiteQueries:
             "SELECT i.sop_uid, c.key, c.size FROM copy c JOIN instance i ON i.pk = "
             "c.instance_pk WHERE c.site = ? AND EXISTS (SELECT 1 FROM copy a WHERE "
             "a.instance_pk = c.instance_pk AND a.state = 'ok' AND a.verified_at IS NOT NULL "
-            f"AND a.site IN ({_marks(len(archive_sites))})) "
+            f"AND a.site IN ({marks(len(archive_sites))})) "
             "ORDER BY coalesce(c.accessed_at, c.stored_at), c.instance_pk LIMIT ?",
             (site, *archive_sites, int(limit)),
         )
@@ -267,3 +254,24 @@ class SiteQueries:
                     "updated_at = excluded.updated_at",
                     (name, value, time.time()),
                 )
+
+    # ------------------------------------------------------------------ reindex support
+    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            rows = self._all(
+                f"SELECT key FROM copy WHERE site = ? AND key IN ({', '.join('?' * len(chunk))})",
+                [site, *chunk],
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
+        rows = self._all(
+            "SELECT i.pk, i.sop_uid, coalesce(c.site, ''), coalesce(c.key, '') FROM "
+            "(SELECT pk, sop_uid FROM instance WHERE pk > ? ORDER BY pk LIMIT ?) i "
+            "LEFT JOIN copy c ON c.instance_pk = i.pk ORDER BY i.pk, c.site",
+            (after, int(limit)),
+        )
+        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]

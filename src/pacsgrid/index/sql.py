@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import (
     AddResult,
-    FailedWork,
     IndexStats,
     NewInstance,
     SiteUsage,
-    WebUser,
-    WorkItem,
-    WorkSummary,
 )
+from pacsgrid.index.ledgers import LedgerQueries
 from pacsgrid.index.query import (
     ALIAS,
     SQLITE,
-    Dialect,
     Query,
     compile_where,
     normalize_stored,
@@ -40,7 +35,8 @@ from pacsgrid.index.query import (
 )
 from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
 from pacsgrid.index.sites import SiteQueries
-from pacsgrid.ledger import FileEntry, StudyEntry
+from pacsgrid.index.users import UserQueries
+from pacsgrid.index.work import WorkQueries
 from pacsgrid.model import ATTRIBUTES, CopyRecord, InstanceRecord, Level
 
 JOINS = {
@@ -53,38 +49,12 @@ JOINS = {
 }
 
 
-class SqlIndex(SiteQueries):
-    """Shared implementation; subclasses provide `_conn()` and `_tx()`.
+class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
+    """Shared implementation; engines provide `_conn()` and `_tx()` (see SqlBase).
 
-    The queries of repair, audit and the cache tier live in `SiteQueries` (index/sites.py)."""
-
-    url: str
-    dialect: Dialect = SQLITE
-    db_errors: tuple[type[Exception], ...] = ()  # the driver's errors, mapped to IndexUnavailable
-
-    # ------------------------------------------------------------------ engine hooks
-    def _conn(self) -> Any:
-        """A connection for reads in the calling thread."""
-        raise NotImplementedError
-
-    def _tx(self) -> AbstractContextManager[Any]:
-        """A write transaction; yields a connection (cursor-like `execute`)."""
-        raise NotImplementedError
-
-    def _sql(self, sql: str) -> str:
-        return sql if self.dialect.placeholder == "?" else sql.replace("?", "%s")
-
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        try:
-            return list(self._conn().execute(self._sql(sql), params).fetchall())
-        except self.db_errors as e:
-            raise IndexUnavailable(f"index query failed: {e}") from e
-
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        try:
-            return self._conn().execute(self._sql(sql), params).fetchone()
-        except self.db_errors as e:
-            raise IndexUnavailable(f"index query failed: {e}") from e
+    Here: filing instances (add_batch), queries (find, instances, stats). In the mixins: the
+    work queue (index/work.py), copies on sites (index/sites.py), migration ledgers
+    (index/ledgers.py), web users (index/users.py)."""
 
     def _apply_migrations(self, types: Types) -> None:
         """Bring the schema up to date (see pacsgrid.index.schema); idempotent."""
@@ -113,9 +83,6 @@ class SqlIndex(SiteQueries):
     def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
         with self._tx() as db:
             return [self._add_one(db, item) for item in items]
-
-    def _x(self, db: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        return db.execute(self._sql(sql), params)
 
     def _add_one(self, db: Any, item: NewInstance) -> AddResult:
         v = item.values
@@ -300,302 +267,6 @@ class SqlIndex(SiteQueries):
 
     def known_sites(self) -> set[str]:
         return {r[0] for r in self._all("SELECT name FROM site")}
-
-    # ------------------------------------------------------------------ work queue
-    def _enqueue(self, db: Any, kind: str, key: str, payload: str, now: float) -> int:
-        cur = self._x(
-            db,
-            "INSERT INTO work (kind, key, payload, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET "
-            "state = 'pending', payload = excluded.payload, attempts = 0, not_before = 0, "
-            "claimed_by = NULL, claimed_until = NULL, last_error = '', "
-            "updated_at = excluded.updated_at WHERE work.state <> 'pending'",
-            (kind, key, payload, now, now),
-        )
-        return max(0, int(cur.rowcount))
-
-    def enqueue(self, kind: str, items: Sequence[tuple[str, str]]) -> int:
-        now = time.time()
-        with self._tx() as db:
-            return sum(self._enqueue(db, kind, key, payload, now) for key, payload in items)
-
-    # Appended to the claim subquery; PostgreSQL sets " FOR UPDATE SKIP LOCKED".
-    CLAIM_LOCK = ""
-
-    def claim(self, kind: str, owner: str, limit: int, lease: float) -> list[WorkItem]:
-        now = time.time()
-        with self._tx() as db:
-            rows = self._x(
-                db,
-                "UPDATE work SET claimed_by = ?, claimed_until = ?, attempts = attempts + 1, "
-                "updated_at = ? WHERE pk IN (SELECT pk FROM work WHERE kind = ? AND "
-                "state = 'pending' AND not_before <= ? AND (claimed_until IS NULL OR "
-                f"claimed_until < ?) ORDER BY pk LIMIT ?{self.CLAIM_LOCK}) "
-                "RETURNING pk, kind, key, payload, attempts",
-                (owner, now + lease, now, kind, now, now, int(limit)),
-            ).fetchall()
-        items = [WorkItem(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in rows]
-        return sorted(items, key=lambda w: w.pk)
-
-    def complete(self, pks: Sequence[int]) -> None:
-        if not pks:
-            return
-        now = time.time()
-        with self._tx() as db:
-            for start in range(0, len(pks), 500):
-                chunk = list(pks[start : start + 500])
-                self._x(
-                    db,
-                    "UPDATE work SET state = 'done', claimed_by = NULL, claimed_until = NULL, "
-                    f"updated_at = ? WHERE pk IN ({', '.join('?' * len(chunk))})",
-                    [now, *chunk],
-                )
-
-    def fail(self, pk: int, error: str, retry_at: float | None) -> None:
-        state = "failed" if retry_at is None else "pending"
-        with self._tx() as db:
-            self._x(
-                db,
-                "UPDATE work SET state = ?, not_before = ?, claimed_by = NULL, "
-                "claimed_until = NULL, last_error = ?, updated_at = ? WHERE pk = ?",
-                (state, retry_at or 0, error[:2000], time.time(), pk),
-            )
-
-    def work_counts(self, kind: str) -> dict[str, int]:
-        rows = self._all("SELECT state, count(*) FROM work WHERE kind = ? GROUP BY state", (kind,))
-        return {r[0]: int(r[1]) for r in rows}
-
-    def work_failures(self, kind: str, limit: int = 100) -> list[tuple[str, int, str]]:
-        """(key, attempts, last error) of items of `kind` that were given up, newest first."""
-        rows = self._all(
-            "SELECT key, attempts, last_error FROM work WHERE kind = ? AND state = 'failed' "
-            "ORDER BY updated_at DESC LIMIT ?",
-            (kind, int(limit)),
-        )
-        return [(r[0], int(r[1]), r[2]) for r in rows]
-
-    def wake(self, kind: str) -> int:
-        """Make every waiting item of `kind` ready now (a site came back up)."""
-        with self._tx() as db:
-            cur = self._x(
-                db,
-                "UPDATE work SET not_before = 0 WHERE kind = ? AND state = 'pending' "
-                "AND not_before > 0",
-                (kind,),
-            )
-            return max(0, int(cur.rowcount))
-
-    def retry_failed_work(self, kind: str) -> int:
-        """Queue every given-up item of `kind` again (an operator fixed the cause)."""
-        with self._tx() as db:
-            cur = self._x(
-                db,
-                "UPDATE work SET state = 'pending', attempts = 0, not_before = 0, "
-                "last_error = '', updated_at = ? WHERE kind = ? AND state = 'failed'",
-                (time.time(), kind),
-            )
-            return max(0, int(cur.rowcount))
-
-    # ------------------------------------------------------------------ migration ledgers
-    def folder_ledger(self, source: str) -> dict[str, FileEntry]:
-        rows = self._all(
-            "SELECT path, size, mtime_ns, sha256, sop_uid, state, reason, updated_at "
-            "FROM folder_ledger WHERE source = ?",
-            (source,),
-        )
-        return {
-            r[0]: FileEntry(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], float(r[7]))
-            for r in rows
-        }
-
-    def record_files(self, source: str, entries: Sequence[FileEntry]) -> None:
-        now = time.time()
-        with self._tx() as db:
-            for e in entries:
-                self._x(
-                    db,
-                    "INSERT INTO folder_ledger (source, path, size, mtime_ns, sha256, sop_uid, "
-                    "state, reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (source, path) DO UPDATE SET size = excluded.size, "
-                    "mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256, "
-                    "sop_uid = excluded.sop_uid, state = excluded.state, "
-                    "reason = excluded.reason, updated_at = excluded.updated_at",
-                    (
-                        source,
-                        e.path,
-                        e.size,
-                        e.mtime_ns,
-                        e.sha256,
-                        e.sop_uid,
-                        e.state,
-                        e.reason[:2000],
-                        now,
-                    ),
-                )
-
-    def study_ledger(self, source: str, states: Sequence[str] = ()) -> list[StudyEntry]:
-        sql = (
-            "SELECT study_uid, study_date, patient_id, expected, received, state, attempts, "
-            "last_error, updated_at FROM study_ledger WHERE source = ?"
-        )
-        params: list[Any] = [source]
-        if states:
-            sql += f" AND state IN ({', '.join('?' * len(states))})"
-            params += list(states)
-        rows = self._all(sql + " ORDER BY study_date, pk", params)
-        return [
-            StudyEntry(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], int(r[6]), r[7], float(r[8]))
-            for r in rows
-        ]
-
-    def record_studies(self, source: str, entries: Sequence[StudyEntry]) -> None:
-        now = time.time()
-        with self._tx() as db:
-            for e in entries:
-                self._x(
-                    db,
-                    "INSERT INTO study_ledger (source, study_uid, study_date, patient_id, "
-                    "expected, received, state, attempts, last_error, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, study_uid) "
-                    "DO UPDATE SET study_date = excluded.study_date, "
-                    "patient_id = excluded.patient_id, expected = excluded.expected, "
-                    "received = excluded.received, state = excluded.state, "
-                    "attempts = excluded.attempts, last_error = excluded.last_error, "
-                    "updated_at = excluded.updated_at",
-                    (
-                        source,
-                        e.study_uid,
-                        e.study_date,
-                        e.patient_id,
-                        e.expected,
-                        e.received,
-                        e.state,
-                        e.attempts,
-                        e.last_error[:2000],
-                        now,
-                    ),
-                )
-
-    def study_sop_uids(self, study_uid: str) -> set[str]:
-        """SOP Instance UIDs the archive holds in a study (migration counts, verify)."""
-        rows = self._all(
-            "SELECT i.sop_uid FROM instance i JOIN series se ON i.series_pk = se.pk "
-            "JOIN study st ON se.study_pk = st.pk WHERE st.study_uid = ?",
-            (study_uid,),
-        )
-        return {r[0] for r in rows}
-
-    def has_instances(self, sop_uids: Sequence[str]) -> set[str]:
-        """Which of `sop_uids` the archive holds."""
-        found: set[str] = set()
-        uids = list(sop_uids)
-        for start in range(0, len(uids), 500):
-            chunk = uids[start : start + 500]
-            rows = self._all(
-                f"SELECT sop_uid FROM instance WHERE sop_uid IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            found.update(r[0] for r in rows)
-        return found
-
-    def lease_job(self, name: str, owner: str, every: float) -> bool:
-        now = time.time()
-        with self._tx() as db:
-            self._x(
-                db,
-                "INSERT INTO job_state (name, last_run, owner) VALUES (?, 0, '') "
-                "ON CONFLICT (name) DO NOTHING",
-                (name,),
-            )
-            cur = self._x(
-                db,
-                "UPDATE job_state SET last_run = ?, owner = ? WHERE name = ? AND last_run <= ?",
-                (now, owner, name, now - every),
-            )
-            return int(cur.rowcount) == 1
-
-    # ------------------------------------------------------------------ reindex support
-    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            rows = self._all(
-                f"SELECT key FROM copy WHERE site = ? AND key IN ({', '.join('?' * len(chunk))})",
-                [site, *chunk],
-            )
-            found.update(r[0] for r in rows)
-        return found
-
-    def work_summary(self) -> list[WorkSummary]:
-        rows = self._all(
-            "SELECT kind, state, count(*), max(updated_at) FROM work GROUP BY kind, state "
-            "ORDER BY kind, state"
-        )
-        return [WorkSummary(r[0], r[1], int(r[2]), float(r[3] or 0)) for r in rows]
-
-    def failed_work(self, limit: int) -> list[FailedWork]:
-        kinds = [r[0] for r in self._all("SELECT DISTINCT kind FROM work")]
-        out: list[FailedWork] = []
-        for kind in kinds:  # per kind, so that the (kind, state) index serves the filter
-            rows = self._all(
-                "SELECT kind, key, last_error, attempts, updated_at FROM work WHERE kind = ? "
-                "AND state = 'failed' ORDER BY updated_at DESC LIMIT ?",
-                (kind, int(limit)),
-            )
-            out += [FailedWork(r[0], r[1], r[2], int(r[3]), float(r[4])) for r in rows]
-        out.sort(key=lambda f: f.updated_at, reverse=True)
-        return out[:limit]
-
-    # ------------------------------------------------------------------ web users
-    def save_user(self, user: WebUser) -> None:
-        with self._tx() as db:
-            self._x(
-                db,
-                "INSERT INTO web_user (name, role, password_hash, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET role = excluded.role, "
-                "password_hash = excluded.password_hash",
-                (user.name, user.role, user.password_hash, time.time()),
-            )
-
-    def user(self, name: str) -> WebUser | None:
-        r = self._one("SELECT name, role, password_hash FROM web_user WHERE name = ?", (name,))
-        return None if r is None else WebUser(r[0], r[1], r[2])
-
-    def users(self) -> list[WebUser]:
-        rows = self._all("SELECT name, role, password_hash FROM web_user ORDER BY name")
-        return [WebUser(r[0], r[1], r[2]) for r in rows]
-
-    def remove_user(self, name: str) -> bool:
-        with self._tx() as db:
-            self._x(db, "DELETE FROM web_token WHERE user_name = ?", (name,))
-            cur = self._x(db, "DELETE FROM web_user WHERE name = ?", (name,))
-            return int(cur.rowcount) > 0
-
-    def save_token(self, token_hash: str, user: str, label: str) -> None:
-        with self._tx() as db:
-            self._x(
-                db,
-                "INSERT INTO web_token (token_hash, user_name, label, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (token_hash, user, label, time.time()),
-            )
-
-    def token_user(self, token_hash: str) -> WebUser | None:
-        r = self._one(
-            "SELECT u.name, u.role, u.password_hash FROM web_token t JOIN web_user u "
-            "ON t.user_name = u.name WHERE t.token_hash = ?",
-            (token_hash,),
-        )
-        return None if r is None else WebUser(r[0], r[1], r[2])
-
-    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
-        rows = self._all(
-            "SELECT i.pk, i.sop_uid, coalesce(c.site, ''), coalesce(c.key, '') FROM "
-            "(SELECT pk, sop_uid FROM instance WHERE pk > ? ORDER BY pk LIMIT ?) i "
-            "LEFT JOIN copy c ON c.instance_pk = i.pk ORDER BY i.pk, c.site",
-            (after, int(limit)),
-        )
-        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     # ------------------------------------------------------------------ reads
     def has_instance(self, sop_uid: str) -> bool:

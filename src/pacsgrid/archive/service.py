@@ -1,45 +1,30 @@
-"""`Archive`: the one service every front end calls (DICOM, web, importer, migrator).
-
-The rules of the archive live here, once:
-- ingest is durable before it is acknowledged: write the object to the write quorum of sites
-  (each write fsynced and atomically visible), commit the index row (group commit), and only
-  then return; any failure raises and nothing is acknowledged;
-- duplicates (a SOP Instance UID stored again) follow `dicom.on_duplicate`: keep (default) or
-  replace; never two rows, never a torn file;
-- access control: who may echo, store, find, move, get (DICOM peers by AE title, web users
-  by role: read, write, admin);
-- forwarding: an instance a forwarding rule selects is queued for its peer in the same index
-  transaction as its row (never to the peer it came from, so forwarding pairs do not loop);
-- audit: every store, query and retrieve, allowed or refused, and every admin action, is one
-  record in the audit log (pacsgrid.audit), whichever front end it came through;
-- metrics: ingest and retrieve counts and latencies per service, site operations and errors
-  (pacsgrid.metrics);
-- reads fall back copy by copy and verify the SHA-256 of what they read.
-
-All methods are synchronous and thread-safe; the asyncio DICOM server calls them from a thread
-pool.
-"""
+"""The Archive service: the rules every front end shares (see pacsgrid.archive)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
 import logging
-import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 from pacsgrid import metrics
+from pacsgrid.archive.records import (
+    FORWARD,
+    ArchiveStatus,
+    Caller,
+    Health,
+    IngestResult,
+    SiteStatus,
+    StoredObject,
+)
+from pacsgrid.archive.users import UserAdmin
 from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.dicom.header import Header, scan
 from pacsgrid.dicom.part10 import build_file_meta, split_part10
 from pacsgrid.errors import (
     AccessDenied,
-    ConfigError,
     InvalidDataset,
     NotFound,
     ObjectCorrupt,
@@ -49,46 +34,19 @@ from pacsgrid.errors import (
     StorageError,
     UnknownPeer,
 )
-from pacsgrid.index import FailedWork, Index, IndexStats, NewInstance, open_index
-
-# Re-exported: the query vocabulary and records the front ends use (they import nothing
-# from pacsgrid.index or pacsgrid.storage themselves).
-from pacsgrid.index import WebUser as WebUser
-from pacsgrid.index import WorkSummary as WorkSummary
+from pacsgrid.index import FailedWork, Index, NewInstance, WorkSummary, open_index
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.ledger import FileEntry, StudyEntry
 from pacsgrid.model import CopyRecord, InstanceRecord
-from pacsgrid.query import Match as Match
-from pacsgrid.query import Query as Query
-from pacsgrid.query import parse_match as parse_match
+from pacsgrid.query import Query
 from pacsgrid.settings import PeerSettings, Settings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is asking: a DICOM peer (AE title), a web user, or a local command."""
-
-    ae_title: str = ""
-    address: str = ""
-    user: str = ""
-    via: str = "dimse"  # dimse | web | import | migrate | cli
-    role: str = ""  # web callers: read | write | admin (set by the web layer after login)
-
-    def __str__(self) -> str:
-        who = self.user or self.ae_title or self.via
-        return f"{who}@{self.address}" if self.address else who
-
-
-LOCAL = Caller(via="cli")
-FORWARD = "forward"  # work queue kind of forwarding items
-
-ROLES = ("read", "write", "admin")
 _RANK = {"read": 1, "write": 2, "admin": 3}
 # The role a web caller needs for each archive operation.
 _NEEDS = {
@@ -99,91 +57,9 @@ _NEEDS = {
     "retrieve": "read",
     "store": "write",
 }
-_SCRYPT = (1 << 14, 8, 1)  # n, r, p: ~50 ms and 16 MB per check
 
 
-def hash_password(password: str) -> str:
-    """scrypt with a random salt, as `scrypt$n$r$p$salt$hash` (hex)."""
-    n, r, p = _SCRYPT
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
-    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
-
-
-def check_password(password: str, stored: str) -> bool:
-    try:
-        kind, n, r, p, salt, want = stored.split("$")
-        if kind != "scrypt":
-            return False
-        got = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(got.hex(), want)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    outcome: str  # stored | duplicate | replaced
-    sop_instance_uid: str
-    study_uid: str
-    warnings: tuple[str, ...] = ()
-    series_uid: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """An object read back from a site: the whole Part 10 file and where its dataset starts."""
-
-    data: bytes
-    dataset_offset: int
-    transfer_syntax: str
-    site: str
-
-    @property
-    def dataset(self) -> memoryview:
-        return memoryview(self.data)[self.dataset_offset :]
-
-
-@dataclass(frozen=True)
-class SiteStatus:
-    name: str
-    url: str
-    location: str
-    role: str
-    up: bool
-    reason: str
-    objects: int
-    bytes: int
-    free_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class ArchiveStatus:
-    index: IndexStats
-    sites: tuple[SiteStatus, ...] = field(default_factory=tuple)
-
-
-@dataclass(frozen=True)
-class Health:
-    """What a load balancer asks: can this node answer queries and acknowledge stores?"""
-
-    index_ok: bool
-    index_error: str
-    writable_sites: int
-    write_quorum: int
-
-    @property
-    def ok(self) -> bool:
-        return self.index_ok and self.writable_sites >= self.write_quorum
-
-
-class Archive:
+class Archive(UserAdmin):
     def __init__(
         self,
         settings: Settings,
@@ -698,51 +574,6 @@ class Archive:
                 )
             )
         return ArchiveStatus(stats, tuple(out))
-
-    # ------------------------------------------------------------------ web users and tokens
-    def add_user(self, caller: Caller, name: str, role: str, password: str = "") -> None:
-        """Create a user or change their role (and password, when one is given)."""
-        self.authorize(caller, "admin")
-        if role not in ROLES:
-            raise ConfigError("--role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-        if not name or not name.isprintable() or ":" in name or len(name) > 64:
-            raise ConfigError("user", f"invalid user name {name!r} (no ':', at most 64)")
-        existing = self.index.user(name)
-        stored = (
-            hash_password(password) if password else (existing.password_hash if existing else "")
-        )
-        self.index.save_user(WebUser(name, role, stored))
-        self.audit(caller, "admin", "success", "", f"user {name} role {role}")
-
-    def remove_user(self, caller: Caller, name: str) -> bool:
-        self.authorize(caller, "admin")
-        removed = self.index.remove_user(name)
-        self.audit(caller, "admin", "success", "", f"removed user {name}: {removed}")
-        return removed
-
-    def users(self, caller: Caller) -> list[WebUser]:
-        self.authorize(caller, "admin")
-        return self.index.users()
-
-    def create_token(self, caller: Caller, name: str, label: str = "") -> str:
-        """A new API token for user `name`; only its hash is kept, so it is shown once."""
-        self.authorize(caller, "admin")
-        if self.index.user(name) is None:
-            raise NotFound(f"no user {name!r}")
-        token = "pgt_" + secrets.token_urlsafe(32)
-        self.index.save_token(token_hash(token), name, label)
-        self.audit(caller, "admin", "success", "", f"token for {name} ({label})")
-        return token
-
-    def authenticate(self, name: str, password: str) -> WebUser | None:
-        user = self.index.user(name)
-        if user is None or not user.password_hash:
-            check_password(password, hash_password("x"))  # same cost as a real check
-            return None
-        return user if check_password(password, user.password_hash) else None
-
-    def authenticate_token(self, token: str) -> WebUser | None:
-        return self.index.token_user(token_hash(token))
 
 
 def _study_of(query: Query) -> str:

@@ -1,0 +1,101 @@
+"""Users and API tokens of the web face: password hashing and their administration.
+
+A mixin of `Archive`, so that user administration goes through the same authorisation and
+audit as everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+
+from pacsgrid.archive.records import ROLES, Caller
+from pacsgrid.errors import ConfigError, NotFound
+from pacsgrid.index import Index, WebUser
+
+_SCRYPT = (1 << 14, 8, 1)  # n, r, p: ~50 ms and 16 MB per check
+
+
+def hash_password(password: str) -> str:
+    """scrypt with a random salt, as `scrypt$n$r$p$salt$hash` (hex)."""
+    n, r, p = _SCRYPT
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, want = stored.split("$")
+        if kind != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), want)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class UserAdmin:
+    """Relies on Archive's `index`, `authorize` and `audit`."""
+
+    index: Index
+
+    def authorize(self, caller: Caller, operation: str, study: str = "") -> None:
+        raise NotImplementedError
+
+    def audit(
+        self, caller: Caller, operation: str, outcome: str, study: str = "", detail: str = ""
+    ) -> None:
+        raise NotImplementedError
+
+    def add_user(self, caller: Caller, name: str, role: str, password: str = "") -> None:
+        """Create a user or change their role (and password, when one is given)."""
+        self.authorize(caller, "admin")
+        if role not in ROLES:
+            raise ConfigError("--role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if not name or not name.isprintable() or ":" in name or len(name) > 64:
+            raise ConfigError("user", f"invalid user name {name!r} (no ':', at most 64)")
+        existing = self.index.user(name)
+        stored = (
+            hash_password(password) if password else (existing.password_hash if existing else "")
+        )
+        self.index.save_user(WebUser(name, role, stored))
+        self.audit(caller, "admin", "success", "", f"user {name} role {role}")
+
+    def remove_user(self, caller: Caller, name: str) -> bool:
+        self.authorize(caller, "admin")
+        removed = self.index.remove_user(name)
+        self.audit(caller, "admin", "success", "", f"removed user {name}: {removed}")
+        return removed
+
+    def users(self, caller: Caller) -> list[WebUser]:
+        self.authorize(caller, "admin")
+        return self.index.users()
+
+    def create_token(self, caller: Caller, name: str, label: str = "") -> str:
+        """A new API token for user `name`; only its hash is kept, so it is shown once."""
+        self.authorize(caller, "admin")
+        if self.index.user(name) is None:
+            raise NotFound(f"no user {name!r}")
+        token = "pgt_" + secrets.token_urlsafe(32)
+        self.index.save_token(token_hash(token), name, label)
+        self.audit(caller, "admin", "success", "", f"token for {name} ({label})")
+        return token
+
+    def authenticate(self, name: str, password: str) -> WebUser | None:
+        user = self.index.user(name)
+        if user is None or not user.password_hash:
+            check_password(password, hash_password("x"))  # same cost as a real check
+            return None
+        return user if check_password(password, user.password_hash) else None
+
+    def authenticate_token(self, token: str) -> WebUser | None:
+        return self.index.token_user(token_hash(token))
