@@ -113,12 +113,19 @@ async def retrieve(
     )
     loop = asyncio.get_running_loop()
     cancelled = False
+    # Read-ahead: the next instance is read (and its SHA-256 checked) in the thread pool while
+    # the current one is on the wire and the receiver writes it, so storage and network
+    # overlap instead of taking turns. At most two objects are held in memory.
+    ahead = _prepare(requester, usable, records[0], loop) if records else None
     try:
         for done, record in enumerate(records, 1):
             if msg.message_id in requester.cancelled or requester.closed.is_set():
                 cancelled = True
                 break
-            status = await _send_one(requester, sender, usable, record, originator, loop)
+            assert ahead is not None
+            current = ahead
+            ahead = _prepare(requester, usable, records[done], loop) if done < total else None
+            status = await _send_one(sender, record, await current, originator)
             category = dimse.status_category(status)
             if category == "success":
                 completed += 1
@@ -140,6 +147,8 @@ async def retrieve(
                 )
                 await requester.drain()
     finally:
+        if ahead is not None:
+            ahead.cancel()
         if target is not None:
             await target.release()
     if cancelled:
@@ -166,14 +175,26 @@ async def retrieve(
         )
 
 
-async def _send_one(
+_Prepared = tuple[AcceptedContext, "bytes | memoryview"] | int
+
+
+def _prepare(
     requester: ServerAssociation,
-    sender: Association,
     usable: list[AcceptedContext],
     record: InstanceRecord,
-    originator: tuple[str, int] | None,
     loop: asyncio.AbstractEventLoop,
-) -> int:
+) -> asyncio.Task[_Prepared]:
+    """Start reading `record` for sending; the task gives (context, bytes to send) or, when
+    it cannot be sent, the sub-operation's failure status."""
+    return loop.create_task(_load(requester, usable, record, loop))
+
+
+async def _load(
+    requester: ServerAssociation,
+    usable: list[AcceptedContext],
+    record: InstanceRecord,
+    loop: asyncio.AbstractEventLoop,
+) -> _Prepared:
     archive = requester.archive
     ctx, send_ts = pick_context(usable, record.sop_class_uid, record.transfer_syntax)
     if ctx is None:
@@ -195,6 +216,18 @@ async def _send_one(
     except (PacsgridError, TranscodeError) as e:
         log.warning("cannot send %s: %s", record.sop_uid, e)
         return dimse.UNABLE_TO_PROCESS
+    return ctx, dataset
+
+
+async def _send_one(
+    sender: Association,
+    record: InstanceRecord,
+    prepared: _Prepared,
+    originator: tuple[str, int] | None,
+) -> int:
+    if isinstance(prepared, int):
+        return prepared
+    ctx, dataset = prepared
     try:
         status, error = await sender.c_store(
             ctx.id, record.sop_class_uid, record.sop_uid, dataset, originator=originator
