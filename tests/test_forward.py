@@ -129,7 +129,7 @@ poll = 0.2
         assert {key.partition(">")[0] for key, _, _ in rows} == a, "B must not go back"
         assert all(state == "done" for _, state, _ in rows)
         # Orthanc sent A back (its script forwards everything): duplicates, not forwarded.
-        assert "duplicate" in server.text()
+        assert wait_until(lambda: "duplicate" in server.text(), 30), server.text()[-3000:]
 
         status = pacsgrid("forward", "status", "--config", config, "--data-dir", server.data_dir)
         assert status.returncode == 0, status.stdout + status.stderr

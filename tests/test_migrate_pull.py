@@ -234,7 +234,7 @@ def test_pull_from_a_source_that_caps_its_answers(tmp_path: Path) -> None:
             for s in studies
             if s["MainDicomTags"].get("StudyDate") or s["PatientMainDicomTags"].get("PatientID")
         }
-        assert len(findable) > 30
+        assert len(findable) > 2 * 10, "the corpus must hold well over the cap of 10 studies"
         data = tmp_path / "archive"
         source = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
         run = pacsgrid(

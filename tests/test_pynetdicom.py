@@ -107,9 +107,11 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, d
         work / "archive",
         args=("--peer", "PYNETDICOM@127.0.0.1:9", "--peer", f"PYSCP@127.0.0.1:{dest_port}"),
     ).start()
-    statuses = send_files(server.port, accepted(), work)
-    yield server, {"statuses": statuses, "dest_port": dest_port}
-    server.stop()
+    try:
+        statuses = send_files(server.port, accepted(), work)
+        yield server, {"statuses": statuses, "dest_port": dest_port}
+    finally:
+        server.stop()
 
 
 def first_per_uid(files: list[CorpusFile], statuses: dict[Path, int]) -> dict[str, CorpusFile]:
