@@ -26,6 +26,19 @@ sys.path.insert(0, str(REPO))  # bench.synth
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def pacsgrid_cli(
+    *args: str | Path, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a `pacsgrid` command as a user would (same interpreter), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pacsgrid", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

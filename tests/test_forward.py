@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pacsgrid.index.sqlite import SqliteIndex
-from tests.conftest import DCMTK_ENV, Server, free_port, require_tool, wait_port
+from tests.conftest import DCMTK_ENV, Server, free_port, pacsgrid_cli, require_tool, wait_port
 from tests.corpus import CorpusFile, accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.orthanc import Orthanc
@@ -70,12 +69,7 @@ def wait_until(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-unt
 
 
 def pacsgrid(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return pacsgrid_cli(*args, timeout=120)
 
 
 def test_two_systems_forwarding_to_each_other_do_not_loop(tmp_path: Path) -> None:

@@ -14,18 +14,12 @@ from pathlib import Path
 import pytest
 
 from bench.synth import Spec, write
-from tests.conftest import DCMTK_ENV, Server, require_tool
+from tests.conftest import DCMTK_ENV, Server, pacsgrid_cli, require_tool
 from tests.corpus import SHARED, accepted, corpus, shared_available
 
 
 def pacsgrid(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *args],
-        cwd=cwd,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    return pacsgrid_cli(*args, cwd=cwd, timeout=timeout)
 
 
 def summary_numbers(stdout: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ import pytest
 
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.ledger import DONE
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, pacsgrid_cli
 from tests.corpus import corpus
 from tests.orthanc import Orthanc
 
@@ -50,12 +50,7 @@ def legacy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Legacy]:
 
 
 def pacsgrid(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return pacsgrid_cli(*args, timeout=timeout)
 
 
 def pull(legacy: Legacy, data: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -20,7 +19,7 @@ from bench import synth
 from pacsgrid.archive import Archive
 from pacsgrid.index import open_index
 from pacsgrid.settings import Overrides, load_settings
-from tests.conftest import Server, dcmtk
+from tests.conftest import Server, dcmtk, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.pg import FAST_FAIL, PgCluster, failover_url
@@ -36,12 +35,7 @@ def synth_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def pacsgrid(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return pacsgrid_cli(*args, timeout=timeout)
 
 
 def count(url: str, table: str = "instance") -> int:

@@ -4,8 +4,6 @@ and the server ready for the next request."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,15 +12,16 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
 
-from bench.synth import Spec, write
-from tests.conftest import Server, free_port
+from bench.synth import Spec, studies, write
+from tests.conftest import Server, free_port, pacsgrid_cli
 
 INSTANCES = 40
 CANCEL = 0xFE00
 
 
 def test_cancel_a_move_then_move_again(tmp_path: Path) -> None:
-    files = write(Spec(studies=1, series=1, instances=INSTANCES, size=64, seed="cancel"), tmp_path)
+    spec = Spec(studies=1, series=1, instances=INSTANCES, size=64, seed="cancel")
+    files = write(spec, tmp_path)
     dest_port = free_port()
     server = Server(tmp_path / "archive", args=("--peer", f"SLOWSCP@127.0.0.1:{dest_port}"))
     server.start()
@@ -41,17 +40,11 @@ def test_cancel_a_move_then_move_again(tmp_path: Path) -> None:
         ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     try:
-        imported = subprocess.run(
-            [sys.executable, "-m", "pacsgrid", "import", "--data-dir", str(server.data_dir)]
-            + [str(f) for f in files],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        imported = pacsgrid_cli("import", "--data-dir", server.data_dir, *files, timeout=120)
         assert imported.returncode == 0, imported.stdout + imported.stderr
         study = Dataset()
         study.QueryRetrieveLevel = "STUDY"
-        study.StudyInstanceUID = _study_uid(files[0])
+        study.StudyInstanceUID = next(studies(spec)).study_uid
 
         ae = AE(ae_title="SLOWSCP")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
@@ -94,9 +87,3 @@ def test_cancel_a_move_then_move_again(tmp_path: Path) -> None:
     finally:
         receiver.shutdown()
         server.stop()
-
-
-def _study_uid(path: Path) -> str:
-    import pydicom
-
-    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)

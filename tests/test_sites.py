@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pacsgrid.index.query import Query
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.model import InstanceRecord, Level
 from tests import oracle
-from tests.conftest import Server, StoreSCP, dcmtk
+from tests.conftest import Server, StoreSCP, dcmtk, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.seaweedfs import SeaweedFS
@@ -48,12 +47,7 @@ def site_args(sites: dict[str, str], copies: int, quorum: int, *extra: str) -> t
 
 def cli(data_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run a `pacsgrid` command on the archive in `data_dir`."""
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return pacsgrid_cli(*args, "--data-dir", data_dir, timeout=timeout)
 
 
 def records(data_dir: Path) -> dict[str, InstanceRecord]:
