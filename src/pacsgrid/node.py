@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pacsgrid.archive import FORWARD, Archive
+from pacsgrid.dicom.accept import RETIRED, LoadBoard
 from pacsgrid.dicom.server import DicomServer
 from pacsgrid.jobs.forward import Forwarder
 
@@ -71,13 +72,17 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
     return out
 
 
-def _dicom_server(archive: Archive, listeners: Listeners) -> DicomServer:
+def _dicom_server(
+    archive: Archive, listeners: Listeners, board: LoadBoard | None = None
+) -> DicomServer:
     tls_context = None
     if listeners.tls is not None:
         from pacsgrid.tls import server_context
 
         tls_context = server_context(archive.settings.dicom)
-    return DicomServer(archive, listeners.dicom, tls_sock=listeners.tls, tls_context=tls_context)
+    return DicomServer(
+        archive, listeners.dicom, tls_sock=listeners.tls, tls_context=tls_context, board=board
+    )
 
 
 async def _run_components(
@@ -128,14 +133,17 @@ def run_single(archive: Archive, listeners: Listeners, grace: float) -> None:
         archive.close()
 
 
-def run_worker(archive: Archive, listeners: Listeners, grace: float) -> None:
+def run_worker(
+    archive: Archive, listeners: Listeners, board: LoadBoard | None, grace: float
+) -> None:
     """A worker process: the DICOM server only (the supervisor runs the components)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        server = _dicom_server(archive, listeners)
+        server = _dicom_server(archive, listeners, board)
         await server.start()
+        log.info("worker ready: accepting DICOM associations")
         await stop.wait()
         await server.shutdown(grace)
 
@@ -152,19 +160,20 @@ def run_supervisor(
     sock = listeners.dicom
     fd = sock.fileno()
     os.set_inheritable(fd, True)
+    board = LoadBoard.create(workers)
     argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
-    fds = [fd]
+    fds = [fd, board.fd]
     if listeners.tls is not None:
         tls_fd = listeners.tls.fileno()
         os.set_inheritable(tls_fd, True)
         argv += ["--worker-tls-fd", str(tls_fd)]
         fds.append(tls_fd)
 
-    def spawn() -> subprocess.Popen[bytes]:
+    def spawn(slot: int) -> subprocess.Popen[bytes]:
         # Workers ignore the terminal's SIGINT: the supervisor passes SIGTERM on, so every
         # worker shuts down the same, graceful way.
         return subprocess.Popen(
-            argv,
+            [*argv, "--worker-board", board.describe(slot)],
             pass_fds=tuple(fds),
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
@@ -172,7 +181,7 @@ def run_supervisor(
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        children = [spawn() for _ in range(workers)]
+        children = [spawn(slot) for slot in range(workers)]
         archive = make_archive()
         background = asyncio.create_task(_run_components(archive, stop, listeners))
         try:
@@ -183,8 +192,9 @@ def run_supervisor(
                     code = proc.poll()
                     if code is not None and not stop.is_set():
                         log.error("worker pid %d exited with %s; starting another", proc.pid, code)
+                        board.set(i, RETIRED)
                         await asyncio.sleep(1)  # do not spin when a worker cannot start
-                        children[i] = spawn()
+                        children[i] = spawn(i)
             log.info("stopping %d worker(s)", len(children))
             for proc in children:
                 if proc.poll() is None:

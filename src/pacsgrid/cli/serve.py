@@ -12,6 +12,7 @@ import tempfile
 from pacsgrid import node
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
+from pacsgrid.dicom.accept import LoadBoard
 from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
 from pacsgrid.index import display_url
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--tls-ca", metavar="PEM", help="CA bundle for client certificates")
     p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-tls-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-board", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if args.worker_tls_fd is not None:
             tls_sock = socket.socket(fileno=args.worker_tls_fd)
             tls_sock.setblocking(False)
-        node.run_worker(Archive(settings), node.Listeners(sock, tls_sock), d.shutdown_grace)
+        board = LoadBoard.open(args.worker_board) if args.worker_board else None
+        node.run_worker(Archive(settings), node.Listeners(sock, tls_sock), board, d.shutdown_grace)
         return 0
 
     # Prepare once, before any worker starts: create/upgrade the index schema, initialise new

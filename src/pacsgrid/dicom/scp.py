@@ -1,7 +1,9 @@
 """The archive's DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET.
 
-A thin front end: each handler decodes the request, calls `Archive` from the thread pool (the
-event loop never blocks on disk or database), and encodes the answer. Errors become statuses
+A thin front end: each handler decodes the request, calls `Archive`, and encodes the answer.
+Each association runs on its own thread and event loop (see pacsgrid.dicom.server), so a
+handler calls the archive directly: waiting for a disk or the database holds up only the
+association that asked. Errors become statuses
 through `pacsgrid.dicom.status`, so every service reports the same problem the same way.
 """
 
@@ -39,6 +41,9 @@ class ServiceContext:
 
     archive: Archive
     executor: Executor
+    # True: every association has its own event loop, so archive calls run inline; False:
+    # associations share one loop and archive calls go to `executor`.
+    inline: bool = False
     associations: set[ServerAssociation] = field(default_factory=set)
 
     @property
@@ -56,6 +61,7 @@ class ServerAssociation(Association):
         self.busy = False
         self.counts: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> str:
         return str(self.caller) if self.caller else self.peer_address
@@ -63,8 +69,21 @@ class ServerAssociation(Association):
     def is_idle(self) -> bool:
         return not self.busy
 
+    async def finished(self) -> None:
+        """Until the connection is closed and the request being handled is done."""
+        await self.closed.wait()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def abort_soon(self) -> None:
+        """`abort()` from any thread: it runs on the association's loop once the request
+        being handled (a store being made durable, say) is done."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.abort)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._loop = asyncio.get_running_loop()
         self.service.associations.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -206,6 +225,8 @@ class ServerAssociation(Association):
         self.send_message(msg.context_id, cmd, dataset)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.service.inline:
+            return fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.service.executor, functools.partial(fn, *args, **kwargs)
