@@ -2,8 +2,11 @@
 
 pynetdicom runs each association in its own thread with a polling state machine, which costs
 about 4.5 ms of CPU per C-STORE on this class of machine. Here the connection is an
-`asyncio.Protocol`: PDUs are framed from the socket buffer in `data_received`, PDVs assembled
-into whole messages, and complete requests queued for the association's task. Responses to
+`asyncio.BufferedProtocol`: the socket is read into one reusable buffer (asyncio's plain
+`recv(256 KiB)` allocates and frees a quarter megabyte per read, ~18 us each), PDUs are framed
+from it in `buffer_updated`, PDVs assembled into whole messages, and complete requests queued
+for the association's task. Messages go out with one gather write (writev) of the PDU headers
+and slices of the dataset, not a joined copy of the whole message. Responses to
 requests *we* sent (C-STORE sub-operations of a C-GET or C-MOVE) are routed straight to the
 coroutine waiting for them.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +31,8 @@ from pacsgrid.dicom.dimse import Command, Message
 log = logging.getLogger("pacsgrid.dicom")
 
 _HEADER = struct.Struct(">BBI")
+_READ_SIZE = 256 * 1024  # what one read asks of the socket
+_IOV_MAX = 1024  # buffers per writev (Linux)
 
 
 class AssociationAborted(Exception):
@@ -42,7 +48,7 @@ class AcceptedContext:
     scp: bool = False  # the requestor accepts requests from us on it (C-GET storage)
 
 
-class Association(asyncio.Protocol):
+class Association(asyncio.BufferedProtocol):
     def __init__(self, *, max_pdu: int, timeout: float) -> None:
         self.max_pdu = max_pdu  # what we accept
         self.peer_max_pdu = 16384  # what the peer accepts; set during negotiation
@@ -53,7 +59,11 @@ class Association(asyncio.Protocol):
         self.requests: asyncio.Queue[Message | None] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.cancelled: set[int] = set()
-        self._buffer = bytearray()
+        # Received bytes not yet framed are self._rbuf[self._start:self._end].
+        self._rbuf = bytearray(_READ_SIZE)
+        self._start = 0
+        self._end = 0
+        self._fd = -1  # the socket, for gather writes (-1: TLS or unknown, use the transport)
         self._parts: dict[bool, list[bytes]] = {True: [], False: []}
         self._command: Command | None = None
         self._command_ctx = 0
@@ -72,6 +82,8 @@ class Association(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transport.get_extra_info("sslcontext") is None:
+                self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
         loop = asyncio.get_running_loop()
@@ -111,16 +123,31 @@ class Association(asyncio.Protocol):
     def describe(self) -> str:
         return self.peer_address
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Room for the next read after the bytes not yet framed: moved to the front when
+        the tail is short, the buffer enlarged when one PDU needs more."""
+        free = len(self._rbuf) - self._end
+        if free < _READ_SIZE // 4:
+            pending = self._end - self._start
+            if self._start:
+                self._rbuf[:pending] = self._rbuf[self._start : self._end]
+                self._start, self._end = 0, pending
+            if len(self._rbuf) - pending < _READ_SIZE // 4:
+                bigger = bytearray(max(2 * len(self._rbuf), pending + _READ_SIZE))
+                bigger[:pending] = self._rbuf[:pending]
+                self._rbuf = bigger
+        return memoryview(self._rbuf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._last_activity = asyncio.get_running_loop().time()
-        buf = self._buffer
-        buf += data
-        pos = 0
-        n = len(buf)
+        self._end += nbytes
+        buf = self._rbuf
+        pos = self._start
+        end = self._end
         try:
-            while n - pos >= 6:
+            while end - pos >= 6:
                 pdu_type, _, length = _HEADER.unpack_from(buf, pos)
-                if n - pos - 6 < length:
+                if end - pos - 6 < length:
                     if length > (self.max_pdu or 1 << 31) + 1024 and pdu_type == pdu.P_DATA_TF:
                         raise pdu.PDUError(
                             f"P-DATA-TF of {length} bytes exceeds our maximum "
@@ -139,8 +166,21 @@ class Association(asyncio.Protocol):
             log.warning("%s: protocol error, aborting: %s", self.describe(), e)
             self.abort(source=pdu.ABORT_SOURCE_PROVIDER, reason=pdu.ABORT_UNEXPECTED_PDU)
             return
-        if pos:
-            del buf[:pos]
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+
+    def data_received(self, data: bytes) -> None:
+        """For transports that hand over bytes rather than fill our buffer."""
+        view = memoryview(data)
+        while view:
+            room = self.get_buffer(len(view))
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            room.release()
+            self.buffer_updated(n)
+            view = view[n:]
 
     def _handle_pdu(self, pdu_type: int, body: memoryview) -> None:
         if pdu_type == pdu.P_DATA_TF:
@@ -240,7 +280,29 @@ class Association(asyncio.Protocol):
         )
         if dataset is not None:
             pieces += pdu.encode_pdata(context_id, dataset, False, self.peer_max_pdu)
-        self.transport.writelines(pieces)
+        self._write(pieces)
+
+    def _write(self, pieces: list[bytes | memoryview]) -> None:
+        """Send now with writev while nothing is queued before us; what the socket does not
+        take (or everything, on TLS) goes through the transport, which sends it when it can."""
+        assert self.transport is not None
+        if self._fd >= 0 and not self.transport.get_write_buffer_size():
+            while pieces:
+                try:
+                    n = os.writev(self._fd, pieces[:_IOV_MAX])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # let the transport meet the error and close the connection
+                while n and pieces:
+                    if n >= len(pieces[0]):
+                        n -= len(pieces[0])
+                        pieces.pop(0)
+                    else:
+                        pieces[0] = memoryview(pieces[0])[n:]
+                        n = 0
+        if pieces:
+            self.transport.writelines(pieces)
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""

@@ -205,9 +205,12 @@ async def _load(
         )
         return dimse.UNABLE_TO_PROCESS
     try:
-        obj = await loop.run_in_executor(
-            requester.service.executor, archive.read, record, requester.caller
-        )
+        if requester.service.inline:
+            obj = archive.read(record, requester.caller)
+        else:
+            obj = await loop.run_in_executor(
+                requester.service.executor, archive.read, record, requester.caller
+            )
         dataset: bytes | memoryview = obj.dataset
         if send_ts != obj.transfer_syntax:
             dataset = await loop.run_in_executor(
