@@ -113,9 +113,11 @@ async def retrieve(
     )
     loop = asyncio.get_running_loop()
     cancelled = False
-    # Read-ahead: the next instance is read (and its SHA-256 checked) in the thread pool while
-    # the current one is on the wire and the receiver writes it, so storage and network
-    # overlap instead of taking turns. At most two objects are held in memory.
+    # Read-ahead: the next instance is read (and its SHA-256 checked) while the current one is
+    # on the wire and the receiver writes it, so storage and network overlap instead of taking
+    # turns. On an association with its own thread (the server's) the read runs inline once
+    # the current instance is in the socket; elsewhere in the thread pool. At most two
+    # objects are held in memory.
     ahead = _prepare(requester, usable, records[0], loop) if records else None
     try:
         for done, record in enumerate(records, 1):
