@@ -109,3 +109,44 @@ def test_a_stuck_worker_does_not_stop_accepting(tmp_path: Path) -> None:
         if stuck is not None:
             os.kill(stuck, signal.SIGCONT)
         server.stop()
+
+
+def test_associations_leave_no_open_files_behind(tmp_path: Path) -> None:
+    """Every association has its own thread; what a thread opens for it (index read
+    connections, above all) must not stay open after the association is gone."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    server = Server(tmp_path / "archive", workers=1, args=("--peer", "FINDER@127.0.0.1:9")).start()
+    try:
+        assert server.proc is not None
+
+        def open_files() -> int:
+            return len(os.listdir(f"/proc/{server.proc.pid}/fd"))  # type: ignore[union-attr]
+
+        ae = AE(ae_title="FINDER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+
+        def one_association() -> None:
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSGRID")
+            assert assoc.is_established
+            statuses = [
+                s.Status
+                for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            ]
+            assert statuses[-1] == 0
+            assoc.release()
+
+        for _ in range(3):
+            one_association()
+        time.sleep(0.5)
+        before = open_files()
+        for _ in range(40):
+            one_association()
+        time.sleep(0.5)
+        assert open_files() <= before + 2, (before, open_files())
+    finally:
+        server.stop()

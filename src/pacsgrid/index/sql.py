@@ -50,7 +50,7 @@ JOINS = {
 
 
 class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
-    """Shared implementation; engines provide `_conn()` and `_tx()` (see SqlBase).
+    """Shared implementation; engines provide `_all`, `_one` and `_tx` (see SqlBase).
 
     Here: filing instances (add_batch), queries (find, instances, stats). In the mixins: the
     work queue (index/work.py), copies on sites (index/sites.py), migration ledgers

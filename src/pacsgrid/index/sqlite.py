@@ -1,10 +1,11 @@
 """The embedded index: one SQLite file in WAL mode.
 
 One write connection per process, used by the group committer's thread (serialised by a lock
-for the rare direct writers); one read connection per reading thread, so queries never wait for
-a commit. `synchronous=FULL`: a commit is on disk when it returns, and the group committer
-spreads that fsync over every instance in the batch. Several processes (DICOM workers, CLI
-commands) may open the same file; SQLite's lock serialises their transactions.
+for the rare direct writers); read connections in a pool, one per concurrent reader, so
+queries never wait for a commit. `synchronous=FULL`: a commit is on disk when it returns, and
+the group committer spreads that fsync over every instance in the batch. Several processes
+(DICOM workers, CLI commands) may open the same file; SQLite's lock serialises their
+transactions.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.query import SQLITE
@@ -31,9 +34,11 @@ class SqliteIndex(SqlIndex):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._all_conns: list[sqlite3.Connection] = []
+        # Read connections, shared by all threads: each DICOM association has a thread of its
+        # own, so one connection per thread would open (and keep) one per association.
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lockfd = os.open(f"{path}.writelock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -57,12 +62,33 @@ class SqliteIndex(SqlIndex):
             self._all_conns.append(conn)
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            try:
+                conn = self._connect()
+            except sqlite3.Error as e:
+                raise IndexUnavailable(f"cannot open index {self.path}: {e}") from e
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._reader() as conn:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise IndexUnavailable(f"index query failed: {e}") from e
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._reader() as conn:
+            try:
+                return conn.execute(sql, params).fetchone()
+            except sqlite3.Error as e:
+                raise IndexUnavailable(f"index query failed: {e}") from e
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -96,7 +122,7 @@ class SqliteIndex(SqlIndex):
                 with suppress(sqlite3.Error):
                     conn.close()
             self._all_conns.clear()
-        self._local = threading.local()
+        self._readers = queue.SimpleQueue()
         if self._lockfd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._lockfd)
