@@ -267,6 +267,33 @@ def test_a_corrupt_copy_is_never_served(archive: Archive) -> None:
         archive.read(record)
 
 
+def test_with_verify_reads_off_reads_trust_the_storage_but_repair_does_not(
+    tmp_path: Path,
+) -> None:
+    """audit.verify_reads = false: retrieves serve what the site returns without hashing it
+    (the admin trusts a checksumming filesystem), but the repair and audit jobs still check
+    every copy they read: a bad copy is never the source of a new one."""
+    settings = load_settings(
+        Overrides(data_dir=tmp_path / "data"), environ={"PACSGRID_AUDIT_VERIFY_READS": "false"}
+    )
+    assert settings.audit.verify_reads is False
+    a = Archive(settings, probe_interval=0)
+    try:
+        a.ingest(dataset("9.2"), EXPLICIT, MODALITY)
+        record = a.index.instance("9.2")
+        assert record is not None
+        path = objects(a) / record.copies[0].key
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        os.chmod(path, 0o644)
+        path.write_bytes(bytes(raw))
+        assert a.read(record).data == bytes(raw)  # not checked: served as stored
+        with pytest.raises(NotFound, match="does not match its SHA-256"):
+            a.read(record, use_cache=False, verify=True)  # what repair and audit do
+    finally:
+        a.close()
+
+
 def test_unknown_callers_may_store_but_not_query(archive: Archive) -> None:
     stranger = Caller("STRANGER", "10.0.0.9")
     assert archive.may(stranger, "store") and archive.may(stranger, "echo")

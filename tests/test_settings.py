@@ -176,3 +176,13 @@ def test_every_setting_has_help() -> None:
             if cls is Settings and (f.name in SECTIONS or f.name in LISTS):
                 continue  # a section: its own fields are checked
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_environment_names_two_word_sections() -> None:
+    """PACSGRID_AUDIT_LOG_TARGET is audit_log.target, not audit.log_target."""
+    s = load_settings(
+        Overrides(),
+        environ={"PACSGRID_AUDIT_LOG_TARGET": "off", "PACSGRID_AUDIT_VERIFY_READS": "false"},
+    )
+    assert s.audit_log.target == "off"
+    assert s.audit.verify_reads is False

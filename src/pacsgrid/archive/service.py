@@ -436,18 +436,26 @@ class Archive(UserAdmin):
         return records
 
     def read(
-        self, record: InstanceRecord, caller: Caller | None = None, *, use_cache: bool = True
+        self,
+        record: InstanceRecord,
+        caller: Caller | None = None,
+        *,
+        use_cache: bool = True,
+        verify: bool | None = None,
     ) -> StoredObject:
         """The object's bytes from the best copy, falling back copy by copy.
 
-        Every read is checked against the recorded SHA-256; a copy that does not match is
-        skipped (and reported), never served. A read served by an archive site fills the cache
-        tier (`use_cache=False` for the repair and audit jobs, which must not churn it).
+        Every read is checked against the recorded SHA-256 (`verify`; default
+        `audit.verify_reads`, on unless turned off); a copy that does not match is skipped
+        (and reported), never served. The repair and audit jobs always verify: a copy made
+        from a bad source would spread the damage. A read served by an archive site fills the
+        cache tier (`use_cache=False` for those jobs, which must not churn it).
         """
         service = metrics.service_of(caller.via if caller else "dimse")
         started = time.perf_counter()
         try:
-            obj = self._read(record, use_cache)
+            check = self.settings.audit.verify_reads if verify is None else verify
+            obj = self._read(record, use_cache, check)
         except NotFound:
             metrics.RETRIEVE.labels(service, "failed").inc()
             raise
@@ -456,7 +464,7 @@ class Archive(UserAdmin):
         metrics.RETRIEVE_SECONDS.labels(service).observe(time.perf_counter() - started)
         return obj
 
-    def _read(self, record: InstanceRecord, use_cache: bool) -> StoredObject:
+    def _read(self, record: InstanceRecord, use_cache: bool, verify: bool) -> StoredObject:
         errors = []
         for site, copy in self.placement.read_order(record.copies):
             metrics.SITE_OPS.labels(site.name, "get").inc()
@@ -471,7 +479,9 @@ class Archive(UserAdmin):
                 metrics.SITE_ERRORS.labels(site.name, "get").inc()
                 errors.append(str(e))
                 continue
-            if hashlib.sha256(data).hexdigest() != record.sha256:
+            # Even with verification off, what fills the cache tier is checked first.
+            check = verify or (use_cache and self.cache.fills_from(site.name))
+            if check and hashlib.sha256(data).hexdigest() != record.sha256:
                 metrics.SITE_ERRORS.labels(site.name, "verify").inc()
                 err = ObjectCorrupt(
                     site.name,

@@ -116,7 +116,7 @@ class Auditor:
         if record is None:
             return
         try:
-            good = self.archive.read(record, use_cache=False)
+            good = self.archive.read(record, use_cache=False, verify=True)
             if site.role == "cache":
                 self.index.remove_copy(c.sop_uid, c.site)  # a cache refills on demand
                 action, repaired = f"{what}; dropped from the cache", True

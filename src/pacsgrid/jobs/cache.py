@@ -56,6 +56,10 @@ class CacheTier:
         return site in self.caches
 
     # ------------------------------------------------------------------ reads
+    def fills_from(self, site: str) -> bool:
+        """Whether a read from `site` fills the caches (it must be verified first)."""
+        return bool(self.caches) and site not in self.caches
+
     def on_read(self, record: InstanceRecord, source: CopyRecord, data: bytes) -> None:
         """Called after a verified read: remember a cache hit, or fill the caches."""
         if not self.caches:

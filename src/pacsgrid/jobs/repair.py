@@ -136,7 +136,7 @@ class Repairer:
         if not targets:
             return Outcome("waiting", reason="no healthy archive site lacks a copy")
         try:
-            obj = self.archive.read(record, use_cache=False)
+            obj = self.archive.read(record, use_cache=False, verify=True)
         except NotFound as e:
             return Outcome("error", reason=str(e))
         out = Outcome("copied")

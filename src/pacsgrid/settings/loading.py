@@ -281,9 +281,11 @@ def load_settings(
         if rest in TOP_LEVEL:
             top[rest] = val
             continue
-        section, _, key = rest.partition("_")
-        if section in SECTIONS and key:
-            env_text.setdefault(section, {})[key] = val
+        # The longest section name that fits: PACSGRID_AUDIT_LOG_TARGET is audit_log.target.
+        for section in sorted(SECTIONS, key=len, reverse=True):
+            if rest.startswith(section + "_") and len(rest) > len(section) + 1:
+                env_text.setdefault(section, {})[rest[len(section) + 1 :]] = val
+                break
 
     if ov.data_dir is not None:
         top["data_dir"] = str(ov.data_dir)

@@ -167,6 +167,12 @@ class AuditSettings:
     rate_mb: float = setting(
         20.0, "Bandwidth limit of the scheduled audit in MB/s (0 = unlimited).", min=0.0
     )
+    verify_reads: bool = setting(
+        True,
+        "Check every object read (C-MOVE, C-GET, WADO) against its SHA-256 and serve another "
+        "copy if it does not match. false: trust the storage (ZFS, Ceph or an object store "
+        "that checksums); the scheduled audit still checks every copy.",
+    )
 
 
 @dataclass(frozen=True)
