@@ -63,6 +63,15 @@ def objects(a: Archive) -> Path:
     return a.settings.data_dir / "objects"
 
 
+def flip_last_byte(path: Path) -> bytes:
+    """Damage a stored object in place (as bit rot would); return the damaged bytes."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
 def stored_files(a: Archive) -> list[Path]:
     return sorted(p for p in objects(a).rglob("*.dcm") if ".quarantine" not in p.parts)
 
@@ -258,11 +267,7 @@ def test_a_corrupt_copy_is_never_served(archive: Archive) -> None:
     archive.ingest(dataset("9.1"), EXPLICIT, MODALITY)
     record = archive.index.instance("9.1")
     assert record is not None
-    path = objects(archive) / record.copies[0].key
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(raw))
+    flip_last_byte(objects(archive) / record.copies[0].key)
     with pytest.raises(NotFound, match="does not match its SHA-256"):
         archive.read(record)
 
@@ -282,12 +287,8 @@ def test_with_verify_reads_off_reads_trust_the_storage_but_repair_does_not(
         a.ingest(dataset("9.2"), EXPLICIT, MODALITY)
         record = a.index.instance("9.2")
         assert record is not None
-        path = objects(a) / record.copies[0].key
-        raw = bytearray(path.read_bytes())
-        raw[-1] ^= 0xFF
-        os.chmod(path, 0o644)
-        path.write_bytes(bytes(raw))
-        assert a.read(record).data == bytes(raw)  # not checked: served as stored
+        damaged = flip_last_byte(objects(a) / record.copies[0].key)
+        assert a.read(record).data == damaged  # not checked: served as stored
         with pytest.raises(NotFound, match="does not match its SHA-256"):
             a.read(record, use_cache=False, verify=True)  # what repair and audit do
     finally:
