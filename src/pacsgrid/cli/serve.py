@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="AET@HOST:PORT",
         help="a known peer: may query/retrieve, usable as C-MOVE destination (repeatable)",
     )
-    p.add_argument("--workers", type=str, help="worker processes (default: one per CPU core)")
+    p.add_argument("--workers", type=str, help="worker processes (default: two per CPU core)")
     w = p.add_argument_group("web face and TLS")
     w.add_argument(
         "--http-port", type=str, help="serve DICOMweb, the dashboard and /metrics on this port"
@@ -59,6 +59,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--worker-tls-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-board", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def default_workers() -> int:
+    """Two DICOM worker processes per core. A worker gives each association a thread, and
+    two busy associations in one process share its GIL: four associations of small
+    instances over four workers stored 858 instances/s against 693 over two (server CPU 1.31
+    against 1.61 ms per instance, on 2 cores). Each worker costs ~60 MB of memory and, on
+    PostgreSQL, its own connections."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
@@ -115,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         listeners.tls = _listen("dicom.tls_port", d.bind, d.tls_port)
     if settings.http.port:
         listeners.http = _listen("http.port", settings.http.bind, settings.http.port)
-    workers = d.workers or os.cpu_count() or 1
+    workers = d.workers or default_workers()
     sites = ", ".join(f"{s.name}={s.url}" for s in settings.sites)
     log.info(
         "pacsgrid listening on %s:%d as %s (%d worker%s); index %s; sites %s",
