@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacsgrid.index import NewInstance
+from pacsgrid.index.query import pn_norm
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.model import CopyRecord, Level
 from pacsgrid.query import Query, parse_match
@@ -88,10 +89,24 @@ def load(rows: list[dict[str, str]]) -> SqliteIndex:
     return index
 
 
+def as_filed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows as the index files them: studies of one patient (same PatientID, or no
+    PatientID and the same normalised name) carry the patient attributes of the first."""
+    first: dict[str, dict[str, str]] = {}
+    out = []
+    for r in rows:
+        pid = r["PatientID"]
+        key = f"{pid}\x00" if pid else f"\x00{pn_norm(r['PatientName'])}"
+        patient = first.setdefault(key, r)
+        out.append({**r, "PatientName": patient["PatientName"]})
+    return out
+
+
 def expected(rows: list[dict[str, str]], keyword: str, key: str, vr: str) -> set[str]:
     if key.strip().rstrip("^=" if vr == "PN" else "") in ("", "*"):
         return {r["StudyInstanceUID"] for r in rows}
-    return {r["StudyInstanceUID"] for r in rows if matches(r[keyword], key.strip(), vr)}
+    filed = as_filed(rows)
+    return {r["StudyInstanceUID"] for r in filed if matches(r[keyword], key.strip(), vr)}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

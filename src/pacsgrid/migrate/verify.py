@@ -29,6 +29,7 @@ import random
 import threading
 import time
 import warnings
+import zlib
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from typing import Any
 
 from pacsgrid.archive import Archive
 from pacsgrid.dicom import dimse
-from pacsgrid.dicom.header import EXPLICIT_BE, IMPLICIT_LE, scan
+from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, IMPLICIT_LE, scan
 from pacsgrid.dicom.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, PacsgridError
 from pacsgrid.migrate.discover import discover
@@ -100,6 +101,8 @@ def pixel_digest(data: bytes | memoryview, transfer_syntax: str | None = None) -
             if transfer_syntax is None:
                 ds = pydicom.dcmread(io.BytesIO(bytes(data)), force=True)
             else:
+                if transfer_syntax == DEFLATED_LE:  # a raw deflate stream on the wire
+                    data = zlib.decompress(bytes(data), -zlib.MAX_WBITS)
                 ds = read_dataset(
                     io.BytesIO(bytes(data)),
                     transfer_syntax == IMPLICIT_LE,
