@@ -115,9 +115,8 @@ async def retrieve(
     cancelled = False
     # Read-ahead: the next instance is read (and its SHA-256 checked) while the current one is
     # on the wire and the receiver writes it, so storage and network overlap instead of taking
-    # turns. On an association with its own thread (the server's) the read runs inline once
-    # the current instance is in the socket; elsewhere in the thread pool. At most two
-    # objects are held in memory.
+    # turns. The association has a thread of its own, so the read runs inline once the
+    # current instance is in the socket. At most two objects are held in memory.
     ahead = _prepare(requester, usable, records[0], loop) if records else None
     try:
         for done, record in enumerate(records, 1):
@@ -188,14 +187,13 @@ def _prepare(
 ) -> asyncio.Task[_Prepared]:
     """Start reading `record` for sending; the task gives (context, bytes to send) or, when
     it cannot be sent, the sub-operation's failure status."""
-    return loop.create_task(_load(requester, usable, record, loop))
+    return loop.create_task(_load(requester, usable, record))
 
 
 async def _load(
     requester: ServerAssociation,
     usable: list[AcceptedContext],
     record: InstanceRecord,
-    loop: asyncio.AbstractEventLoop,
 ) -> _Prepared:
     archive = requester.archive
     ctx, send_ts = pick_context(usable, record.sop_class_uid, record.transfer_syntax)
@@ -207,17 +205,10 @@ async def _load(
         )
         return dimse.UNABLE_TO_PROCESS
     try:
-        if requester.service.inline:
-            obj = archive.read(record, requester.caller)
-        else:
-            obj = await loop.run_in_executor(
-                requester.service.executor, archive.read, record, requester.caller
-            )
+        obj = archive.read(record, requester.caller)
         dataset: bytes | memoryview = obj.dataset
         if send_ts != obj.transfer_syntax:
-            dataset = await loop.run_in_executor(
-                requester.service.executor, transcode, dataset, obj.transfer_syntax, send_ts
-            )
+            dataset = transcode(dataset, obj.transfer_syntax, send_ts)
     except (PacsgridError, TranscodeError) as e:
         log.warning("cannot send %s: %s", record.sop_uid, e)
         return dimse.UNABLE_TO_PROCESS

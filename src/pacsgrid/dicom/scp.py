@@ -10,13 +10,10 @@ through `pacsgrid.dicom.status`, so every service reports the same problem the s
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from pacsgrid.dicom import dimse, pdu
 from pacsgrid.dicom.association import Association, AssociationAborted
@@ -32,7 +29,6 @@ if TYPE_CHECKING:
     from pacsgrid.archive import Archive, Caller
 
 log = logging.getLogger("pacsgrid.dicom")
-T = TypeVar("T")
 
 
 @dataclass
@@ -40,10 +36,6 @@ class ServiceContext:
     """What every association of one server shares."""
 
     archive: Archive
-    executor: Executor
-    # True: every association has its own event loop, so archive calls run inline; False:
-    # associations share one loop and archive calls go to `executor`.
-    inline: bool = False
     associations: set[ServerAssociation] = field(default_factory=set)
 
     @property
@@ -224,20 +216,11 @@ class ServerAssociation(Association):
             cmd[_EXTRA[name]] = value
         self.send_message(msg.context_id, cmd, dataset)
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self.service.inline:
-            return fn(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.service.executor, functools.partial(fn, *args, **kwargs)
-        )
-
     # ------------------------------------------------------------------ C-STORE
     async def _c_store(self, msg: Message, transfer_syntax: str) -> None:
         assert self.caller is not None and msg.dataset is not None
         try:
-            result = await self._call(
-                self.archive.ingest,
+            result = self.archive.ingest(
                 msg.dataset,
                 transfer_syntax,
                 self.caller,
@@ -275,7 +258,7 @@ class ServerAssociation(Association):
         try:
             request = self._request(msg, abstract_syntax, transfer_syntax)
             caller = self.caller
-            rows = await self._call(lambda: list(self.archive.find(caller, request.query())))
+            rows = list(self.archive.find(caller, request.query()))
         except PacsgridError as e:
             status, text = failure_status(e)
             if isinstance(e, InvalidDataset):
@@ -308,7 +291,7 @@ class ServerAssociation(Association):
             destination = None
             if op == "move":
                 destination = self.archive.peer(str(msg.command.get(dimse.MOVE_DESTINATION, "")))
-            records = await self._call(self.archive.locate, self.caller, query, op)
+            records = self.archive.locate(self.caller, query, op)
         except PacsgridError as e:
             status, text = failure_status(e)
             log.warning(

@@ -8,7 +8,7 @@ Within a process, every association gets a thread running its own small event lo
 association handles one request at a time, so its handlers call the archive directly and
 block only their own association while an object is fsynced and indexed. That saves the
 hand-off to a thread pool and back for every C-STORE, which was a quarter of the Python time
-of a small-instance store. Retrieves still read ahead on the shared pool while they send.
+of a small-instance store.
 
 On shutdown a server stops accepting, lets in-flight associations finish for
 `dicom.shutdown_grace` seconds, aborts the rest, and waits for their threads: a store that was
@@ -24,7 +24,6 @@ import socket
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from pacsgrid.archive import Archive
 from pacsgrid.dicom.accept import BalancedAcceptor, LoadBoard
@@ -65,8 +64,7 @@ class DicomServer:
         self.sock = sock
         self.tls_sock = tls_sock
         self.tls_context = tls_context
-        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dicom-read")
-        self.service = ServiceContext(archive, self.executor, inline=True)
+        self.service = ServiceContext(archive)
         self.board = board
         self._acceptors: list[BalancedAcceptor] = []
         self._threads: set[threading.Thread] = set()
@@ -148,5 +146,4 @@ class DicomServer:
             threads = list(self._threads)
         for thread in threads:
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 60)
-        self.executor.shutdown(wait=True)
         await asyncio.sleep(0)
