@@ -9,33 +9,31 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
+from bench import scratch
 from bench.procs import BenchError
 
 
 def cp_r(src: Path, dst: Path, timeout: float) -> float:
-    """Seconds `cp -r src dst` takes; dst is removed afterwards."""
-    if dst.exists():
-        shutil.rmtree(dst)
+    """Seconds `cp -r src dst` takes; dst is discarded afterwards (bench.scratch)."""
+    scratch.discard(dst)
     os.sync()
     start = time.perf_counter()
     proc = subprocess.run(["cp", "-r", str(src), str(dst)], capture_output=True, timeout=timeout)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise BenchError(f"cp -r failed: {proc.stderr.decode(errors='replace').strip()}")
-    shutil.rmtree(dst)
+    scratch.discard(dst)
     return seconds
 
 
 def write_fsync(files: tuple[Path, ...], dst: Path) -> float:
-    """Seconds to write every file to `dst` with an fsync each; dst is removed afterwards."""
+    """Seconds to write every file to `dst` with an fsync each; dst is discarded afterwards."""
     blobs = [p.read_bytes() for p in files]
-    if dst.exists():
-        shutil.rmtree(dst)
+    scratch.discard(dst)
     dst.mkdir(parents=True)
     os.sync()
     start = time.perf_counter()
@@ -49,5 +47,5 @@ def write_fsync(files: tuple[Path, ...], dst: Path) -> float:
         finally:
             os.close(fd)
     seconds = time.perf_counter() - start
-    shutil.rmtree(dst)
+    scratch.discard(dst)
     return seconds

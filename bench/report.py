@@ -147,6 +147,17 @@ def _summary(meta: dict[str, object]) -> list[str]:
         "until every worker process has accepted an association), so that the timed part is "
         "the steady state rather than each worker's first association.",
         "",
+        "Nothing is deleted while the run measures: each measurement's files go to a trash "
+        "folder that is emptied at the end (bench/scratch.py: on ext4 without a journal, "
+        "creating files right after thousands were deleted costs every server up to a quarter "
+        "more CPU). "
+        + (
+            f"Deleted at once for lack of disk space: {meta['scratch deleted during the run']} "
+            "folder(s)."
+            if meta.get("scratch deleted during the run")
+            else "Deleted at once for lack of disk space: none."
+        ),
+        "",
         f"Load average before / after the run: {meta.get('loadavg_before')} / "
         f"{meta.get('loadavg_after')} (on a 2-core machine anything above ~0.5 before the run "
         "means other work shared the CPU and the numbers are noisy).",

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench import clients, disk
+from bench import clients, disk, scratch
 from bench.datasets import FIND_KINDS, PLANS, DataSet, FindQuery, Plan, find_queries, prepare
 from bench.procs import BenchError, Sampler
 from bench.report import (
@@ -189,16 +189,16 @@ class Runner:
 
     # ------------------------------------------------------------------ disk + ingest
     def disk_round(self, rnd: int) -> None:
-        scratch = self.run_dir / "disk"
+        scratch_dir = self.run_dir / "disk"
         for name in ("small", "large"):
             ds = self.data[name]
 
-            def cp(ds: DataSet = ds, scratch: Path = scratch) -> Sample:
-                sec = disk.cp_r(ds.root, scratch, self.plan.timeout)
+            def cp(ds: DataSet = ds, dst: Path = scratch_dir) -> Sample:
+                sec = disk.cp_r(ds.root, dst, self.plan.timeout)
                 return _rates("disk", f"{ds.label} cp -r", "disk", rnd, ds, sec)
 
-            def fsync(ds: DataSet = ds, scratch: Path = scratch) -> Sample:
-                sec = disk.write_fsync(ds.files, scratch)
+            def fsync(ds: DataSet = ds, dst: Path = scratch_dir) -> Sample:
+                sec = disk.write_fsync(ds.files, dst)
                 return _rates("disk", f"{ds.label} write+fsync", "disk", rnd, ds, sec)
 
             self.measure("disk", f"{ds.label} cp -r", "disk", rnd, cp)
@@ -384,8 +384,7 @@ class Runner:
         cpu = 0.0
         got = 0
         for _ in range(repeats):
-            if out.exists():
-                shutil.rmtree(out)
+            scratch.discard(out)
             dest.clear()
             os.sync()
             with Sampler(srv.pid) as sampler:
@@ -413,8 +412,7 @@ class Runner:
             repeats=len(seconds),
         )
         s.ok, s.note = not problems, "; ".join(problems)
-        if out.exists():
-            shutil.rmtree(out)
+        scratch.discard(out)
         dest.clear()
         return s
 
@@ -555,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
+    trash = scratch.Trash(runner.run_dir / "trash")
+    trash.empty()  # a previous run's, if it was killed: before anything is timed
+    scratch.use(trash)
     interrupted = False
     try:
         with runner.progress:
@@ -582,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         runner.stop_all()
+        scratch.use(None)
+        meta["scratch deleted during the run"] = trash.deleted_at_once
+        trash.empty()
     if interrupted:
         print("bench: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130

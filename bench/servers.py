@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import clients
+from bench import clients, scratch
 from bench.procs import (
     DCMTK_ENV,
     BenchError,
@@ -78,8 +78,8 @@ class Server:
         """Write configuration files into the (new) folder."""
 
     def start(self, fresh: bool = True, timeout: float = 60.0) -> Server:
-        if fresh and self.folder.exists():
-            shutil.rmtree(self.folder)
+        if fresh:
+            scratch.discard(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prepare()
         with open(self.log, "ab") as log:
@@ -130,8 +130,7 @@ class Server:
         raise NotImplementedError
 
     def wipe(self) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
+        scratch.discard(self.folder)
         self.log.unlink(missing_ok=True)
 
 
@@ -288,5 +287,5 @@ class StoreScp(Server):
         return len(self.files())
 
     def clear(self) -> None:
-        for p in self.files():
-            p.unlink()
+        scratch.discard(self.out)
+        self.out.mkdir()

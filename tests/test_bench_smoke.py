@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import scratch
 from bench.report import Sample, Table, percentile, render, target_status
 from bench.run import rotate
 from tests.conftest import REPO
@@ -68,7 +69,11 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     for scenario in ("64x64 cp -r", "64x64 write+fsync", "128x128 cp -r", "128x128 write+fsync"):
         assert by[("disk", scenario, "disk")].metrics["instances_per_s"] > 0
 
+    assert not (tmp_path / "work" / "run-smoke" / "trash").exists()  # emptied at the end
+    assert not (tmp_path / "work" / "run-smoke" / "ingest-pacsgrid").exists()
+
     md = result.with_suffix(".md").read_text()
+    assert "Deleted at once for lack of disk space: none." in md
     assert "| pacsgrid/Orthanc | pacsgrid/storescp |" in md
     assert "## Targets of issue 6" in md
     assert "All correctness checks passed" in md
@@ -104,3 +109,35 @@ def test_percentile_interpolates() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert percentile(list(map(float, range(101))), 0.95) == pytest.approx(95.0)
     assert percentile([7.0], 0.95) == 7.0
+
+
+def test_trash_renames_during_the_run_and_deletes_when_space_is_short(tmp_path: Path) -> None:
+    """A measurement's files are renamed away (no inode freed) while the run lasts; with too
+    little free disk they are deleted at once, and counted."""
+    data = tmp_path / "server"
+    (data / "study").mkdir(parents=True)
+    (data / "study" / "a.dcm").write_bytes(b"x")
+    inode = (data / "study" / "a.dcm").stat().st_ino
+    trash = scratch.Trash(tmp_path / "trash")
+    scratch.use(trash)
+    try:
+        scratch.discard(data)
+        scratch.discard(tmp_path / "never-existed")
+    finally:
+        scratch.use(None)
+    assert not data.exists()
+    (kept,) = trash.root.iterdir()
+    assert (kept / "study" / "a.dcm").stat().st_ino == inode
+    assert trash.deleted_at_once == 0
+    trash.empty()
+    assert not trash.root.exists()
+
+    short = scratch.Trash(tmp_path / "trash2", min_free=1 << 62)
+    data.mkdir()
+    short.discard(data)
+    assert not data.exists() and not any(short.root.iterdir())
+    assert short.deleted_at_once == 1
+
+    data.mkdir()
+    scratch.discard(data)  # outside a run: deleted
+    assert not data.exists()
