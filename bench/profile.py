@@ -34,8 +34,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import clients
-from bench.datasets import FULL, SMOKE, folder_name
+from bench import clients, scratch
+from bench.datasets import FULL, SMOKE, Plan, folder_name
 from bench.procs import BenchError, Sampler, Usage
 from bench.report import machine_info, versions
 from bench.servers import Pacsgrid
@@ -314,9 +314,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan = FULL if args.plan == "full" else SMOKE
+    trash = scratch.Trash(args.work / "profile-trash")  # see bench/scratch.py
+    scratch.use(trash)
+    try:
+        return _profile(args, plan, py_spy)
+    finally:
+        scratch.use(None)
+        trash.empty()
+
+
+def _profile(args: argparse.Namespace, plan: Plan, py_spy: str) -> int:
     work = args.work / "profile"
-    if work.exists():
-        shutil.rmtree(work)
+    scratch.discard(work)  # the previous profile's stacks
     work.mkdir(parents=True)
     files = tuple(write(plan.small, args.work / "data" / folder_name(plan.small)))
     warmup = tuple(write(plan.warmup, args.work / "data" / folder_name(plan.warmup)))

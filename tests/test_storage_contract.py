@@ -247,3 +247,33 @@ def test_s3_object_lock_keeps_every_version(seaweedfs: SeaweedFS) -> None:
     assert client.get_object(Bucket=bucket, Key=f"a/{where}")["Body"].read() == b"version one"
     assert site.put(KEY, [b"version two"]).created  # a delete marker does not block no-clobber
     assert site.get(KEY) == b"version two"
+
+
+def test_filesystem_without_o_tmpfile_writes_named_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem refuses O_TMPFILE (NFS, SMB), the site falls back to a named temp
+    file in .incoming, once and for good, and leaves nothing behind there."""
+    import errno
+    import os
+
+    from pacsgrid.storage.filesystem import FilesystemSite
+
+    real_open = os.open
+    refused = []
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(path)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    site = FilesystemSite("nfs", tmp_path / "site")
+    site.initialize()
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    for n in range(3):
+        key = object_key("1.2", "1.2.3", f"1.2.3.{n}")
+        assert site.put(key, [b"DICM", bytes([n])]).created
+        assert site.get(key) == b"DICM" + bytes([n])
+    assert len(refused) == 1  # asked once, then named temp files
+    assert list((tmp_path / "site" / ".incoming").iterdir()) == []

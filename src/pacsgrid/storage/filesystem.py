@@ -19,9 +19,7 @@ import contextlib
 import errno
 import json
 import os
-import queue
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -48,7 +46,6 @@ class FilesystemSite:
         self._durable_dirs: set[Path] = set()
         self._dir_lock = Lock()
         self._tmpfile = hasattr(os, "O_TMPFILE")
-        self._pool = _TmpfilePool(self._incoming)
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self) -> None:
@@ -128,9 +125,11 @@ class FilesystemSite:
         until it is complete and durable, and a crash before the link leaves nothing behind;
         elsewhere (NFS, SMB) a named temp file in .incoming is used and swept at start-up.
         """
-        fd = self._pool.take() if self._tmpfile and path.parent != self.root else None
+        fd = None
+        if self._tmpfile and path.parent != self.root:
+            fd = _open_tmpfile(self._incoming)
+            self._tmpfile = fd is not None  # not supported here: named temp files from now on
         if fd is None:
-            self._tmpfile = self._tmpfile and self._pool.supported
             return self._write_named(path, chunks, replace, make_dirs)
         try:
             _write_all(fd, chunks)
@@ -311,67 +310,21 @@ class FilesystemSite:
         return StorageError(self.name, f"{what}: {e.strerror}")
 
 
-class _TmpfilePool:
-    """Unnamed files (O_TMPFILE) created ahead of time by a background thread.
+def _open_tmpfile(directory: Path) -> int | None:
+    """A new unnamed file (write only) on `directory`'s filesystem; None where the filesystem
+    has no O_TMPFILE (NFS, SMB, older kernels).
 
-    Creating an inode is a journal operation that costs as much as an fsync on a busy ext4
-    disk; creating the next few in advance takes it off the path a C-STORE waits on. An unnamed
-    file can be linked into any folder of the same filesystem, and vanishes if the process dies
-    before it is linked.
+    Created inline: a pool filled ahead by a background thread used to hide the cost of
+    creating an inode, but that cost was ext4 walking recently deleted inodes (the benchmark
+    deleted thousands of files right before measuring); without that, creating one costs
+    microseconds and the pool's thread cost 10% of the ingest CPU in wake-ups.
     """
-
-    SIZE = 8
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._ready: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._wanted = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = Lock()
-        self.supported = True
-
-    def take(self) -> int | None:
-        """A new unnamed file (write only), or None where O_TMPFILE is not supported."""
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._fill,
-                        daemon=True,
-                        name=f"tmpfiles-{self.directory.parent.name}",
-                    )
-                    self._thread.start()
-        fd: int | None
-        try:
-            fd = self._ready.get_nowait()
-        except queue.Empty:
-            fd = self._create()
-        self._wanted.set()
-        return fd
-
-    def _create(self) -> int | None:
-        if not self.supported:
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None
-        try:
-            return os.open(self.directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                self.supported = False
-                return None
-            raise
-
-    def _fill(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            while self._ready.qsize() < self.SIZE:
-                try:
-                    fd = self._create()
-                except OSError:
-                    break  # the site is failing; the caller will see it on its own write
-                if fd is None:
-                    return
-                self._ready.put(fd)
+        raise
 
 
 def _link_fd(fd: int, path: Path, replace: bool) -> bool:
