@@ -54,30 +54,20 @@ class Trash:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class _Delete:
-    """What `discard` does outside a benchmark run (other bench scripts, tests): delete."""
-
-    deleted_at_once = 0
-
-    def discard(self, path: Path) -> None:
-        if path.exists():
-            _delete(path)
-
-    def empty(self) -> None:
-        pass
-
-
-_current: Trash | _Delete = _Delete()
+_current: Trash | None = None  # None: outside a run (other bench scripts, tests): delete
 
 
 def use(trash: Trash | None) -> None:
     """Route `discard` to `trash` (None: delete at once again)."""
     global _current
-    _current = trash if trash is not None else _Delete()
+    _current = trash
 
 
 def discard(path: Path) -> None:
-    _current.discard(path)
+    if _current is not None:
+        _current.discard(path)
+    elif path.exists():
+        _delete(path)
 
 
 def _delete(path: Path) -> None:
