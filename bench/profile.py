@@ -3,7 +3,7 @@
     python -m bench.profile                 # 1 and 4 associations, full-size 64x64 dataset
     python -m bench.profile --assoc 4 --rate 200
 
-pacsgrid runs as `pacsgrid serve` with its defaults (supervisor + two workers per core);
+pacsgrid runs as `pacsgrid serve` with its defaults (supervisor + one worker per core);
 `py-spy record --subprocesses --nonblocking` samples every process of the tree while DCMTK
 storescu sends the 64x64 dataset with 1 and then 4 associations, twice:
 - `--gil`: only the thread holding the GIL, i.e. Python code running on a CPU ("cpu" mode);
