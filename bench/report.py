@@ -402,8 +402,10 @@ def machine_info(work: Path) -> dict[str, str]:
 
 def versions(python: str) -> dict[str, str]:
     commit = _run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent)
+    # Results of earlier runs (bench/results) are not changes to what is measured.
     dirty = _run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+        cwd=Path(__file__).parent.parent,
     )
     pacsgrid = _run([python, "-c", "import pacsgrid; print(pacsgrid.__version__)"])
     return {
