@@ -137,7 +137,7 @@ class Server:
 @dataclass
 class Pacsgrid(Server):
     peers: dict[str, Destination] = field(default_factory=dict)
-    workers: int = 0  # 0: pacsgrid's default (one per CPU core)
+    workers: int = 0  # 0: pacsgrid's default (one per CPU core, at least two)
     python: str = sys.executable
 
     def __post_init__(self) -> None:

@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="AET@HOST:PORT",
         help="a known peer: may query/retrieve, usable as C-MOVE destination (repeatable)",
     )
-    p.add_argument("--workers", type=str, help="worker processes (default: one per CPU core)")
+    p.add_argument(
+        "--workers", type=str, help="worker processes (default: one per CPU core, at least two)"
+    )
     w = p.add_argument_group("web face and TLS")
     w.add_argument(
         "--http-port", type=str, help="serve DICOMweb, the dashboard and /metrics on this port"
@@ -62,15 +64,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def default_workers() -> int:
-    """One DICOM worker process per core. A worker gives each association a thread; two
-    busy associations in one process share its GIL, but more processes than cores cost more:
+    """One DICOM worker process per core, at least two: with two or more, a supervisor
+    restarts a worker that dies, so even a one-core machine keeps that. A worker gives each
+    association a thread; two busy associations in one process share its GIL, but more
+    processes than cores cost more:
     on 2 cores, four associations of 64x64 instances stored 603 instances/s over two workers
     against 569 over four (server CPU 1.78 against 2.06 ms per instance, medians of 8
     alternating rounds), 512x512 312 against 297. Processes that take turns on a core evict
     each other's caches, and each worker costs ~60 MB of memory and, on PostgreSQL, its own
     connections. (Two per core measured better only while the benchmark deleted files right
     before each ingest, a cost that fell on every new file.)"""
-    return os.cpu_count() or 1
+    return max(2, os.cpu_count() or 1)
 
 
 def settings_for(args: argparse.Namespace) -> Settings:

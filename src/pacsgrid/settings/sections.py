@@ -79,7 +79,10 @@ class DicomSettings:
     port: int = setting(11112, "DICOM listening port.", min=1, max=65535)
     bind: str = setting("0.0.0.0", "Address the DICOM listener binds to (0.0.0.0 = all).")
     workers: int = setting(
-        0, "DICOM worker processes sharing the port (0 = one per CPU core).", min=0, max=64
+        0,
+        "DICOM worker processes sharing the port (0 = one per CPU core, at least two).",
+        min=0,
+        max=64,
     )
     accept_unknown: bool = setting(
         True,
