@@ -171,17 +171,6 @@ class Association(asyncio.BufferedProtocol):
         else:
             self._start = pos
 
-    def data_received(self, data: bytes) -> None:
-        """For transports that hand over bytes rather than fill our buffer."""
-        view = memoryview(data)
-        while view:
-            room = self.get_buffer(len(view))
-            n = min(len(room), len(view))
-            room[:n] = view[:n]
-            room.release()
-            self.buffer_updated(n)
-            view = view[n:]
-
     def _handle_pdu(self, pdu_type: int, body: memoryview) -> None:
         if pdu_type == pdu.P_DATA_TF:
             for ctx, mch, data in pdu.iter_pdvs(body):

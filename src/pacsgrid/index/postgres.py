@@ -70,7 +70,6 @@ MIGRATION_LOCK = 0x7061637367726964  # "pacsgrid": one node upgrades the schema 
 
 class PostgresIndex(SqlIndex):
     dialect = POSTGRES
-    db_errors = (psycopg.Error,)
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
 
     def __init__(

@@ -22,7 +22,6 @@ def marks(n: int) -> str:
 class SqlBase:
     url: str
     dialect: Dialect = SQLITE
-    db_errors: tuple[type[Exception], ...] = ()  # the driver's errors, mapped to IndexUnavailable
 
     # ------------------------------------------------------------------ engine hooks
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:

@@ -29,7 +29,6 @@ from pacsgrid.index.sql import SqlIndex
 
 class SqliteIndex(SqlIndex):
     dialect = SQLITE
-    db_errors = (sqlite3.Error,)
 
     def __init__(self, path: Path) -> None:
         self.path = path
