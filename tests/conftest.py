@@ -89,6 +89,28 @@ def dcmtk(
     return proc
 
 
+def storescu_started(port: int, files: list[Path], *options: str) -> subprocess.Popen[str]:
+    """storescu -v sending `files` in the background (output in .stdout), for tests that
+    do something to the server while it sends."""
+    return subprocess.Popen(
+        [
+            require_tool("storescu"),
+            "-v",
+            "-nh",
+            *options,
+            "-aec",
+            "PACSGRID",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 class Server:
     """`pacsgrid serve` in a subprocess, on 127.0.0.1 and a free port."""
 

@@ -263,6 +263,25 @@ def test_journal_indexes_what_a_crash_left_behind(archive: Archive) -> None:
     assert archive.recover() == 0
 
 
+def test_replay_never_takes_a_journal_file_being_created(archive: Archive) -> None:
+    """The supervisor replays while workers ingest: a journal file that its new owner has
+    created but not locked yet carries a name replay does not read, and only an old one of
+    those (its owner died right there) is ever removed."""
+    from pacsgrid.journal import NEW
+
+    journal = archive.settings.data_dir / "journal"
+    being_created = journal / f"4242-abc{NEW}"
+    being_created.write_text("")
+    left_by_the_dead = journal / f"4343-def{NEW}"
+    left_by_the_dead.write_text("")
+    os.utime(left_by_the_dead, (time.time() - 7200, time.time() - 7200))
+    assert archive.recover() == 0
+    assert being_created.exists()
+    assert not left_by_the_dead.exists()
+    archive.ingest(dataset("8.2"), EXPLICIT, MODALITY)  # a journal file of its own: renamed
+    assert not list(journal.glob(f"{os.getpid()}-*{NEW}"))
+
+
 def test_a_corrupt_copy_is_never_served(archive: Archive) -> None:
     archive.ingest(dataset("9.1"), EXPLICIT, MODALITY)
     record = archive.index.instance("9.1")

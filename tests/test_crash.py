@@ -7,9 +7,11 @@ ingest journal indexes what was written but not yet committed when the process d
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import re
-import subprocess
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ import pydicom
 import pytest
 
 from bench.synth import Spec, write
-from tests.conftest import DCMTK_ENV, Server, require_tool
+from tests.conftest import Server, dcmtk, storescu_started
 
 ROUNDS = 10
 
@@ -82,22 +84,7 @@ def test_sigkill_during_storescu(tmp_path: Path) -> None:
         port = server.port
         order = files[:]
         rng.shuffle(order)
-        sender = subprocess.Popen(
-            [
-                require_tool("storescu"),
-                "-v",
-                "-nh",
-                "-aec",
-                "PACSGRID",
-                "127.0.0.1",
-                str(port),
-                *map(str, order),
-            ],
-            env=DCMTK_ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        sender = storescu_started(port, order)
         time.sleep(rng.uniform(0.3, 1.5))
         server.kill()
         output, _ = sender.communicate(timeout=60)
@@ -110,3 +97,74 @@ def test_sigkill_during_storescu(tmp_path: Path) -> None:
         assert visible >= len(acked_total)
     assert acked_total, "storescu never got a success before the kills"
     print(f"\n{ROUNDS} kills; {len(acked_total)} acknowledged instances all intact")
+
+
+def _visible(data_dir: Path) -> int:
+    return sum(1 for _ in (data_dir / "objects").glob("*/*/*.dcm"))
+
+
+def _wait_for(what: str, check, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_worker_killed_mid_store_is_replaced_and_its_store_indexed(tmp_path: Path) -> None:
+    """SIGKILL one worker while a store waits for its index commit: the server keeps serving,
+    the supervisor starts another worker and indexes the object the dead one had written (never
+    acknowledged), without a restart, so no object on the site is left out of the index."""
+    from tests.test_workers import _workers
+
+    files = write(Spec(studies=2, series=2, instances=10, size=32, seed="worker"), tmp_path / "src")
+    first, second = files[:20], files[20:]
+    data_dir = tmp_path / "archive"
+    server = Server(data_dir, workers=2).start()
+    sender = None
+    try:
+        before = set(_workers(server, 2))
+        stored = dcmtk(
+            "storescu",
+            "-v",
+            "-nh",
+            "-aec",
+            "PACSGRID",
+            "127.0.0.1",
+            server.port,
+            *first,
+            check=True,
+        )
+        acked = {sop_uid(p) for p in acknowledged(stored.stdout)}
+        assert len(acked) == 20
+        # Hold the index's write lock (as a long commit of another process would): the next
+        # store is written and durable on the site, then waits for its commit.
+        lock = os.open(data_dir / "index.sqlite.writelock", os.O_RDWR)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            sender = storescu_started(server.port, second, "-aet", "KILLME")
+            _wait_for("the blocked store's object", lambda: _visible(data_dir) == 21)
+            pattern = r"\[(\d+)\] pacsgrid\.dicom: association from KILLME@\S+ accepted"
+            victim = int(_wait_for("the association", lambda: re.search(pattern, server.text()))[1])
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            os.close(lock)  # releases the lock
+        output, _ = sender.communicate(timeout=60)
+        assert not acknowledged(output), output[-2000:]  # the blocked store never got success
+        _wait_for(
+            "the supervisor's journal replay",
+            lambda: f"ingest journal of worker pid {victim} replayed: 1 object(s)" in server.text(),
+        )
+        after = set(_workers(server, 2))
+        assert victim in before and victim not in after and len(after & before) == 1
+        assert check_archive(data_dir, acked) == 21  # the 21st object is indexed, not orphaned
+        # The sender retries and the archive takes everything, on the new worker too.
+        dcmtk("storescu", "-nh", "-aec", "PACSGRID", "127.0.0.1", server.port, *second, check=True)
+        assert check_archive(data_dir, acked) == 40
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+        server.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth import Spec, write
-from tests.conftest import DCMTK_ENV, Server, pacsgrid_cli, require_tool
+from tests.conftest import Server, pacsgrid_cli, storescu_started
 from tests.corpus import SHARED, accepted, corpus, shared_available
 
 
@@ -141,22 +141,7 @@ def test_sigterm_during_storescu_stops_cleanly(tmp_path: Path, workers: int) -> 
     server = Server(
         tmp_path / "d", workers=workers, env={"PACSGRID_DICOM_SHUTDOWN_GRACE": "0.5"}
     ).start()
-    sender = subprocess.Popen(
-        [
-            require_tool("storescu"),
-            "-v",
-            "-nh",
-            "-aec",
-            "PACSGRID",
-            "127.0.0.1",
-            str(server.port),
-            *map(str, files),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sender = storescu_started(server.port, files)
     wait_until_stored(tmp_path / "d" / "index.sqlite", 20)
     assert server.proc is not None
     started = time.monotonic()

@@ -3,9 +3,10 @@
 Before an ingest writes its object it appends a BEGIN line (key and sites) to its process's
 journal file in `<data_dir>/journal/`; after the index commit it appends an END line. If the
 process dies in between, the object may be complete on a site but missing from the index (an
-orphan). `pacsgrid serve` replays the journals of dead processes at start-up: every object with
-a BEGIN and no END that exists on a site and is not indexed is read, checked and indexed. Such
-an object was never acknowledged; indexing it is what a retry by the sender would have done.
+orphan). `pacsgrid serve` replays the journals of dead processes at start-up, and its
+supervisor again whenever a worker dies: every object with a BEGIN and no END that exists on a
+site and is not indexed is read, checked and indexed. Such an object was never acknowledged;
+indexing it is what a retry by the sender would have done.
 
 Each process appends to its own file, which it holds locked (flock) while it lives, so replay
 never touches the journal of a running `pacsgrid import` or worker. Appends are not fsynced: a
@@ -21,11 +22,13 @@ import fcntl
 import json
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 ROTATE_BYTES = 16 * 1024 * 1024
+NEW = ".new"  # a journal file being created (see _File)
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,15 @@ class Marker:
 
 class _File:
     def __init__(self, directory: Path) -> None:
-        self.path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.log"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Locked under a name replay does not look at, then renamed: replay runs while other
+        # processes ingest (the supervisor replays a dead worker's journal at once), and must
+        # never take a file that its new owner has created but not yet locked.
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.path = directory / f"{name}.log"
+        fresh = directory / f"{name}{NEW}"
+        self.fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(fresh, self.path)
         self.size = 0
         self.pending = 0
 
@@ -101,6 +110,7 @@ class IngestJournal:
         """Journal files of processes that are no longer running, each with its unfinished
         ingests. A file some live process holds locked is left alone."""
         out = []
+        _sweep_new(self.directory)
         for path in sorted(self.directory.glob("*.log")):
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -122,6 +132,16 @@ class IngestJournal:
         """Forget a replayed journal file."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(journal)
+
+
+def _sweep_new(directory: Path) -> None:
+    """Remove journal files left between create and rename by a process that died there
+    (they hold no lines); only old ones, so that a file being created now is never touched."""
+    cutoff = time.time() - 3600
+    for path in directory.glob(f"*{NEW}"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                os.unlink(path)
 
 
 def _unfinished(path: Path) -> list[Marker]:

@@ -153,6 +153,18 @@ def run_worker(
         archive.close()
 
 
+async def _recover_after(archive: Archive, pid: int) -> None:
+    """Index what a dead worker wrote but did not commit, now rather than at the next restart:
+    its stores were never acknowledged, but a sender that gave up would otherwise leave those
+    objects invisible until then."""
+    try:
+        n = await asyncio.to_thread(archive.recover)
+    except Exception:
+        log.exception("replaying the ingest journal of worker pid %d failed", pid)
+        return
+    log.info("ingest journal of worker pid %d replayed: %d object(s) indexed", pid, n)
+
+
 def run_supervisor(
     make_archive: Callable[[], Archive], listeners: Listeners, workers: int, grace: float
 ) -> None:
@@ -195,6 +207,7 @@ def run_supervisor(
                         board.set(i, RETIRED)
                         await asyncio.sleep(1)  # do not spin when a worker cannot start
                         children[i] = spawn(i)
+                        await _recover_after(archive, proc.pid)
             log.info("stopping %d worker(s)", len(children))
             for proc in children:
                 if proc.poll() is None:

@@ -352,7 +352,8 @@ class Archive(UserAdmin):
     def recover(self) -> int:
         """Index objects that a crash left written but unindexed (see pacsgrid.journal).
 
-        Returns how many were indexed. Run once at start-up, before serving.
+        Returns how many were indexed. Run at start-up, before serving, and by the
+        supervisor when a worker dies (journals of live processes are left alone).
         """
         recovered = 0
         for journal, markers in self.journal.replay():
