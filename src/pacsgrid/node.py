@@ -196,6 +196,7 @@ def run_supervisor(
         children = [spawn(slot) for slot in range(workers)]
         archive = make_archive()
         background = asyncio.create_task(_run_components(archive, stop, listeners))
+        replays: set[asyncio.Task[None]] = set()  # a slow replay must not delay the next poll
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -207,7 +208,9 @@ def run_supervisor(
                         board.set(i, RETIRED)
                         await asyncio.sleep(1)  # do not spin when a worker cannot start
                         children[i] = spawn(i)
-                        await _recover_after(archive, proc.pid)
+                        replay = asyncio.create_task(_recover_after(archive, proc.pid))
+                        replays.add(replay)
+                        replay.add_done_callback(replays.discard)
             log.info("stopping %d worker(s)", len(children))
             for proc in children:
                 if proc.poll() is None:
@@ -220,6 +223,7 @@ def run_supervisor(
                     log.error("worker pid %d did not stop; killing it", proc.pid)
                     proc.kill()
                     proc.wait()
+            await asyncio.gather(*replays)  # before the archive they use is closed
             await background
         finally:
             archive.close()
