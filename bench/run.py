@@ -23,22 +23,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import shlex
-import shutil
 import signal
-import socket
 import statistics
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench import clients, disk, scratch
+from bench import clients, disk, netns, scratch
 from bench.datasets import FIND_KINDS, PLANS, DataSet, FindQuery, Plan, find_queries, prepare
 from bench.procs import BenchError, Sampler
 from bench.report import (
@@ -67,7 +62,6 @@ from pacsgrid.progress import Progress
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("pacsgrid", "orthanc", "storescp")
 PHASES = ("disk", "ingest", "find", "retrieve")
-NETNS_ENV = "PACSGRID_BENCH_NETNS"
 
 
 def rotate(items: list[str], n: int) -> list[str]:
@@ -224,43 +218,19 @@ class Runner:
     def _ingest(self, srv: Server, ds: DataSet, assoc: int, scenario: str, rnd: int) -> Sample:
         try:
             with self.running(srv):
-                warm = self.data["warmup"].files
-                srv.warm_up(warm, self.run_dir / "logs" / "warmup")
-                os.sync()  # no dirty pages of the previous measurement
-                with Sampler(srv.pid) as sampler:
-                    run = clients.storescu(
-                        srv.port,
-                        srv.ae_title,
-                        ds.files,
-                        assoc,
-                        self.run_dir / "logs" / f"{srv.name}-ingest",
-                        self.plan.timeout,
-                    )
-                    time.sleep(0.05)  # forked storescp children exit after the association
-                usage = sampler.usage()
-                stored = srv.count()
+                return ingest_sample(
+                    srv,
+                    ds,
+                    self.data["warmup"],
+                    assoc,
+                    scenario,
+                    rnd,
+                    self.run_dir / "logs",
+                    self.plan.timeout,
+                )
         finally:
             srv.wipe()
-        n = len(ds.files)
-        sent = n + len(warm)
-        s = _rates("ingest", scenario, srv.name, rnd, ds, run.seconds)
-        s.metrics.update(
-            cpu_s_per_1000=usage.cpu_seconds / n * 1000,
-            peak_rss_mb=usage.peak_rss / 1e6,
-            stored=stored,
-            expected=sent,
-        )
-        problems = []
-        if not run.ok:
-            problems.append(run.failures())
-        if stored != sent:
-            problems.append(
-                f"the server holds {stored} instances, {sent} were sent ({len(warm)} warm-up)"
-            )
-        s.ok, s.note = not problems, "; ".join(problems)
-        return s
 
-    # ------------------------------------------------------------------ query + retrieve
     def qr_servers(self) -> list[tuple[Server, StoreScp]]:
         """pacsgrid and Orthanc loaded with the query and retrieve datasets, each with its own
         storescp as C-MOVE destination. Reused by --resume when the count is right."""
@@ -417,6 +387,48 @@ class Runner:
         return s
 
 
+def ingest_sample(
+    srv: Server,
+    ds: DataSet,
+    warmup: DataSet,
+    assoc: int,
+    scenario: str,
+    rnd: int,
+    logs: Path,
+    timeout: float,
+) -> Sample:
+    """One ingest measurement on a running, empty server: warm-up (not timed), then `ds` sent
+    by `assoc` storescu processes; rates, the server's CPU and peak RSS, the stored count."""
+    warm = warmup.files
+    srv.warm_up(warm, logs / "warmup")
+    os.sync()  # no dirty pages of the previous measurement
+    with Sampler(srv.pid) as sampler:
+        run = clients.storescu(
+            srv.port, srv.ae_title, ds.files, assoc, logs / f"{srv.name}-ingest", timeout
+        )
+        time.sleep(0.05)  # forked storescp children exit after the association
+    usage = sampler.usage()
+    stored = srv.count()
+    n = len(ds.files)
+    sent = n + len(warm)
+    s = _rates("ingest", scenario, srv.name, rnd, ds, run.seconds)
+    s.metrics.update(
+        cpu_s_per_1000=usage.cpu_seconds / n * 1000,
+        peak_rss_mb=usage.peak_rss / 1e6,
+        stored=stored,
+        expected=sent,
+    )
+    problems = []
+    if not run.ok:
+        problems.append(run.failures())
+    if stored != sent:
+        problems.append(
+            f"the server holds {stored} instances, {sent} were sent ({len(warm)} warm-up)"
+        )
+    s.ok, s.note = not problems, "; ".join(problems)
+    return s
+
+
 def _studies(ds: DataSet) -> Iterator[StudyInfo]:
     return studies(ds.spec)
 
@@ -430,45 +442,6 @@ def _rates(phase: str, scenario: str, server: str, rnd: int, ds: DataSet, sec: f
         rnd,
         {"seconds": sec, "instances_per_s": n / sec, "mb_per_s": ds.bytes / 1e6 / sec},
     )
-
-
-# ---------------------------------------------------------------- network namespace
-
-
-def _in_netns() -> bool:
-    return os.environ.get(NETNS_ENV) == "1"
-
-
-def _netns_possible() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    try:
-        return subprocess.run(["unshare", "--net", "true"], timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _loopback_up() -> None:
-    """`ip link set lo up` without needing iproute2: SIOCGIFFLAGS / SIOCSIFFLAGS."""
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s, siocgifflags, req))[1]
-        fcntl.ioctl(s, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
-
-
-def _reexec_in_netns(argv: list[str]) -> int:
-    env = {**os.environ, NETNS_ENV: "1"}
-    cmd = ["unshare", "--net", "--", sys.executable, "-m", "bench.run", *argv]
-    # Its own session: Ctrl-C reaches only this process, which passes it on exactly once (a
-    # second one could interrupt the child while it stops its servers).
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
-    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
 
 
 # ---------------------------------------------------------------- main
@@ -523,16 +496,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    if not _in_netns() and args.netns != "off":
-        if _netns_possible():
-            return _reexec_in_netns(argv)
-        if args.netns == "on":
-            print(
-                "bench: cannot create a network namespace (needs root and unshare)", file=sys.stderr
-            )
-            return 2
-    if _in_netns():
-        _loopback_up()
+    code = netns.enter("bench.run", argv, args.netns)
+    if code is not None:
+        return code
     signal.signal(signal.SIGTERM, _interrupt)
     plan = PLANS[args.plan]
     if args.results is None:
@@ -544,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": plan.name,
         "rounds": args.rounds,
         "command": " ".join(["python -m bench.run", shlex.join(argv)]).strip(),
-        "network namespace": _in_netns(),
+        "network namespace": netns.inside(),
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     try:

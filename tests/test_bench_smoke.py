@@ -141,3 +141,37 @@ def test_trash_renames_during_the_run_and_deletes_when_space_is_short(tmp_path: 
     data.mkdir()
     scratch.discard(data)  # outside a run: deleted
     assert not data.exists()
+
+
+@pytest.mark.slow
+def test_ab_measures_every_build_alternately_and_checks_counts(tmp_path: Path) -> None:
+    """bench.ab: two builds (here both this tree), each round in a rotated order, every
+    stored count checked, the table written; a folder without pacsgrid is refused up front."""
+    src = REPO / "src"
+    base = [sys.executable, "-m", "bench.ab", "--plan", "smoke", "--no-orthanc"]
+    base += ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
+    proc = subprocess.run(
+        [*base, "--rounds", "2", "--build", f"a={src}", "--build", f"b={src}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    order = [line.split()[2] for line in proc.stderr.splitlines() if line.startswith("round ")]
+    assert order == ["b", "a", "a", "b"]
+    (md,) = (tmp_path / "results").glob("*-ab.md")
+    text = md.read_text()
+    assert "| a | " in text and "| b | " in text and "| 1.00x |" in text
+    assert "Failed checks: none (every stored count exact)." in text
+    assert not (tmp_path / "work" / "run-ab" / "trash").exists()
+
+    refused = subprocess.run(
+        [*base, "--rounds", "1", "--build", f"x={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1
+    assert "does not hold the pacsgrid package" in refused.stderr
