@@ -21,7 +21,6 @@ import argparse
 import datetime
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from bench import netns, scratch
 from bench.datasets import PLANS, prepare
-from bench.procs import BenchError
+from bench.procs import BenchError, stop_on_sigterm
 from bench.report import Sample, machine_info
 from bench.run import REPO, ingest_sample, rotate
 from bench.servers import Orthanc, Pacsgrid, Server
@@ -60,11 +59,6 @@ def check_build(name: str, src: Path) -> None:
     loaded = Path(out.stdout).resolve() if out.returncode == 0 else None
     if loaded is None or not loaded.is_relative_to(src.resolve()):
         raise BenchError(f"build {name}: {src} does not hold the pacsgrid package that runs")
-
-
-def _interrupt(*_: object) -> None:
-    """SIGTERM stops a run like Ctrl-C: the servers are stopped, the scratch emptied."""
-    raise KeyboardInterrupt
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     code = netns.enter("bench.ab", argv, args.netns)
     if code is not None:
         return code
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     plan = PLANS[args.plan]
     results = args.results or args.work / "results"
     run_dir = args.work / "run-ab"

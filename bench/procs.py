@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 class BenchError(Exception):
     """Something the benchmark needs is missing or failed (one line, for the operator)."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a benchmark like Ctrl-C: its servers are stopped and what it measured
+    kept (the runners handle KeyboardInterrupt)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def dcmtk_tool(name: str) -> str:

@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from bench import clients, disk, netns, scratch
 from bench.datasets import FIND_KINDS, PLANS, DataSet, FindQuery, Plan, find_queries, prepare
-from bench.procs import BenchError, Sampler
+from bench.procs import BenchError, Sampler, stop_on_sigterm
 from bench.report import (
     Sample,
     Table,
@@ -231,6 +230,7 @@ class Runner:
         finally:
             srv.wipe()
 
+    # ------------------------------------------------------------------ query + retrieve
     def qr_servers(self) -> list[tuple[Server, StoreScp]]:
         """pacsgrid and Orthanc loaded with the query and retrieve datasets, each with its own
         storescp as C-MOVE destination. Reused by --resume when the count is right."""
@@ -447,11 +447,6 @@ def _rates(phase: str, scenario: str, server: str, rnd: int, ds: DataSet, sec: f
 # ---------------------------------------------------------------- main
 
 
-def _interrupt(*_: object) -> None:
-    """SIGTERM stops a run like Ctrl-C: servers are stopped, the journal keeps what was done."""
-    raise KeyboardInterrupt
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.splitlines()[0] if __doc__ else None
@@ -499,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     code = netns.enter("bench.run", argv, args.netns)
     if code is not None:
         return code
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     plan = PLANS[args.plan]
     if args.results is None:
         full = plan.name == "full"
