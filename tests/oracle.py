@@ -98,10 +98,12 @@ def counts(m: Model) -> dict[str, dict[str, Any]]:
 def matches(value: str, key: str, vr: str) -> bool:
     """DICOM matching of one stored value against one request key (non-empty).
 
-    Person names compare without their empty trailing components ("DOE^" is "DOE") and
-    without regard to case, as the README documents."""
+    Person names compare without their empty trailing components ("DOE^" is "DOE", and so
+    is the key "DOE ^") and without regard to case, as the README documents: the same rule
+    on both sides."""
     if vr == "PN":
         value = value.rstrip("^= ")
+        key = key.strip().rstrip("^= ")
     if vr == "UI":
         return value in key.split("\\")
     if "\\" in key and vr != "PN":
@@ -121,5 +123,5 @@ def matches(value: str, key: str, vr: str) -> bool:
         flags = re.IGNORECASE if vr == "PN" else 0
         return re.fullmatch(pattern, value, flags | re.DOTALL) is not None
     if vr == "PN":
-        return value.rstrip("^").upper() == key.rstrip("^").upper()
+        return value.upper() == key.upper()
     return value == key
