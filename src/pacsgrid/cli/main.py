@@ -53,15 +53,27 @@ def cli_reference() -> str:
             "```",
             "",
         ]
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        for name, p in sub.choices.items():
-            out += [f"## pacsgrid {name}", "", "```", p.format_help().rstrip(), "```", ""]
+        for name, p in _subcommands(parser, "pacsgrid"):
+            out += [f"## {name}", "", "```", p.format_help().rstrip(), "```", ""]
         return "\n".join(out)
     finally:
         if old is None:
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = old
+
+
+def _subcommands(
+    parser: argparse.ArgumentParser, prefix: str
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every subcommand under `parser`, nested ones too (`pacsgrid migrate pull`), in order."""
+    out: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, p in action.choices.items():
+                out.append((f"{prefix} {name}", p))
+                out += _subcommands(p, f"{prefix} {name}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
