@@ -1,5 +1,5 @@
 """Samples of a run -> the results file: medians, spread (min-max over rounds), ratios,
-the issue's targets, the machine and the versions.
+the goals we measure against, the machine and the versions.
 
 Every number in the tables is the median over rounds of one measurement, with the lowest and
 highest round in parentheses. Ratios divide pacsgrid's median by the other server's median.
@@ -291,7 +291,7 @@ def _disk(t: Table) -> list[str]:
 
 def _load(t: Table) -> list[str]:
     out = [
-        "## Loading the query/retrieve archive (not a target; 4 storescu associations)",
+        "## Loading the query/retrieve archive (no goal; 4 storescu associations)",
         "",
         "| server | instances | instances/s |",
         "|---|---|---|",
@@ -324,7 +324,7 @@ TARGETS = (
 
 
 def target_status(t: Table) -> list[tuple[str, str, float | None]]:
-    """(label, met | NOT met | not measured, ratio) for each target of the issue."""
+    """(label, met | NOT met | not measured, ratio) for each goal."""
     out: list[tuple[str, str, float | None]] = []
     for label, phase, sc, metric, want, higher in TARGETS:
         a = t.median(phase, sc, "pacsgrid", metric)
@@ -339,8 +339,8 @@ def target_status(t: Table) -> list[tuple[str, str, float | None]]:
 
 
 def _targets(t: Table) -> list[str]:
-    out = ["## Targets of issue 6 (pacsgrid vs Orthanc, medians of this run)", ""]
-    out += ["| target | ratio | status |", "|---|---|---|"]
+    out = ["## Goals (pacsgrid vs Orthanc, medians of this run)", ""]
+    out += ["| goal | ratio | status |", "|---|---|---|"]
     for label, status, r in target_status(t):
         out.append(f"| {label} | {'-' if r is None else f'{r:.2f}x'} | {status} |")
     return [*out, ""]

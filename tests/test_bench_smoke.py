@@ -75,7 +75,7 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     md = result.with_suffix(".md").read_text()
     assert "Deleted at once for lack of disk space: none." in md
     assert "| pacsgrid/Orthanc | pacsgrid/storescp |" in md
-    assert "## Targets of issue 6" in md
+    assert "## Goals (pacsgrid vs Orthanc" in md
     assert "All correctness checks passed" in md
 
 
