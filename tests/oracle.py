@@ -99,7 +99,7 @@ def matches(value: str, key: str, vr: str) -> bool:
     """DICOM matching of one stored value against one request key (non-empty).
 
     Person names compare without their empty trailing components ("DOE^" is "DOE", and so
-    is the key "DOE ^") and without regard to case, as the README documents: the same rule
+    is the key "DOE ^") and without regard to case, as docs/dicom.md documents: the same rule
     on both sides."""
     if vr == "PN":
         value = value.rstrip("^= ")

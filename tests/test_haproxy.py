@@ -69,7 +69,7 @@ def test_generated_config_is_valid_and_shipped(tmp_path: Path) -> None:
     want = haproxy_config(
         [("node1", "10.0.0.11", 11112), ("node2", "10.0.0.12", 11112)], listen=":104"
     )
-    assert shipped.read_text() == want, "deploy/haproxy.cfg is stale: regenerate it (README)"
+    assert shipped.read_text() == want, "deploy/haproxy.cfg is stale (docs/postgresql.md)"
     out = subprocess.run(["haproxy", "-c", "-f", str(shipped)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
