@@ -25,6 +25,7 @@ from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.query import SQLITE
 from pacsgrid.index.schema import SQLITE_TYPES
 from pacsgrid.index.sql import SqlIndex
+from pacsgrid.storage.filesystem import mkdir_durable
 
 
 class SqliteIndex(SqlIndex):
@@ -39,7 +40,7 @@ class SqliteIndex(SqlIndex):
         # own, so one connection per thread would open (and keep) one per association.
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            mkdir_durable(path.parent)
             self._lockfd = os.open(f"{path}.writelock", os.O_RDWR | os.O_CREAT, 0o644)
             self._writer = self._connect()
             self._apply_migrations(SQLITE_TYPES)

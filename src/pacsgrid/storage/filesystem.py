@@ -50,7 +50,7 @@ class FilesystemSite:
     # ------------------------------------------------------------------ lifecycle
     def initialize(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            mkdir_durable(self.root)
             self._incoming.mkdir(exist_ok=True)
             sentinel = self.root / SENTINEL
             if not sentinel.exists():
@@ -376,6 +376,20 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
+
+
+def mkdir_durable(directory: Path) -> None:
+    """mkdir -p that fsyncs the parent of every folder it creates: a new folder's name is
+    durable only once its parent is, and a power cut before that takes everything in it."""
+    missing = []
+    d = directory
+    while not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            m.mkdir()
+        _fsync_dir(m.parent)
 
 
 def _fsync_dir(path: Path) -> None:
