@@ -3,8 +3,10 @@
 # harness in seconds; `make profile` profiles pacsgrid's ingest with py-spy;
 # `make ab ARGS="--build mine=/tmp/wt/src"` compares builds of pacsgrid with each other and Orthanc.
 # scripts/bench does the same on a machine without make.
+# `make powercut ARGS="--cuts 1000 --seed 7"`: the long power-cut run of the archive
+# (docs/powercut.md; needs root for its FUSE mount).
 
-.PHONY: bench bench-smoke profile ab test
+.PHONY: bench bench-smoke profile ab test powercut
 
 bench:
 	./scripts/bench $(ARGS)
@@ -20,3 +22,7 @@ ab:
 
 test:
 	./scripts/test $(ARGS)
+
+powercut:
+	bash -c '. scripts/lib.sh && apt_install libfuse2 && ensure_venv test'
+	.venv/bin/python -m tests.powercut $(ARGS)
