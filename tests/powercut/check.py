@@ -107,7 +107,10 @@ def check_cut(
         if origin is None or (ts, data_bytes) != (origin.transfer_syntax, origin.dataset()):
             what = "lost" if origin in acked else "half_written"
             getattr(verdict, what).append(f"{uid}: C-GET returned other bytes than were sent")
-    verdict.half_written += [f"{uid}: indexed, C-GET failed it" for uid in failed]
+    acked_uids = {s.sop_uid for s in acked}
+    verdict.half_written += [  # an acknowledged one C-GET failed is listed as lost above
+        f"{uid}: indexed, C-GET failed it" for uid in failed if uid not in acked_uids
+    ]
     _check_site(data, sent, verdict)
     if verdict.ok and not keep:
         shutil.rmtree(folder)
