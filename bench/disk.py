@@ -1,7 +1,8 @@
 """The disk's own ceiling, measured in the same run as the servers.
 
 - `cp -r` of a dataset folder: what copying files costs without any protocol (page cache, no
-  fsync; the data are read from the cache too).
+  fsync; the data are read from the cache too); with `sync` after it, what the same copy
+  costs once it is on disk (what the repair and migrate phases compare pacsgrid with).
 - write+fsync per file: each file's bytes (already in memory) written to a new file, then
   fsync, then close: the floor of what a durable archive pays per object before its index.
 """
@@ -11,18 +12,26 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench import scratch
 from bench.procs import BenchError
 
 
-def cp_r(src: Path, dst: Path, timeout: float) -> float:
-    """Seconds `cp -r src dst` takes; dst is discarded afterwards (bench.scratch)."""
+def cp_r(sources: Sequence[Path], dst: Path, timeout: float, sync: bool = False) -> float:
+    """Seconds `cp -r SOURCES... dst` takes into a fresh, empty `dst`, followed by `sync`
+    when `sync` (then the copy is on disk, as durable as a store that fsyncs). Dirty pages of
+    earlier work are flushed first, untimed; dst is discarded afterwards (bench.scratch)."""
     scratch.discard(dst)
+    dst.mkdir(parents=True)
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.run(["cp", "-r", str(src), str(dst)], capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        ["cp", "-r", *map(str, sources), str(dst)], capture_output=True, timeout=timeout
+    )
+    if proc.returncode == 0 and sync:
+        os.sync()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise BenchError(f"cp -r failed: {proc.stderr.decode(errors='replace').strip()}")

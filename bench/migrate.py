@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,22 +29,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import disk, scratch  # noqa: E402
+from bench.procs import BenchError, pacsgrid_cli  # noqa: E402
 from bench.synth import Spec, write  # noqa: E402
 
 
 def pacsgrid(*args: str | Path, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return pacsgrid_cli(*args, timeout=timeout)
 
 
 def tree_size(root: Path) -> tuple[int, int]:
     files = [p for p in root.rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
+
+
+def migrate_folder(
+    src: Path,
+    data: Path,
+    timeout: float,
+    jobs: int | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[float, str]:
+    """Wall time of `pacsgrid migrate folder` bringing `src` into a fresh archive at `data`
+    (its default folder site and SQLite index; the previous one is discarded first), from
+    start until it exits, and what it printed. `env`: as bench.procs.pacsgrid_cli."""
+    scratch.discard(data)
+    os.sync()  # no dirty pages of earlier work
+    args: list[str | Path] = ["migrate", "folder", "--data-dir", data, src]
+    if jobs is not None:
+        args += ["--jobs", str(jobs)]
+    start = time.perf_counter()
+    run = pacsgrid_cli(*args, timeout=timeout, env=env)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        tail = " | ".join((run.stdout + run.stderr).strip().splitlines()[-3:])
+        raise BenchError(f"migrate folder exited {run.returncode}: {tail}")
+    return seconds, run.stdout
 
 
 def bench_folder(work: Path, files: int, size: int, jobs: int) -> dict[str, float]:
@@ -55,20 +76,9 @@ def bench_folder(work: Path, files: int, size: int, jobs: int) -> dict[str, floa
     n, nbytes = tree_size(src)
     print(f"tree: {n} files, {nbytes / 1e6:.0f} MB (written in {time.monotonic() - t:.0f}s)")
 
-    copy = work / "cp-copy"
-    shutil.rmtree(copy, ignore_errors=True)
-    t = time.monotonic()
-    subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
-    subprocess.run(["sync"], check=True)
-    cp_s = time.monotonic() - t
-
+    cp_s = disk.cp_r([src], work / "cp-copy", 3600, sync=True)
     data = work / "archive-folder"
-    shutil.rmtree(data, ignore_errors=True)
-    t = time.monotonic()
-    run = pacsgrid("migrate", "folder", "--data-dir", data, src, "--jobs", str(jobs))
-    mig_s = time.monotonic() - t
-    if run.returncode != 0:
-        raise SystemExit(f"migrate folder failed:\n{run.stdout}\n{run.stderr[-3000:]}")
+    mig_s, output = migrate_folder(src, data, 3600, jobs)
     t = time.monotonic()
     again = pacsgrid("migrate", "folder", "--data-dir", data, src)
     rerun_s = time.monotonic() - t
@@ -85,13 +95,12 @@ def bench_folder(work: Path, files: int, size: int, jobs: int) -> dict[str, floa
         "ratio_migrate_to_cp": cp_s / mig_s,
         "rerun_seconds": rerun_s,
     }
-    print(run.stdout.strip())
+    print(output.strip())
     print(
         f"cp -r + sync: {cp_s:.1f}s ({n / cp_s:.0f} files/s, {nbytes / 1e6 / cp_s:.0f} MB/s); "
         f"migrate folder: {mig_s:.1f}s ({n / mig_s:.0f} files/s, {nbytes / 1e6 / mig_s:.0f} "
         f"MB/s) = {cp_s / mig_s:.2f} x the speed of cp; unchanged re-run: {rerun_s:.1f}s"
     )
-    shutil.rmtree(copy, ignore_errors=True)
     return out
 
 

@@ -8,6 +8,7 @@ two samples is what the tree spent in between, whoever of its processes spent it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Debian's DCMTK 3.6.7 leaves Nagle's algorithm on unless told otherwise (~40 ms per message).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -55,6 +57,41 @@ def dcmtk_tool(name: str) -> str:
     if path is None:
         raise BenchError(f"{name} not found: install Debian's dcmtk (scripts/bench does)")
     return path
+
+
+def pacsgrid_cli(
+    *args: str | Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+) -> subprocess.CompletedProcess[str]:
+    """Run `pacsgrid ARGS` to its end (output captured, exit code left to the caller); `env`
+    replaces the environment (bench.ab: another build first on PYTHONPATH)."""
+    try:
+        return subprocess.run(
+            [python, "-m", "pacsgrid", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"pacsgrid {args[0]} did not finish in {timeout:.0f}s") from None
+
+
+def pacsgrid_status(
+    *options: str | Path,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """`pacsgrid status --json OPTIONS` (the archive's options: --data-dir, --site...)."""
+    out = pacsgrid_cli("status", "--json", *options, timeout=timeout, env=env, python=python)
+    if out.returncode != 0:
+        raise BenchError(f"pacsgrid status failed: {out.stderr.strip()[-500:]}")
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
 
 
 def tool_version(cmd: list[str]) -> str:

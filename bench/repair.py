@@ -20,6 +20,7 @@ Numbers only: nothing here asserts a speed. Other processes on the machine chang
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -28,20 +29,19 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench import disk, scratch
+from bench.procs import BenchError, pacsgrid_cli, pacsgrid_status
 from bench.synth import Spec, write
 
 REPO = Path(__file__).resolve().parent.parent
+QUARANTINE = ".quarantine"
 
 
 def pacsgrid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pacsgrid", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    proc = pacsgrid_cli(*args, timeout=3600, env={**os.environ, **(env or {})})
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"pacsgrid {args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -50,7 +50,7 @@ def pacsgrid(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def tree_bytes(root: Path) -> tuple[int, int]:
     n = size = 0
     for p in root.rglob("*.dcm"):
-        if ".quarantine" not in p.parts:
+        if QUARANTINE not in p.parts:
             n += 1
             size += p.stat().st_size
     return n, size
@@ -63,34 +63,123 @@ def spec_for(objects: int, size: int, seed: str) -> Spec:
     return Spec(studies=studies, series=series, instances=instances, size=size, seed=seed)
 
 
-def timed(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t
+@dataclass
+class TwoSites:
+    """An archive under `work` with two sites, a and b, each holding every object (copies 2,
+    write quorum 2), driven through the `pacsgrid` command line: loaded with `import`, site
+    b's objects wiped, rebuilt with `repair`, every copy checked afterwards.
+
+    `b_url`: site b elsewhere (an S3 bucket) instead of the folder work/site-b. `env`: the
+    environment of every pacsgrid command (bench.ab runs another build's)."""
+
+    work: Path
+    b_url: str = ""
+    env: dict[str, str] | None = None
+
+    @property
+    def a(self) -> Path:
+        return self.work / "site-a"
+
+    @property
+    def b(self) -> Path:
+        return self.work / "site-b"
+
+    @property
+    def data(self) -> Path:
+        return self.work / "archive"
+
+    def options(self) -> list[str]:
+        b_url = self.b_url or self.b.as_uri()
+        opts = ["--data-dir", str(self.data), "--site", f"a={self.a.as_uri()}"]
+        return [*opts, "--site", f"b={b_url}", "--copies", "2", "--write-quorum", "2"]
+
+    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """`pacsgrid ARGS` on this archive; a non-zero exit is a BenchError."""
+        proc = pacsgrid_cli(*args, *self.options(), timeout=timeout, env=self.env)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+            raise BenchError(f"pacsgrid {args[0]} exited {proc.returncode}: {tail}")
+        return proc
+
+    def load(self, src: Path, timeout: float) -> float:
+        """Seconds `pacsgrid import` takes to store every file under `src` on both sites of a
+        fresh archive (the previous one, if any, is discarded first)."""
+        for folder in (self.a, self.b, self.data):
+            scratch.discard(folder)
+        start = time.perf_counter()
+        self.run("import", str(src), timeout=timeout)
+        return time.perf_counter() - start
+
+    def object_folders(self, site: Path) -> list[Path]:
+        """The top folders of a folder site that hold objects (not the sentinel, not the
+        temp and quarantine folders, whose names start with a dot)."""
+        return sorted(p for p in site.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def wipe_b(self) -> None:
+        """Every object of folder site b gone (bench.scratch: renamed away during a run), its
+        sentinel kept: the volume is ours, its data are lost. Flushed to disk, untimed."""
+        for folder in self.object_folders(self.b):
+            scratch.discard(folder)
+        os.sync()
+
+    def repair(self, timeout: float) -> tuple[float, str]:
+        """Wall time of `pacsgrid repair` from start until it exits (start-up, the scan of
+        both sites and every copy included), and what it printed."""
+        os.sync()  # no dirty pages of earlier work
+        start = time.perf_counter()
+        proc = self.run("repair", timeout=timeout)
+        return time.perf_counter() - start, proc.stdout
+
+    def copy_a(self, dst: Path, timeout: float) -> float:
+        """Seconds `cp -r` of site a's object folders into a fresh `dst`, then `sync`: the
+        same files as the repair writes, made as durable without any checks."""
+        return disk.cp_r(self.object_folders(self.a), dst, timeout, sync=True)
+
+    def check(self, expected: int, timeout: float) -> list[str]:
+        """What is wrong after a repair: the index must record `expected` good copies on each
+        site, and every object file of site a must be on site b with the same bytes (and b
+        must hold nothing else). Empty when every copy is present and correct."""
+        problems = []
+        status = pacsgrid_status(*self.options(), timeout=timeout, env=self.env)
+        for site in status["index"]["sites"]:
+            if site["objects"] != expected or site["bad"]:
+                problems.append(
+                    f"the index records {site['objects']} copies on site {site['site']} "
+                    f"({site['bad']} bad), {expected} expected"
+                )
+        a, b = _objects(self.a), _objects(self.b)
+        if a != b:
+            problems.append(f"{len(a - b)} object(s) missing on b, {len(b - a)} extra on b")
+        differ = [r for r in sorted(a & b) if not filecmp.cmp(self.a / r, self.b / r, False)]
+        if differ:
+            problems.append(f"{len(differ)} object(s) on b differ from a, e.g. {differ[0]}")
+        if len(a) != expected:
+            problems.append(f"site a holds {len(a)} objects, {expected} expected")
+        return problems
+
+
+def _objects(site: Path) -> set[str]:
+    return {
+        str(p.relative_to(site))
+        for p in site.rglob("*.dcm")
+        if not p.relative_to(site).parts[0].startswith(".")
+    }
 
 
 def bench_wiped(work: Path, objects: int, size: int, s3: bool) -> dict[str, object]:
     src = work / "synth"
     write(spec_for(objects, size, "bench-repair"), src)  # rounded up to 100 objects
-    a, b = work / "site-a", work / "site-b"
-    data = work / "archive"
     weed = None
+    archive = TwoSites(work)
     if s3:
         sys.path.insert(0, str(REPO))
         from tests.seaweedfs import SeaweedFS
 
         weed = SeaweedFS(work / "weed").start()
-        b_url = weed.url(weed.bucket("bench-repair"), "pacs")
-    else:
-        b_url = b.as_uri()
-    opts = ["--data-dir", str(data), "--site", f"a={a.as_uri()}", "--site", f"b={b_url}"]
-    opts += ["--copies", "2", "--write-quorum", "2"]
+        archive.b_url = weed.url(weed.bucket("bench-repair"), "pacs")
     try:
-        t = time.perf_counter()
-        proc = pacsgrid("import", *opts, str(src))
-        load_s = time.perf_counter() - t
-        print(proc.stdout.strip())
-        n, nbytes = tree_bytes(a)
+        load_s = archive.load(src, 3600)
+        n, nbytes = tree_bytes(archive.a)
 
         # Wipe every object of b (the sentinel stays: the volume is ours, its data is gone).
         if weed is not None:
@@ -105,36 +194,22 @@ def bench_wiped(work: Path, objects: int, size: int, s3: bool) -> dict[str, obje
                     Bucket="bench-repair",
                     Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
                 )
+            os.sync()
         else:
-            for child in b.iterdir():
-                if child.is_dir() and not child.name.startswith("."):
-                    shutil.rmtree(child)
-        subprocess.run(["sync"], check=True)
+            archive.wipe_b()
 
-        t = time.perf_counter()
-        proc = pacsgrid("repair", *opts)
-        repair_s = time.perf_counter() - t
-        print(proc.stdout.strip())
-        if proc.returncode != 0:
-            raise RuntimeError(f"repair did not finish cleanly:\n{proc.stdout}\n{proc.stderr}")
+        repair_s, output = archive.repair(3600)
+        print(output.strip())
         if weed is None:
-            rebuilt, _ = tree_bytes(b)
-            assert rebuilt == n, (rebuilt, n)
+            problems = archive.check(n, 600)
+            if problems:
+                raise RuntimeError("after the repair: " + "; ".join(problems))
 
         # The same files with cp -r, then cp -r + sync.
-        studies = [p for p in a.iterdir() if p.is_dir() and not p.name.startswith(".")]
         results = {}
         for label, sync in (("cp -r", False), ("cp -r + sync", True)):
             dest = work / f"cp-{'sync' if sync else 'plain'}"
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir()
-            subprocess.run(["sync"], check=True)
-            t = time.perf_counter()
-            subprocess.run(["cp", "-r", *map(str, studies), str(dest)], check=True)
-            if sync:
-                subprocess.run(["sync"], check=True)
-            results[label] = time.perf_counter() - t
-            shutil.rmtree(dest)
+            results[label] = disk.cp_r(archive.object_folders(archive.a), dest, 3600, sync)
     finally:
         if weed is not None:
             weed.stop()
@@ -142,7 +217,7 @@ def bench_wiped(work: Path, objects: int, size: int, s3: bool) -> dict[str, obje
     out: dict[str, object] = {
         "objects": n,
         "megabytes": round(mb, 1),
-        "target": "s3 (SeaweedFS)" if s3 else "folder",
+        "wiped site": "s3 (SeaweedFS)" if s3 else "folder",
         "load_seconds": round(load_s, 2),
         "repair_seconds": round(repair_s, 2),
         "repair_objects_per_s": round(n / repair_s, 1),

@@ -187,7 +187,7 @@ class Runner:
             ds = self.data[name]
 
             def cp(ds: DataSet = ds, dst: Path = scratch_dir) -> Sample:
-                sec = disk.cp_r(ds.root, dst, self.plan.timeout)
+                sec = disk.cp_r([ds.root], dst, self.plan.timeout)
                 return _rates("disk", f"{ds.label} cp -r", "disk", rnd, ds, sec)
 
             def fsync(ds: DataSet = ds, dst: Path = scratch_dir) -> Sample:

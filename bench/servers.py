@@ -25,6 +25,7 @@ from bench.procs import (
     check_alive,
     dcmtk_tool,
     free_port,
+    pacsgrid_status,
     stop_process,
     tree,
     wait_idle,
@@ -179,15 +180,8 @@ class Pacsgrid(Server):
         )
 
     def count(self) -> int:
-        out = subprocess.run(
-            [self.python, "-m", "pacsgrid", "status", "--json", "--data-dir", str(self.data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            raise BenchError(f"pacsgrid status failed: {out.stderr.strip()[-500:]}")
-        return int(json.loads(out.stdout)["index"]["instances"])
+        status = pacsgrid_status("--data-dir", self.data_dir, env=self.env(), python=self.python)
+        return int(status["index"]["instances"])
 
 
 @dataclass
