@@ -30,8 +30,9 @@ from pathlib import Path
 from bench import netns, scratch
 from bench.datasets import PLANS, prepare
 from bench.procs import BenchError, stop_on_sigterm
-from bench.report import Sample, machine_info
+from bench.report import machine_info
 from bench.run import REPO, ingest_sample, rotate
+from bench.samples import Sample
 from bench.servers import Orthanc, Pacsgrid, Server
 
 ORTHANC = "Orthanc"

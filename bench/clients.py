@@ -1,7 +1,8 @@
 """The benchmark's DICOM clients, the same for every server.
 
 - C-STORE: DCMTK `storescu`, 1 or N processes (one association each) on disjoint parts of
-  the files.
+  the files. For the latency of one C-STORE: ONE association (pacsgrid's asyncio SCU, as for
+  C-FIND) that sends an instance, waits for its response, pauses, sends the next.
 - C-FIND: many queries on ONE association, so that latency is the server's and not process
   start-up. The association layer is pacsgrid's asyncio SCU (`pacsgrid.dicom.scu`: no polling
   reactor, so the client adds next to nothing to a query's latency); identifiers are written
@@ -123,6 +124,74 @@ def storescu(
                 p.kill()
                 p.wait()
     return StoreRun(time.perf_counter() - start, [p.returncode for p in procs], logs)
+
+
+@dataclass
+class StoreLatencyRun:
+    latencies: list[float] = field(default_factory=list)  # seconds, one per timed instance
+    statuses: list[int] = field(default_factory=list)  # one per timed instance
+    sent: int = 0  # instances sent, warm-up included
+
+
+def store_one_at_a_time(
+    port: int,
+    called_ae: str,
+    files: Sequence[Path],
+    gap: float,
+    warmup: int = 5,
+    timeout: float = 60.0,
+) -> StoreLatencyRun:
+    """Send `files` on one association, one instance at a time: each timed from the request
+    to its response, then a pause of `gap` seconds so that the server is idle when the next
+    arrives (what one modality sending now and then sees). The first `warmup` are sent the
+    same way and not counted. The files are read (and split into meta and dataset) first."""
+    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicom.scu import connect
+
+    instances = []
+    for path in files:
+        data = path.read_bytes()
+        meta = split_part10(data)
+        if not (meta.sop_class_uid and meta.sop_instance_uid):
+            raise BenchError(f"{path}: no SOP class or instance UID in its file meta")
+        instances.append((meta, memoryview(data)[meta.dataset_offset :]))
+    proposals = sorted({(m.sop_class_uid, m.transfer_syntax) for m, _ in instances})
+    if len(proposals) > 128:
+        raise BenchError("more than 128 kinds of instance for one association")
+
+    async def run() -> StoreLatencyRun:
+        assoc = await connect(
+            "127.0.0.1",
+            port,
+            "BENCHSTORE",
+            called_ae,
+            [(sop_class, [syntax]) for sop_class, syntax in proposals],
+            timeout=timeout,
+        )
+        out = StoreLatencyRun()
+        try:
+            for n, (meta, dataset) in enumerate(instances):
+                ctx = assoc.context_for(meta.sop_class_uid, [meta.transfer_syntax])
+                if ctx is None:
+                    raise BenchError(
+                        f"{called_ae} refused {meta.sop_class_uid} in {meta.transfer_syntax}"
+                    )
+                t0 = time.perf_counter()
+                # The association's own timeout bounds the wait for the response.
+                status, _ = await assoc.c_store(
+                    ctx.id, meta.sop_class_uid, meta.sop_instance_uid, dataset
+                )
+                elapsed = time.perf_counter() - t0
+                out.sent += 1
+                if n >= warmup:
+                    out.latencies.append(elapsed)
+                    out.statuses.append(status)
+                await asyncio.sleep(gap)
+        finally:
+            await assoc.release()
+        return out
+
+    return asyncio.run(run())
 
 
 # ---------------------------------------------------------------- C-FIND

@@ -36,6 +36,13 @@ class Plan:
     # Each retrieve measurement is the median of this many back-to-back retrieves of the
     # study: one 200-instance retrieve takes a third of a second, too short to measure once.
     retrieve_repeats: int = 1
+    # The repair and migrate phases: each of these datasets (names as in `prepare`) is
+    # repaired onto a wiped site and migrated, each time against `cp -r` + `sync` of it.
+    copy_sets: tuple[str, ...] = ("small", "large")
+    # The latency phase: this many instances of the small dataset, one at a time on one
+    # association, with this pause (seconds) after each response so the archive is idle.
+    latency_instances: int = 200
+    latency_gap: float = 0.05
 
 
 FULL = Plan(
@@ -58,6 +65,9 @@ SMOKE = Plan(
     retrieve=Spec(studies=1, series=1, instances=6, size=128, seed="smoke-retrieve"),
     queries=5,
     timeout=120.0,
+    copy_sets=("small",),
+    latency_instances=8,
+    latency_gap=0.01,
 )
 
 PLANS = {p.name: p for p in (FULL, SMOKE)}

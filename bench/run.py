@@ -7,11 +7,15 @@
 `make bench` (or scripts/bench) installs what is needed first, then runs this.
 
 Order of a run: the datasets are generated (cached under bench/work/data); then, per round,
-the disk ceiling and every ingest scenario with the servers in rotated order (each scenario
-on a fresh, empty server); then pacsgrid and Orthanc are loaded with the query and retrieve
-datasets and, per round, every C-FIND kind and C-MOVE/C-GET, again in rotated order. Every
-measurement is appended to a journal as it completes, so an interrupted run continues with
---resume, and is checked for correctness (counts, answers); speed is only reported.
+the disk ceiling, every ingest scenario with the servers in rotated order (each scenario on a
+fresh, empty server), the latency of one C-STORE on an idle server (same), then the repair of
+a wiped folder site and `pacsgrid migrate folder`, each against `cp -r` + `sync` of the same
+files in an order that alternates (bench.durability); then pacsgrid and Orthanc are loaded
+with the query and retrieve datasets and, per round, every C-FIND kind and C-MOVE/C-GET, again
+in rotated order. `--phases` picks some of disk, ingest, latency, repair, migrate, find,
+retrieve. Every measurement is appended to a journal as it completes, so an interrupted run
+continues with --resume, and is checked for correctness (counts, answers, every copy); speed
+is only reported.
 
 When run as root, the whole benchmark runs in a private network namespace (`unshare --net`)
 whose only interface is its own loopback: Orthanc 1.10 and DCMTK 3.6.7 storescp cannot choose
@@ -30,20 +34,24 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from bench import clients, disk, netns, scratch
 from bench.datasets import FIND_KINDS, PLANS, DataSet, FindQuery, Plan, find_queries, prepare
-from bench.procs import BenchError, Sampler, stop_on_sigterm
-from bench.report import (
-    Sample,
-    Table,
-    machine_info,
-    percentile,
-    render,
-    target_status,
-    versions,
+from bench.durability import (
+    AGAINST_CP,
+    PACSGRID,
+    WipedSite,
+    latency_files,
+    latency_sample,
+    migrate_cp_sample,
+    migrate_sample,
 )
+from bench.goals import goal_status, previous_results
+from bench.procs import BenchError, Sampler, stop_on_sigterm
+from bench.report import machine_info, render, versions
+from bench.samples import CP_SYNC, Sample, Table, percentile
 from bench.servers import (
     DEST_AE,
     FIND_AE,
@@ -60,7 +68,7 @@ from pacsgrid.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("pacsgrid", "orthanc", "storescp")
-PHASES = ("disk", "ingest", "find", "retrieve")
+PHASES = ("disk", "ingest", "latency", "repair", "migrate", "find", "retrieve")  # run in this order
 
 
 def rotate(items: list[str], n: int) -> list[str]:
@@ -119,6 +127,7 @@ class Runner:
         }
         self.journal = Journal(self.run_dir / "journal.jsonl", config, args.resume)
         self.started: list[Server] = []
+        self.wiped: dict[str, WipedSite] = {}  # the repair phase's archives, by dataset
         self.progress = Progress("bench", self.total(), unit="measurements", interval=10.0)
 
     def total(self) -> int:
@@ -133,6 +142,12 @@ class Runner:
             n += len(FIND_KINDS) * r * len(qr)
         if "retrieve" in self.args.phases:
             n += 2 * r * len(qr)
+        if "pacsgrid" in self.kinds:
+            for phase in ("repair", "migrate"):
+                if phase in self.args.phases:
+                    n += len(AGAINST_CP) * r * len(self.plan.copy_sets)
+        if "latency" in self.args.phases:
+            n += r * len(self.kinds)
         return n
 
     # ------------------------------------------------------------------ plumbing
@@ -199,36 +214,77 @@ class Runner:
 
     def ingest_round(self, rnd: int) -> None:
         scenarios = [(name, n) for name in ("small", "large") for n in (1, 4)]
+        logs, timeout = self.run_dir / "logs", self.plan.timeout
         for i, (name, assoc) in enumerate(scenarios):
             ds = self.data[name]
             scenario = f"{ds.label}, {assoc} assoc"
             for kind in rotate(self.kinds, rnd + i):
                 srv = self.server(kind, self.run_dir / f"ingest-{kind}")
-                self.measure(
-                    "ingest",
-                    scenario,
-                    srv.name,
-                    rnd,
-                    lambda srv=srv, ds=ds, assoc=assoc, scenario=scenario: self._ingest(
-                        srv, ds, assoc, scenario, rnd
-                    ),
+                ingest = partial(
+                    ingest_sample,
+                    ds=ds,
+                    warmup=self.data["warmup"],
+                    assoc=assoc,
+                    scenario=scenario,
+                    rnd=rnd,
+                    logs=logs,
+                    timeout=timeout,
                 )
+                self.measure("ingest", scenario, srv.name, rnd, partial(self.fresh, srv, ingest))
 
-    def _ingest(self, srv: Server, ds: DataSet, assoc: int, scenario: str, rnd: int) -> Sample:
+    def fresh(self, srv: Server, measure: Callable[[Server], Sample]) -> Sample:
+        """`measure` on `srv` started fresh and empty; its folder discarded afterwards."""
         try:
             with self.running(srv):
-                return ingest_sample(
-                    srv,
-                    ds,
-                    self.data["warmup"],
-                    assoc,
-                    scenario,
-                    rnd,
-                    self.run_dir / "logs",
-                    self.plan.timeout,
-                )
+                return measure(srv)
         finally:
             srv.wipe()
+
+    # ------------------------------------------------------------------ durability
+    def repair_round(self, rnd: int) -> None:
+        """Each copy dataset: a wiped site repaired, and cp -r + sync of the same files, in
+        an order that alternates from round to round (bench.durability)."""
+        for i, name in enumerate(self.plan.copy_sets):
+            if name not in self.wiped:
+                self.wiped[name] = WipedSite(
+                    self.data[name], self.run_dir, self.plan.timeout, reuse=self.args.resume
+                )
+            site = self.wiped[name]
+            measures = {
+                PACSGRID: partial(site.repair_sample, rnd),
+                CP_SYNC: partial(site.cp_sample, rnd, self.run_dir / "repair-cp"),
+            }
+            for who in rotate(list(measures), rnd + i):
+                self.measure("repair", site.ds.label, who, rnd, measures[who])
+
+    def migrate_round(self, rnd: int) -> None:
+        """Each copy dataset's tree: `pacsgrid migrate folder`, and cp -r + sync of it."""
+        for i, name in enumerate(self.plan.copy_sets):
+            ds, timeout = self.data[name], self.plan.timeout
+            measures = {
+                PACSGRID: partial(migrate_sample, ds, self.run_dir / "migrated", rnd, timeout),
+                CP_SYNC: partial(migrate_cp_sample, ds, self.run_dir / "migrate-cp", rnd, timeout),
+            }
+            for who in rotate(list(measures), rnd + i):
+                self.measure("migrate", ds.label, who, rnd, measures[who])
+
+    def latency_round(self, rnd: int) -> None:
+        """One C-STORE at a time to each server, fresh and empty, in rotated order."""
+        ds = self.data["small"]
+        scenario = f"{ds.label}, one at a time"
+        latency = partial(
+            latency_sample,
+            files=latency_files(ds, self.plan.latency_instances),
+            warmup=self.data["warmup"],
+            gap=self.plan.latency_gap,
+            scenario=scenario,
+            rnd=rnd,
+            logs=self.run_dir / "logs",
+            timeout=self.plan.timeout,
+        )
+        for kind in rotate(self.kinds, rnd):
+            srv = self.server(kind, self.run_dir / f"latency-{kind}")
+            self.measure("latency", scenario, srv.name, rnd, partial(self.fresh, srv, latency))
 
     # ------------------------------------------------------------------ query + retrieve
     def qr_servers(self) -> list[tuple[Server, StoreScp]]:
@@ -458,9 +514,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(KINDS),
         help="comma-separated subset of pacsgrid,orthanc,storescp",
     )
-    ap.add_argument(
-        "--phases", default=",".join(PHASES), help="subset of disk,ingest,find,retrieve"
-    )
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="cache and scratch")
     ap.add_argument(
         "--results",
@@ -525,6 +579,13 @@ def main(argv: list[str] | None = None) -> int:
                     runner.disk_round(rnd)
                 if "ingest" in args.phases:
                     runner.ingest_round(rnd)
+                if "latency" in args.phases:
+                    runner.latency_round(rnd)
+                if "pacsgrid" in args.servers:
+                    if "repair" in args.phases:
+                        runner.repair_round(rnd)
+                    if "migrate" in args.phases:
+                        runner.migrate_round(rnd)
             if {"find", "retrieve"} & set(args.phases) and any(
                 k != "storescp" for k in args.servers
             ):
@@ -556,14 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     samples = list(runner.journal.samples.values())
     name = meta["date"] if plan.name == "full" else f"{meta['date']}-{plan.name}"
     args.results.mkdir(parents=True, exist_ok=True)
+    previous = previous_results(args.results, plan.name)  # before this run's file replaces it
     md = args.results / f"{name}.md"
-    md.write_text(render(samples, meta))
+    md.write_text(render(samples, meta, previous))
     (args.results / f"{name}.json").write_text(
         json.dumps({"meta": meta, "samples": [json.loads(s.to_json()) for s in samples]}, indent=1)
     )
     table = Table(samples)
-    for label, status, r in target_status(table):
-        print(f"  {status:13} {label}" + (f" ({r:.2f}x)" if r is not None else ""))
+    for o in goal_status(table, previous):
+        ratio = f" ({o.ratio:.2f}x)" if o.ratio is not None else ""
+        print(f"  {o.status:13} {o.goal.label}{ratio}")
     print(f"results: {md}")
     if table.failed:
         print(f"bench: {len(table.failed)} measurement(s) failed their checks (see {md})")
