@@ -1,7 +1,10 @@
-# `make bench`: pacsgrid vs Orthanc vs DCMTK storescp, results in bench/results/<date>.md.
-# `make bench ARGS="--resume"` continues an interrupted run; `make bench-smoke` checks the
-# harness in seconds; `make profile` profiles pacsgrid's ingest with py-spy;
-# `make ab ARGS="--build mine=/tmp/wt/src"` compares builds of pacsgrid with each other and Orthanc.
+# `make bench`: pacsgrid vs Orthanc vs DCMTK storescp (and repair / migrate folder vs cp -r +
+# sync), results in bench/results/<date>.md. `make bench ARGS="--resume"` continues an
+# interrupted run; `make bench ARGS="--phases latency,repair"` measures some phases only (disk,
+# ingest, latency, repair, migrate, find, retrieve); `make bench-smoke` checks the harness
+# in seconds; `make profile` profiles pacsgrid's ingest with py-spy;
+# `make ab ARGS="--build mine=/tmp/wt/src"` compares builds of pacsgrid with each other and
+# Orthanc (add --scenario latency, repair or migrate for those instead of ingest).
 # scripts/bench does the same on a machine without make.
 # `make powercut ARGS="--cuts 1000 --seed 7"`: the long power-cut run of the archive
 # (docs/powercut.md; needs root for its FUSE mount).

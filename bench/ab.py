@@ -1,13 +1,20 @@
-"""A/B: builds of pacsgrid against each other and Orthanc, on one ingest scenario.
+"""A/B: builds of pacsgrid against each other and a reference, on one scenario.
 
     python -m bench.ab --build shipped=src --build candidate=/tmp/wt/src
     python -m bench.ab --build a=src --build b=/tmp/wt/src --no-orthanc --size large --assoc 1
+    python -m bench.ab --build a=src --build b=/tmp/wt/src --scenario latency
+    python -m bench.ab --build a=src --build b=/tmp/wt/src --scenario repair --size large
+
+Scenarios (`--scenario`), each measured exactly as the phase of the same name in bench.run:
+ingest (default; `--size`, `--assoc`) and latency of one C-STORE on an idle server, with
+Orthanc as the reference unless `--no-orthanc`; repair of a wiped folder site and `migrate
+folder` (`--size`), with `cp -r` + `sync` of the same files as the reference.
 
 A change meant to make ingest faster is worth keeping only if it beats the code it replaces by
 more than one round differs from the next on this machine (up to a third). So the builds (and
 Orthanc) are measured in the same run, alternating, every round in a rotated order, each
 measurement on a fresh, empty server, nothing deleted until the run ends, exactly as
-`bench.run` measures ingest (same datasets, same warm-up, same storescu clients, same checks).
+`bench.run` measures (same datasets, same warm-up, same clients, same checks).
 
 A build is a folder holding the `pacsgrid` package, typically a git worktree's `src/`
 (`git worktree add /tmp/wt HEAD`, edit, then `--build mine=/tmp/wt/src`); it runs with this
@@ -28,14 +35,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import netns, scratch
-from bench.datasets import PLANS, prepare
+from bench.datasets import PLANS, DataSet, Plan, prepare
+from bench.durability import (
+    WipedSite,
+    latency_files,
+    latency_sample,
+    migrate_cp_sample,
+    migrate_sample,
+)
 from bench.procs import BenchError, stop_on_sigterm
 from bench.report import machine_info
 from bench.run import REPO, ingest_sample, rotate
-from bench.samples import Sample
+from bench.samples import CP_SYNC, Sample
 from bench.servers import Orthanc, Pacsgrid, Server
 
 ORTHANC = "Orthanc"
+SCENARIOS = ("ingest", "latency", "repair", "migrate")
+# Per scenario: the main metric (key, column label, decimals, higher is better), a second
+# column (key, label, decimals), and the reference contender.
+COLUMNS: dict[str, tuple[tuple[str, str, int, bool], tuple[str, str, int], str]] = {
+    "ingest": (("instances_per_s", "instances/s", 0, True),
+               ("cpu_s_per_1000", "server CPU ms/instance", 2), ORTHANC),
+    "latency": (("p50_ms", "p50 ms", 2, False), ("p95_ms", "p95 ms", 2), ORTHANC),
+    "repair": (("instances_per_s", "objects/s", 0, True), ("seconds", "seconds", 2), CP_SYNC),
+    "migrate": (("instances_per_s", "files/s", 0, True), ("seconds", "seconds", 2), CP_SYNC),
+}  # fmt: skip
 
 
 @dataclass
@@ -71,8 +95,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=SRC",
         help="a build: a name and the folder that holds its pacsgrid package (repeatable)",
     )
-    ap.add_argument("--orthanc", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--size", choices=("small", "large"), default="small", help="64x64 or 512x512")
+    ap.add_argument(
+        "--scenario", choices=SCENARIOS, default="ingest", help="what is measured (default ingest)"
+    )
+    ap.add_argument(
+        "--orthanc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Orthanc as the reference of ingest and latency (repair and migrate: cp -r + sync)",
+    )
+    ap.add_argument(
+        "--size",
+        choices=("small", "large"),
+        default="small",
+        help="64x64 or 512x512 (ingest, repair, migrate; latency: 64x64)",
+    )
     ap.add_argument("--assoc", type=int, default=4, help="concurrent associations (default 4)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     ap.add_argument("--plan", choices=sorted(PLANS), default="full", help="dataset sizes")
@@ -92,44 +129,123 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def report(samples: list[Sample], meta: dict[str, str], names: list[str]) -> str:
-    """Markdown: per contender, median rate and CPU over rounds, ratios to the first build
-    and to Orthanc. A failed measurement (a wrong count) is shown and spoils its contender."""
+def report(
+    samples: list[Sample], meta: dict[str, str], names: list[str], scenario: str = "ingest"
+) -> str:
+    """Markdown: per contender, the median of the scenario's main metric over rounds (each
+    round's figure beside it) and of a second one, ratios to the first build and to the
+    reference. A failed measurement (a wrong count, a bad copy) is shown and spoils its
+    contender."""
+    (metric, label, digits, higher), (metric2, label2, digits2), reference = COLUMNS[scenario]
     by: dict[str, list[Sample]] = {n: [] for n in names}
     for s in samples:
         by[s.server].append(s)
 
-    def median(name: str, metric: str) -> float:
-        values = [s.metrics[metric] for s in by[name] if s.ok]
+    def median(name: str, key: str) -> float:
+        values = [s.metrics[key] for s in by[name] if s.ok and key in s.metrics]
         return statistics.median(values) if values else float("nan")
 
     first = names[0]
+    better = "above" if higher else "below"
     lines = [
         f"# pacsgrid A/B: {meta['date']}",
         "",
         f"Command: `{meta['command']}`. {meta['scenario']}, {meta['rounds']} rounds, "
-        "alternating (each round rotates the order), a fresh empty server per measurement, "
-        "nothing deleted until the run ended. Load average before / after: "
-        f"{meta['loadavg_before']} / {meta['loadavg_after']}. {meta['machine']}.",
+        "alternating (each round rotates the order), a fresh empty server, freshly wiped "
+        "site or fresh archive per measurement, nothing deleted until the run ended. Load "
+        f"average before / after: {meta['loadavg_before']} / {meta['loadavg_after']}. "
+        f"{meta['machine']}. Ratios of "
+        f"{label}: {better} 1.00x is better.",
         "",
-        f"| contender | instances/s, median (rounds) | server CPU ms/instance | vs {first} "
-        f"| vs {ORTHANC} |",
+        f"| contender | {label}, median (rounds) | {label2} | vs {first} | vs {reference} |",
         "|---|---|---|---|---|",
     ]
     for n in names:
-        rates = [s.metrics["instances_per_s"] for s in by[n] if s.ok]
-        rounds = ", ".join(f"{r:,.0f}" for r in rates)
-        rate = median(n, "instances_per_s")
-        vs_first = f"{rate / median(first, 'instances_per_s'):.2f}x"
-        vs_orthanc = f"{rate / median(ORTHANC, 'instances_per_s'):.2f}x" if ORTHANC in names else ""
-        cpu = median(n, "cpu_s_per_1000")
-        lines.append(f"| {n} | {rate:,.0f} ({rounds}) | {cpu:.2f} | {vs_first} | {vs_orthanc} |")
+        values = [s.metrics[metric] for s in by[n] if s.ok]
+        rounds = ", ".join(f"{v:,.{digits}f}" for v in values)
+        value = median(n, metric)
+        vs_first = f"{value / median(first, metric):.2f}x"
+        vs_ref = f"{value / median(reference, metric):.2f}x" if reference in names else ""
+        second = median(n, metric2)
+        lines.append(
+            f"| {n} | {value:,.{digits}f} ({rounds}) | {second:,.{digits2}f} | {vs_first} "
+            f"| {vs_ref} |"
+        )
     bad = [f"{s.server} round {s.round}: {s.note}" for s in samples if not s.ok]
-    lines += [
-        "",
-        "Failed checks: " + ("; ".join(bad) if bad else "none (every stored count exact)."),
-    ]
+    fine = "every stored count exact" if scenario in ("ingest", "latency") else "every check passed"
+    lines += ["", "Failed checks: " + ("; ".join(bad) if bad else f"none ({fine}).")]
     return "\n".join(lines) + "\n"
+
+
+class Measure:
+    """One measurement of one contender in the chosen scenario, on fresh data every time."""
+
+    def __init__(
+        self, args: argparse.Namespace, plan: Plan, data: dict[str, DataSet], run_dir: Path
+    ) -> None:
+        self.args, self.plan, self.data, self.run_dir = args, plan, data, run_dir
+        self.ds = data["small" if args.scenario == "latency" else args.size]
+        if args.scenario == "ingest":
+            self.label = f"{self.ds.label}, {args.assoc} assoc"
+        elif args.scenario == "latency":
+            self.label = f"{self.ds.label}, one at a time"
+            self.files = latency_files(self.ds, plan.latency_instances)
+        else:
+            self.label = self.ds.label
+        # repair: an archive per build (its own build loads it); cp -r copies the first's.
+        self.sites = {
+            name: WipedSite(self.ds, run_dir / name, plan.timeout, env=self.env(name))
+            for name in args.builds
+        }
+
+    def env(self, name: str) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(self.args.builds[name])}
+
+    def __call__(self, name: str, rnd: int) -> Sample:
+        scenario, timeout = self.args.scenario, self.plan.timeout
+        if scenario == "repair":
+            site = self.sites[name] if name != CP_SYNC else next(iter(self.sites.values()))
+            if name == CP_SYNC:
+                return site.cp_sample(rnd, self.run_dir / "cp")
+            s = site.repair_sample(rnd)
+        elif scenario == "migrate":
+            if name == CP_SYNC:
+                return migrate_cp_sample(self.ds, self.run_dir / "cp", rnd, timeout)
+            migrated = self.run_dir / name / "migrated"
+            s = migrate_sample(self.ds, migrated, rnd, timeout, env=self.env(name))
+        else:
+            return self.on_server(name, rnd)
+        s.server = name
+        return s
+
+    def on_server(self, name: str, rnd: int) -> Sample:
+        srv: Server
+        folder = self.run_dir / name
+        if name == ORTHANC:
+            srv = Orthanc(folder)
+        else:
+            srv = Build(folder, name=name, src=self.args.builds[name])
+        logs, timeout = self.run_dir / "logs", self.plan.timeout
+        try:
+            srv.start()
+            if self.args.scenario == "latency":
+                return latency_sample(
+                    srv,
+                    self.files,
+                    self.data["warmup"],
+                    self.plan.latency_gap,
+                    self.label,
+                    rnd,
+                    logs,
+                    timeout,
+                )
+            warmup = self.data["warmup"]
+            return ingest_sample(
+                srv, self.ds, warmup, self.args.assoc, self.label, rnd, logs, timeout
+            )
+        finally:
+            srv.stop()
+            srv.wipe()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
-    ds = data[args.size]
-    scenario = f"{ds.label}, {args.assoc} assoc"
-    names = list(args.builds) + ([ORTHANC] if args.orthanc else [])
+    measure = Measure(args, plan, data, run_dir)
+    reference = COLUMNS[args.scenario][2]
+    with_reference = reference == CP_SYNC or args.orthanc
+    names = list(args.builds) + ([reference] if with_reference else [])
+    what = {"ingest": "ingest", "latency": "C-STORE latency on an idle server"}
+    what |= {"repair": "repair of a wiped folder site", "migrate": "migrate folder"}
     meta = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python -m bench.ab", shlex.join(argv)]).strip(),
-        "scenario": scenario,
+        "scenario": f"{what[args.scenario]}, {measure.label}",
         "rounds": str(args.rounds),
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
@@ -163,46 +282,32 @@ def main(argv: list[str] | None = None) -> int:
     trash.empty()
     scratch.use(trash)
     samples: list[Sample] = []
+    metric, unit, digits, _ = COLUMNS[args.scenario][0]
     try:
         for rnd in range(1, args.rounds + 1):
             for name in rotate(names, rnd):
-                srv: Server
-                folder = run_dir / name
-                if name == ORTHANC:
-                    srv = Orthanc(folder)
-                else:
-                    srv = Build(folder, name=name, src=args.builds[name])
                 try:
-                    srv.start()
-                    s = ingest_sample(
-                        srv,
-                        ds,
-                        data["warmup"],
-                        args.assoc,
-                        scenario,
-                        rnd,
-                        run_dir / "logs",
-                        plan.timeout,
-                    )
+                    s = measure(name, rnd)
                 except BenchError as e:
-                    s = Sample("ingest", scenario, name, rnd, ok=False, note=str(e).splitlines()[0])
-                finally:
-                    srv.stop()
-                    srv.wipe()
+                    note = str(e).splitlines()[0]
+                    s = Sample(args.scenario, measure.label, name, rnd, ok=False, note=note)
                 samples.append(s)
-                rate = s.metrics.get("instances_per_s", 0.0)
+                value = s.metrics.get(metric, 0.0)
                 flag = "" if s.ok else f"  FAILED: {s.note}"
-                print(f"round {rnd} {name:12} {rate:8,.0f} instances/s{flag}", file=sys.stderr)
+                shown = f"{value:8,.{digits}f} {unit}"
+                print(f"round {rnd} {name:12} {shown}{flag}", file=sys.stderr)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
+        for name in args.builds:  # the repair scenario's archives
+            scratch.discard(run_dir / name)
         scratch.use(None)
         trash.empty()
     meta["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info = machine_info(args.work)
     meta["machine"] = ", ".join(f"{k}: {v}" for k, v in list(info.items())[:3])
-    md = report(samples, meta, names)
+    md = report(samples, meta, names, args.scenario)
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"{meta['date']}-ab.md"
     n = 1

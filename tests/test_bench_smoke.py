@@ -307,3 +307,28 @@ def test_ab_measures_every_build_alternately_and_checks_counts(tmp_path: Path) -
     )
     assert refused.returncode == 1
     assert "does not hold the pacsgrid package" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["latency", "repair", "migrate"])
+def test_ab_takes_the_durability_scenarios(tmp_path: Path, scenario: str) -> None:
+    """bench.ab measures a build on the latency, repair and migrate scenarios as bench.run
+    does, against cp -r + sync for repair and migrate, every check passed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--plan", "smoke", "--no-orthanc", "--rounds", "1"]
+        + ["--scenario", scenario, "--build", f"a={REPO / 'src'}"]
+        + ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (md,) = (tmp_path / "results").glob("*-ab.md")
+    text = md.read_text()
+    unit = {"latency": "p50 ms", "repair": "objects/s", "migrate": "files/s"}[scenario]
+    assert f"| contender | {unit}, median (rounds) |" in text
+    assert "| a | " in text
+    assert (f"| {CP_SYNC} | " in text) == (scenario != "latency")
+    assert "Failed checks: none" in text
+    assert not (tmp_path / "work" / "run-ab" / "a").exists()  # the archives went too
