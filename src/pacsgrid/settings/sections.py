@@ -237,7 +237,9 @@ class HttpSettings:
         False, "Serve HTTPS with dicom.tls_cert and dicom.tls_key (or use a reverse proxy)."
     )
     max_upload: int = setting(
-        1 << 30, "Largest request body accepted (bytes); larger STOW-RS requests get 413.", min=1
+        1 << 30,
+        "Largest request body accepted (bytes): 413 as soon as a request announces or sends more.",
+        min=1,
     )
     max_results: int = setting(
         10000, "Most QIDO-RS results one request returns (a larger limit is capped).", min=1
@@ -247,6 +249,18 @@ class HttpSettings:
     )
     public_health: bool = setting(
         True, "Answer /health without credentials (for load balancers; it shows no patient data)."
+    )
+    idle_timeout: float = setting(
+        30.0,
+        "Seconds a connection may go without sending a complete request head (idle between "
+        "requests, or headers trickling in) before it is closed.",
+        min=1.0,
+    )
+    body_timeout: float = setting(
+        60.0,
+        "Seconds a request body may stall (no byte received) before the request is answered "
+        "408 and the connection closed.",
+        min=1.0,
     )
 
 

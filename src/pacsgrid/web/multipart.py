@@ -7,6 +7,7 @@ what is wrong, never an exception from deep inside a library.
 
 from __future__ import annotations
 
+import io
 import secrets
 from dataclasses import dataclass
 
@@ -56,38 +57,111 @@ def split_unquoted(value: str, sep: str) -> list[str]:
     return out
 
 
-def parse(body: bytes, boundary: str) -> list[Part]:
-    if not boundary or len(boundary) > 200:
-        raise Problem(400, "multipart body without a usable boundary parameter")
-    delim = b"--" + boundary.encode("latin-1", "replace")
-    start = body.find(delim)
-    if start < 0:
-        raise Problem(400, "malformed multipart body: the boundary never occurs")
-    parts: list[Part] = []
-    pos = start + len(delim)
-    while True:
-        if body[pos : pos + 2] == b"--":
-            return parts
-        if body[pos : pos + 2] != b"\r\n":
-            raise Problem(400, "malformed multipart body: no CRLF after a boundary")
-        pos += 2
-        end = body.find(b"\r\n" + delim, pos)
-        if end < 0:
+class Reader:
+    """An incremental parser of a multipart body: `feed` chunks as they arrive, take the parts
+    completed so far, `close` at the end of the body. Each part's bytes are collected once, in
+    a buffer that becomes the part's `bytes` without another copy, so a body costs about its
+    own size in memory (not the body plus the parts cut out of it).
+    """
+
+    _MAX_HEAD = 16 << 10  # a part's header block
+
+    def __init__(self, boundary: str) -> None:
+        if not boundary or len(boundary) > 200:
+            raise Problem(400, "multipart body without a usable boundary parameter")
+        self._delim = b"--" + boundary.encode("latin-1", "replace")
+        self._next = b"\r\n" + self._delim  # ends a part's body
+        self._buf = bytearray()
+        self._state = "preamble"  # preamble | delimiter | head | body | done
+        self._headers: dict[str, str] = {}
+        self._body = io.BytesIO()
+
+    def feed(self, chunk: bytes) -> list[Part]:
+        self._buf += chunk
+        out: list[Part] = []
+        while self._step(out):
+            pass
+        return out
+
+    def close(self) -> None:
+        """The body ended: Problem(400) unless the closing delimiter was seen."""
+        if self._state == "preamble":
+            raise Problem(400, "malformed multipart body: the boundary never occurs")
+        if self._state != "done":
             raise Problem(400, "malformed multipart body: no closing boundary (truncated?)")
-        head_end = body.find(b"\r\n\r\n", pos, end)
-        if head_end < 0:
-            if body[pos:end].startswith(b"\r\n") or pos == end:
-                head_end = pos - 2  # a part with no headers at all
-            else:
-                raise Problem(400, "malformed multipart body: a part has no header block")
-        headers = {}
-        for line in body[pos:head_end].split(b"\r\n") if head_end > pos else []:
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon:
-                raise Problem(400, f"malformed multipart part header {line[:60]!r}")
-            headers[name.strip().lower()] = value.strip()
-        parts.append(Part(headers, body[head_end + 4 : end]))
-        pos = end + 2 + len(delim)
+
+    def _step(self, out: list[Part]) -> bool:
+        """Advance as far as the buffer allows; False when more bytes are needed."""
+        buf = self._buf
+        if self._state == "preamble":
+            at = buf.find(self._delim)
+            if at < 0:
+                del buf[: max(0, len(buf) - len(self._delim) + 1)]
+                return False
+            del buf[: at + len(self._delim)]
+            self._state = "delimiter"
+            return True
+        if self._state == "delimiter":
+            if len(buf) < 2:
+                return False
+            if buf[:2] == b"--":
+                self._state = "done"
+                buf.clear()
+                return False
+            if buf[:2] != b"\r\n":
+                raise Problem(400, "malformed multipart body: no CRLF after a boundary")
+            del buf[:2]
+            self._state = "head"
+            return True
+        if self._state == "head":
+            if buf[:2] == b"\r\n":  # a part with no headers at all
+                self._start_body({}, 2)
+                return True
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._MAX_HEAD or buf.find(self._next) >= 0:
+                    raise Problem(400, "malformed multipart body: a part has no header block")
+                return False
+            headers = {}
+            for line in bytes(buf[:end]).split(b"\r\n"):
+                name, colon, value = line.decode("latin-1").partition(":")
+                if not colon:
+                    raise Problem(400, f"malformed multipart part header {line[:60]!r}")
+                headers[name.strip().lower()] = value.strip()
+            self._start_body(headers, end + 4)
+            return True
+        if self._state == "body":
+            at = buf.find(self._next)
+            if at < 0:
+                keep = len(self._next) - 1  # the delimiter may straddle two chunks
+                if len(buf) > keep:
+                    self._take(len(buf) - keep, 0)
+                return False
+            self._take(at, len(self._next))
+            out.append(Part(self._headers, self._body.getvalue()))
+            self._body = io.BytesIO()
+            self._state = "delimiter"
+            return True
+        return False  # done: the epilogue is ignored
+
+    def _take(self, n: int, skip: int) -> None:
+        """Move the first `n` bytes of the buffer into the part's body, drop `skip` more."""
+        with memoryview(self._buf) as view:
+            self._body.write(view[:n])
+        del self._buf[: n + skip]
+
+    def _start_body(self, headers: dict[str, str], skip: int) -> None:
+        del self._buf[:skip]
+        self._headers = headers
+        self._state = "body"
+
+
+def parse(body: bytes, boundary: str) -> list[Part]:
+    """Every part of a complete body."""
+    reader = Reader(boundary)
+    parts = reader.feed(body)
+    reader.close()
+    return parts
 
 
 def new_boundary() -> str:

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pacsgrid import metrics
 from pacsgrid.archive import ArchiveStatus, WorkSummary
 from pacsgrid.web.auth import requires
+from pacsgrid.web.body import read as read_body
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.problems import Problem
 
@@ -103,7 +104,7 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Problem(415, "send application/json")
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await read_body(request))
     except (ValueError, UnicodeDecodeError):
         raise Problem(400, "body is not valid JSON") from None
     if not isinstance(body, dict):

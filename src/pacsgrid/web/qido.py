@@ -4,7 +4,9 @@ Matching is the archive's C-FIND matching (single value, `*`/`?` wildcards, date
 UID lists), reached through `Archive.find`. Query keys are keywords or tags (`PatientName`,
 `00100010`); `includefield` adds attributes (or `all`); `limit`/`offset` page; fuzzy matching
 is not offered (`fuzzymatching=true` is answered with a Warning header). A key the archive does
-not index, or one below the level searched, is a 400 rather than a silently ignored filter.
+not index, one it cannot match on (the computed counts), one below the level searched, and a
+value its VR cannot hold (`StudyDate=abc`, a malformed UID in the path or the query) are a 400
+naming the key, rather than a filter silently ignored or a search that matches nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from pacsgrid.archive import Match, Query, parse_match
 from pacsgrid.model import ATTRIBUTES, BY_KEYWORD, BY_TAG, COMPUTED, Level
+from pacsgrid.web import validate
 from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.dicomjson import attributes_json
@@ -63,6 +66,9 @@ DEFAULTS = {
     ),
 }
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+# Keys a search can match on: every indexed attribute and two computed ones. The computed
+# counts (NumberOfStudyRelatedInstances, ...) can be returned but not matched.
+MATCHABLE = set(BY_KEYWORD) | {"ModalitiesInStudy", "SOPClassesInStudy"}
 
 
 def keyword_of(key: str) -> str | None:
@@ -103,9 +109,8 @@ def build_query(
     warnings: list[str] = []
     include: set[str] = set(DEFAULTS[level])
     for keyword, uid in path_uids.items():
-        m = parse_match(keyword, uid)
-        if m is None or "*" in uid or "?" in uid:
-            raise Problem(400, f"{keyword} in the path must be a UID, got {uid[:80]!r}")
+        m = parse_match(keyword, validate.uid(keyword, uid))
+        assert m is not None  # a valid UID is a single value
         matches.append(m)
         include.add(keyword)
     for name, value in params.items():
@@ -139,12 +144,19 @@ def build_query(
                 f"{kw} is a {_level_of(kw).value.lower()}-level attribute: it cannot restrict a "
                 f"{level.value.lower()} search",
             )
-        if "\x00" in value or len(value) > 1024:
-            raise Problem(400, f"bad value for {kw}")
-        if BY_KEYWORD.get(kw) and BY_KEYWORD[kw].vr == "UI":
+        vr = BY_KEYWORD[kw].vr if kw in BY_KEYWORD else COMPUTED[kw][1]
+        validate.query_value(kw, vr, value)
+        if vr == "UI":
             value = value.replace(",", "\\")
         m = parse_match(kw, value)
         if m is not None:
+            if kw not in MATCHABLE:
+                raise Problem(
+                    400,
+                    f"{kw} cannot be matched on (the archive computes it): send it without a "
+                    "value to have it returned",
+                    extra={"invalid-params": [{"name": kw, "reason": "cannot be matched on"}]},
+                )
             matches.append(m)
         include.add(kw)
     limit = _int(params, "limit")

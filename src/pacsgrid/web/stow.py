@@ -16,7 +16,7 @@ from aiohttp import web
 
 from pacsgrid.archive import Caller
 from pacsgrid.errors import AccessDenied, ArchiveUnavailable, InvalidDataset, PacsgridError
-from pacsgrid.web import multipart
+from pacsgrid.web import body, multipart
 from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.problems import Problem
@@ -63,8 +63,11 @@ async def store(request: web.Request) -> web.Response:
     part_type = params.get("type", "application/dicom").lower()
     if part_type != "application/dicom":
         raise Problem(415, f"only application/dicom parts are accepted, got type={part_type!r}")
-    body = await request.read()  # bounded by http.max_upload (413 beyond it)
-    parts = multipart.parse(body, params.get("boundary", ""))
+    reader = multipart.Reader(params.get("boundary", ""))
+    parts: list[multipart.Part | None] = []
+    async for chunk in body.chunks(request):  # stall: 408; beyond http.max_upload: 413
+        parts += reader.feed(chunk)
+    reader.close()
     if not parts:
         raise Problem(400, "multipart body holds no parts")
     want_study = request.match_info.get("study", "")
@@ -72,8 +75,14 @@ async def store(request: web.Request) -> web.Response:
     base = base_url(request)
     # Parts are stored concurrently: each is durable on its own, and their index rows share
     # group commits, so a request of many instances costs about one fsync round per batch.
+    # Storing a part briefly holds a second copy of its dataset: `budget` bounds those, and a
+    # part is let go once stored, so a request costs about its own size in memory.
+    budget = _Budget(_IN_FLIGHT)
     outcomes = await asyncio.gather(
-        *(_store_part(request, i, part, want_study, caller, base) for i, part in enumerate(parts))
+        *(
+            _store_taken(request, i, parts, budget, want_study, caller, base)
+            for i in range(len(parts))
+        )
     )
     stored = [item for ok, item in outcomes if ok]
     failed = [item for ok, item in outcomes if not ok]
@@ -86,6 +95,48 @@ async def store(request: web.Request) -> web.Response:
         answer[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
     status = 200 if not failed else (202 if stored else 409)
     return web.json_response(answer, status=status, content_type="application/dicom+json")
+
+
+_IN_FLIGHT = 16 << 20  # bytes of parts being stored at once (at least one part)
+
+
+class _Budget:
+    """At most `limit` bytes of parts in the archive at once (a larger part goes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.changed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        async with self.changed:
+            self.used -= n
+            self.changed.notify_all()
+
+
+async def _store_taken(
+    request: web.Request,
+    i: int,
+    parts: list[multipart.Part | None],
+    budget: _Budget,
+    want_study: str,
+    caller: Caller,
+    base: str,
+) -> tuple[bool, dict[str, Any]]:
+    part = parts[i]
+    assert part is not None
+    size = len(part.body)
+    await budget.take(size)
+    try:
+        parts[i] = None  # from here on, only this call holds the part
+        return await _store_part(request, i, part, want_study, caller, base)
+    finally:
+        await budget.give(size)
 
 
 async def _store_part(

@@ -78,8 +78,8 @@ async def viewer(request: web.Request) -> web.StreamResponse:
     rel = request.match_info.get("path", "")
     if rel == "app-config.js":
         return web.Response(text=APP_CONFIG, content_type="application/javascript")
-    target = (root / rel).resolve() if rel else root / "index.html"
-    if root not in target.parents and target != root / "index.html":
+    target = _inside(root, rel) if rel else root / "index.html"
+    if target is None:
         raise Problem(404, "no such file")
     if target.is_file() and target.name != "index.html":
         ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
@@ -96,13 +96,26 @@ async def viewer_file(request: web.Request) -> web.StreamResponse:
     """A file of the viewer requested from the site root (webpack chunks, assets)."""
     ctx = ctx_of(request)
     root = Path(ctx.settings.http.viewer).resolve()
-    target = (root / request.match_info["path"]).resolve()
-    if root not in target.parents or not target.is_file():
+    target = _inside(root, request.match_info["path"])
+    if target is None or not target.is_file():
         raise Problem(404, f"no such resource: {request.path[:100]}")
     ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     return web.FileResponse(
         target, headers={"Content-Type": ctype, "Cache-Control": "public, max-age=86400"}
     )
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """`rel` under the viewer folder, or None when it leads outside or names no possible file
+    (a NUL, a name too long for the filesystem)."""
+    try:
+        target = (root / rel).resolve()
+        target.stat()
+    except FileNotFoundError:
+        pass  # may be a route of the single-page app
+    except (OSError, ValueError):
+        return None
+    return target if root in target.parents else None
 
 
 def add_fallback(app: web.Application) -> None:

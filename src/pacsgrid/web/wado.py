@@ -28,7 +28,7 @@ from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, UNCOMPR
 from pacsgrid.dicom.part10 import build_file_meta
 from pacsgrid.dicom.transcode import TranscodeError, transcode
 from pacsgrid.model import InstanceRecord, Level
-from pacsgrid.web import multipart
+from pacsgrid.web import multipart, validate
 from pacsgrid.web.auth import requires
 from pacsgrid.web.context import caller_of, ctx_of
 from pacsgrid.web.dicomjson import metadata_json
@@ -79,10 +79,7 @@ def accepted(header: str, default: str) -> list[Accepted]:
 
 
 def _uid(given: dict[str, str], name: str) -> str:
-    value = given[name]
-    if not value or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
-        raise Problem(400, f"{name} UID must be digits and dots (at most 64), got {value[:80]!r}")
-    return value
+    return validate.uid(name, given[name])
 
 
 async def _locate(request: web.Request, uids: dict[str, str] | None = None) -> list[InstanceRecord]:
