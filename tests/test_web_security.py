@@ -22,24 +22,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, Server, dcmtk, free_port, wait_port
+from tests.conftest import Server, dcmtk, free_port, wait_port
 from tests.corpus import accepted
-from tests.web_helpers import audit_records, multipart_body, start_web
+from tests.web_helpers import audit_records, multipart_body, start_web, users
 
 PACSGRID = [sys.executable, "-m", "pacsgrid"]
-
-
-def _users(data_dir: Path, *args: str, stdin: str = "") -> str:
-    proc = subprocess.run(
-        [*PACSGRID, "users", *args, "--data-dir", str(data_dir)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 @dataclass
@@ -61,12 +48,16 @@ def _basic(user: str, password: str) -> str:
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     data = tmp_path_factory.mktemp("secured") / "archive"
     data.mkdir()
-    _users(data, "add", "reader", "--role", "read", "--password-stdin", stdin="r-secret\n")
-    _users(data, "add", "writer", "--role", "write", "--no-password")
-    _users(data, "add", "boss", "--role", "admin", "--password-stdin", stdin="b-secret\n")
-    token = _users(data, "token", "writer", "--label", "test")
+    users(data, "add", "reader", "--role", "read", "--password-stdin", stdin="r-secret\n")
+    users(data, "add", "writer", "--role", "write", "--no-password")
+    users(data, "add", "boss", "--role", "admin", "--password-stdin", stdin="b-secret\n")
+    token = users(data, "token", "writer", "--label", "test")
     assert token.startswith("pgt_")
-    server, base = start_web(data, extra=("--auth", "on"))
+    # Every route is tried with a wrong password: more than http.login_failures from one
+    # address (the back-off itself is tested in test_web_logins).
+    server, base = start_web(
+        data, extra=("--auth", "on"), env={"PACSGRID_HTTP_LOGIN_FAILURES": "10000"}
+    )
     f = accepted()[0]
     body, ctype = multipart_body([f.path.read_bytes()])
     r = requests.post(

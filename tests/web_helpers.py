@@ -5,12 +5,14 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import Server, free_port
+from tests.conftest import REPO, Server, free_port
 
 
 def start_web(
@@ -65,3 +67,17 @@ def audit_records(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def users(data_dir: Path, *args: str, stdin: str = "") -> str:
+    """Run `pacsgrid users ARGS` on the archive in `data_dir`; its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacsgrid", "users", *args, "--data-dir", str(data_dir)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()

@@ -48,6 +48,12 @@ QUERY_SECONDS = Histogram(
 SITE_OPS = Counter("pacsgrid_site_operations", "Operations on storage sites", ["site", "op"])
 SITE_ERRORS = Counter("pacsgrid_site_errors", "Failed operations on storage sites", ["site", "op"])
 ACCESS_DENIED = Counter("pacsgrid_access_denied", "Refused requests", ["service"])
+SCRYPT = Counter("pacsgrid_password_hashes", "scrypt computations (password checks and changes)")
+LOGIN_REFUSED = Counter(
+    "pacsgrid_logins_refused",
+    "Password logins answered 429 without a check, by reason (backoff, busy)",
+    ["reason"],
+)
 
 
 def service_of(via: str) -> str:

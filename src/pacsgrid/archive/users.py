@@ -11,18 +11,31 @@ import hmac
 import os
 import secrets
 
+from pacsgrid import metrics
 from pacsgrid.archive.records import ROLES, Caller
 from pacsgrid.errors import ConfigError, NotFound
 from pacsgrid.index import Index, WebUser
 
 _SCRYPT = (1 << 14, 8, 1)  # n, r, p: ~50 ms and 16 MB per check
+# What a login for a user without a password is checked against, so that it costs exactly what
+# a wrong password costs (one scrypt): the answer must not tell which user names exist. The
+# password it was made from was random and is not kept anywhere.
+_NOBODY = (
+    "scrypt$16384$8$1$46fa9d37fbdbdf3030595eff191ea1c2$"
+    "5f81a86d82fb1e24b249a3a2eebb58bf3ffb5f6c873e05b80c6d71903759bd73"
+)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    metrics.SCRYPT.inc()
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
 
 
 def hash_password(password: str) -> str:
     """scrypt with a random salt, as `scrypt$n$r$p$salt$hash` (hex)."""
     n, r, p = _SCRYPT
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    digest = _scrypt(password, salt, n, r, p)
     return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
 
 
@@ -31,9 +44,7 @@ def check_password(password: str, stored: str) -> bool:
         kind, n, r, p, salt, want = stored.split("$")
         if kind != "scrypt":
             return False
-        got = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
-        )
+        got = _scrypt(password, bytes.fromhex(salt), int(n), int(r), int(p))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got.hex(), want)
@@ -91,9 +102,10 @@ class UserAdmin:
         return token
 
     def authenticate(self, name: str, password: str) -> WebUser | None:
+        """The user, if `password` is theirs. One scrypt whether or not the user exists."""
         user = self.index.user(name)
         if user is None or not user.password_hash:
-            check_password(password, hash_password("x"))  # same cost as a real check
+            check_password(password, _NOBODY)  # the cost of a real check, never a match
             return None
         return user if check_password(password, user.password_hash) else None
 

@@ -262,6 +262,28 @@ class HttpSettings:
         "408 and the connection closed.",
         min=1.0,
     )
+    password_checks: int = setting(
+        2,
+        "Password checks (scrypt, ~50 ms and 16 MB each) run at once, on their own threads; "
+        "four times as many may wait, more are answered 429 at once.",
+        min=1,
+        max=64,
+    )
+    login_failures: int = setting(
+        5,
+        "Wrong passwords from one address before it must wait: 429 with Retry-After, no "
+        "password checked, for login_backoff seconds, doubled at each further failure.",
+        min=1,
+    )
+    login_backoff: float = setting(
+        2.0, "First wait (seconds) of an address after login_failures wrong passwords.", min=0.1
+    )
+    login_backoff_max: float = setting(
+        900.0,
+        "Longest wait of an address (seconds); an address without a wrong password for this "
+        "long starts afresh.",
+        min=1.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ log = logging.getLogger("pacsgrid.web")
 
 def make_app(archive: Archive) -> web.Application:
     settings = archive.settings
-    auth = Authenticator()
+    auth = Authenticator(settings.http)
     app = web.Application(
         middlewares=[problem_middleware, auth.middleware],
         client_max_size=settings.http.max_upload,
@@ -39,6 +39,7 @@ def make_app(archive: Archive) -> web.Application:
 
     async def close_pool(app: web.Application) -> None:
         ctx.executor.shutdown(wait=False, cancel_futures=True)
+        auth.gate.close()
 
     app.on_cleanup.append(close_pool)
     return app

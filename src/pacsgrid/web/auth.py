@@ -8,6 +8,8 @@ handler runs; the archive checks again where it acts, and audits both outcomes.
 
 Passwords are checked with scrypt (slow on purpose), so a verified Basic credential is cached
 for a minute, keyed by its SHA-256: a viewer loading hundreds of frames pays the check once.
+The checks themselves run behind `LoginGate` (pacsgrid.web.logins): their own threads, a bound
+on how many wait, and back-off for an address that keeps sending wrong passwords.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from aiohttp import web
 
 from pacsgrid.archive import Caller, WebUser
 from pacsgrid.errors import AccessDenied
+from pacsgrid.settings import HttpSettings
 from pacsgrid.web.context import CALLER, ctx_of
+from pacsgrid.web.logins import LoginGate
 from pacsgrid.web.problems import Handler, problem_response
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="pacsgrid", charset="UTF-8"'}
@@ -52,8 +56,9 @@ def operation_of(request: web.Request) -> str:
 
 
 class Authenticator:
-    def __init__(self) -> None:
+    def __init__(self, http: HttpSettings) -> None:
         self._basic: dict[str, tuple[float, WebUser]] = {}
+        self.gate = LoginGate(http)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -108,8 +113,19 @@ class Authenticator:
                 return None, "malformed Basic credentials"
             if not colon:
                 return None, "malformed Basic credentials"
-            user = await ctx.call(ctx.archive.authenticate, name, password)
+            address = request.remote or ""
+            self.gate.admit(address)  # 429 while the address waits, or checks pile up
+            user = await self.gate.check(ctx.archive.authenticate, name, password)
             if user is None:
+                wait = self.gate.failed(address)
+                if wait:
+                    ctx.archive.audit(
+                        Caller(address=address, via="web"),
+                        "login",
+                        "denied",
+                        "",
+                        f"wrong passwords from {address}: no password checked for {wait:g}s",
+                    )
                 return None, "wrong user name or password"
             if len(self._basic) > 10_000:
                 self._basic.clear()
