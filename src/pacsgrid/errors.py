@@ -13,6 +13,7 @@ for the person reading the log at 3 a.m., and storage errors carry a hint on wha
     ├── ArchiveUnavailable       cannot make data durable right now (nothing acknowledged)
     │   ├── QuorumNotMet         too few healthy sites for the write quorum
     │   └── IndexUnavailable     the index database cannot commit
+    ├── ArchiveInUse             a running `pacsgrid serve` holds the archive (names its pids)
     └── StorageError             one site failed one operation
         ├── SiteUnavailable      the site is down (unreachable, unmounted, sentinel missing)
         ├── ObjectMissing        the site is up but does not hold the object
@@ -70,6 +71,10 @@ class QuorumNotMet(ArchiveUnavailable):
 
 class IndexUnavailable(ArchiveUnavailable):
     """The index database did not commit (unreachable, locked for too long, read-only)."""
+
+
+class ArchiveInUse(PacsgridError):
+    """The archive is being served (or restored) and the operation must wait for that to end."""
 
 
 class StorageError(PacsgridError):

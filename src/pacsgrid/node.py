@@ -4,7 +4,11 @@ Layout of a running `pacsgrid serve`:
 - with one worker: one process, one event loop, running the DICOM server and every component;
 - with N workers: a supervisor process binds the DICOM port once and starts N worker processes
   that inherit the listening socket (each runs a DICOM server and nothing else); the supervisor
-  runs the components (background jobs, the web face) and restarts a worker that dies.
+  runs the components (background jobs, the web face) and restarts a worker that dies. A worker
+  never outlives its supervisor: the kernel sends it SIGTERM when the supervisor dies, even by
+  SIGKILL (PR_SET_PDEATHSIG), and it watches its parent's pid as well; it then stops accepting
+  and ends like on any SIGTERM. Workers also inherit the serve lock (pacsgrid.served), so a new
+  `serve` of the archive waits for them rather than sharing the port with them.
 
 A component is anything with `name` and `async run(stop)`: it works until `stop` is set, then
 returns. `components()` lists what a node runs; a feature adds its line there.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -133,8 +138,36 @@ def run_single(archive: Archive, listeners: Listeners, grace: float) -> None:
         archive.close()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_supervisor(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when its supervisor dies (Linux), and exit at
+    once if it already has (it may die between starting us and this call)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the pid watch remains
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor:
+        raise SystemExit(f"pacsgrid worker: supervisor pid {supervisor} is gone; not starting")
+
+
+async def _watch_supervisor(supervisor: int, stop: asyncio.Event) -> None:
+    """Stop when the parent is no longer `supervisor` (where PR_SET_PDEATHSIG is missing)."""
+    while not stop.is_set():
+        if os.getppid() != supervisor:
+            log.error("supervisor pid %d is gone: this worker stops", supervisor)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
 def run_worker(
-    archive: Archive, listeners: Listeners, board: LoadBoard | None, grace: float
+    archive: Archive,
+    listeners: Listeners,
+    board: LoadBoard | None,
+    grace: float,
+    supervisor: int | None = None,
 ) -> None:
     """A worker process: the DICOM server only (the supervisor runs the components)."""
 
@@ -143,9 +176,14 @@ def run_worker(
         _stop_on_signals(stop)
         server = _dicom_server(archive, listeners, board)
         await server.start()
+        watch = None
+        if supervisor is not None:
+            watch = asyncio.create_task(_watch_supervisor(supervisor, stop))
         log.info("worker ready: accepting DICOM associations")
         await stop.wait()
         await server.shutdown(grace)
+        if watch is not None:
+            await watch
 
     try:
         asyncio.run(main())
@@ -166,15 +204,21 @@ async def _recover_after(archive: Archive, pid: int) -> None:
 
 
 def run_supervisor(
-    make_archive: Callable[[], Archive], listeners: Listeners, workers: int, grace: float
+    make_archive: Callable[[], Archive],
+    listeners: Listeners,
+    workers: int,
+    grace: float,
+    inherit: tuple[int, ...] = (),
 ) -> None:
-    """Start `workers` worker processes on the inherited socket(s); run the components here."""
+    """Start `workers` worker processes on the inherited socket(s); run the components here.
+    `inherit`: more descriptors the workers keep open for their whole life (the serve lock)."""
     sock = listeners.dicom
     fd = sock.fileno()
     os.set_inheritable(fd, True)
     board = LoadBoard.create(workers)
     argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
-    fds = [fd, board.fd]
+    argv += ["--worker-parent", str(os.getpid())]
+    fds = [fd, board.fd, *inherit]
     if listeners.tls is not None:
         tls_fd = listeners.tls.fileno()
         os.set_inheritable(tls_fd, True)

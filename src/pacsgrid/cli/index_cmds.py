@@ -67,7 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="restore the index from a backup",
         description="Restore an index backup into the database the settings (or --database) "
         "name. PostgreSQL: the database must exist and be empty. SQLite: the file must not "
-        "exist, unless --force, which moves the current index aside (never deletes it). Then "
+        "exist, unless --force, which moves the current index aside (never deletes it). "
+        "Refused while 'pacsgrid serve' runs on the archive (stop it first). Then "
         "run 'pacsgrid reindex --reconcile' to index what was stored after the backup.",
     )
     add_archive_options(p)

@@ -9,7 +9,7 @@ import shutil
 import socket
 import tempfile
 
-from pacsgrid import node
+from pacsgrid import node, served
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
 from pacsgrid.dicom.accept import LoadBoard
@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-tls-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-board", help=argparse.SUPPRESS)
+    p.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(settings)
     d = settings.dicom
     if args.worker_fd is not None:
+        if args.worker_parent is not None:
+            node.die_with_supervisor(args.worker_parent)
         sock = socket.socket(fileno=args.worker_fd)
         sock.setblocking(False)
         tls_sock = None
@@ -112,8 +115,19 @@ def run(args: argparse.Namespace) -> int:
             tls_sock = socket.socket(fileno=args.worker_tls_fd)
             tls_sock.setblocking(False)
         board = LoadBoard.open(args.worker_board) if args.worker_board else None
-        node.run_worker(Archive(settings), node.Listeners(sock, tls_sock), board, d.shutdown_grace)
+        node.run_worker(
+            Archive(settings),
+            node.Listeners(sock, tls_sock),
+            board,
+            d.shutdown_grace,
+            args.worker_parent,
+        )
         return 0
+
+    # The archive is ours (and stays ours while any of our processes lives): a previous server
+    # of it that is still stopping (workers finishing their associations) is waited for, and a
+    # restore cannot move the index aside under us.
+    lock = served.hold_for_serving(settings.data_dir, wait=d.shutdown_grace + 30)
 
     # Prepare once, before any worker starts: create/upgrade the index schema, initialise new
     # sites, index what a crash left unindexed, and fail here, with one clear line, if
@@ -157,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
 
         enable_multiprocess(own_dir)
     try:
-        node.run_supervisor(lambda: Archive(settings), listeners, workers, d.shutdown_grace)
+        node.run_supervisor(
+            lambda: Archive(settings), listeners, workers, d.shutdown_grace, inherit=(lock,)
+        )
     finally:
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -14,7 +14,8 @@ counts with the manifest. After a verified backup, backups beyond `backup.keep` 
 oldest first; an unverified or failed backup never causes a deletion.
 
 A restore brings the index back to the backup point; objects stored since then are on the
-sites but not in the restored index: `pacsgrid reindex --reconcile` adds them.
+sites but not in the restored index: `pacsgrid reindex --reconcile` adds them. It is refused
+while `pacsgrid serve` runs on the archive (pacsgrid.served).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pacsgrid import served
 from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
 from pacsgrid.index import Index
 from pacsgrid.settings import Settings
@@ -293,10 +295,13 @@ def restore(settings: Settings, backup_file: Path, *, force: bool = False) -> Ma
         raise ConfigError(
             "database", f"the backup is a {m.engine} index; the database setting is not ({url})"
         )
-    if m.engine == "sqlite":
-        _restore_sqlite(backup_file, Path(url[len("sqlite:///") :]), force)
-    else:
-        _restore_postgres(backup_file, url)
+    # A server of this archive would go on writing into the index moved aside, and what it
+    # acknowledged meanwhile would be missing from the restored one: refuse while it runs.
+    with served.exclusive(settings.data_dir, "restore the index"):
+        if m.engine == "sqlite":
+            _restore_sqlite(backup_file, Path(url[len("sqlite:///") :]), force)
+        else:
+            _restore_postgres(backup_file, url)
     return m
 
 
