@@ -16,7 +16,7 @@ from pacsgrid.dicom.accept import LoadBoard
 from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
 from pacsgrid.index import display_url
-from pacsgrid.settings import Settings, load_settings
+from pacsgrid.settings import Settings, load_settings, masked
 
 log = logging.getLogger("pacsgrid.serve")
 
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.http.port:
         listeners.http = _listen("http.port", settings.http.bind, settings.http.port)
     workers = d.workers or default_workers()
-    sites = ", ".join(f"{s.name}={s.url}" for s in settings.sites)
+    sites = ", ".join(f"{s.name}={masked(s.url)}" for s in settings.sites)
     log.info(
         "pacsgrid listening on %s:%d as %s (%d worker%s); index %s; sites %s",
         d.bind,

@@ -19,6 +19,7 @@ from pacsgrid.settings.loading import (
     parse_site_options,
     parse_size,
 )
+from pacsgrid.settings.masking import masked
 from pacsgrid.settings.reference import describe_settings
 from pacsgrid.settings.sections import (
     ALL_OPERATIONS,
@@ -62,6 +63,7 @@ __all__ = [
     "SiteSettings",
     "describe_settings",
     "load_settings",
+    "masked",
     "parse_peer",
     "parse_site_options",
     "parse_size",

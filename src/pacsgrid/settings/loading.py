@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pacsgrid.errors import ConfigError
+from pacsgrid.settings.masking import masked
 from pacsgrid.settings.sections import (
     AE_TITLE_RE,
     LISTS,
@@ -198,7 +199,7 @@ def parse_site_options(
     for text in sites:
         name, sep, url = text.partition("=")
         if not sep or not name.strip() or not url.strip():
-            raise ConfigError("--site", f"expected NAME=URL, got {text!r}")
+            raise ConfigError("--site", f"expected NAME=URL, got {masked(text)!r}")
         if name.strip() in out:
             raise ConfigError("--site", f"site {name.strip()!r} given twice")
         out[name.strip()] = {"name": name.strip(), "url": url.strip()}
@@ -386,7 +387,7 @@ def _resolve_site_url(site: SiteSettings, key: str, base: Path) -> SiteSettings:
         return site
     if "://" not in url:  # a bare path is a filesystem site
         return dataclasses.replace(site, url=(base / url).resolve().as_uri())
-    raise ConfigError(key, f"unsupported scheme in {url!r} (use file:// or s3://)")
+    raise ConfigError(key, f"unsupported scheme in {masked(url)!r} (use file:// or s3://)")
 
 
 def _check_policy(s: Settings) -> None:

@@ -31,14 +31,14 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
 from pacsgrid.errors import ConfigError, ObjectMissing, SiteUnavailable, StorageError
-from pacsgrid.settings import SiteSettings
+from pacsgrid.settings import SiteSettings, masked
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
 
 QUARANTINE = ".quarantine"
@@ -57,7 +57,6 @@ _NETWORK = (
     bexc.ConnectionClosedError,
     bexc.NoCredentialsError,
 )
-_SECRET_PARAMS = ("secret_key", "access_key")
 
 
 class S3Site:
@@ -109,7 +108,9 @@ class S3Site:
         key = f"sites.{s.name}.url"
         u = urlparse(s.url)
         if not u.netloc:
-            raise ConfigError(key, f"expected s3://BUCKET/PREFIX?endpoint=URL, got {s.url!r}")
+            raise ConfigError(
+                key, f"expected s3://BUCKET/PREFIX?endpoint=URL, got {masked(s.url)!r}"
+            )
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}
         known = {
             "endpoint",
@@ -133,8 +134,6 @@ class S3Site:
         mode = q.get("lock_mode", "GOVERNANCE").upper()
         if mode not in ("GOVERNANCE", "COMPLIANCE"):
             raise ConfigError(key, f"lock_mode must be GOVERNANCE or COMPLIANCE, got {mode!r}")
-        shown = {k: v for k, v in q.items() if k not in _SECRET_PARAMS}
-        url = f"s3://{u.netloc}{u.path}" + (f"?{urlencode(shown)}" if shown else "")
         return cls(
             s.name,
             u.netloc,
@@ -148,7 +147,7 @@ class S3Site:
             timeout=timeout,
             location=s.location,
             role=s.role,
-            url=url,
+            url=masked(s.url),
         )
 
     # ------------------------------------------------------------------ errors
