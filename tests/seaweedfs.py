@@ -118,7 +118,20 @@ class SeaweedFS:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(exist_ok=True)
         if not self._args:
-            self._args = self._command()
+            # Ports are picked free and released before weed binds them: on a busy machine
+            # another process can take one meanwhile. A first start picks again (a restart
+            # must keep its ports: the data refers to them).
+            for _ in range(5):
+                self._args = self._command()
+                try:
+                    return self._start(timeout)
+                except RuntimeError as e:
+                    if "Port allocation failed" not in str(e):
+                        raise
+            raise RuntimeError("SeaweedFS: no free set of ports after 5 tries")
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> SeaweedFS:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self._args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
