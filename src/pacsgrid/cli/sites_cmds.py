@@ -14,6 +14,7 @@ from typing import Any
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
 from pacsgrid.jobs.audit import Auditor
+from pacsgrid.jobs.recover import count_lost
 from pacsgrid.jobs.repair import KIND, Repairer, adopt_site
 from pacsgrid.progress import Progress
 
@@ -110,6 +111,7 @@ def run_sites(args: argparse.Namespace) -> int:
         report = {r.site: r for r in archive.index.site_report()}
         archives = [s.name for s in archive.placement.archive_sites()]
         under = archive.index.count_under_replicated(archives, settings.replication.copies)
+        without_good_copy = count_lost(archive)
         counts = archive.index.work_counts(KIND)
         rows: list[dict[str, Any]] = []
         for site in archive.sites:
@@ -142,17 +144,23 @@ def run_sites(args: argparse.Namespace) -> int:
         "copies": settings.replication.copies,
         "write_quorum": settings.replication.write_quorum,
         "under_replicated": under,
+        "without_good_copy": without_good_copy,
         "copies_queued": counts.get("pending", 0),
         "copies_failed": counts.get("failed", 0),
     }
     if args.json:
         print(json.dumps({"sites": rows, **summary}, indent=2))
-        return 0
+        return 1 if without_good_copy else 0
     print(
         f"policy: {summary['copies']} copies, write quorum {summary['write_quorum']}; "
         f"under-replicated objects: {under}; copies queued: {summary['copies_queued']}, "
         f"given up: {summary['copies_failed']}"
     )
+    if without_good_copy:
+        print(
+            f"NO GOOD COPY on any site: {without_good_copy} object(s) ('pacsgrid audit' lists "
+            "them and recovers what a kept S3 version allows)"
+        )
     for row in rows:
         state = "up" if row["up"] else f"DOWN ({row['reason']})"
         extra = ""
@@ -166,7 +174,7 @@ def run_sites(args: argparse.Namespace) -> int:
             f"bad {row['bad']}, missing {row['missing']}; last audit "
             f"{_ago(row['last_verified'])} ({row['never_verified']} never checked)"
         )
-    return 0
+    return 1 if without_good_copy else 0
 
 
 def run_repair(args: argparse.Namespace) -> int:
@@ -198,15 +206,25 @@ def run_repair(args: argparse.Namespace) -> int:
     print(
         f"repair: {c['copied']} objects copied ({human_bytes(report.bytes)}), "
         f"{c['complete']} already complete, {report.waiting} waiting for a site, "
-        f"{len(report.failed)} given up"
+        f"{len(report.failed)} given up, {len(report.lost)} without a good copy"
     )
     print(f"  {elapsed}")
+    _print_lost(report.lost)
     for key, error in report.failed[:20]:
         print(f"  given up: {key}: {error}")
     if stop.is_set():
         print("interrupted: run the same command again to continue")
         return 130
-    return 0 if not report.waiting and not report.failed and not down else 1
+    bad = report.waiting or report.failed or report.lost or down
+    return 1 if bad else 0
+
+
+def _print_lost(sops: list[str]) -> None:
+    """The objects without a good copy anywhere: named every time, until they have one."""
+    for sop in sops[:50]:
+        print(f"  NO GOOD COPY on any site: {sop}")
+    if len(sops) > 50:
+        print(f"  ... and {len(sops) - 50} more without a good copy")
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -237,6 +255,7 @@ def run_audit(args: argparse.Namespace) -> int:
             "seconds": report.seconds,
             "resumed": report.resumed,
             "findings": [asdict(f) for f in report.findings],
+            "without_good_copy": report.lost,
         }
         print(json.dumps(out, indent=2))
     else:
@@ -249,8 +268,9 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"  {elapsed}")
         for f in report.findings:
             print(f"  {f.problem}: {f.site} {f.key}: {f.action}")
+        _print_lost(report.lost)
     if stop.is_set():
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
     unrepaired = [f for f in report.findings if not f.repaired]
-    return 1 if unrepaired else 0
+    return 1 if unrepaired or report.lost else 0

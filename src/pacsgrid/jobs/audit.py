@@ -6,6 +6,10 @@ For each copy in state ok on a healthy site, least recently verified first:
   file, never overwritten), marked bad, and recreated on the same site from a good copy;
 - it is gone: marked missing and recreated from a good copy;
 - the site fails: marked down; its remaining copies wait for the next pass.
+When no good copy is left anywhere, an older good version the site keeps (S3 versioning,
+Object Lock) is made current again (pacsgrid.jobs.recover). Every pass ends by listing the
+objects that still have no good copy (`AuditReport.lost`), whatever it checked: they are
+reported, and the pass fails, until they are recovered.
 
 On demand (`pacsgrid audit`) a pass checks every copy not verified since the pass began; the
 start time is kept in the index (job_state), so an interrupted pass resumes rather than starting
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
 from pacsgrid.index.sites import SiteCopy
 from pacsgrid.jobs.rate import RateLimiter
+from pacsgrid.jobs.recover import lost, recover
 from pacsgrid.jobs.repair import Repairer
 from pacsgrid.progress import Progress
 
@@ -57,6 +62,7 @@ class AuditReport:
     bytes: int = 0
     seconds: float = 0.0
     resumed: bool = False
+    lost: list[str] = field(default_factory=list)  # objects without a good copy anywhere
 
     @property
     def checked(self) -> int:
@@ -124,10 +130,15 @@ class Auditor:
                 copy = self.repairer.copy_to(record, good.data, site)
                 self.index.record_copies([(c.sop_uid, copy)])
                 action, repaired = f"{what}; recreated from {good.site}", True
-        except (NotFound, StorageError) as e:
+        except NotFound as e:
+            again = recover(self.archive, record)  # no good copy left: a kept version?
+            if again is not None:
+                action, repaired = f"{what}; an older good version on {again.site} restored", True
+            else:
+                action, repaired = f"{what}; NOT recreated, no good copy on any site: {e}", False
+        except StorageError as e:
             action, repaired = f"{what}; NOT recreated: {e}", False
-            if not isinstance(e, NotFound):
-                self.index.enqueue("copy", [(c.sop_uid, "")])
+            self.index.enqueue("copy", [(c.sop_uid, "")])
         report.findings.append(Finding(c.site, c.key, c.sop_uid, problem, action, repaired))
 
     def run(
@@ -180,8 +191,18 @@ class Auditor:
                     self.index.set_copy_state(site, pks, "ok", verified_at=now)
                 cursor = (batch[-1].instance_pk, batch[-1].site)
                 done += len(batch)
+        report.lost = self._lost(stop)
         report.seconds = time.monotonic() - started
         return report
+
+    def _lost(self, stop: threading.Event) -> list[str]:
+        """Objects with no good copy: recover what a kept version allows; the others."""
+        out = []
+        for sop in lost(self.archive):
+            record = None if stop.is_set() else self.index.instance(sop)
+            if record is None or recover(self.archive, record) is None:
+                out.append(sop)
+        return out
 
     def _safe_check(self, c: SiteCopy, report: AuditReport) -> str:
         try:
@@ -229,6 +250,13 @@ class AuditComponent:
                     log.info("audit: %s", progress.summary())
                 for f in report.findings:
                     log.error("audit: %s %s on %s: %s", f.problem, f.key, f.site, f.action)
+                if report.lost:
+                    log.error(
+                        "audit: %d object(s) have no good copy on any site (first: %s); "
+                        "'pacsgrid audit' lists them",
+                        len(report.lost),
+                        report.lost[0],
+                    )
             except PacsgridError as e:
                 log.warning("audit pass failed: %s", e)
             halt.wait(interval)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
 from pacsgrid.jobs.rate import RateLimiter
+from pacsgrid.jobs.recover import lost, recover
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.progress import Progress
 from pacsgrid.storage import StorageSite
@@ -51,7 +52,7 @@ LEASE = 600.0
 
 @dataclass
 class Outcome:
-    state: str  # complete | copied | waiting | gone | error
+    state: str  # complete | copied | waiting | gone | error | lost (no good copy anywhere)
     records: list[tuple[str, CopyRecord]] = field(default_factory=list)
     nbytes: int = 0
     reason: str = ""
@@ -65,6 +66,7 @@ class RepairReport:
     queued: int = 0
     waiting: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # no good copy on any site
     bytes: int = 0
     seconds: float = 0.0
 
@@ -125,7 +127,7 @@ class Repairer:
         now = time.time()
         return CopyRecord(site.name, key, len(data), record.sha256, now, "ok", now)
 
-    def replicate(self, sop_uid: str) -> Outcome:
+    def replicate(self, sop_uid: str, *, recovered: bool = False) -> Outcome:
         """Bring one instance to the policy's number of ok archive copies."""
         record = self.index.instance(sop_uid)
         if record is None:
@@ -138,7 +140,11 @@ class Repairer:
         try:
             obj = self.archive.read(record, use_cache=False, verify=True)
         except NotFound as e:
-            return Outcome("error", reason=str(e))
+            if any(c.state == "ok" and not self.placement.is_up(c.site) for c in record.copies):
+                return Outcome("waiting", reason=str(e))  # a good copy is on a site that is down
+            if recovered or recover(self.archive, record) is None:
+                return Outcome("lost", reason=f"no good copy on any site: {e}")
+            return self.replicate(sop_uid, recovered=True)  # a kept version is good again
         out = Outcome("copied")
         site_down = False
         for site in targets:
@@ -252,6 +258,8 @@ class Repairer:
                     elif o.state == "waiting":
                         pause = min(self.retry_max, 5.0 * 2 ** min(item.attempts, 12))
                         self.index.fail(item.pk, o.reason, now + pause)
+                    elif o.state == "lost":  # retrying cannot help; each scan queues it again
+                        self.index.fail(item.pk, o.reason, None)
                     elif item.attempts >= MAX_ATTEMPTS:
                         self.index.fail(item.pk, o.reason, None)
                         log.error("repair of %s given up: %s", item.key, o.reason)
@@ -284,7 +292,10 @@ class Repairer:
         self.drain(stop, progress, report)
         counts = self.index.work_counts(KIND)
         report.waiting = counts.get("pending", 0)
-        report.failed = [(key, error) for key, _, error in self.index.work_failures(KIND, 50)]
+        report.lost = lost(self.archive)
+        gone = set(report.lost)
+        failures = self.index.work_failures(KIND, 50 + len(gone))
+        report.failed = [(key, error) for key, _, error in failures if key not in gone][:50]
         return report
 
 

@@ -17,7 +17,9 @@ Contract details:
 - no-clobber is a conditional PUT (``If-None-Match: *``): the server answers 412 when the key
   exists, the same rule as `link()` on a filesystem, without any lock;
 - on a versioned or Object Lock bucket nothing is ever destroyed: quarantine copies the object
-  aside and puts a delete marker on the key, so the damaged version stays retrievable;
+  aside and puts a delete marker on the key, so the damaged version stays retrievable; and
+  `recover_version` makes an older good version of a key current again (by writing its verified
+  bytes as the newest version), for an object whose every copy went bad;
 - connection failures, unknown buckets and refused credentials are `SiteUnavailable`.
 """
 
@@ -42,6 +44,7 @@ from pacsgrid.settings import SiteSettings, masked
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
 
 QUARANTINE = ".quarantine"
+_MAX_VERSIONS = 100  # versions of one key looked through for a good one
 _UNAVAILABLE_CODES = {
     "NoSuchBucket",
     "AccessDenied",
@@ -326,6 +329,31 @@ class S3Site:
             self._s3.delete_object(Bucket=self.bucket, Key=self._k(key))
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, f"delete {key}") from e
+
+    def recover_version(self, key: str, sha256: str, size: int) -> str | None:
+        """Make the newest version of `key` whose bytes hash to `sha256` current again; its
+        version id, or None when the bucket keeps no such version (not versioned, or every
+        version is bad). The good bytes are written as a new version (never a server-side copy:
+        what is written is what was just verified); nothing is removed."""
+        full = self._k(key)
+        try:
+            listing = self._s3.list_object_versions(
+                Bucket=self.bucket, Prefix=full, MaxKeys=_MAX_VERSIONS
+            )
+            # Newest first (S3 lists a key's versions so); other keys share the prefix.
+            versions = [v for v in listing.get("Versions", []) if v["Key"] == full]
+            for v in versions:
+                if int(v.get("Size", -1)) != size:
+                    continue
+                vid = v["VersionId"]
+                body = self._s3.get_object(Bucket=self.bucket, Key=full, VersionId=vid)["Body"]
+                data = bytes(body.read())
+                if hashlib.sha256(data).hexdigest() == sha256:
+                    self._put(full, data, conditional=False)
+                    return str(vid)
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"recover {key} from its versions") from e
+        return None
 
     def quarantine(self, key: str, reason: str) -> str:
         full = self._k(key)
