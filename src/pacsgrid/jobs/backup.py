@@ -10,8 +10,11 @@
 Every backup has a manifest beside it (`<name>.json`: engine, counts at the backup point,
 SHA-256 of the file). Verification restores the file into a scratch database (a temporary
 SQLite file, or a scratch PostgreSQL database that is dropped afterwards) and compares its
-counts with the manifest. After a verified backup, backups beyond `backup.keep` are deleted,
-oldest first; an unverified or failed backup never causes a deletion.
+counts with the manifest. A PostgreSQL role without CREATEDB cannot make a scratch database:
+then every row of the dump is read back by pg_restore instead (no database needed) and
+counted, and the manifest says so (`verify_method`). After a verified backup, backups beyond
+`backup.keep` are deleted, oldest first; an unverified or failed backup never causes a
+deletion.
 
 A restore brings the index back to the backup point; objects stored since then are on the
 sites but not in the restored index: `pacsgrid reindex --reconcile` adds them. It is refused
@@ -63,6 +66,7 @@ class Manifest:
     verified: bool = False
     verify_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    verify_method: str = ""  # restored | rows read (no scratch database could be made)
 
     def path_in(self, folder: Path) -> Path:
         return folder / self.name
@@ -217,21 +221,25 @@ def verify_backup(settings: Settings, manifest_path: Path) -> Manifest:
                 got = _sqlite_counts(conn)
             finally:
                 conn.close()
+        method = "restored"
     else:
-        got = _verify_postgres(settings, path)
+        got, method = _verify_postgres(settings, path)
     if got != m.counts:
         raise BackupError(f"{path}: restored counts {got} differ from the backup's {m.counts}")
     m.verified = True
     m.verify_counts = got
+    m.verify_method = method
     m.write(folder)
     return m
 
 
-def _verify_postgres(settings: Settings, path: Path) -> dict[str, int]:
+def _verify_postgres(settings: Settings, path: Path) -> tuple[dict[str, int], str]:
+    """(row counts, how they were had): restored into a scratch database, or read from the
+    dump when the role may not create one."""
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from pacsgrid.index.pg_connections import with_timeouts
+    from pacsgrid.index.pg_connections import redact, with_timeouts
 
     server = settings.backup.scratch or settings.database_url
     admin = with_timeouts(server, connect_timeout=10, statement_timeout=0, app="pacsgrid-verify")
@@ -239,18 +247,56 @@ def _verify_postgres(settings: Settings, path: Path) -> dict[str, int]:
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning(
+            "the role of %s may not create databases (no CREATEDB): the backup is verified by "
+            "reading every row of the dump instead of restoring it (set backup.scratch to a "
+            "server where it may, for a full restore test)",
+            redact(server),
+        )
+        return _dump_rows(path), "rows read"
     except psycopg.Error as e:
         raise BackupError(f"cannot create scratch database for verification: {e}") from e
     try:
         _pg_restore(path, make_conninfo(admin, dbname=name))
         with psycopg.connect(make_conninfo(admin, dbname=name)) as conn:
-            return {
+            counts = {
                 t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
                 for t in TABLES
             }
+            return counts, "restored"
     finally:
         with contextlib.suppress(psycopg.Error), psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _dump_rows(path: Path) -> dict[str, int]:
+    """Row counts of the index tables in a pg_dump archive, from its data as pg_restore writes
+    it out (`COPY table (...) FROM stdin;`, a line per row, `\\.`): decompresses and reads
+    every row, with no database."""
+    counts = dict.fromkeys(TABLES, 0)
+    current: str | None = None
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            [_tool("pg_restore"), "--data-only", "--file=-", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if current is not None:
+                if line == b"\\.\n":
+                    current = None
+                else:
+                    counts[current] += 1
+            elif line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+                table = line.split()[1].decode().removeprefix("public.").strip('"')
+                current = table if table in counts else None
+        if proc.wait() != 0:
+            errors.seek(0)
+            text = errors.read().decode(errors="replace").strip()[-2000:]
+            raise BackupError(f"pg_restore cannot read {path}: {text}")
+    return counts
 
 
 def backups(folder: Path) -> list[Manifest]:
@@ -410,6 +456,8 @@ def node_name() -> str:
 def describe(m: Manifest) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.created))
     state = "verified" if m.verified else "NOT verified"
+    if m.verified and m.verify_method == "rows read":
+        state = "verified (every row read; no scratch database)"
     return (
         f"{m.name}  {when} UTC  {_human(m.size)}  {m.counts.get('instance', 0)} instances, "
         f"{m.counts.get('study', 0)} studies  {state}"
