@@ -67,9 +67,10 @@ class Finding:
 class VerifyReport:
     source: str
     studies: int = 0
-    instances: int = 0  # instances in the source
+    instances: int = 0  # distinct instances (SOP Instance UIDs) in the source
     present: int = 0  # of those, in the archive
     skipped: int = 0  # files that are not instances (DICOMDIR, not DICOM)
+    duplicates: int = 0  # files holding an instance another file holds too
     sampled: list[str] = field(default_factory=list)  # studies retrieved end to end
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
@@ -188,6 +189,8 @@ def verify_folder(
     prog.set_total(len(files))
     by_study: dict[str, set[str]] = {}
     matched: set[str] = set()
+    seen: set[str] = set()
+    found: set[str] = set()  # in the archive
     root = src.resolve()
 
     def record(path: Path, fut: Future[_FileCheck]) -> None:
@@ -200,14 +203,18 @@ def verify_folder(
             prog.advance("skipped")
             return
         if check.sop_uid:
-            report.instances += 1
+            # An instance is counted once however many files of the folder hold it: the
+            # archive keeps one object per SOP Instance UID.
+            if check.sop_uid in seen:
+                report.duplicates += 1
+            seen.add(check.sop_uid)
             by_study.setdefault(check.study_uid, set()).add(check.sop_uid)
         if check.matched:
             matched.add(check.sop_uid)
         if check.finding is not None:
             report.findings.append(check.finding)
         if check.sop_uid and (check.finding is None or check.finding.kind != "missing"):
-            report.present += 1
+            found.add(check.sop_uid)
         prog.advance(check.finding.kind if check.finding else "ok")
 
     report.interrupted = run_parallel(
@@ -219,6 +226,8 @@ def verify_folder(
         name="verify",
     )
     report.studies = len(by_study)
+    report.instances = len(seen)
+    report.present = len(found)
     # Two source files with one SOP Instance UID but different pixel data: the archive keeps
     # the first it stored (dicom.on_duplicate). When one of them matches, the others are
     # conflicts within the source, not damage in the archive.
@@ -437,6 +446,11 @@ def write_report(report: VerifyReport, out: Path) -> tuple[Path, Path]:
     ]
     if report.skipped:
         lines.append(f"| skipped | {report.skipped} | DICOMDIR or not DICOM |")
+    if report.duplicates:
+        lines.append(
+            f"| duplicate files | {report.duplicates} | more files holding an instance "
+            "already counted (same SOP Instance UID) |"
+        )
     if report.sampled:
         lines += ["", "End-to-end retrieves:", ""]
         lines += [f"- `{f.study_uid}`: {f.detail}" for f in report.findings if f.kind == "sampled"]
