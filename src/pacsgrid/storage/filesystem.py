@@ -83,10 +83,16 @@ class FilesystemSite:
                     f"volume)",
                 )
             st = os.statvfs(self.root)
-            probe = self._incoming / f"probe-{os.getpid()}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Prove the site takes a write and leave nothing behind, whatever stops us (a
+            # SIGTERM'd process ends its probe thread anywhere): an unnamed file never has a
+            # name. Only where the filesystem has no O_TMPFILE (NFS, SMB) is the probe named,
+            # and unlinked before anything else is done with it.
+            fd = _open_tmpfile(self._incoming)
+            if fd is None:
+                probe = self._incoming / f"probe-{os.getpid()}"
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.unlink(probe)
             os.close(fd)
-            os.unlink(probe)
             return SiteHealth(True, "", st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
         except OSError as e:
             return SiteHealth(False, f"{self.root}: {e.strerror}")
