@@ -44,8 +44,16 @@ __all__ = [
 class Index(Protocol):
     url: str
 
-    def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
-        """Index `items` in one transaction; all or none (raises IndexUnavailable)."""
+    def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
+        """Index `items` in one transaction; all or none (raises IndexUnavailable).
+
+        `durable=False`: the commit need not be on disk when this returns (the objects' site
+        logs hold what replays it after a crash; `sync` makes it durable). Engines where
+        that is not safe (a database that can fail over) commit durably anyway."""
+        ...
+
+    def sync(self) -> None:
+        """Make every commit made so far durable (a checkpoint of the site logs)."""
         ...
 
     def has_instance(self, sop_uid: str) -> bool: ...

@@ -9,13 +9,16 @@ thread, and N busy associations pay one fsync per batch.
 
 If a batch fails, its items are retried one by one, so a single bad row cannot fail the
 stores that happened to share its transaction.
+
+An item committed with `durable=False` (its object is in a site log that replays it after a
+crash, see storage/wal.py) lets the batch commit without a flush; one durable item makes the
+whole batch durable.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from pacsgrid.errors import IndexUnavailable
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Entry:
     item: NewInstance
+    durable: bool = True
     done: bool = False
     result: AddResult | None = None
     error: BaseException | None = None
@@ -42,9 +46,9 @@ class GroupCommitter:
         self.batches = 0
         self.committed = 0
 
-    def commit(self, item: NewInstance) -> AddResult:
+    def commit(self, item: NewInstance, *, durable: bool = True) -> AddResult:
         """Index `item` (in a batch with whatever else is waiting); raise IndexUnavailable."""
-        entry = _Entry(item)
+        entry = _Entry(item, durable)
         with self._cond:
             self._queue.append(entry)
             while True:
@@ -68,21 +72,13 @@ class GroupCommitter:
         assert entry.result is not None
         return entry.result
 
-    def submit(self, item: NewInstance) -> Future[AddResult]:
-        """`commit` for callers that want a future (it is complete when returned)."""
-        fut: Future[AddResult] = Future()
-        try:
-            fut.set_result(self.commit(item))
-        except BaseException as e:
-            fut.set_exception(e)
-        return fut
-
     def close(self) -> None:
         """Nothing to flush: every commit finishes in the thread that asked for it."""
 
     def _commit(self, batch: list[_Entry]) -> None:
         try:
-            results = self.index.add_batch([e.item for e in batch])
+            durable = any(e.durable for e in batch)
+            results = self.index.add_batch([e.item for e in batch], durable=durable)
         except Exception as e:
             if len(batch) > 1:
                 for entry in batch:

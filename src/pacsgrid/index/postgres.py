@@ -232,7 +232,7 @@ class PostgresIndex(SqlIndex):
             self._local.reading = before
 
     @contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+    def _tx(self, durable: bool = True) -> Iterator[psycopg.Connection[Any]]:
         """One write transaction on the write connection (no retry: see `_run`)."""
         with self._lock:
             conn = self._writer_conn()
@@ -295,7 +295,9 @@ class PostgresIndex(SqlIndex):
         return db.execute(self._sql(sql), clean_params(params))
 
     # ------------------------------------------------------------------ writes with retry
-    def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
+    def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
+        # Always a durable commit: an asynchronous one could be lost in a failover to the
+        # standby while this node keeps running, and no log replay would bring it back.
         def body(db: Any) -> list[AddResult]:
             return [self._add_one(db, item) for item in items]
 

@@ -223,6 +223,14 @@ def scale(t: Types) -> list[str]:
     return out
 
 
+def checkpoint_mark(t: Types) -> list[str]:
+    """One row a durable commit rewrites to flush every commit before it (`Index.sync`)."""
+    return [
+        f"CREATE TABLE checkpoint_mark (id INTEGER PRIMARY KEY, at {t.real} NOT NULL)",
+        "INSERT INTO checkpoint_mark (id, at) VALUES (1, 0)",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
@@ -231,6 +239,7 @@ MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0003_migration_ledgers", migration_ledgers),
     ("0003_web_auth", web_auth),
     ("0003_scale", scale),
+    ("0004_checkpoint_mark", checkpoint_mark),
 ]
 
 TRACKING_TABLE = (

@@ -80,9 +80,13 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
                 )
 
     # ------------------------------------------------------------------ writes
-    def add_batch(self, items: Sequence[NewInstance]) -> list[AddResult]:
-        with self._tx() as db:
+    def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
+        with self._tx(durable=durable) as db:
             return [self._add_one(db, item) for item in items]
+
+    def sync(self) -> None:
+        with self._tx(durable=True) as db:
+            self._x(db, "UPDATE checkpoint_mark SET at = ? WHERE id = 1", (time.time(),))
 
     def _add_one(self, db: Any, item: NewInstance) -> AddResult:
         v = item.values

@@ -32,8 +32,9 @@ class SqlBase:
         """The first row of a read, or None (raises IndexUnavailable)."""
         raise NotImplementedError
 
-    def _tx(self) -> AbstractContextManager[Any]:
-        """A write transaction; yields a connection (cursor-like `execute`)."""
+    def _tx(self, durable: bool = True) -> AbstractContextManager[Any]:
+        """A write transaction; yields a connection (cursor-like `execute`). `durable=False`:
+        the commit may return before it is on disk (see Index.add_batch)."""
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:

@@ -6,6 +6,12 @@ queries never wait for a commit. `synchronous=FULL`: a commit is on disk when it
 the group committer spreads that fsync over every instance in the batch. Several processes
 (DICOM workers, CLI commands) may open the same file; SQLite's lock serialises their
 transactions.
+
+Ingest commits with `synchronous=NORMAL` (`add_batch(durable=False)`): in WAL mode the commit
+is then written but not flushed, and the database stays consistent if the newest commits are
+lost. The objects' site logs hold everything such a commit recorded until a checkpoint has
+called `sync`, and recovery replays them into the index after a crash (docs/durability.md).
+Every other write is flushed at commit.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class SqliteIndex(SqlIndex):
         self.url = f"sqlite:///{path}"
         self._lock = threading.Lock()
         self._all_conns: list[sqlite3.Connection] = []
+        self._writer_durable = True
         # Read connections, shared by all threads: each DICOM association has a thread of its
         # own, so one connection per thread would open (and keep) one per association.
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -91,7 +98,7 @@ class SqliteIndex(SqlIndex):
                 raise IndexUnavailable(f"index query failed: {e}") from e
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         # Writers in other processes (DICOM workers, a running import) queue on a blocking
         # flock rather than on SQLite's busy handler, which sleeps in steps of 1 to 100 ms:
         # the kernel wakes the next writer the moment the lock is free, and while this process
@@ -101,6 +108,9 @@ class SqliteIndex(SqlIndex):
             fcntl.flock(self._lockfd, fcntl.LOCK_EX)
             try:
                 try:
+                    if durable != self._writer_durable:
+                        db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                        self._writer_durable = durable
                     db.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as e:
                     raise IndexUnavailable(f"index {self.path}: {e}") from e
