@@ -254,13 +254,13 @@ def test_journal_indexes_what_a_crash_left_behind(archive: Archive) -> None:
     token = dying.begin(key, ["local"])
     meta = build_file_meta("1.2.840.10008.5.1.4.1.1.2", "8.1", EXPLICIT, "MODALITY")
     archive.placement.sites["local"].put(key, [meta, data])
-    assert archive.recover() == 0  # its owner is alive: not touched
+    assert archive.recover().journal == 0  # its owner is alive: not touched
     os.close(token[0].fd)  # the process dies: its lock goes, its journal stays
     assert not archive.index.has_instance("8.1")
-    assert archive.recover() == 1
+    assert archive.recover().journal == 1
     assert archive.index.has_instance("8.1")
     assert not token[0].path.exists()
-    assert archive.recover() == 0
+    assert archive.recover().journal == 0
 
 
 def test_replay_never_takes_a_journal_file_being_created(archive: Archive) -> None:
@@ -275,7 +275,7 @@ def test_replay_never_takes_a_journal_file_being_created(archive: Archive) -> No
     left_by_the_dead = journal / f"4343-def{NEW}"
     left_by_the_dead.write_text("")
     os.utime(left_by_the_dead, (time.time() - 7200, time.time() - 7200))
-    assert archive.recover() == 0
+    assert archive.recover().journal == 0
     assert being_created.exists()
     assert not left_by_the_dead.exists()
     archive.ingest(dataset("8.2"), EXPLICIT, MODALITY)  # a journal file of its own: renamed

@@ -154,8 +154,12 @@ def test_a_worker_killed_mid_store_is_replaced_and_its_store_indexed(tmp_path: P
         output, _ = sender.communicate(timeout=60)
         assert not acknowledged(output), output[-2000:]  # the blocked store never got success
         _wait_for(
-            "the supervisor's journal replay",
-            lambda: f"ingest journal of worker pid {victim} replayed: 1 object(s)" in server.text(),
+            "the supervisor's replay of the dead worker's log and journal",
+            lambda: re.search(
+                rf"worker pid {victim}: its site logs and ingest journal replayed "
+                r"\(\d+ record\(s\), 1 instance\(s\) indexed\)",
+                server.text(),
+            ),
         )
         after = set(_workers(server, 2))
         assert victim in before and victim not in after and len(after & before) == 1

@@ -1,7 +1,8 @@
 """The `StorageSite` contract (pacsgrid.storage.base), run against every kind of site.
 
-Filesystem sites use a temporary folder; S3 sites use a real SeaweedFS server on loopback
-(tests/seaweedfs.py), one fresh bucket per test.
+Filesystem sites use a temporary folder, once with the write-ahead log (the default) and once
+without it (every object flushed on its own, as objects larger than the log takes are); S3
+sites use a real SeaweedFS server on loopback (tests/seaweedfs.py), one fresh bucket per test.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from pacsgrid.errors import ObjectMissing, SiteUnavailable, StorageError
-from pacsgrid.settings import SiteSettings
+from pacsgrid.settings import DurabilitySettings, SiteSettings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from tests.seaweedfs import SeaweedFS
 
-KINDS = ("filesystem", "s3")
+KINDS = ("filesystem", "filesystem-direct", "s3")
 _bucket_numbers = itertools.count()
 
 
@@ -37,12 +38,15 @@ class Kit:
 
 @pytest.fixture(params=KINDS)
 def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kit]:
-    if request.param == "filesystem":
+    if request.param.startswith("filesystem"):
         root = tmp_path / "site"
+        durability = DurabilitySettings(
+            log_max_object_mb=0.0 if request.param == "filesystem-direct" else 4.0
+        )
 
         def make_fs(role: str = "archive", fresh: bool = False, name: str = "fs") -> StorageSite:
             path = tmp_path / f"site-{next(_bucket_numbers)}" if fresh else root
-            return open_site(SiteSettings(name=name, url=path.as_uri(), role=role))
+            return open_site(SiteSettings(name=name, url=path.as_uri(), role=role), durability)
 
         def fs_break() -> None:
             root.rename(tmp_path / "unmounted")
@@ -53,7 +57,7 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kit]:
             (root / rel).write_bytes(data)
 
         yield Kit(
-            "filesystem",
+            request.param,
             make_fs,
             lambda rel: (root / rel).read_bytes(),
             fs_write,
@@ -210,7 +214,7 @@ def test_unreachable_site_is_unavailable(kit: Kit, tmp_path: Path) -> None:
         broken.put(object_key("9.8", "9.8.7", "9.8.7.6"), [b"y"])
     with pytest.raises(SiteUnavailable):
         broken.get(KEY)
-    if kit.kind == "filesystem":
+    if kit.kind.startswith("filesystem"):
         # Nothing was created on the empty mount point.
         assert list((tmp_path / "site").iterdir()) == []
 
@@ -219,7 +223,7 @@ def test_writes_after_a_wipe_recreate_folders(kit: Kit) -> None:
     """A site whose objects were deleted behind its back takes writes again (repair)."""
     site = _site(kit)
     site.put(KEY, [b"x"])
-    if kit.kind == "filesystem":
+    if kit.kind.startswith("filesystem"):
         import shutil
 
         root = Path(site.url[len("file://") :])

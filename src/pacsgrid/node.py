@@ -124,6 +124,7 @@ def run_single(archive: Archive, listeners: Listeners, grace: float) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
+        archive.warm()
         server = _dicom_server(archive, listeners)
         await server.start()
         background = asyncio.create_task(_run_components(archive, stop, listeners))
@@ -174,6 +175,7 @@ def run_worker(
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
+        archive.warm()
         server = _dicom_server(archive, listeners, board)
         await server.start()
         watch = None
@@ -196,11 +198,17 @@ async def _recover_after(archive: Archive, pid: int) -> None:
     its stores were never acknowledged, but a sender that gave up would otherwise leave those
     objects invisible until then."""
     try:
-        n = await asyncio.to_thread(archive.recover)
+        report = await asyncio.to_thread(archive.recover)
     except Exception:
-        log.exception("replaying the ingest journal of worker pid %d failed", pid)
+        log.exception("recovery after worker pid %d failed", pid)
         return
-    log.info("ingest journal of worker pid %d replayed: %d object(s) indexed", pid, n)
+    log.info(
+        "worker pid %d: its site logs and ingest journal replayed (%d record(s), %d "
+        "instance(s) indexed)",
+        pid,
+        report.records,
+        report.indexed + report.journal,
+    )
 
 
 def run_supervisor(

@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator, Sequence
 
 from pacsgrid import metrics
+from pacsgrid.archive.checkpoint import Checkpointer
+from pacsgrid.archive.quorum import QuorumWriter
 from pacsgrid.archive.records import (
     FORWARD,
     ArchiveStatus,
@@ -19,6 +21,7 @@ from pacsgrid.archive.records import (
     SiteStatus,
     StoredObject,
 )
+from pacsgrid.archive.recovery import Recovery, RecoveryReport, note_for
 from pacsgrid.archive.users import UserAdmin
 from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.dicom.header import Header, scan
@@ -39,10 +42,10 @@ from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.ledger import FileEntry, StudyEntry
-from pacsgrid.model import CopyRecord, InstanceRecord
+from pacsgrid.model import InstanceRecord
 from pacsgrid.query import Query
 from pacsgrid.settings import PeerSettings, Settings
-from pacsgrid.storage import StorageSite, object_key, open_site
+from pacsgrid.storage import LoggedSite, StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,11 @@ class Archive(UserAdmin):
     ) -> None:
         self.settings = settings
         self.index = index or open_index(settings.database_url, settings.index)
-        self.sites = sites if sites is not None else [open_site(s) for s in settings.sites]
+        self.sites = (
+            sites
+            if sites is not None
+            else [open_site(s, settings.durability) for s in settings.sites]
+        )
         self.placement = Placement(
             self.sites, settings.replication.copies, settings.replication.write_quorum
         )
@@ -78,7 +85,11 @@ class Archive(UserAdmin):
         self.cache = CacheTier(self.index, self.placement, settings)
         self.placement.on_up.append(self._site_up)
         self.committer = GroupCommitter(self.index)
+        self._writer = QuorumWriter(self.placement, settings.replication.write_quorum)
         self.journal = IngestJournal(settings.data_dir / "journal")
+        self._checkpointer = Checkpointer(
+            self.sites, self.index.sync, settings.durability.checkpoint_seconds
+        )
         self.audit_log = AuditLog(settings.audit_log.target, settings.audit_path)
         self._last_probe = time.monotonic()
         self._closed = threading.Event()
@@ -119,9 +130,15 @@ class Archive(UserAdmin):
         if woken:
             log.info("site %s is up: %d waiting copies are due", name, woken)
 
+    def warm(self) -> None:
+        """Before serving: prepare the site logs, so that the first store does not wait."""
+        self._checkpointer.warm()
+
     def close(self) -> None:
         self._closed.set()
         self.cache.flush()
+        self._writer.close()
+        self._checkpointer.close()
         self.committer.close()
         self.journal.close()
         self.index.close()
@@ -249,28 +266,41 @@ class Archive(UserAdmin):
                 f"{len(targets)} healthy archive site(s), write quorum is "
                 f"{quorum}: {self._down_reasons()}"
             )
-        marker = self.journal.begin(key, [t.name for t in targets])
-        header, digest, size, copies = self._write_copies(header, key, chunks, targets, replace)
-        if not copies:
-            self.journal.end(marker)  # nothing was written anywhere
-        if len(copies) < quorum:
-            raise QuorumNotMet(
-                f"only {len(copies)} of {quorum} required copies could be "
-                f"written: {self._down_reasons()}"
-            )
-        item = NewInstance(
-            dict(header.values),
-            header.transfer_syntax,
-            size,
-            digest,
-            tuple(copies),
-            caller.ae_title,
-            replace,
-            work=self.outbox(header.sop_instance_uid, len(copies))
-            + self._forward_work(header, caller),
+        self._checkpointer.started_writing()
+        # The ingest journal covers writes no site log covers (it replays them after a crash).
+        size = sum(len(c) for c in chunks)
+        logged = all(isinstance(t, LoggedSite) and t.logs(size) for t in targets)
+        marker = None if logged else self.journal.begin(key, [t.name for t in targets])
+        written = self._writer.write(
+            header, key, chunks, targets, replace, note_for(caller.via, caller.ae_title)
         )
-        added = self.committer.commit(item)
-        self.journal.end(marker)
+        header = written.header
+        try:
+            if not written.copies and marker is not None:
+                self.journal.end(marker)  # nothing was written anywhere
+            if len(written.copies) < quorum:
+                raise QuorumNotMet(
+                    f"only {len(written.copies)} of {quorum} required copies could be "
+                    f"written: {self._down_reasons()}"
+                )
+            item = NewInstance(
+                dict(header.values),
+                header.transfer_syntax,
+                written.size,
+                written.digest,
+                tuple(written.copies),
+                caller.ae_title,
+                replace,
+                work=self.outbox(header.sop_instance_uid, len(written.copies))
+                + self._forward_work(header, caller.via, caller.ae_title),
+            )
+            # A copy whose log record is held replays this row after a crash: the commit
+            # need not wait for its own flush (see archive/checkpoint.py).
+            added = self.committer.commit(item, durable=not written.logged)
+        finally:
+            written.release()
+        if marker is not None:
+            self.journal.end(marker)
         for w in added.warnings:
             log.warning("%s (from %s)", w, caller)
         return IngestResult(
@@ -289,122 +319,32 @@ class Archive(UserAdmin):
             return ()
         return (("copy", sop_uid, ""),)
 
-    def _forward_work(self, header: Header, caller: Caller) -> tuple[tuple[str, str, str], ...]:
+    def _forward_work(
+        self, header: Header, via: str, calling_ae: str
+    ) -> tuple[tuple[str, str, str], ...]:
         """Forwarding work items for a new instance (kind 'forward', key '<sop>><peer>').
 
         Only instances received over the network are forwarded (not import or migrate, which
         bring in what the legacy system already has), and never back to the AE that sent them.
         """
-        if caller.via not in ("dimse", "web") or not self.settings.forward:
+        if via not in ("dimse", "web") or not self.settings.forward:
             return ()
         modality = header.values.get("Modality", "")
         out: dict[str, tuple[str, str, str]] = {}
         for rule in self.settings.forward:
-            if rule.to == caller.ae_title or not rule.matches(caller.ae_title, modality):
+            if rule.to == calling_ae or not rule.matches(calling_ae, modality):
                 continue
             key = f"{header.sop_instance_uid}>{rule.to}"
             out.setdefault(key, (FORWARD, key, rule.to))
         return tuple(out.values())
 
-    def _write_copies(
-        self,
-        header: Header,
-        key: str,
-        chunks: list[bytes],
-        targets: list[StorageSite],
-        replace: bool,
-    ) -> tuple[Header, str, int, list[CopyRecord]]:
-        """Write the object to sites in placement order until the quorum is durable.
+    def recover(self) -> RecoveryReport:
+        """Bring back what a crash or power cut left half done (see archive/recovery.py).
 
-        Copies beyond the quorum are not written here: the repair job makes them.
+        Run at start-up, before serving, and by the supervisor when a worker dies (logs and
+        journals of live processes are left alone).
         """
-        sha = hashlib.sha256()
-        for c in chunks:
-            sha.update(c)
-        digest = sha.hexdigest()
-        size = sum(len(c) for c in chunks)
-        copies: list[CopyRecord] = []
-        for site in targets:
-            if len(copies) >= self.settings.replication.write_quorum:
-                break
-            metrics.SITE_OPS.labels(site.name, "put").inc()
-            try:
-                result = site.put(key, chunks, replace=replace)
-                if not result.created:
-                    # Already there (a concurrent store of this UID, or an unindexed leftover):
-                    # adopt those bytes so that every copy and the index agree.
-                    adopted = self._adopt(site, key)
-                    if adopted is None:
-                        site.put(key, chunks, replace=True)
-                    else:
-                        header, chunks, digest, size = adopted
-            except SiteUnavailable as e:
-                metrics.SITE_ERRORS.labels(site.name, "put").inc()
-                self.placement.mark_down(site.name, str(e))
-                continue
-            except StorageError as e:
-                metrics.SITE_ERRORS.labels(site.name, "put").inc()
-                log.warning("store %s on %s failed: %s", header.sop_instance_uid, site.name, e)
-                continue
-            copies.append(CopyRecord(site.name, key, size, digest, time.time()))
-        return header, digest, size, copies
-
-    def recover(self) -> int:
-        """Index objects that a crash left written but unindexed (see pacsgrid.journal).
-
-        Returns how many were indexed. Run at start-up, before serving, and by the
-        supervisor when a worker dies (journals of live processes are left alone).
-        """
-        recovered = 0
-        for journal, markers in self.journal.replay():
-            for marker in markers:
-                recovered += self._recover_one(marker.key, marker.sites)
-            self.journal.done(journal)
-        return recovered
-
-    def _recover_one(self, key: str, sites: tuple[str, ...]) -> int:
-        found: list[CopyRecord] = []
-        header = None
-        for name in sites:
-            site = self.placement.sites.get(name)
-            if site is None:
-                continue
-            try:
-                data = site.get(key)
-                p10 = split_part10(data)
-                h = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
-            except (StorageError, InvalidDataset):
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if found and digest != found[0].sha256:
-                continue  # a different object: leave it to the audit
-            header = header or h
-            found.append(CopyRecord(name, key, len(data), digest, time.time()))
-        if header is None or self.index.has_instance(header.sop_instance_uid):
-            return 0
-        self.committer.commit(
-            NewInstance(
-                dict(header.values),
-                header.transfer_syntax,
-                found[0].size,
-                found[0].sha256,
-                tuple(found),
-                "",
-                work=self.outbox(header.sop_instance_uid, len(found)),
-            )
-        )
-        log.warning("indexed %s, written before a crash but not indexed (never acknowledged)", key)
-        return 1
-
-    def _adopt(self, site: StorageSite, key: str) -> tuple[Header, list[bytes], str, int] | None:
-        try:
-            data = site.get(key)
-            p10 = split_part10(data)
-            header = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
-        except (StorageError, InvalidDataset) as e:
-            log.warning("replacing unreadable object %s on %s: %s", key, site.name, e)
-            return None
-        return header, [data], hashlib.sha256(data).hexdigest(), len(data)
+        return Recovery(self.sites, self.index, self.journal, self.outbox, self._forward_work).run()
 
     def _down_reasons(self) -> str:
         down = [

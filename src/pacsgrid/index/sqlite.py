@@ -31,7 +31,7 @@ from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.query import SQLITE
 from pacsgrid.index.schema import SQLITE_TYPES
 from pacsgrid.index.sql import SqlIndex
-from pacsgrid.storage.filesystem import mkdir_durable
+from pacsgrid.storage.durable import mkdir_durable
 
 
 class SqliteIndex(SqlIndex):

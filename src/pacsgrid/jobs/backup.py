@@ -43,7 +43,7 @@ from pacsgrid import served
 from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
 from pacsgrid.index import Index
 from pacsgrid.settings import Settings
-from pacsgrid.storage.filesystem import _fsync_dir
+from pacsgrid.storage.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _publish(
     """Make a finished backup file durable under its final name; its manifest."""
     _fsync_file(partial)
     os.replace(partial, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return Manifest(out.name, engine, time.time(), counts, out.stat().st_size, _sha256(out), source)
 
 
@@ -368,7 +368,7 @@ def _restore_sqlite(backup_file: Path, target: Path, force: bool) -> None:
     _gunzip(backup_file, partial)
     _fsync_file(partial)
     os.replace(partial, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _restore_postgres(backup_file: Path, url: str) -> None:

@@ -357,6 +357,35 @@ class BackupSettings:
 
 
 @dataclass(frozen=True)
+class DurabilitySettings:
+    """How folder sites make writes durable (docs/durability.md)."""
+
+    log_max_object_mb: float = setting(
+        4.0,
+        "Objects up to this size go through the site's write-ahead log (one flush for a "
+        "group of objects); larger ones are flushed on their own. 0 turns the log off.",
+        min=0.0,
+        max=1024.0,
+    )
+    log_segment_mb: int = setting(
+        64, "Size of one log segment file (MB); each writing process keeps about two.", min=4
+    )
+    group_wait_ms: float = setting(
+        0.0,
+        "How long a group's flush waits for more writers to join it (ms; 0 = flush at once, "
+        "writers arriving meanwhile form the next group).",
+        min=0.0,
+        max=50.0,
+    )
+    checkpoint_seconds: float = setting(
+        30.0,
+        "Longest time an object stays in the log before its file is flushed and the log "
+        "space reused (a full segment is checkpointed at once).",
+        min=0.5,
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting(
         "INFO",
@@ -386,6 +415,7 @@ class Settings:
     audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
+    durability: DurabilitySettings = field(default_factory=DurabilitySettings)
     peers: tuple[PeerSettings, ...] = ()
     sites: tuple[SiteSettings, ...] = ()
     forward: tuple[ForwardRule, ...] = ()
@@ -432,6 +462,7 @@ SECTIONS = {
     "audit_log": AuditLogSettings,
     "index": IndexSettings,
     "backup": BackupSettings,
+    "durability": DurabilitySettings,
 }
 LISTS = {"peers": PeerSettings, "sites": SiteSettings, "forward": ForwardRule}
 TOP_LEVEL = ("data_dir", "database")

@@ -6,19 +6,43 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pacsgrid.errors import ConfigError
-from pacsgrid.settings import SiteSettings
-from pacsgrid.storage.base import ObjectInfo, PutResult, SiteHealth, StorageSite, object_key
+from pacsgrid.settings import DurabilitySettings, SiteSettings
+from pacsgrid.storage.base import (
+    LoggedSite,
+    ObjectInfo,
+    PutResult,
+    SiteHealth,
+    StorageSite,
+    object_key,
+)
 
-__all__ = ["ObjectInfo", "PutResult", "SiteHealth", "StorageSite", "object_key", "open_site"]
+__all__ = [
+    "LoggedSite",
+    "ObjectInfo",
+    "PutResult",
+    "SiteHealth",
+    "StorageSite",
+    "object_key",
+    "open_site",
+]
 
 
-def open_site(s: SiteSettings) -> StorageSite:
+def open_site(s: SiteSettings, durability: DurabilitySettings | None = None) -> StorageSite:
     """The site a `[[sites]]` entry describes, chosen by the URL scheme."""
     url = urlparse(s.url)
     if url.scheme == "file":
         from pacsgrid.storage.filesystem import FilesystemSite
 
-        return FilesystemSite(s.name, Path(unquote(url.path)), location=s.location, role=s.role)
+        d = durability or DurabilitySettings()
+        return FilesystemSite(
+            s.name,
+            Path(unquote(url.path)),
+            location=s.location,
+            role=s.role,
+            log_max_object=int(d.log_max_object_mb * (1 << 20)),
+            log_segment_bytes=d.log_segment_mb << 20,
+            group_wait=d.group_wait_ms / 1000,
+        )
     if url.scheme == "s3":
         try:
             from pacsgrid.storage.s3 import S3Site  # type: ignore[import-not-found,import-untyped,unused-ignore]

@@ -11,14 +11,29 @@ with exactly the given bytes; if `put` raises, nothing is visible under the key 
 there before. `put` never overwrites unless `replace=True`: when an object is already there it
 returns `created=False` and leaves it alone, which is how concurrent stores of one SOP Instance
 UID agree on one set of bytes.
+
+Durable may mean "durable in the site's write-ahead log" (filesystem sites, storage/wal.py): the
+log keeps the object until a checkpoint has flushed its file. A writer that records the object
+elsewhere afterwards (ingest: the index row) passes `hold=True` and releases the returned
+`receipt` once that record is committed, so that no checkpoint ends before it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from pacsgrid.storage.wal import DeadSegment
+
+
+class Hold(Protocol):
+    """Keeps a logged object's record until the writer has finished with it."""
+
+    def release(self) -> None: ...
+
 
 SENTINEL = ".pacsgrid-site"
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -34,6 +49,11 @@ class ObjectInfo:
 @dataclass(frozen=True, slots=True)
 class PutResult:
     created: bool  # False: an object was already stored under the key and was kept
+    receipt: Hold | None = None  # with put(hold=True) on a logged site: release when done
+
+    def release(self) -> None:
+        if self.receipt is not None:
+            self.receipt.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +71,19 @@ class StorageSite(Protocol):
     role: str  # "archive" never deletes; "cache" may evict
     url: str
 
-    def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
-        """Store the concatenation of `chunks` under `key`, durably and atomically."""
+    def put(
+        self,
+        key: str,
+        chunks: Sequence[bytes],
+        *,
+        replace: bool = False,
+        hold: bool = False,
+        sha256: str = "",
+        note: str = "",
+    ) -> PutResult:
+        """Store the concatenation of `chunks` under `key`, durably and atomically.
+        `sha256`: the hex digest of the bytes, when the caller knows it already; `note`: a
+        short text a logged site keeps with the object for recovery (see storage/wal.py)."""
         ...
 
     def get(self, key: str) -> bytes:
@@ -105,3 +136,46 @@ def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     into an index, without any database.
     """
     return f"{_component(study_uid)}/{_component(series_uid)}/{_component(sop_uid)}.dcm"
+
+
+@runtime_checkable
+class LoggedSite(Protocol):
+    """A site that makes writes durable in a write-ahead log first (storage/wal.py): the
+    archive runs its checkpoints and replays what a crash left in it."""
+
+    name: str
+    role: str
+
+    def get(self, key: str) -> bytes: ...
+
+    def logs(self, size: int) -> bool:
+        """Whether a write of `size` bytes goes through the log (else: flushed on its own)."""
+        ...
+
+    def warm(self) -> None:
+        """Prepare the log (a serving process, before its first store)."""
+        ...
+
+    def on_rotate(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from a writer's thread) when a checkpoint is due."""
+        ...
+
+    def checkpoint(self, sync_index: Callable[[], None], *, max_age: float | None = None) -> int:
+        """Flush what the log's finished segments wrote, `sync_index`, free the segments."""
+        ...
+
+    def log_pending(self) -> bool: ...
+
+    def close_log(self) -> None: ...
+
+    def dead_log(self) -> list[DeadSegment]:
+        """Segments with records left by processes that died (locked for the caller)."""
+        ...
+
+    def restore(self, key: str, data: bytes) -> None:
+        """Make the object under `key` exactly `data`, durably."""
+        ...
+
+    def flush_objects(self, keys: Sequence[str]) -> None:
+        """Make existing objects and their folders durable."""
+        ...

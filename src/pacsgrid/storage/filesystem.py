@@ -7,27 +7,37 @@ Layout under the root:
     .quarantine/<time>/<key>  copies that failed a fixity check, kept as evidence
     <study>/<series>/<sop>.dcm
 
-A write is: an unnamed file (O_TMPFILE) in the target folder, or a temp file in .incoming where
-the filesystem has no O_TMPFILE; write, fdatasync, link into place, fsync the directory. link()
-fails when the target exists, which gives the no-clobber rule of `put` across threads and
-processes without any lock.
+    .wal/                     the site's write-ahead log (storage/wal.py)
+
+A write (`put`) appends the object to the site's log, waits for the one flush that covers
+every object appended at that moment (group commit), then writes the file: an unnamed file
+(O_TMPFILE) linked into place, or a temp file in .incoming where the filesystem has no
+O_TMPFILE; the file itself is not flushed until a checkpoint (`checkpoint`), which then lets
+the log reuse the space. After a crash, `dead_log` hands the records a dead process left to
+recovery, which rewrites any file that is missing or torn (archive/recovery.py). Objects
+larger than `log_max_object` skip the log: write, fdatasync, link into place, fsync the
+folder (and the folders above it that are new). link() fails when the target exists, which
+gives the no-clobber rule of `put` across threads and processes without any lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from threading import Lock
 
 from pacsgrid.errors import ObjectMissing, SiteUnavailable, StorageError
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
+from pacsgrid.storage.durable import flush_all, fsync_dir, mkdir_durable, write_all
+from pacsgrid.storage.wal import WAL_DIR, DeadSegment, LogError, SiteLog, dead_segments
 
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
@@ -35,7 +45,15 @@ QUARANTINE = ".quarantine"
 
 class FilesystemSite:
     def __init__(
-        self, name: str, root: Path, *, location: str = "default", role: str = "archive"
+        self,
+        name: str,
+        root: Path,
+        *,
+        location: str = "default",
+        role: str = "archive",
+        log_max_object: int = 4 << 20,
+        log_segment_bytes: int = 64 << 20,
+        group_wait: float = 0.0,
     ) -> None:
         self.name = name
         self.root = root
@@ -43,18 +61,27 @@ class FilesystemSite:
         self.role = role
         self.url = root.as_uri()
         self._incoming = root / INCOMING
-        self._durable_dirs: set[Path] = set()
+        self._dirs: set[Path] = set()  # folders known to exist
+        self._new_dirs: set[Path] = set()  # folders we made whose entry is not yet flushed
         self._dir_lock = Lock()
         self._tmpfile = hasattr(os, "O_TMPFILE")
+        # 0 turns the log off: every object is flushed on its own (two flushes each).
+        self._log_max = min(log_max_object, log_segment_bytes // 4)
+        self._log_segment_bytes = log_segment_bytes
+        self._group_wait = group_wait
+        self._log: SiteLog | None = None
+        self._log_lock = Lock()
+        self._on_rotate: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self) -> None:
         try:
             mkdir_durable(self.root)
             self._incoming.mkdir(exist_ok=True)
+            (self.root / WAL_DIR).mkdir(exist_ok=True)
             sentinel = self.root / SENTINEL
             if not sentinel.exists():
-                if any(p.name not in (INCOMING, QUARANTINE) for p in self.root.iterdir()):
+                if any(p.name not in (INCOMING, QUARANTINE, WAL_DIR) for p in self.root.iterdir()):
                     raise SiteUnavailable(
                         self.name,
                         f"{self.root} is not empty and has no {SENTINEL}",
@@ -113,17 +140,106 @@ class FilesystemSite:
             raise StorageError(self.name, f"refusing unsafe key {key!r}")
         return self.root / key
 
-    def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
+    def put(
+        self,
+        key: str,
+        chunks: Sequence[bytes],
+        *,
+        replace: bool = False,
+        hold: bool = False,
+        sha256: str = "",
+        note: str = "",
+    ) -> PutResult:
         path = self._path(key)
+        size = sum(len(c) for c in chunks)
         try:
-            return self._write_atomic(path, chunks, replace=replace, make_dirs=True)
+            log = self._site_log() if self.logs(size) else None
+            if log is None:
+                return self._write_atomic(path, chunks, replace=replace, make_dirs=True)
+            return self._put_logged(log, path, key, chunks, replace, hold, sha256, note)
+        except LogError as e:
+            raise SiteUnavailable(
+                self.name, f"write {key}: log: {e.strerror}", hint="check the mount and the disk"
+            ) from e
         except OSError as e:
             raise self._error(e, f"write {key}") from e
+
+    def _put_logged(
+        self,
+        log: SiteLog,
+        path: Path,
+        key: str,
+        chunks: Sequence[bytes],
+        replace: bool,
+        hold: bool,
+        sha256: str,
+        note: str,
+    ) -> PutResult:
+        if not sha256:
+            h = hashlib.sha256()
+            for c in chunks:
+                h.update(c)
+            sha256 = h.hexdigest()
+        receipt = log.append(key, chunks, sha256, replace=replace, note=note)
+        try:
+            log.wait(receipt)
+            created, folders = self._publish(path, chunks, replace)
+            if created:
+                log.note_written(receipt, str(path), folders)
+        except BaseException:
+            receipt.release()
+            raise
+        if not hold:
+            receipt.release()
+            return PutResult(created)
+        return PutResult(created, receipt)
+
+    def _site_log(self) -> SiteLog | None:
+        if self._log is None and self._log_max > 0:
+            with self._log_lock:
+                if self._log is None:
+                    self._log = SiteLog(
+                        self.root / WAL_DIR,
+                        segment_bytes=self._log_segment_bytes,
+                        group_wait=self._group_wait,
+                        can_create=lambda: (self.root / SENTINEL).is_file(),
+                        on_rotate=lambda: self._on_rotate(),
+                    )
+        return self._log
+
+    def _publish(
+        self, path: Path, chunks: Sequence[bytes], replace: bool
+    ) -> tuple[bool, list[str]]:
+        """Write the file of an object whose log record is durable, without flushing it.
+        Returns (created, folders a checkpoint must flush)."""
+        new = self._ensure_dir(path.parent)
+        folders = [str(path.parent)] + [str(d.parent) for d in new]
+        fd = self._unnamed_file()
+        if fd is None:
+            return self._write_named(path, chunks, replace, sync=False), folders
+        try:
+            write_all(fd, chunks)
+            try:
+                return _link_fd(fd, path, replace, sync=False), folders
+            except FileNotFoundError:
+                # The folder went away since we made it (a wiped site being rebuilt).
+                self._forget_dir(path.parent)
+                new = self._ensure_dir(path.parent)
+                folders += [str(d.parent) for d in new]
+                return _link_fd(fd, path, replace, sync=False), folders
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            self._tmpfile = False  # the site spans mounts: fall back to temp names
+        finally:
+            os.close(fd)
+        return self._write_named(path, chunks, replace, sync=False), folders
 
     def _write_atomic(
         self, path: Path, chunks: Sequence[bytes], *, replace: bool, make_dirs: bool = False
     ) -> PutResult:
-        """Write, fdatasync, link into place, fsync the directory.
+        """Write, fdatasync, link into place, fsync the directory (and make new folders above
+        it durable): an object durable on its own, without the log.
 
         The new file comes first, in the filesystem of .incoming: on an unmounted volume
         (.incoming missing) the write fails there, before any folder is created on the empty
@@ -131,87 +247,209 @@ class FilesystemSite:
         until it is complete and durable, and a crash before the link leaves nothing behind;
         elsewhere (NFS, SMB) a named temp file in .incoming is used and swept at start-up.
         """
-        fd = None
-        if self._tmpfile and path.parent != self.root:
-            fd = _open_tmpfile(self._incoming)
-            self._tmpfile = fd is not None  # not supported here: named temp files from now on
+        fd = self._unnamed_file() if path.parent != self.root else None
         if fd is None:
-            return self._write_named(path, chunks, replace, make_dirs)
+            return PutResult(
+                self._write_named(path, chunks, replace, sync=True, make_dirs=make_dirs)
+            )
         try:
-            _write_all(fd, chunks)
+            write_all(fd, chunks)
             os.fdatasync(fd)
             if make_dirs:
-                self._ensure_dir(path.parent)
+                self._ensure_dir(path.parent, durable=True)
             try:
-                return PutResult(_link_fd(fd, path, replace))
+                return PutResult(_link_fd(fd, path, replace, sync=True))
             except FileNotFoundError:
                 if not make_dirs:
                     raise
-                # The folder went away since we made it (a wiped site being rebuilt).
-                with self._dir_lock:
-                    self._durable_dirs.discard(path.parent)
-                self._ensure_dir(path.parent)
-                return PutResult(_link_fd(fd, path, replace))
+                self._forget_dir(path.parent)
+                self._ensure_dir(path.parent, durable=True)
+                return PutResult(_link_fd(fd, path, replace, sync=True))
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
                 self._tmpfile = False  # the site spans mounts: fall back to temp names
         finally:
             os.close(fd)
-        return self._write_named(path, chunks, replace, make_dirs)
+        return PutResult(self._write_named(path, chunks, replace, sync=True, make_dirs=make_dirs))
+
+    def _unnamed_file(self) -> int | None:
+        """An O_TMPFILE on the site's filesystem, or None where there is none."""
+        if not self._tmpfile:
+            return None
+        fd = _open_tmpfile(self._incoming)
+        self._tmpfile = fd is not None  # not supported here: named temp files from now on
+        return fd
 
     def _write_named(
-        self, path: Path, chunks: Sequence[bytes], replace: bool, make_dirs: bool
-    ) -> PutResult:
+        self,
+        path: Path,
+        chunks: Sequence[bytes],
+        replace: bool,
+        *,
+        sync: bool,
+        make_dirs: bool = True,
+    ) -> bool:
         tmp = self._incoming / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                _write_all(fd, chunks)
-                os.fdatasync(fd)
+                write_all(fd, chunks)
+                if sync:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             if make_dirs:
-                self._ensure_dir(path.parent)
+                self._ensure_dir(path.parent, durable=sync)
             try:
                 created = _place(tmp, path, replace)
             except FileNotFoundError:
                 if not make_dirs:
                     raise
-                with self._dir_lock:
-                    self._durable_dirs.discard(path.parent)
-                self._ensure_dir(path.parent)
+                self._forget_dir(path.parent)
+                self._ensure_dir(path.parent, durable=sync)
                 created = _place(tmp, path, replace)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if created:
-            _fsync_dir(path.parent)
-        return PutResult(created)
+        if created and sync:
+            fsync_dir(path.parent)
+        return created
 
-    def _ensure_dir(self, directory: Path) -> None:
-        """mkdir -p, and make each new directory entry durable (fsync its parent)."""
-        if directory in self._durable_dirs:
-            return
-        missing = []
+    def _ensure_dir(self, directory: Path, *, durable: bool = False) -> list[Path]:
+        """mkdir -p; returns the folders it made. Their entries are flushed now when
+        `durable`, otherwise by the next checkpoint (`checkpoint`)."""
+        made: list[Path] = []
+        if directory not in self._dirs:
+            missing = []
+            d = directory
+            while not d.is_dir():
+                missing.append(d)
+                d = d.parent
+            if missing and not (self.root / SENTINEL).is_file():
+                # Never create folders on an empty mount point: the volume is not there.
+                raise SiteUnavailable(
+                    self.name, f"{SENTINEL} missing in {self.root}", hint="is the volume mounted?"
+                )
+            for m in reversed(missing):
+                try:
+                    m.mkdir()
+                    made.append(m)
+                except FileExistsError:
+                    pass
+            with self._dir_lock:
+                if len(self._dirs) > 100_000:
+                    self._dirs.clear()
+                self._dirs.add(directory)
+                self._new_dirs.update(made)
+        if durable:
+            self._flush_new_dirs(directory)
+        return made
+
+    def _flush_new_dirs(self, directory: Path) -> None:
+        """Make the entries of the folders on the way to `directory` durable, where we made
+        them and no flush has covered them yet."""
         d = directory
-        while not d.is_dir():
-            missing.append(d)
+        while d != self.root and d != d.parent:
+            with self._dir_lock:
+                new = d in self._new_dirs
+            if new:
+                fsync_dir(d.parent)
+                with self._dir_lock:
+                    self._new_dirs.discard(d)
             d = d.parent
-        if missing and not (self.root / SENTINEL).is_file():
-            # Never create folders on an empty mount point: the volume is not there.
-            raise SiteUnavailable(
-                self.name, f"{SENTINEL} missing in {self.root}", hint="is the volume mounted?"
-            )
-        for m in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                m.mkdir()
-            _fsync_dir(m.parent)
+
+    def _forget_dir(self, directory: Path) -> None:
         with self._dir_lock:
-            if len(self._durable_dirs) > 100_000:
-                self._durable_dirs.clear()
-            self._durable_dirs.add(directory)
+            self._dirs.discard(directory)
+
+    # ------------------------------------------------------------------ the log
+    def logs(self, size: int) -> bool:
+        return 0 < size <= self._log_max
+
+    def on_rotate(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when a log segment fills up (a checkpoint is due)."""
+        self._on_rotate = callback
+
+    def warm(self) -> None:
+        """Prepare the log so that the first write does not wait for a new segment."""
+        log = self._site_log()
+        if log is not None and (self.root / SENTINEL).is_file():
+            try:
+                log.warm()
+            except OSError as e:
+                raise self._error(e, "prepare the log") from e
+
+    def checkpoint(self, sync_index: Callable[[], None], *, max_age: float | None = None) -> int:
+        """Flush the files and folders written from the log's finished segments, make the
+        index durable (`sync_index`), then let the log reuse those segments.
+
+        `max_age`: also end the current segment when it is older than that (seconds); None
+        ends it now (a clean stop). Returns the number of files flushed.
+        """
+        log = self._log
+        if log is None:
+            return 0
+        if max_age is None:
+            log.rotate_now()
+        else:
+            log.rotate_if_older(max_age)
+        ready = log.ready()
+        if not ready:
+            return 0
+        files = [f for seg in ready for f in seg.written]
+        folders = [d for seg in ready for d in seg.folders]
+        with self._dir_lock:
+            new_dirs = list(self._new_dirs)
+        folders += [str(d.parent) for d in new_dirs]
+        try:
+            flush_all(files, folders)
+            sync_index()
+        except OSError as e:
+            raise self._error(e, "checkpoint") from e
+        with self._dir_lock:
+            self._new_dirs.difference_update(new_dirs)
+        for seg in ready:
+            log.retire(seg)
+        return len(files)
+
+    def log_pending(self) -> bool:
+        """Whether the log holds records a checkpoint has not covered yet."""
+        return self._log is not None and self._log.has_records()
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+    def dead_log(self) -> list[DeadSegment]:
+        """Log segments left with records by processes that are gone (for recovery)."""
+        return dead_segments(self.root / WAL_DIR)
+
+    def restore(self, key: str, data: bytes) -> None:
+        """Make the object under `key` exactly `data`, durably (recovery's rewrite of a file
+        that a crash left missing or torn)."""
+        path = self._path(key)
+        try:
+            self._write_atomic(path, [data], replace=True, make_dirs=True)
+        except OSError as e:
+            raise self._error(e, f"restore {key}") from e
+
+    def flush_objects(self, keys: Sequence[str]) -> None:
+        """Make existing objects and their folders durable (recovery, after a process died
+        before its checkpoint: the files may be in the page cache only)."""
+        paths = [self._path(k) for k in keys]
+        folders: set[str] = set()
+        for p in paths:
+            d = p.parent
+            while d != self.root and d != d.parent:
+                folders.add(str(d))
+                d = d.parent
+        folders.add(str(self.root))
+        try:
+            flush_all([str(p) for p in paths], sorted(folders))
+        except OSError as e:
+            raise self._error(e, "flush recovered objects") from e
 
     def get(self, key: str) -> bytes:
         try:
@@ -278,8 +516,8 @@ class FilesystemSite:
                 dest = dest.with_name(f"{Path(key).name}.{n}")
             os.rename(src, dest)
             (dest.parent / (dest.name + ".reason.txt")).write_text(reason + "\n")
-            _fsync_dir(src.parent)
-            _fsync_dir(dest.parent)
+            fsync_dir(src.parent)
+            fsync_dir(dest.parent)
         except FileNotFoundError:
             raise ObjectMissing(self.name, f"no object {key}") from None
         except OSError as e:
@@ -333,8 +571,9 @@ def _open_tmpfile(directory: Path) -> int | None:
         raise
 
 
-def _link_fd(fd: int, path: Path, replace: bool) -> bool:
-    """Give an unnamed file its name; fsync the folder. False if `path` existed and was kept.
+def _link_fd(fd: int, path: Path, replace: bool, *, sync: bool) -> bool:
+    """Give an unnamed file its name (and fsync the folder when `sync`). False if `path`
+    existed and was kept.
 
     os.link only calls linkat (which can follow the /proc magic link) when a dir_fd is given;
     plain link() would try to link the symlink itself and fail with EXDEV.
@@ -351,7 +590,8 @@ def _link_fd(fd: int, path: Path, replace: bool) -> bool:
                 os.link(source, path.name, dst_dir_fd=dirfd, follow_symlinks=True)
             except FileExistsError:
                 return False
-        os.fsync(dirfd)
+        if sync:
+            os.fsync(dirfd)
         return True
     finally:
         os.close(dirfd)
@@ -369,38 +609,3 @@ def _place(tmp: Path, path: Path, replace: bool) -> bool:
         created = False
     os.unlink(tmp)
     return created
-
-
-def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
-    views = [memoryview(c) for c in chunks if len(c)]
-    while views:
-        n = os.writev(fd, views)
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-
-
-def mkdir_durable(directory: Path) -> None:
-    """mkdir -p that fsyncs the parent of every folder it creates: a new folder's name is
-    durable only once its parent is, and a power cut before that takes everything in it."""
-    missing = []
-    d = directory
-    while not d.is_dir():
-        missing.append(d)
-        d = d.parent
-    for m in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            m.mkdir()
-        _fsync_dir(m.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

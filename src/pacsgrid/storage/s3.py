@@ -274,7 +274,17 @@ class S3Site:
                 return False
             raise
 
-    def put(self, key: str, chunks: Sequence[bytes], *, replace: bool = False) -> PutResult:
+    def put(
+        self,
+        key: str,
+        chunks: Sequence[bytes],
+        *,
+        replace: bool = False,
+        hold: bool = False,
+        sha256: str = "",
+        note: str = "",
+    ) -> PutResult:
+        # Durable when the PUT is answered: nothing to hold.
         full = self._k(key)
         body = b"".join(chunks)
         try:

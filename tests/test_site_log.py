@@ -1,0 +1,224 @@
+"""A filesystem site's write-ahead log (storage/wal.py) and recovery from it (archive/recovery.py).
+
+Process crashes are real (a child process SIGKILLed after its stores were acknowledged);
+what a power cut does to files written without a flush (gone, torn, zeroed) is applied to the
+files by hand here, and by the power-cut filesystem in tests/powercut/ for the whole archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pacsgrid.archive import Archive, Caller
+from pacsgrid.errors import SiteUnavailable
+from pacsgrid.settings import Overrides, load_settings
+from pacsgrid.storage import object_key
+from pacsgrid.storage.filesystem import FilesystemSite
+from pacsgrid.storage.wal import WAL_DIR, SiteLog
+from tests.test_archive import EXPLICIT, dataset
+
+MODALITY = Caller("MODALITY", "127.0.0.1")
+
+
+def _site(tmp_path: Path, **kw: int | float) -> FilesystemSite:
+    site = FilesystemSite("fs", tmp_path / "site", log_segment_bytes=4 << 20, **kw)  # type: ignore[arg-type]
+    site.initialize()
+    return site
+
+
+def _segments(root: Path) -> list[Path]:
+    return sorted((root / WAL_DIR).glob("*.seg"))
+
+
+def test_one_flush_covers_every_record_appended_before_it(tmp_path: Path) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=4 << 20)
+    receipts = [
+        log.append(f"k{i}", [b"x" * 100], hashlib.sha256(b"x" * 100).hexdigest(), replace=False)
+        for i in range(5)
+    ]
+    flushes = log.flushes
+    log.wait(receipts[2])
+    assert log.flushes == flushes + 1
+    for r in receipts:
+        assert r.segment.durable >= r.segment.appended  # the others need no flush of their own
+        log.wait(r)
+    assert log.flushes == flushes + 1
+
+
+def test_records_survive_a_process_death_and_stop_at_a_torn_one(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    keys = [object_key("1.2", "1.2.3", f"1.2.3.{i}") for i in range(3)]
+    for i, key in enumerate(keys):
+        site.put(key, [b"DICM", bytes([i]) * 1000])
+    assert site.dead_log() == []  # we are alive: our segments are locked
+    seg_path = _segments(site.root)[0]
+    raw = bytearray(seg_path.read_bytes())
+    # Tear the last record's payload: it and nothing after it may be replayed.
+    last = raw.rfind(bytes([2]) * 1000)
+    raw[last + 500] ^= 0xFF
+    assert site._log is not None
+    for seg in site._log._segments:  # the process dies: its fds and locks go
+        os.close(seg.fd)
+    seg_path.write_bytes(bytes(raw))
+    dead = FilesystemSite("fs", site.root).dead_log()
+    assert [r.key for d in dead for r in d.records()] == keys[:2]
+    for d in dead:
+        d.close()
+
+
+def test_checkpoint_frees_segments_for_the_next_process(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM", b"a" * 5000])
+    assert site.log_pending()
+    synced = []
+    assert site.checkpoint(lambda: synced.append(1), max_age=None) == 1
+    assert synced == [1] and not site.log_pending()
+    site.close_log()
+    before = _segments(site.root)
+    again = _site(tmp_path)
+    again.put(object_key("1.2", "1.2.3", "1.2.3.2"), [b"DICM", b"b" * 5000])
+    assert _segments(site.root) == before  # a free segment was adopted, none created
+    assert again.dead_log() == []
+
+
+def test_a_wiped_site_fails_the_flush_instead_of_trusting_a_deleted_log(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM"])
+    for seg in _segments(site.root):
+        seg.unlink()  # the volume was wiped under the running process
+    with pytest.raises(SiteUnavailable):
+        site.put(object_key("1.2", "1.2.3", "1.2.3.2"), [b"DICM"])
+
+
+# ---------------------------------------------------------------------- recovery of the archive
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from pacsgrid.archive import Archive, Caller
+    from pacsgrid.settings import Overrides, load_settings
+    from tests.test_archive import EXPLICIT, dataset
+    a = Archive(load_settings(Overrides(data_dir=Path(sys.argv[1])), environ={}), probe_interval=0)
+    for i in range(int(sys.argv[2])):
+        sop = f"7.{i}"
+        a.ingest(dataset(sop, series=f"1.2.3.{i % 3}"), EXPLICIT, Caller("MODALITY", "x"))
+        print("acknowledged", sop, flush=True)
+    time.sleep(3600)  # killed before any checkpoint
+    """
+)
+
+
+def _crash_after_stores(tmp_path: Path, n: int) -> Path:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(data), str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout is not None
+        acked = [proc.stdout.readline().split()[-1] for _ in range(n)]
+        assert acked == [f"7.{i}" for i in range(n)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return data
+
+
+def _archive(data: Path) -> Archive:
+    return Archive(load_settings(Overrides(data_dir=data), environ={}), probe_interval=0)
+
+
+def _files(data: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (data / "objects").glob("*/*/*.dcm")}
+
+
+def test_recovery_rewrites_lost_and_torn_files_and_reindexes_from_the_log(tmp_path: Path) -> None:
+    """What a power cut can leave of files written without a flush: gone, cut short, zeroed;
+    and an index that lost its newest commits (here: all of them)."""
+    data = _crash_after_stores(tmp_path, 6)
+    files = _files(data)
+    expected = {sop: p.read_bytes() for sop, p in files.items()}
+    files["7.0"].unlink()  # its name never reached the disk
+    files["7.1"].write_bytes(expected["7.1"][:100])  # cut short
+    files["7.2"].write_bytes(b"\0" * len(expected["7.2"]))  # size without data
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{data}/index.sqlite{suffix}").unlink(missing_ok=True)
+    archive = _archive(data)
+    try:
+        report = archive.recover()
+        assert report.records == 6 and report.rewritten == 3 and report.indexed == 6
+        for sop, body in expected.items():
+            record = archive.instance(sop)
+            assert record is not None
+            assert archive.read(record).data == body
+        assert {p.stem: p.read_bytes() for p in _files(data).values()} == expected
+        again = archive.recover()
+        assert not again and again.records == 0  # segments freed: nothing to replay twice
+    finally:
+        archive.close()
+
+
+def test_recovery_adds_only_what_the_index_lacks(tmp_path: Path) -> None:
+    data = _crash_after_stores(tmp_path, 4)
+    with sqlite3.connect(data / "index.sqlite") as db:
+        pk = db.execute("SELECT pk FROM instance WHERE sop_uid = '7.3'").fetchone()[0]
+        db.execute("DELETE FROM copy WHERE instance_pk = ?", (pk,))
+    archive = _archive(data)
+    try:
+        report = archive.recover()
+        assert report.records == 4 and report.rewritten == 0
+        assert report.indexed == 0 and report.copies == 1
+        record = archive.instance("7.3")
+        assert record is not None and [c.site for c in record.copies] == ["local"]
+        assert archive.index.stats().instances == 4
+    finally:
+        archive.close()
+
+
+def test_a_replace_in_the_log_wins_over_the_older_object(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    key = object_key("1.2", "1.2.3", "1.2.3.9")
+    site.put(key, [b"DICM", b"old"])
+    site.put(key, [b"DICM", b"new"], replace=True)
+    (site.root / key).write_bytes(b"DICM" + b"old")  # the rename did not reach the disk
+    assert site._log is not None
+    for seg in site._log._segments:
+        os.close(seg.fd)
+    dead = FilesystemSite("fs", site.root).dead_log()
+    recs = [r for d in dead for r in d.records()]
+    assert [(r.payload, r.replace) for r in recs] == [(b"DICMold", False), (b"DICMnew", True)]
+    for d in dead:
+        d.close()
+
+
+def test_the_log_can_be_turned_off(tmp_path: Path) -> None:
+    """`durability.log_max_object_mb = 0`: every object is flushed on its own, no log."""
+    s = load_settings(
+        Overrides(data_dir=tmp_path / "d"), environ={"PACSGRID_DURABILITY_LOG_MAX_OBJECT_MB": "0"}
+    )
+    archive = Archive(s, probe_interval=0)
+    try:
+        archive.ingest(dataset("5.1"), EXPLICIT, MODALITY)
+        assert archive.instance("5.1") is not None
+        assert _segments(tmp_path / "d" / "objects") == []
+    finally:
+        archive.close()
+    archive = _archive(tmp_path / "d2")
+    try:
+        archive.ingest(dataset("5.1"), EXPLICIT, MODALITY)
+        assert len(_segments(tmp_path / "d2" / "objects")) >= 1  # the default: the log is on
+    finally:
+        archive.close()
