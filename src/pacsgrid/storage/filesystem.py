@@ -78,7 +78,7 @@ class FilesystemSite:
         try:
             mkdir_durable(self.root)
             self._incoming.mkdir(exist_ok=True)
-            (self.root / WAL_DIR).mkdir(exist_ok=True)
+            mkdir_durable(self.root / WAL_DIR)
             sentinel = self.root / SENTINEL
             if not sentinel.exists():
                 if any(p.name not in (INCOMING, QUARANTINE, WAL_DIR) for p in self.root.iterdir()):

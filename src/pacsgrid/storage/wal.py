@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacsgrid.storage.durable import fsync_dir, pwrite_all
+from pacsgrid.storage.durable import fsync_dir, mkdir_durable, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class SiteLog:
     def _create(self) -> Segment:
         if not self._can_create():
             raise LogError(errno.ENOENT, "site volume not mounted")
-        self.directory.mkdir(exist_ok=True)
+        mkdir_durable(self.directory)
         tmp = self.directory / f"{uuid.uuid4().hex}.new"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
