@@ -30,6 +30,9 @@ from tests.powercut.mount import Mount
 
 DATA = "archive"  # the data folder's name under the mount point (and in every cut)
 SENDER = "MODALITY"
+# Checkpoints of the site logs every 2 s instead of 30, so that a recording of ~10 s holds
+# several (files and folders flushed, index flushed, log segments reused) among its cuts.
+ARCHIVE_ENV = {"PACSGRID_DURABILITY_CHECKPOINT_SECONDS": "2"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def record(
     with Mount(root / "backing", mnt, root / "history.log"):
         halves = [files[0::2], files[1::2]]
         site = str(mnt / DATA / "objects")
-        env = {k: v.replace("{site}", site) for k, v in (env or {}).items()}
+        env = {k: v.replace("{site}", site) for k, v in {**ARCHIVE_ENV, **(env or {})}.items()}
         server = Server(mnt / DATA, workers=2, env=env)
         server.log = root / "serve-recording.log"  # not on the rig: not part of the history
         for n, half in enumerate(halves):
