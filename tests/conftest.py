@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.seaweedfs import SeaweedFS
+
+__all__ = ["free_port"]  # tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench.synth
@@ -37,12 +40,6 @@ def pacsgrid_cli(
         timeout=timeout,
         cwd=cwd,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(

