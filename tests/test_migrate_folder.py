@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pacsgrid.migrate.verify import CONFLICT, verify_folder, write_report
 from pacsgrid.progress import Progress
 from pacsgrid.settings import Overrides, load_settings
 from tests.corpus import accepted, corpus, invalid
+from tests.waiting import wait_until
 
 
 def make_tree(root: Path) -> dict[str, Path]:
@@ -237,9 +237,12 @@ def test_every_repeats_passes_until_stopped(tree: Path, tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and out.read_text().count("pass over") < 3:
-            time.sleep(0.2)
+        wait_until(
+            lambda: out.read_text().count("pass over") >= 3,
+            120,
+            "three passes of migrate folder --every 1s",
+            seen=lambda: out.read_text()[-2000:],
+        )
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     finally:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -247,13 +248,34 @@ def test_backup_schedule_runs_on_one_node_per_period(tmp_path: Path, files: list
     settings = make_settings(tmp_path, interval=1.0)  # hourly
     store(settings, files[:2])
     ix1, ix2 = open_index(settings.database_url), open_index(settings.database_url)
-    a = BackupSchedule(settings, ix1, tick=0.05)
-    b = BackupSchedule(settings, ix2, tick=0.05)
+    asked = {id(ix1): 0, id(ix2): 0}
+
+    class Asking:
+        """The real index, counting how often a schedule asked it for the period's lease."""
+
+        def __init__(self, index: Any) -> None:
+            self.index = index
+
+        def lease_job(self, name: str, owner: str, every: float) -> bool:
+            asked[id(self.index)] += 1
+            return bool(self.index.lease_job(name, owner, every))
+
+    a = BackupSchedule(settings, Asking(ix1), tick=0.05)  # type: ignore[arg-type]
+    b = BackupSchedule(settings, Asking(ix2), tick=0.05)  # type: ignore[arg-type]
 
     async def both() -> None:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(a.run(stop)), asyncio.create_task(b.run(stop))]
-        await asyncio.sleep(1.0)
+        # Until one backup is done, and then each schedule has asked for the lease three
+        # more times (a second backup in this period would have been taken by then).
+        deadline = asyncio.get_running_loop().time() + 120
+        while not a.taken + b.taken:
+            assert asyncio.get_running_loop().time() < deadline, "no backup taken"
+            await asyncio.sleep(0.05)
+        asked.update({k: 0 for k in asked})
+        while min(asked.values()) < 3:
+            assert asyncio.get_running_loop().time() < deadline, asked
+            await asyncio.sleep(0.05)
         stop.set()
         await asyncio.gather(*tasks)
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.conftest import Server, StoreSCP, dcmtk, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.seaweedfs import SeaweedFS
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -180,15 +180,6 @@ def move_studies(
     )
 
 
-def wait_until(predicate, timeout: float, what: str, every: float = 0.5) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[StoreSCP]:
     s = StoreSCP(tmp_path / "move-destination")
@@ -269,7 +260,7 @@ def test_site_lost_while_storing_the_corpus(
             rs = records(server.data_dir)
             return all(sum(1 for c in r.copies if c.state == "ok") == 3 for r in rs.values())
 
-        wait_until(rebuilt, 120, "the running server rebuilt site b")
+        wait_until(rebuilt, 120, "the running server rebuilt site b", every=0.5)
         for r in records(server.data_dir).values():
             (copy_b,) = [c for c in r.copies if c.site == "b"]
             assert sha(raw.get(sites["b"], copy_b.key)) == r.sha256
@@ -472,7 +463,7 @@ def test_store_refused_when_quorum_cannot_be_met(tmp_path: Path) -> None:
         assert "1 healthy archive site(s), write quorum is 2" in server.text()  # the reason
 
         away_a = unmount(a)  # now every site is down
-        time.sleep(1.5)
+        wait_until(lambda: "site a is down" in server.text(), 60, "site a probed down")
         proc = storescu(server.port, files[2:])
         responses = [line for line in proc.stdout.splitlines() if "Store Response" in line]
         assert responses and all("Success" not in r for r in responses), proc.stdout
@@ -480,8 +471,12 @@ def test_store_refused_when_quorum_cannot_be_met(tmp_path: Path) -> None:
 
         remount(a, away_a)
         remount(b, away)
-        wait_until(lambda: "is up again" in server.text(), 30, "sites probed up")
-        time.sleep(1.5)
+        wait_until(
+            lambda: all(f"site {n} is up again" in server.text() for n in "ab"),
+            60,
+            "sites a and b probed up",
+            seen=lambda: server.text()[-2000:],
+        )
         proc = storescu(server.port, files)
         assert proc.returncode == 0 and proc.stdout.count("(Success)") == len(files), proc.stdout
         assert len(records(server.data_dir)) == len(files)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import requests
 
 from tests.conftest import REPO, Server
 from tests.corpus import accepted
+from tests.waiting import wait_until
 from tests.web_helpers import multipart_body, start_web
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -140,14 +140,14 @@ def test_sites_page_shows_an_unreachable_site_as_down(browser, site) -> None:  #
     moved = spare.with_name("spare-gone")
     shutil.move(spare, moved)  # the volume disappears (unmounted, unreachable)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            time.sleep(1)
+
+        def shown_down() -> bool:
             browser.get(base + "/ui/sites")
             row = browser.find_element(By.CSS_SELECTOR, "tr.site[data-site='spare']")
-            if row.get_attribute("data-up") == "false":
-                break
-        assert row.get_attribute("data-up") == "false"
+            return bool(row.get_attribute("data-up") == "false")
+
+        wait_until(shown_down, 60, "the sites page shows 'spare' down", every=0.5)
+        row = browser.find_element(By.CSS_SELECTOR, "tr.site[data-site='spare']")
         assert "DOWN" in row.text
         main = browser.find_element(By.CSS_SELECTOR, "tr.site[data-site='main']")
         assert main.get_attribute("data-up") == "true"

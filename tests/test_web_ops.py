@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Server, dcmtk
 from tests.corpus import accepted
+from tests.waiting import wait_until
 from tests.web_helpers import multipart_body, start_web
 
 
@@ -75,9 +76,12 @@ def test_health_follows_the_write_quorum(tmp_path: Path) -> None:
         r = requests.get(base + "/health")
         assert r.status_code == 200 and r.json()["status"] == "ok"
         (server.data_dir / "objects" / ".pacsgrid-site").rename(tmp_path / "sentinel")
-        import time
-
-        time.sleep(5.5)  # /health re-probes sites at most every 5 s
+        # /health re-probes the sites at most every 5 s: wait for the probe that sees it.
+        wait_until(
+            lambda: requests.get(base + "/health").status_code == 503,
+            60,
+            "/health answers 503 once the only site lost its sentinel",
+        )
         r = requests.get(base + "/health")
         assert r.status_code == 503
         assert r.json()["writable_sites"] == 0
