@@ -23,7 +23,8 @@ from tests.conftest import Server, dcmtk, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.pg import FAST_FAIL, PgCluster, failover_url
-from tests.senders import Sent, sop_uid, storescu
+from tests.senders import Sent, send_while, sop_uid, storescu
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -81,12 +82,19 @@ def test_primary_killed_replica_promoted_ingest_resumes(
         resumed_after_promotion = False
         state = "up"
         for n, batch in enumerate(batches):
-            if n == len(batches) // 3:
-                # SIGKILL (the machine died) while this association is sending.
-                threading.Timer(0.03, primary.kill).start()
-                state = "dying"
             t0 = time.monotonic()
-            sent = storescu(server.port, batch)
+            if n == len(batches) // 3:
+                # SIGKILL (the machine died) once this association has stored something; the
+                # kill is done before the next association starts.
+                before = count(url)
+                sent = send_while(
+                    lambda b=batch: storescu(server.port, b),  # type: ignore[misc]
+                    lambda b=before: count(url) > b,  # type: ignore[misc]
+                    primary.kill,
+                )
+                state = "dying"
+            else:
+                sent = storescu(server.port, batch)
             took = time.monotonic() - t0
             acked += sent.stored
             retry += list(sent.failed)
@@ -273,19 +281,25 @@ def test_reads_use_the_standby_and_fall_back(tmp_path: Path) -> None:
         replica = primary.replica().start()
         ix = open_index(url)
         ix.close()
-        time.sleep(0.5)
+
+        def replicated(table: str) -> bool:
+            with psycopg.connect(replica.url("pacs")) as conn:
+                row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
+            return row is not None and row[0] is not None
+
+        wait_until(lambda: replicated("instance"), 60, "the schema replayed on the standby")
         from pacsgrid.index.postgres import PostgresIndex
 
         index = PostgresIndex(url, read_url=replica.url("pacs"), connect_timeout=2)
         from tests.test_index_contract import inst
 
         index.add_batch([inst("1.1")])
-        deadline = time.monotonic() + 30
         from pacsgrid.index import Query
         from pacsgrid.model import Level
 
-        while time.monotonic() < deadline and not list(index.find(Query(Level.IMAGE))):
-            time.sleep(0.1)  # replication lag
+        wait_until(
+            lambda: list(index.find(Query(Level.IMAGE))), 60, "the new row replayed on the standby"
+        )
         assert [r["SOPInstanceUID"] for r in index.find(Query(Level.IMAGE))] == ["1.1"]
         with psycopg.connect(replica.url("pacs")) as conn:
             apps = conn.execute(
@@ -331,14 +345,15 @@ def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> N
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def stored_again() -> bool:
             try:
                 index.add_batch([inst("1.3")])
-                break
             except IndexUnavailable:
-                assert time.monotonic() < deadline, "did not recover"
-                time.sleep(0.5)
+                return False
+            return True
+
+        wait_until(stored_again, 60, "a store succeeds once the primary runs again", every=0.5)
         assert index.has_instance("1.3") and index.has_instance("1.1")
         index.close()
         print(f"\nfrozen primary: commit failed after {took:.1f}s, recovered after SIGCONT")
