@@ -16,6 +16,7 @@ import pytest
 from bench.synth import Spec, write
 from tests.conftest import Server, pacsgrid_cli, storescu_started
 from tests.corpus import SHARED, accepted, corpus, shared_available
+from tests.waiting import wait_until
 
 
 def pacsgrid(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -68,44 +69,62 @@ def test_import_the_corpus_with_junk(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_import_interrupted_and_resumed(tmp_path: Path) -> None:
-    files = write(
-        Spec(studies=10, series=3, instances=50, size=16, seed="import"), tmp_path / "src"
-    )
+    """Ctrl-C while files are in flight: those finish, the rest waits for the next run.
+
+    The interruption is made certain, not raced: the first two files of the source are FIFOs
+    that block both reader threads (--jobs 2) until the test writes a DICOM file into each,
+    and the test sends SIGINT while they block."""
+    src = tmp_path / "src"
+    files = write(Spec(studies=10, series=3, instances=10, size=16, seed="import"), src / "data")
+    gates = [src / "000-gate-a.dcm", src / "000-gate-b.dcm"]  # sorted first: read first
+    extra = write(Spec(studies=1, series=1, instances=2, size=16, seed="gates"), tmp_path / "g")
+    for gate in gates:
+        os.mkfifo(gate)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pacsgrid",
-            "import",
-            "--jobs",
-            "2",
-            "--data-dir",
-            str(tmp_path / "d"),
-            str(tmp_path / "src"),
-        ],
+        [sys.executable, "-m", "pacsgrid", "import", "--jobs", "2"]
+        + ["--data-dir", str(tmp_path / "d"), str(src)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Interrupt once the import is under way (its log says how far it got).
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "d" / "index.sqlite").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the import finished before it could be interrupted")
+    writers: list[int] = []
+    try:
+        # Opening a FIFO for writing without blocking succeeds once a reader has it open:
+        # then both import threads are inside read_bytes(), and the import cannot finish.
+        for gate in gates:
+            writers.append(
+                wait_until(
+                    lambda g=gate: _open_writer(g),  # type: ignore[misc]
+                    120,
+                    f"the import reading {gate.name}",
+                )
+            )
+        proc.send_signal(signal.SIGINT)
+    finally:
+        for fd, source in zip(writers, extra, strict=False):
+            os.write(fd, source.read_bytes())
+            os.close(fd)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "interrupted: run the same command again to continue" in out
     first = summary_numbers(out)
+    # At most the files in flight were stored: 4 per thread (the two gates among them).
+    assert 2 <= first["stored"] <= 8, out
+    for gate, source in zip(gates, extra, strict=True):
+        gate.unlink()
+        gate.write_bytes(source.read_bytes())  # the next run reads them as plain files
     resumed = summary_numbers(
-        pacsgrid(
-            "import", "--data-dir", str(tmp_path / "d"), str(tmp_path / "src"), cwd=tmp_path
-        ).stdout
+        pacsgrid("import", "--data-dir", str(tmp_path / "d"), str(src), cwd=tmp_path).stdout
     )
-    assert first["stored"] + resumed["stored"] == len(files)
+    assert first["stored"] + resumed["stored"] == len(files) + len(gates)
     assert resumed["duplicates"] == first["stored"]
+
+
+def _open_writer(fifo: Path) -> int | None:
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody reads it yet
+        return None
 
 
 def test_status_text(tmp_path: Path) -> None:
@@ -115,20 +134,19 @@ def test_status_text(tmp_path: Path) -> None:
 
 
 def wait_until_stored(db: Path, n: int, timeout: float = 60) -> None:
-    """Poll the index until it holds `n` instances (the transfer is under way)."""
+    """Until the index holds `n` instances (the transfer is under way)."""
     from pacsgrid.index.sqlite import SqliteIndex
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if db.exists():
-            index = SqliteIndex(db)
-            try:
-                if index.stats().instances >= n:
-                    return
-            finally:
-                index.close()
-        time.sleep(0.05)
-    raise TimeoutError(f"fewer than {n} instances stored after {timeout}s")
+    def stored() -> bool:
+        if not db.exists():
+            return False
+        index = SqliteIndex(db)
+        try:
+            return index.stats().instances >= n
+        finally:
+            index.close()
+
+    wait_until(stored, timeout, f"{n} instances stored")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
