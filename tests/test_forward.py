@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tests.conftest import DCMTK_ENV, Server, free_port, pacsgrid_cli, require_t
 from tests.corpus import CorpusFile, accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.orthanc import Orthanc
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -59,13 +59,16 @@ def sop_uids(data_dir: Path) -> set[str]:
         index.close()
 
 
-def wait_until(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return bool(predicate())
+def stores_from(server: Server, ae: str) -> Counter[str]:
+    """Outcomes of the C-STOREs from `ae` in associations that have ended (from the
+    "association with AE@host closed: 1 duplicate, 2 stored" lines of the log)."""
+    out: Counter[str] = Counter()
+    for summary in re.findall(rf"association with {ae}@\S+ closed: (.+)", server.text()):
+        for part in summary.split(", "):
+            n, _, outcome = part.partition(" ")
+            if n.isdigit():
+                out[outcome] += int(n)
+    return out
 
 
 def pacsgrid(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -107,23 +110,53 @@ poll = 0.2
         sent_b = store_with_storescu(orthanc.dicom_port, to_orthanc, tmp_path, aet="MODALITY")
         assert not sent_a.failed and not sent_b.failed
         everything = a | b
-        assert wait_until(lambda: sop_uids(server.data_dir) == everything), sop_uids(
-            server.data_dir
+        wait_until(
+            lambda: sop_uids(server.data_dir) == everything,
+            120,
+            "pacsgrid holds A and B",
+            seen=lambda: sop_uids(server.data_dir),
         )
-        assert wait_until(lambda: orthanc.sop_uids() == everything), orthanc.sop_uids()
-        time.sleep(3)  # let any echo come back, if there were one
+        wait_until(
+            lambda: orthanc.sop_uids() == everything,
+            120,
+            "Orthanc holds A and B",
+            seen=orthanc.sop_uids,
+        )
 
-        stores = re.findall(r"Lua says: stored (\S+) from (\S+)", orthanc.log.read_text())
-        per_uid = Counter(uid for uid, _ in stores)
-        assert set(per_uid) == everything and set(per_uid.values()) == {1}, per_uid
-        assert {uid for uid, who in stores if who == "PACSGRID"} == a
-        assert {uid for uid, who in stores if who == "MODALITY"} == b
+        def lua_stores() -> list[tuple[str, str]]:
+            return re.findall(r"Lua says: stored (\S+) from (\S+)", orthanc.log.read_text())
+
+        # Everything that can still arrive has arrived: Orthanc's script ran for all twelve,
+        # and every echo it sent (A back to pacsgrid) was answered. A duplicate is answered
+        # before its association ends, so after these nothing of the exchange is in flight.
+        wait_until(
+            lambda: {uid for uid, _ in lua_stores()} == everything,
+            120,
+            "Orthanc's script ran for every instance",
+            seen=lua_stores,
+        )
+        wait_until(
+            lambda: stores_from(server, "ORTHANC") == Counter(stored=len(b), duplicate=len(a)),
+            120,
+            "B stored from Orthanc and A back from Orthanc as duplicates",
+            seen=lambda: stores_from(server, "ORTHANC"),
+        )
+        wait_until(
+            lambda: all(state == "done" for _, state, _ in work_rows(server.data_dir)),
+            120,
+            "pacsgrid's forwarding queue done",
+            seen=lambda: work_rows(server.data_dir),
+        )
 
         rows = work_rows(server.data_dir)
         assert {key.partition(">")[0] for key, _, _ in rows} == a, "B must not go back"
-        assert all(state == "done" for _, state, _ in rows)
-        # Orthanc sent A back (its script forwards everything): duplicates, not forwarded.
-        assert wait_until(lambda: "duplicate" in server.text(), 30), server.text()[-3000:]
+        # A was sent once each: the duplicates Orthanc sent back did not queue it again.
+        assert sorted(attempts for _, _, attempts in rows) == [1] * len(a), rows
+        stores = lua_stores()
+        per_uid = Counter(uid for uid, _ in stores)
+        assert set(per_uid.values()) == {1}, per_uid
+        assert {uid for uid, who in stores if who == "PACSGRID"} == a
+        assert {uid for uid, who in stores if who == "MODALITY"} == b
 
         status = pacsgrid("forward", "status", "--config", config, "--data-dir", server.data_dir)
         assert status.returncode == 0, status.stdout + status.stderr
@@ -184,12 +217,15 @@ poll = 0.2
     try:
         assert not store_with_storescu(server.port, files, tmp_path).failed
         # The peer is down: every selected instance is tried, then given up and listed.
-        assert wait_until(
+        wait_until(
             lambda: (
                 {k.partition(">")[0] for k, s, _ in work_rows(server.data_dir) if s == "failed"}
                 == selected
-            )
-        ), work_rows(server.data_dir)
+            ),
+            120,
+            "every selected instance given up",
+            seen=lambda: work_rows(server.data_dir),
+        )
         assert all(a == 3 for _, _, a in work_rows(server.data_dir))
         status = pacsgrid("forward", "status", "--config", config, "--data-dir", server.data_dir)
         assert status.returncode == 1
@@ -202,11 +238,17 @@ poll = 0.2
         assert f"queued {len(selected)}" in retry.stdout, retry.stdout + retry.stderr
         scp = StoreSCPOn(tmp_path / "peer", peer_port)
         server = Server(tmp_path / "pg", config=config, port=server.port).start()
-        assert wait_until(lambda: len(list(scp.out.iterdir())) == len(selected)), list(
-            scp.out.iterdir()
+        wait_until(
+            lambda: len(list(scp.out.iterdir())) == len(selected),
+            120,
+            "the peer received every selected instance",
+            seen=lambda: list(scp.out.iterdir()),
         )
-        assert wait_until(lambda: all(s == "done" for _, s, _ in work_rows(server.data_dir))), (
-            work_rows(server.data_dir)
+        wait_until(
+            lambda: all(s == "done" for _, s, _ in work_rows(server.data_dir)),
+            120,
+            "the queue done",
+            seen=lambda: work_rows(server.data_dir),
         )
     finally:
         server.stop()
