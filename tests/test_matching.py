@@ -2,6 +2,9 @@
 
 Random studies go into a real SQLite index; random keys (single values, `*`/`?` wildcards,
 date and time ranges, UID lists, universal) must select exactly the studies the oracle picks.
+The oracle is written from the standard and, where the standard leaves the choice to the
+archive (person names, the grouping of patients without an ID), from docs/matching.md; nothing
+here calls pacsgrid's own normalisation.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacsgrid.index import NewInstance
-from pacsgrid.index.query import pn_norm
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.model import CopyRecord, Level
 from pacsgrid.query import Query, parse_match
-from tests.oracle import matches
+from tests.oracle import matches, person_name
 
 ALPHABET = "ABCab*?[]%_\\^ .é"
 text_values = st.text(alphabet="ABCabé []%_.^", max_size=6).map(str.strip)  # as scanned: unpadded
@@ -90,23 +92,21 @@ def load(rows: list[dict[str, str]]) -> SqliteIndex:
 
 
 def as_filed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows as the index files them: studies of one patient (same PatientID, or no
-    PatientID and the same normalised name) carry the patient attributes of the first."""
+    """The rows as the README says the index files them: a patient is its PatientID; without
+    one, its PatientName (compared as docs/matching.md says names are); every study of a
+    patient carries the patient attributes of the first one stored."""
     first: dict[str, dict[str, str]] = {}
     out = []
     for r in rows:
         pid = r["PatientID"]
-        key = f"{pid}\x00" if pid else f"\x00{pn_norm(r['PatientName'])}"
+        key = f"{pid}\x00" if pid else f"\x00{person_name(r['PatientName'])}"
         patient = first.setdefault(key, r)
         out.append({**r, "PatientName": patient["PatientName"]})
     return out
 
 
 def expected(rows: list[dict[str, str]], keyword: str, key: str, vr: str) -> set[str]:
-    if key.strip().rstrip("^=" if vr == "PN" else "") in ("", "*"):
-        return {r["StudyInstanceUID"] for r in rows}
-    filed = as_filed(rows)
-    return {r["StudyInstanceUID"] for r in filed if matches(r[keyword], key.strip(), vr)}
+    return {r["StudyInstanceUID"] for r in as_filed(rows) if matches(r[keyword], key, vr)}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,3 +160,75 @@ def test_paging_is_stable() -> None:
     assert sorted(uid for page in pages for uid in page) == sorted(
         r["StudyInstanceUID"] for r in rows
     )
+
+
+# docs/matching.md, "Person names": each rule there, with the names it must and must not find
+# (written out by hand, not computed).
+NAMES = {
+    "1.4.1": "DOE^JOHN",
+    "1.4.2": "DOE",
+    "1.4.3": "doe^jane^^",
+    "1.4.4": "JOHNSON^ANN",
+    "1.4.5": "Éclair^Zoé",
+    "1.4.6": "Yamada^Tarou=山田^太郎",
+}
+PN_CASES = [
+    ("DOE^*", {"1.4.1", "1.4.3"}),  # wildcards span the whole name: not "DOE" alone
+    ("DOE*", {"1.4.1", "1.4.2", "1.4.3"}),
+    ("doe^john", {"1.4.1"}),  # case does not matter
+    ("DOE^", {"1.4.2"}),  # trailing empty components do not matter, in the key ...
+    ("DOE^JANE", {"1.4.3"}),  # ... nor in the stored name
+    ("DOE^JANE ^ ", {"1.4.3"}),  # nor trailing spaces and delimiters together
+    ("*JOHN*", {"1.4.1", "1.4.4"}),
+    ("éCLAIR*", {"1.4.5"}),  # Unicode upper case
+    ("*=山田*", {"1.4.6"}),  # '=' is an ordinary character to wildcards
+    ("?OE", {"1.4.2"}),
+    ("=^^", set(NAMES)),  # only delimiters: universal
+    ("DOE\\DOE^JOHN", set()),  # a backslash in a name key is a character, not a list
+]
+
+
+def test_person_name_rules_as_documented() -> None:
+    rows = [
+        {
+            "StudyInstanceUID": uid,
+            "SeriesInstanceUID": uid + ".1",
+            "SOPInstanceUID": uid + ".1.1",
+            "SOPClassUID": "1.2.3",
+            "PatientID": f"P{i}",
+            "PatientName": name,
+        }
+        for i, (uid, name) in enumerate(NAMES.items())
+    ]
+    index = load(rows)
+    try:
+        for key, want in PN_CASES:
+            m = parse_match("PatientName", key)
+            got = {r["StudyInstanceUID"] for r in index.find(Query(Level.STUDY, (m,) if m else ()))}
+            assert got == want, key
+            assert expected(rows, "PatientName", key, "PN") == want, key  # the oracle agrees
+    finally:
+        index.close()
+
+
+def test_patients_without_an_id_are_one_per_name_as_documented() -> None:
+    """docs/matching.md: without a PatientID, one patient per name compared as names are."""
+    names = ["DOE^JOHN", "doe^john", "DOE^JOHN^^", "DOE^JANE"]
+    rows = [
+        {
+            "StudyInstanceUID": f"1.5.{i}",
+            "SeriesInstanceUID": f"1.5.{i}.1",
+            "SOPInstanceUID": f"1.5.{i}.1.1",
+            "SOPClassUID": "1.2.3",
+            "PatientID": "",
+            "PatientName": name,
+        }
+        for i, name in enumerate(names)
+    ]
+    index = load(rows)
+    try:
+        patients = list(index.find(Query(Level.PATIENT)))
+    finally:
+        index.close()
+    assert sorted(p["PatientName"] for p in patients) == ["DOE^JANE", "DOE^JOHN"]
+    assert sorted(p["NumberOfPatientRelatedStudies"] for p in patients) == ["1", "3"]
