@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pacsgrid.dicom import dimse
 from pacsgrid.dicom.scu import AssociationRejected, connect
 from tests.conftest import Server, dcmtk
 from tests.corpus import invalid
+from tests.waiting import wait_until
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -78,50 +78,121 @@ def index_count(server: Server) -> int:
         index.close()
 
 
-@pytest.mark.parametrize("f", invalid(), ids=lambda f: f.path.name)
+def indexed(server: Server, sop_uid: str) -> bool:
+    from pacsgrid.index.sqlite import SqliteIndex
+
+    index = SqliteIndex(server.data_dir / "index.sqlite")
+    try:
+        return index.has_instance(sop_uid)
+    finally:
+        index.close()
+
+
+def dataset_uid(path: Path) -> str:
+    """The SOP Instance UID in the dataset as pydicom reads it ('' when there is none)."""
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            return str(ds.get("SOPInstanceUID", "") or "").strip()
+        except Exception:
+            return ""
+
+
+EXPECTED = {"A900": dimse.DATASET_MISMATCH, "C000": dimse.CANNOT_UNDERSTAND}
+
+
+# Broken files the archive does not answer as the README says (yet): strict, so each entry
+# fails the suite once the archive is fixed and must then go.
+KNOWN_DEFECTS = {
+    "broken-truncated-header.dcm": "a dataset cut inside its last element's header is stored "
+    "(the header scanner hands the tail to pydicom, which stops there silently); README: "
+    "a truncated dataset gets C000",
+}
+
+
+def _with_known_defects(files: list) -> list:  # type: ignore[type-arg]
+    return [
+        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[f.path.name]))
+        if f.path.name in KNOWN_DEFECTS
+        else f
+        for f in files
+    ]
+
+
+@pytest.mark.parametrize("f", _with_known_defects(invalid()), ids=lambda f: f.path.name)
 def test_every_broken_file_gets_a_clear_answer(server: Server, f) -> None:  # type: ignore[no-untyped-def]
     sop_class, sop_uid, ts, dataset = raw_parts(f.path)
     before = index_count(server)
+    uid = dataset_uid(f.path)
+    known = bool(uid) and indexed(server, uid)
     log_before = len(server.text())
     status, comment = asyncio.run(store_raw(server.port, sop_class, sop_uid, ts, dataset))
     category = dimse.status_category(status)
+    # What this file must get is known outside pacsgrid: the corpus MANIFEST's note, pydicom
+    # (a sound file without its UIDs), or how tests/synthetic.py broke it.
+    if f.status in EXPECTED:
+        assert status == EXPECTED[f.status], (hex(status), comment)
+    elif f.status == "failure":
+        assert category == "failure", (hex(status), comment)
     assert category in ("success", "failure"), hex(status)
     log = server.text()[log_before:]
     if category == "failure":
         assert comment, "a refusal carries an ErrorComment"
         assert "from BADSENDER@127.0.0.1 failed" in log and comment.rstrip(".")[:30] in log
         assert index_count(server) == before
-        if "missing required UID" in f.path.name or "missing" in comment:
-            assert status == dimse.DATASET_MISMATCH
     else:
         # Tolerated: then it is a real, findable object (e.g. a file whose pixel data is
-        # damaged but whose structure is sound).
-        assert index_count(server) >= before
+        # damaged but whose structure is sound), indexed under the dataset's own UID.
+        assert uid, "stored although pydicom finds no SOP Instance UID in it"
+        assert indexed(server, uid)
+        assert index_count(server) == before + (0 if known else 1)
     assert echo_ok(server.port), "the server must keep serving"
     incoming = server.data_dir / "objects" / ".incoming"
     assert not [p for p in incoming.iterdir() if not p.name.startswith("probe")]
 
 
+def missing_uids(path: Path) -> list[str]:
+    """The required UIDs pydicom does not find in the file's dataset."""
+    import warnings
+
+    import pydicom
+
+    keys = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return [k for k in keys if not str(ds.get(k, "") or "").strip()]
+
+
 def test_missing_uids_are_refused_with_a900(server: Server) -> None:
-    missing = [f for f in invalid() if "missing required UID" in _note(f)]
-    if not missing:
-        pytest.skip("no file without UIDs in this corpus")
+    missing = [f for f in invalid() if f.status == "A900"]
+    assert missing, "the corpus always holds files without UIDs (tests/synthetic.py)"
     for f in missing:
         sop_class, sop_uid, ts, dataset = raw_parts(f.path)
         status, comment = asyncio.run(store_raw(server.port, sop_class, sop_uid, ts, dataset))
         assert status == dimse.DATASET_MISMATCH, (f.path, hex(status), comment)
-        assert "missing" in comment
+        for keyword in missing_uids(f.path):
+            assert keyword in comment, (f.path, comment)  # the refusal names what is missing
 
 
-def _note(f) -> str:  # type: ignore[no-untyped-def]
-    from tests.corpus import SHARED, shared_available
+def test_missing_uids_refused_to_dcmtk(server: Server) -> None:
+    """storescu (a real modality stack) sends files that lack the Study or Series Instance
+    UID: the archive answers A900 and keeps nothing."""
+    from tests.synthetic import folder
 
-    if not shared_available():
-        return ""
-    for line in (SHARED / "MANIFEST.tsv").read_text().splitlines():
-        if line.startswith(str(f.path.relative_to(SHARED)) + "\t"):
-            return line
-    return ""
+    files = [folder() / "broken-missing-Study.dcm", folder() / "broken-missing-Series.dcm"]
+    before = index_count(server)
+    proc = dcmtk("storescu", "-v", "-nh", "-aec", "PACSGRID", "127.0.0.1", server.port, *files)
+    responses = [line for line in proc.stdout.splitlines() if "Received Store Response" in line]
+    assert len(responses) == 2, proc.stdout
+    # DCMTK's name for status A900
+    assert all("Error: DataSetDoesNotMatchSOPClass" in line for line in responses), responses
+    assert index_count(server) == before
 
 
 def test_garbage_on_the_port(server: Server) -> None:
@@ -142,6 +213,7 @@ def test_garbage_on_the_port(server: Server) -> None:
 
 def test_client_vanishing_mid_dataset_leaves_nothing(server: Server) -> None:
     before = index_count(server)
+    log_before = len(server.text())
 
     async def half_store() -> None:
         assoc = await connect("127.0.0.1", server.port, "HALF", "PACSGRID", [(CT, [EXPLICIT])])
@@ -160,17 +232,24 @@ def test_client_vanishing_mid_dataset_leaves_nothing(server: Server) -> None:
 
         assoc.transport.writelines(encode_pdata(ctx.id, cmd, True, 0))  # type: ignore[union-attr]
         part = encode_pdata(ctx.id, b"\x08\x00\x18\x00UI\x06\x009.9.9\x00", False, 0)
-        # the dataset fragment without its "last" flag, then the connection drops
+        # the dataset fragment without its "last" flag, then the connection drops: close()
+        # sends what is buffered first, so the archive has the fragment when it sees the end
         header = bytearray(part[0])
         header[-1] &= ~0x02
         assoc.transport.write(bytes(header) + bytes(part[1]))  # type: ignore[union-attr]
-        await asyncio.sleep(0.2)
-        assoc.transport.abort()  # type: ignore[union-attr]
+        assoc.transport.close()  # type: ignore[union-attr]
 
     asyncio.run(half_store())
-    time.sleep(0.5)
+    wait_until(
+        lambda: "association with HALF@127.0.0.1 closed" in server.text()[log_before:],
+        60,
+        "the archive saw the association end",
+        seen=lambda: server.text()[log_before:][-2000:],
+    )
     assert index_count(server) == before
     assert echo_ok(server.port)
+    incoming = server.data_dir / "objects" / ".incoming"
+    assert not [p for p in incoming.iterdir() if not p.name.startswith("probe")]
 
 
 def test_unknown_callers_rejected_when_configured(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth import Spec, write
+from tests import synthetic
 from tests.conftest import Server, pacsgrid_cli, storescu_started
 from tests.corpus import SHARED, accepted, corpus, shared_available
 from tests.waiting import wait_until
@@ -37,8 +38,9 @@ def test_import_the_corpus_with_junk(tmp_path: Path) -> None:
     (junk / "notes.txt").write_text("not an image\n")
     (junk / "deep" / "empty").write_bytes(b"")
     (junk / "deep" / "er" / "random.bin").write_bytes(os.urandom(4096))
-    # Without the shared corpus: the fallback files themselves (their folders hold other files).
-    roots = [SHARED] if shared_available() else [f.path for f in corpus()]
+    # Without the shared corpus: the fallback files themselves (their folders hold other
+    # files); either way the files tests/synthetic.py wrote.
+    roots = [SHARED, synthetic.folder()] if shared_available() else [f.path for f in corpus()]
     proc = pacsgrid(
         "import", "--data-dir", str(tmp_path / "d"), *map(str, roots), str(junk), cwd=tmp_path
     )
