@@ -277,3 +277,53 @@ def test_pixel_digest_of_a_deflated_dataset_received_over_the_network() -> None:
     from_file = pixel_digest(raw)
     assert len(from_file) == 64  # a real SHA-256, not "unparseable"
     assert pixel_digest(on_the_wire, DEFLATED_LE) == from_file
+
+
+def test_retry_failed_reads_refused_files_again(tmp_path: Path) -> None:
+    """README (migrate folder): files the archive refuses are listed with the reason and read
+    again only when they change, or with --retry-failed. Here the refusal goes away without
+    the files changing: a site needed for the write quorum was unmounted, then came back."""
+    from bench.synth import Spec, write
+
+    src = tmp_path / "legacy"
+    first = write(Spec(studies=1, series=1, instances=3, size=16, seed="retry-a"), src / "a")
+    a, b = tmp_path / "site-a", tmp_path / "site-b"
+    data = tmp_path / "archive"
+    sites = ["--site", f"a={a}", "--site", f"b={b}", "--copies", "2", "--write-quorum", "2"]
+
+    def migrate(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pacsgrid", "migrate", "folder", "--data-dir", str(data)]
+            + [*sites, str(src), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    run = migrate()
+    assert run.returncode == 0 and "stored 3," in run.stdout, run.stdout + run.stderr
+    late = write(Spec(studies=1, series=1, instances=2, size=16, seed="retry-b"), src / "b")
+    b.rename(tmp_path / "site-b-unmounted")  # the NAS is gone: an empty mount point
+    b.mkdir()
+    run = migrate()
+    assert run.returncode == 1 and "stored 0," in run.stdout and "failed 2" in run.stdout, (
+        run.stdout + run.stderr
+    )
+    assert run.stdout.count("  failed: ") == 2 and "write quorum is 2" in run.stdout, run.stdout
+    b.rmdir()
+    (tmp_path / "site-b-unmounted").rename(b)  # back, the files unchanged
+    run = migrate()
+    assert " 0 read " in run.stdout and "stored 0," in run.stdout, run.stdout
+    assert "2 file(s) failed in an earlier pass and did not change" in run.stdout, run.stdout
+    run = migrate("--retry-failed")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert " 2 read " in run.stdout and "stored 2," in run.stdout and "failed 0" in run.stdout
+    archive = archive_at(data)
+    try:
+        uids = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in first + late
+        }
+        assert archive.has_instances(sorted(uids)) == uids
+    finally:
+        archive.close()
+    assert "failed" not in migrate().stdout.split("\n", 1)[1]  # nothing listed any more
