@@ -7,6 +7,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import dcmtk
 from tests.dcmtk_store import StoreRun, parse_output
@@ -67,3 +68,64 @@ def send_while(
         sender.join(300)
     assert result, "the sender did not finish"
     return result[0]
+
+
+def _study_query(study: str) -> Any:
+    from pydicom.dataset import Dataset
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    return query
+
+
+def c_move(
+    port: int, study: str, destination: str, aet: str = "MOVER", tls_args: Any = None
+) -> list[tuple[Any, Any]]:
+    """C-MOVE one study with pynetdicom (Study Root); every (status, identifier) response."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Model
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSGRID", tls_args=tls_args)
+    assert assoc.is_established
+    try:
+        return list(assoc.send_c_move(_study_query(study), destination, Model))
+    finally:
+        assoc.release()
+
+
+def c_get(
+    port: int, study: str, storage: list[str], aet: str = "MOVER", tls_args: Any = None
+) -> tuple[list[tuple[Any, Any]], dict[str, bytes]]:
+    """C-GET one study with pynetdicom (Study Root), taking the `storage` SOP classes only:
+    every (status, identifier) response, and what arrived (SOP UID -> Part 10 bytes)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Model
+
+    received: dict[str, bytes] = {}
+
+    def store(event: Any) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(
+            include_meta=True
+        )
+        return 0
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Model)
+    for sop_class in storage:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="PACSGRID",
+        ext_neg=[build_role(c, scp_role=True) for c in storage],
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+        tls_args=tls_args,
+    )
+    assert assoc.is_established
+    try:
+        return list(assoc.send_c_get(_study_query(study), Model)), received
+    finally:
+        assoc.release()
