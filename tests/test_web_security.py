@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Server, dcmtk, free_port, wait_port
-from tests.corpus import accepted
+from tests.conftest import Server, StoreSCP, dcmtk, free_port, wait_port
+from tests.corpus import accepted, pixel_data
+from tests.senders import c_get, c_move
+from tests.waiting import wait_until
 from tests.web_helpers import audit_records, multipart_body, start_web, users
 
 PACSGRID = [sys.executable, "-m", "pacsgrid"]
@@ -173,6 +175,65 @@ def test_audit_records_allowed_and_refused(secured: Secured) -> None:
             assert pid not in log, pids
 
 
+def test_user_and_token_lifecycle(tmp_path: Path) -> None:
+    """README (Users, tokens and roles): users and tokens created (CLI and admin API), used,
+    demoted, removed. Tokens follow a change at once; a verified password is remembered
+    for 60 seconds, so password logins follow within a minute (not sooner is allowed)."""
+    data = tmp_path / "archive"
+    data.mkdir()
+    users(data, "add", "boss", "--role", "admin", "--password-stdin", stdin="b-secret\n")
+    # The old password is tried until it stops working: more wrong passwords from one address
+    # than http.login_failures allows before its back-off (tested in test_web_logins).
+    server, base = start_web(
+        data, extra=("--auth", "on"), env={"PACSGRID_HTTP_LOGIN_FAILURES": "10000"}
+    )
+    admin = {"Authorization": _basic("boss", "b-secret")}
+    try:
+        # created over the admin API, with a token, while the server runs
+        r = requests.post(
+            base + "/api/users",
+            json={"name": "tech", "role": "write", "password": "p1"},
+            headers=admin,
+        )
+        assert r.status_code == 201, r.text
+        r = requests.post(base + "/api/users/tech/tokens?label=robot", headers=admin)
+        assert r.status_code == 201, r.text
+        token = {"Authorization": "Bearer " + r.json()["token"]}
+        old_password = {"Authorization": _basic("tech", "p1")}
+
+        def stow(headers: dict[str, str], n: int) -> int:
+            body, ctype = multipart_body([accepted()[n].path.read_bytes()])
+            return requests.post(
+                base + "/dicom-web/studies", data=body, headers={"Content-Type": ctype, **headers}
+            ).status_code
+
+        def qido(headers: dict[str, str]) -> int:
+            return requests.get(base + "/dicom-web/studies", headers=headers).status_code
+
+        assert stow(token, 0) == 200 and stow(old_password, 1) == 200  # used: write role
+        # demoted to read, with a new password, by the CLI on the running archive
+        users(data, "add", "tech", "--role", "read", "--password-stdin", stdin="p2\n")
+        new_password = {"Authorization": _basic("tech", "p2")}
+        assert stow(token, 2) == 403 and qido(token) == 200  # tokens: at once
+        assert stow(new_password, 2) == 403 and qido(new_password) == 200
+        wait_until(
+            lambda: qido(old_password) == 401,
+            120,
+            "the old password refused once its login is no longer remembered (60 s)",
+        )
+        users(data, "remove", "tech")
+        assert qido(token) == 401  # revoked with its user, at once
+        wait_until(lambda: qido(new_password) == 401, 120, "a removed user's password refused")
+        assert "tech" not in {
+            u["name"] for u in requests.get(base + "/api/users", headers=admin).json()
+        }
+    finally:
+        server.stop()
+    records = audit_records(data / "audit.jsonl")
+    assert [r["outcome"] for r in records if r["operation"] == "admin"].count("success") >= 4
+    assert ("login", "denied") in {(r["operation"], r["outcome"]) for r in records}
+
+
 def test_failures_page_shows_refusals(secured: Secured) -> None:
     r = requests.get(secured.base + "/ui/failures", headers={"Authorization": secured.admin})
     assert r.status_code == 200
@@ -194,86 +255,44 @@ def test_auth_is_on_by_default_off_loopback(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA with a server and a client certificate, and a client certificate from another
+    CA (a stranger with a certificate of its own), all made by openssl."""
     d = tmp_path_factory.mktemp("certs")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
 
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    for name in ("server", "client"):
+    def authority(name: str) -> None:
         run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
+            *f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name} "
+            f"-keyout {name}.key -out {name}.pem".split()
         )
-        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def issue(name: str, ca: str) -> None:
         run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            f"{name}.pem",
+            *f"req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {name}.key "
+            f"-out {name}.csr".split()
         )
+        run(
+            *f"x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -days 2 "
+            f"-extfile san.ext -out {name}.pem".split()
+        )
+
+    authority("ca")
+    issue("server", "ca")
+    issue("client", "ca")
+    authority("rogue-ca")
+    issue("rogue", "rogue-ca")
     return {p.stem + p.suffix: p for p in d.iterdir()}
 
 
 @pytest.mark.dcmtk
 def test_dicom_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
-    tls_port = free_port()
-    server = Server(
-        tmp_path / "tls",
-        workers=2,
-        args=(
-            "--tls-port",
-            str(tls_port),
-            "--tls-cert",
-            str(certs["server.pem"]),
-            "--tls-key",
-            str(certs["server.key"]),
-            "--tls-ca",
-            str(certs["ca.pem"]),
-        ),
-    ).start()
+    server = _tls_server(tmp_path, certs, False, workers=2)
+    tls_port = server.tls_port  # type: ignore[attr-defined]
     try:
-        wait_port(tls_port)
-        tls = [
-            "+tls",
-            str(certs["client.key"]),
-            str(certs["client.pem"]),
-            "+cf",
-            str(certs["ca.pem"]),
-        ]
+        tls = _tls(certs, "client")
         echo = dcmtk("echoscu", "-v", *tls, "-aec", "PACSGRID", "127.0.0.1", tls_port)
         assert echo.returncode == 0, echo.stdout
         f = accepted()[0]
@@ -284,19 +303,138 @@ def test_dicom_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
         # the plain port still answers plain DICOM
         assert dcmtk("echoscu", "-aec", "PACSGRID", "127.0.0.1", server.port).returncode == 0
         # anonymous TLS (no client certificate) is fine unless tls_verify_clients is set
-        anon = dcmtk(
-            "echoscu",
-            "+tla",
-            "+cf",
-            str(certs["ca.pem"]),
-            "-aec",
-            "PACSGRID",
-            "127.0.0.1",
-            tls_port,
-        )
+        anon = dcmtk("echoscu", *_tls(certs, None), "-aec", "PACSGRID", "127.0.0.1", tls_port)
         assert anon.returncode == 0, anon.stdout
     finally:
         server.stop()
+
+
+def _tls_server(
+    tmp_path: Path, certs: dict[str, Path], verify: bool, *peers: str, workers: int = 1
+) -> Server:
+    cfg = tmp_path / f"tls-{verify}.toml"
+    cfg.write_text(f"[dicom]\ntls_verify_clients = {'true' if verify else 'false'}\n")
+    tls_port = free_port()
+    server = Server(
+        tmp_path / f"tls-{verify}",
+        config=cfg,
+        workers=workers,
+        args=(
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert",
+            str(certs["server.pem"]),
+            "--tls-key",
+            str(certs["server.key"]),
+            "--tls-ca",
+            str(certs["ca.pem"]),
+            *(a for p in peers for a in ("--peer", p)),
+        ),
+    ).start()
+    wait_port(tls_port)
+    server.tls_port = tls_port  # type: ignore[attr-defined]
+    return server
+
+
+def _tls(certs: dict[str, Path], client: str | None) -> list[str]:
+    """DCMTK TLS options: with the named client key and certificate, or anonymous."""
+    if client is None:
+        return ["+tla", "+cf", str(certs["ca.pem"])]
+    return [
+        "+tls",
+        str(certs[f"{client}.key"]),
+        str(certs[f"{client}.pem"]),
+        "+cf",
+        str(certs["ca.pem"]),
+    ]
+
+
+@pytest.mark.dcmtk
+def test_dicom_tls_client_certificates(tmp_path: Path, certs: dict[str, Path]) -> None:
+    """README (TLS): dicom.tls_ca checks the client certificates that are presented;
+    dicom.tls_verify_clients requires one."""
+
+    def echo(server: Server, client: str | None) -> int:
+        port = server.tls_port  # type: ignore[attr-defined]
+        return dcmtk(
+            "echoscu", "-to", "10", *_tls(certs, client), "-aec", "PACSGRID", "127.0.0.1", port
+        ).returncode
+
+    checking = _tls_server(tmp_path, certs, False)
+    try:
+        assert echo(checking, "client") == 0
+        assert echo(checking, None) == 0  # none presented: fine without tls_verify_clients
+        assert echo(checking, "rogue") != 0  # presented, but not signed by tls_ca
+    finally:
+        checking.stop()
+    requiring = _tls_server(tmp_path, certs, True)
+    try:
+        assert echo(requiring, "client") == 0
+        assert echo(requiring, None) != 0  # tls_verify_clients: a certificate is required
+        assert echo(requiring, "rogue") != 0
+        assert "connection could not be set up" in requiring.text()  # refused, logged
+        assert dcmtk("echoscu", "-aec", "PACSGRID", "127.0.0.1", requiring.port).returncode == 0
+    finally:
+        requiring.stop()
+
+
+@pytest.mark.dcmtk
+def test_query_retrieve_over_tls(
+    tmp_path: Path, certs: dict[str, Path], storescp: StoreSCP
+) -> None:
+    """C-STORE, C-FIND, C-GET and C-MOVE on TLS associations that verify the client."""
+    server = _tls_server(
+        tmp_path, certs, True, "QRSCU@127.0.0.1:9", f"STORESCP@127.0.0.1:{storescp.port}"
+    )
+    port = str(server.tls_port)  # type: ignore[attr-defined]
+    tls = _tls(certs, "client")
+    f = next(f for f in accepted() if f.path.name == "CT_small.dcm")
+    try:
+        store = dcmtk("storescu", "-v", *tls, "-aec", "PACSGRID", "127.0.0.1", port, f.path)
+        assert store.returncode == 0 and "Success" in store.stdout, store.stdout
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={f.study_uid}"]
+        find = dcmtk(
+            "findscu",
+            "-v",
+            "-S",
+            *tls,
+            "-aet",
+            "QRSCU",
+            "-aec",
+            "PACSGRID",
+            *keys,
+            "-k",
+            "PatientID",
+            "127.0.0.1",
+            port,
+        )
+        assert find.returncode == 0, find.stdout
+        assert find.stdout.count("Find Response") >= 2 and f.study_uid in find.stdout, find.stdout
+        # DCMTK's getscu has no TLS: the C-GET comes from pynetdicom over an SSL context.
+        ctx = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+        ctx.load_cert_chain(str(certs["client.pem"]), str(certs["client.key"]))
+        responses, received = c_get(
+            int(port), f.study_uid, [f.sop_class_uid], "QRSCU", (ctx, "127.0.0.1")
+        )
+        assert responses[-1][0].Status == 0, responses[-1][0]
+        assert pixel_data_of(received) == pixel_data(f.path)
+        # movescu has no TLS either: the C-MOVE request goes over TLS from pynetdicom, the
+        # sub-operations to storescp over its plain port.
+        final = c_move(int(port), f.study_uid, "STORESCP", "QRSCU", (ctx, "127.0.0.1"))[-1]
+        assert final[0].Status == 0, final[0]
+        assert len(storescp.files()) == 1
+        assert pixel_data(storescp.files()[0]) == pixel_data(f.path)
+    finally:
+        server.stop()
+
+
+def pixel_data_of(received: dict[str, bytes]) -> bytes:
+    import io
+
+    import pydicom
+
+    (one,) = received.values()
+    return bytes(pydicom.dcmread(io.BytesIO(one)).PixelData)
 
 
 def test_https(tmp_path: Path, certs: dict[str, Path]) -> None:
