@@ -19,7 +19,7 @@ from bench import synth
 from pacsgrid.archive import Archive
 from pacsgrid.index import open_index
 from pacsgrid.settings import Overrides, load_settings
-from tests.conftest import Server, dcmtk, pacsgrid_cli
+from tests.conftest import Server, dcmtk, free_port, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
 from tests.pg import FAST_FAIL, PgCluster, failover_url
@@ -193,6 +193,69 @@ def test_backup_while_storescu_sends_then_restore_and_reconcile(
         f"\nbackup point {m.counts['instance']} instances; restored {count(fresh)} after "
         f"reconcile ({out.stdout.splitlines()[0]})"
     )
+
+
+def test_backup_from_the_standby_and_no_rotation_after_a_failed_verification(
+    tmp_path: Path, synth_files: list[Path], pg_server: PgCluster
+) -> None:
+    """README (Backups): pg_dump from the standby when one is configured; a backup that fails
+    its verification rotates nothing out, only a verified one does."""
+    from pacsgrid.jobs.backup import backups
+
+    primary = PgCluster().init().start()
+    replica: PgCluster | None = None
+    try:
+        url = primary.create_db("pacs")
+        replica = primary.replica().start()
+        files = synth_files[:10]
+        run = pacsgrid("import", "--data-dir", tmp_path / "archive", "--database", url, *files)
+        assert run.returncode == 0, run.stdout + run.stderr
+        standby = replica.url("pacs")
+        wait_until(lambda: count(standby) == len(files), 60, "the standby replayed the import")
+        folder = tmp_path / "backups"
+
+        def backup(scratch: str) -> subprocess.CompletedProcess[str]:
+            cfg = tmp_path / "backup.toml"
+            cfg.write_text(
+                f'database = "{url}"\n[index]\nread_database = "{standby}"\n'
+                f'[backup]\ndir = "{folder}"\nkeep = 2\nscratch = "{scratch}"\n'
+            )
+            return pacsgrid("backup", "--config", cfg, "--data-dir", tmp_path / "archive")
+
+        # The primary is down: a backup can only come from the standby (verified on the
+        # session's other server).
+        primary.stop()
+        out = backup(pg_server.url())
+        assert out.returncode == 0, out.stdout + out.stderr
+        [m] = backups(folder)
+        assert m.verified and m.counts["instance"] == len(files)
+        assert f"127.0.0.1:{replica.port}/pacs" in m.source, m.source
+        out = backup(pg_server.url())
+        assert out.returncode == 0, out.stdout + out.stderr
+        good = [b.name for b in backups(folder)]
+        assert len(good) == 2
+
+        # The scratch server for the verification restore is unreachable: the new backup is
+        # written but not verified, and the two verified ones stay.
+        nowhere = f"host=127.0.0.1 port={free_port()} user=postgres dbname=postgres"
+        out = backup(nowhere)
+        assert out.returncode != 0
+        assert "scratch database" in out.stderr, out.stderr
+        kept = backups(folder)
+        assert [b.name for b in kept if b.verified] == good
+        assert len(kept) == 3 and not kept[-1].verified
+        for b in kept:
+            assert (folder / b.name).is_file()
+
+        # The next verified backup rotates down to keep = 2, itself among them.
+        out = backup(pg_server.url())
+        assert out.returncode == 0, out.stdout + out.stderr
+        after = backups(folder)
+        assert len(after) == 2 and after[-1].verified and good[0] not in [b.name for b in after]
+    finally:
+        if replica is not None:
+            replica.destroy()
+        primary.destroy()
 
 
 # ---------------------------------------------------------------- lost database
