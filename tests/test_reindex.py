@@ -288,6 +288,45 @@ def test_backup_schedule_runs_on_one_node_per_period(tmp_path: Path, files: list
     assert len(backups(settings.backup_dir)) == 1
 
 
+def test_a_failed_scheduled_backup_is_logged_and_taken_next_period(tmp_path: Path) -> None:
+    """README: a scheduled backup that fails is logged as an error and tried again at the
+    next period. `serve` with a backup every 1.8 s, its backup folder blocked (a file where
+    the folder should be, as on a backup disk that is not mounted), then unblocked."""
+    from tests.conftest import Server
+    from tests.waiting import wait_until
+
+    blocked = tmp_path / "backup-disk"
+    blocked.write_text("not a folder\n")
+    folder = blocked / "pacsgrid"
+    server = Server(
+        tmp_path / "archive",
+        env={"PACSGRID_BACKUP_INTERVAL": "0.0005", "PACSGRID_BACKUP_DIR": str(folder)},
+    ).start()
+    try:
+        wait_until(
+            lambda: "ERROR" in server.text() and "backup" in server.text(),
+            120,
+            "the failed backup logged as an error",
+            seen=lambda: server.text()[-2000:],
+        )
+        errors = [line for line in server.text().splitlines() if " ERROR " in line]
+        assert any("backup" in line for line in errors), errors
+        assert not folder.exists()
+        blocked.unlink()  # the disk is back
+        wait_until(
+            lambda: len(backups(folder)) >= 1 if folder.is_dir() else False,
+            120,
+            "a backup taken at a later period",
+            seen=lambda: server.text()[-2000:],
+        )
+        assert server.proc is not None and server.proc.poll() is None  # still serving
+    finally:
+        server.stop()
+    [m, *_] = backups(folder)
+    assert m.verified
+    assert "scheduled backup done" in server.text()
+
+
 def test_cli_backup_list_and_restore(tmp_path: Path, files: list[Path]) -> None:
     settings = make_settings(tmp_path)
     store(settings, files[:4])
