@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import signal
 import subprocess
@@ -270,3 +271,107 @@ def test_window_and_dates() -> None:
             parse_window(bad)
     with pytest.raises(ConfigError, match="--since"):
         parse_date("31.01.2005", "--since")
+
+
+def _instance(out: Path, name: str, study: str, date: str, pixels: bytes) -> Path:
+    """A small CT image (pydicom) in study `study`; the SOP Instance UID follows `name`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from tests.synthetic import uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = uid(f"verify-{name}")
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = uid(f"verify-series-{study}")
+    ds.StudyDate, ds.Modality = date, "CT"
+    ds.PatientID, ds.PatientName = "VERIFY-1", "Verify^Case"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    ds.PixelData = pixels
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = out / f"{name}-{study[-6:]}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_verify_against_a_pacs_reports_every_kind_of_finding(tmp_path: Path) -> None:
+    """README (Verify): against a PACS, verify reports missing, extra, moved and mismatched
+    instances (pixel data that differ, an archived copy that cannot be read), and exits 1.
+
+    Orthanc holds the source; the archive was given the same instances with one of each
+    defect. The two oldest complete studies are the sampled ones (--sample 2)."""
+    from tests.synthetic import uid
+
+    src, arc = tmp_path / "source", tmp_path / "archived"
+    src.mkdir()
+    arc.mkdir()
+    s1, s2, s3, s4, s5 = (uid(f"verify-study-{n}") for n in range(1, 6))
+    elsewhere = uid("verify-study-elsewhere")
+    px, other = bytes(range(16)), bytes(range(16, 32))
+    both = [
+        ("i1", s1, "19990101"),  # identical
+        ("i5", s3, "19990102"),  # archived copy damaged later
+        ("i4", s4, "20200102"),  # identical
+    ]
+    for name, study, date in both:
+        _instance(src, name, study, date, px)
+        _instance(arc, name, study, date, px)
+    _instance(src, "i2", s1, "19990101", px)
+    _instance(arc, "i2", s1, "19990101", other)  # same UID, other pixels
+    _instance(src, "i3", s2, "20200101", px)
+    _instance(arc, "i3", elsewhere, "20200101", px)  # filed in another study
+    _instance(arc, "i6", s4, "20200102", px)  # only in the archive
+    _instance(src, "i7", s5, "20200103", px)  # only in the source
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"PACSGRID": ("127.0.0.1", free_port())})
+    orthanc.start()
+    try:
+        assert len(orthanc.upload(sorted(src.iterdir()))) == 6
+        data = tmp_path / "archive"
+        imported = pacsgrid("import", "--data-dir", data, arc)
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        i5 = uid("verify-i5")
+        index = SqliteIndex(data / "index.sqlite")
+        try:
+            record = index.instance(i5)
+        finally:
+            index.close()
+        assert record is not None
+        stored = data / "objects" / record.copies[0].key
+        damaged = bytearray(stored.read_bytes())
+        damaged[-8] ^= 0xFF  # a bit flipped on the disk, in the pixel data
+        stored.write_bytes(bytes(damaged))
+
+        source = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+        run = pacsgrid(
+            "verify", "--data-dir", data, "--against", source, "--sample", "2",
+            "--out", tmp_path / "report",
+        )  # fmt: skip
+        assert run.returncode == 1, run.stdout + run.stderr
+        with open(tmp_path / "report" / "verify.csv", newline="") as fh:
+            rows = [
+                {**r, "study": r["study_instance_uid"], "sop": r["sop_instance_uid"]}
+                for r in csv.DictReader(fh)
+            ]
+        found = {(r["kind"], r["study"], r["sop"]) for r in rows if r["kind"] != "sampled"}
+        assert found == {
+            ("missing", s5, uid("verify-i7")),
+            ("extra", s4, uid("verify-i6")),
+            ("moved", s2, uid("verify-i3")),
+            ("mismatch", s1, uid("verify-i2")),
+            ("mismatch", s3, i5),
+        }, rows
+        details = {r["sop"]: r["detail"] for r in rows}
+        assert details[uid("verify-i2")] == "pixel data differ"
+        assert details[i5].startswith("archive read:"), details[i5]
+        assert {r["study"] for r in rows if r["kind"] == "sampled"} == {s1, s3}
+        summary = (tmp_path / "report" / "verify.md").read_text()
+        for kind, n in (("missing", 1), ("extra", 1), ("moved", 1), ("mismatch", 2)):
+            assert f"| {kind} | {n} |" in summary, summary
+    finally:
+        orthanc.stop()
