@@ -164,15 +164,24 @@ def test_audit_records_allowed_and_refused(secured: Secured) -> None:
     assert ("admin", "success", "") in kinds  # users created by the CLI
     wado = next(r for r in records if r["operation"] == "WADO")
     assert wado["study"] == secured.study and wado["address"] == "127.0.0.1"
-    # no patient identifiers in the ordinary log
-    pids = {f.path.name for f in accepted()[:2]}
-    log = secured.server.text()
+    # No patient identifiers in the audit log or the ordinary log, also when the requests
+    # searched by them.
     import pydicom
 
-    for f in accepted()[:2]:
-        pid = str(pydicom.dcmread(f.path, stop_before_pixels=True).get("PatientID", ""))
-        if len(pid) > 3:
-            assert pid not in log, pids
+    stored = pydicom.dcmread(accepted()[0].path, stop_before_pixels=True)
+    pid, name = str(stored.get("PatientID", "")), str(stored.get("PatientName", ""))
+    assert len(pid) > 3 and len(name) > 3, (pid, name)
+    found = requests.get(
+        f"{secured.base}/dicom-web/studies",
+        params={"PatientID": pid, "PatientName": name},
+        headers=h,
+    )
+    assert found.status_code == 200 and len(found.json()) == 1
+    audit = (secured.server.data_dir / "audit.jsonl").read_text()
+    log = secured.server.text()
+    for identifier in (pid, name, name.split("^")[0]):
+        assert identifier not in audit, identifier
+        assert identifier not in log, identifier
 
 
 def test_user_and_token_lifecycle(tmp_path: Path) -> None:
