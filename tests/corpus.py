@@ -55,7 +55,7 @@ UNCOMPRESSED = (
 )
 LATIN = ("", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO 2022 IR 100")
 UNICODE = ("ISO_IR 192", "GB18030", "GBK")  # may hold any script: look at the names
-DATASET_MISMATCH = "A900"  # README: a dataset without its SOP Instance, Study or Series UID
+DATASET_MISMATCH = "A900"  # docs/dicom.md: a dataset without its SOP Instance, Study or Series UID
 
 
 @dataclass(frozen=True)

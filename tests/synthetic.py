@@ -7,7 +7,7 @@ Broken files, each made from a good object: truncated inside a value and inside 
 header, a length that runs past the end, a length that is off by two (the walk misaligns),
 missing SOP Instance / Study / Series Instance UIDs, and files that are not DICOM at all.
 
-What the archive must answer for each comes from the README ("Duplicates and untidy data"):
+What the archive must answer for each comes from docs/dicom.md ("Duplicates and untidy data"):
 a truncated dataset gets C000 (cannot understand), one without the three UIDs A900. UIDs are
 derived from the file name, so every run writes the same files.
 """
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CANNOT_UNDERSTAND = "C000"  # README: unparseable or truncated
-DATASET_MISMATCH = "A900"  # README: missing SOP Instance, Study or Series Instance UID
+CANNOT_UNDERSTAND = "C000"  # docs/dicom.md: unparseable or truncated
+DATASET_MISMATCH = "A900"  # docs/dicom.md: missing SOP Instance, Study or Series Instance UID
 ANY_FAILURE = "failure"  # refused, with whichever failure status
 
 

@@ -106,11 +106,11 @@ def dataset_uid(path: Path) -> str:
 EXPECTED = {"A900": dimse.DATASET_MISMATCH, "C000": dimse.CANNOT_UNDERSTAND}
 
 
-# Broken files the archive does not answer as the README says (yet): strict, so each entry
+# Broken files the archive does not answer as docs/dicom.md says (yet): strict, so each entry
 # fails the suite once the archive is fixed and must then go.
 KNOWN_DEFECTS = {
     "broken-truncated-header.dcm": "a dataset cut inside its last element's header is stored "
-    "(the header scanner hands the tail to pydicom, which stops there silently); README: "
+    "(the header scanner hands the tail to pydicom, which stops there silently); docs/dicom.md: "
     "a truncated dataset gets C000",
 }
 

@@ -92,7 +92,7 @@ def load(rows: list[dict[str, str]]) -> SqliteIndex:
 
 
 def as_filed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows as the README says the index files them: a patient is its PatientID; without
+    """The rows as docs/dicom.md says the index files them: a patient is its PatientID; without
     one, its PatientName (compared as docs/matching.md says names are); every study of a
     patient carries the patient attributes of the first one stored."""
     first: dict[str, dict[str, str]] = {}

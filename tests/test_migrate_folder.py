@@ -280,9 +280,10 @@ def test_pixel_digest_of_a_deflated_dataset_received_over_the_network() -> None:
 
 
 def test_retry_failed_reads_refused_files_again(tmp_path: Path) -> None:
-    """README (migrate folder): files the archive refuses are listed with the reason and read
-    again only when they change, or with --retry-failed. Here the refusal goes away without
-    the files changing: a site needed for the write quorum was unmounted, then came back."""
+    """docs/migration.md (migrate folder): files the archive refuses are listed with the
+    reason and read again only when they change, or with --retry-failed. Here the refusal
+    goes away without the files changing: a site needed for the write quorum was unmounted,
+    then came back."""
     from bench.synth import Spec, write
 
     src = tmp_path / "legacy"

@@ -301,8 +301,9 @@ def _instance(out: Path, name: str, study: str, date: str, pixels: bytes) -> Pat
 
 
 def test_verify_against_a_pacs_reports_every_kind_of_finding(tmp_path: Path) -> None:
-    """README (Verify): against a PACS, verify reports missing, extra, moved and mismatched
-    instances (pixel data that differ, an archived copy that cannot be read), and exits 1.
+    """docs/migration.md (Verify): against a PACS, verify reports missing, extra, moved and
+    mismatched instances (pixel data that differ, an archived copy that cannot be read), and
+    exits 1.
 
     Orthanc holds the source; the archive was given the same instances with one of each
     defect. The two oldest complete studies are the sampled ones (--sample 2)."""

@@ -198,8 +198,8 @@ def test_backup_while_storescu_sends_then_restore_and_reconcile(
 def test_backup_from_the_standby_and_no_rotation_after_a_failed_verification(
     tmp_path: Path, synth_files: list[Path], pg_server: PgCluster
 ) -> None:
-    """README (Backups): pg_dump from the standby when one is configured; a backup that fails
-    its verification rotates nothing out, only a verified one does."""
+    """docs/operations.md (Backups): pg_dump from the standby when one is configured; a
+    backup that fails its verification rotates nothing out, only a verified one does."""
     from pacsgrid.jobs.backup import backups
 
     primary = PgCluster().init().start()

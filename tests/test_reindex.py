@@ -289,9 +289,10 @@ def test_backup_schedule_runs_on_one_node_per_period(tmp_path: Path, files: list
 
 
 def test_a_failed_scheduled_backup_is_logged_and_taken_next_period(tmp_path: Path) -> None:
-    """README: a scheduled backup that fails is logged as an error and tried again at the
-    next period. `serve` with a backup every 1.8 s, its backup folder blocked (a file where
-    the folder should be, as on a backup disk that is not mounted), then unblocked."""
+    """docs/operations.md: a scheduled backup that fails is logged as an error and tried
+    again at the next period. `serve` with a backup every 1.8 s, its backup folder blocked (a
+    file where the folder should be, as on a backup disk that is not mounted), then
+    unblocked."""
     from tests.conftest import Server
     from tests.waiting import wait_until
 

@@ -1,5 +1,5 @@
-"""Retrieve sub-operations that cannot be done are reported, never dropped (README, "The DICOM
-server"): final status B000 when some were sent, A702 when none could be, each with the
+"""Retrieve sub-operations that cannot be done are reported, never dropped (docs/dicom.md,
+"Services"): final status B000 when some were sent, A702 when none could be, each with the
 FailedSOPInstanceUIDList naming exactly the instances that were not sent; and every C-MOVE and
 C-GET is in the audit log, which never holds a patient identifier.
 
@@ -227,7 +227,7 @@ def test_retrieves_are_audited_without_patient_identifiers(archive: Archive) -> 
     "audit line is written when the instances are located, before any is sent)",
 )
 def test_a_move_that_sent_nothing_is_audited_as_failed(archive: Archive) -> None:
-    """README (The audit log): a retrieve is recorded allowed, refused or failed."""
+    """docs/operations.md (The audit log): a retrieve is recorded allowed, refused or failed."""
     before = len(audit_records(archive.server.data_dir / "audit.jsonl"))
     status, _ = move(archive, archive.mr_only.uid)
     assert status.Status == A702

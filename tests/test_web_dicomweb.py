@@ -416,7 +416,7 @@ def _studies(base: str, query: str) -> tuple[int, str]:
 
 
 def test_qido_results_capped_with_a_warning(capped: str) -> None:
-    """README (DICOMweb details): limit/offset capped at http.max_results, with a Warning
+    """docs/web.md (DICOMweb details): limit/offset capped at http.max_results, with a Warning
     header; fuzzymatching=true is answered with a Warning (no fuzzy matching), false without."""
     count, warning = _studies(capped, "?limit=10")
     assert count == 3 and warning.startswith("299 ") and "limit capped at 3" in warning
@@ -478,7 +478,7 @@ JPEG = "1.2.840.10008.1.2.4.50"  # JPEG Baseline
 
 
 def test_wado_converts_to_an_uncompressed_syntax_on_request(loaded: Loaded) -> None:
-    """README: an uncompressed syntax is converted to on request. The pixels sent are those
+    """docs/web.md: an uncompressed syntax is converted to on request. The pixels sent are those
     pydicom decodes from the original file (RLE is lossless: equal to the last bit), and a
     compressed syntax other than the stored one is refused with 406."""
     import numpy as np

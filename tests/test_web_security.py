@@ -185,7 +185,7 @@ def test_audit_records_allowed_and_refused(secured: Secured) -> None:
 
 
 def test_user_and_token_lifecycle(tmp_path: Path) -> None:
-    """README (Users, tokens and roles): users and tokens created (CLI and admin API), used,
+    """docs/web.md (Users, tokens and roles): users and tokens created (CLI and admin API), used,
     demoted, removed. Tokens follow a change at once; a verified password is remembered
     for 60 seconds, so password logins follow within a minute (not sooner is allowed)."""
     data = tmp_path / "archive"
@@ -360,7 +360,7 @@ def _tls(certs: dict[str, Path], client: str | None) -> list[str]:
 
 @pytest.mark.dcmtk
 def test_dicom_tls_client_certificates(tmp_path: Path, certs: dict[str, Path]) -> None:
-    """README (TLS): dicom.tls_ca checks the client certificates that are presented;
+    """docs/web.md (TLS): dicom.tls_ca checks the client certificates that are presented;
     dicom.tls_verify_clients requires one."""
 
     def echo(server: Server, client: str | None) -> int:
