@@ -6,8 +6,13 @@ scanner walks the top-level elements once with `struct`, checks that the element
 sound to the last byte, keeps the raw values of the attributes in `pacsgrid.model.ATTRIBUTES`,
 and decodes only those (character sets through pydicom's codecs).
 
-When the scanner meets something it does not understand, `scan()` falls back to pydicom. If
-pydicom cannot parse the dataset either, the dataset is invalid.
+The element structure is checked everywhere, inside sequences too: every C-STORE, STOW,
+import and migration comes through here (`Archive.ingest`), so a dataset whose lengths do not
+add up is refused the same way on every path, before anything is written. Pixel data is never
+decoded; its fragments are only walked.
+
+When the scanner meets something it does not understand (an unknown VR, say), `scan()` falls
+back to pydicom. If pydicom cannot parse the dataset either, the dataset is invalid.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from pydicom.charset import CODES_TO_ENCODINGS, ESC, decode_bytes, python_encoding
+from pydicom.datadict import DicomDictionary  # type: ignore[attr-defined]
 from pydicom.filereader import read_dataset
 
 from pacsgrid.errors import InvalidDataset
@@ -46,6 +52,9 @@ _VRS = frozenset(
 _LE = (struct.Struct("<HH"), struct.Struct("<H"), struct.Struct("<I"))
 _BE = (struct.Struct(">HH"), struct.Struct(">H"), struct.Struct(">I"))
 _VR_TEXT = {vr: vr.decode() for vr in _VRS}
+
+
+_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 
 
 class ScanError(Exception):
@@ -104,71 +113,77 @@ def scan(data: bytes | memoryview, transfer_syntax: str) -> Header:
 
 
 def _element_header(
-    buf: bytes, pos: int, implicit: bool, little: bool
+    buf: bytes, pos: int, implicit: bool, little: bool, end: int = -1
 ) -> tuple[int, str, int, int]:
-    """(tag, VR, value length, value offset) of the element at `pos`.
+    """(tag, VR, value length, value offset) of the element at `pos` (in `buf[:end]`).
 
-    Implicit VR: the VR of an indexed attribute comes from the catalogue; anything else is
-    reported as SQ (only the length matters to a walker that skips it).
+    Implicit VR: the VR comes from the catalogue of indexed attributes, then from pydicom's
+    data dictionary (only SQ matters to the walk); anything unknown is reported as UN.
     """
-    end = len(buf)
+    if end < 0:
+        end = len(buf)
     if pos + 8 > end:
-        raise ScanError("truncated element header")
+        raise InvalidDataset(f"truncated: {end - pos} byte(s) after the last element")
     tag_s, u16_s, u32_s = _LE if little else _BE
     group, elem = tag_s.unpack_from(buf, pos)
     tag = (group << 16) | elem
     if implicit:
         attr = BY_TAG.get(tag)
-        vr = attr.vr if attr else ("OW" if tag == PIXEL_DATA_TAG else "SQ")
+        if attr is not None:
+            vr = attr.vr
+        elif tag == PIXEL_DATA_TAG:
+            vr = "OW"
+        else:
+            vr = "SQ" if tag in _SQ_TAGS else "UN"
         return tag, vr, u32_s.unpack_from(buf, pos + 4)[0], pos + 8
     vr_bytes = buf[pos + 4 : pos + 6]
     if vr_bytes not in _VRS:
         raise ScanError(f"unknown VR {vr_bytes!r} at offset {pos}")
     if vr_bytes in LONG_VRS:
         if pos + 12 > end:
-            raise ScanError("truncated element header")
+            raise InvalidDataset(f"truncated: the element header at offset {pos} is cut off")
         return tag, _VR_TEXT[vr_bytes], u32_s.unpack_from(buf, pos + 8)[0], pos + 12
     return tag, _VR_TEXT[vr_bytes], u16_s.unpack_from(buf, pos + 6)[0], pos + 8
 
 
-def _skip_undefined(buf: bytes, pos: int, tag: int, vr: str, implicit: bool, little: bool) -> int:
-    """Skip the value of an undefined-length element (sequence or encapsulated pixels)."""
-    if tag == PIXEL_DATA_TAG or (vr in ("OB", "OW") and not implicit):
-        return _skip_encapsulated(buf, pos, little)
-    if implicit or vr in ("SQ", "UN"):
-        # PS3.5 6.2.2: an undefined-length UN is an implicit VR little endian sequence.
-        return _skip_sequence(buf, pos, implicit or vr == "UN", little)
-    raise ScanError(f"undefined length on VR {vr}")
+def _name(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _walk(
     buf: bytes, implicit: bool, little: bool
 ) -> tuple[dict[int, tuple[str, bytes]], int, int]:
-    """Walk the top-level elements; return wanted raw values and the pixel data position."""
+    """Walk the top-level elements; return wanted raw values and the pixel data position.
+
+    Every element header is checked, sequences and items included, down to the last byte:
+    an element, item or fragment that declares more bytes than its container (or the
+    dataset) holds is truncation, refused with InvalidDataset. What the walk cannot read
+    (an unknown VR: perhaps a mislabelled syntax) raises ScanError and pydicom decides.
+    """
     end = len(buf)
     pos = 0
     raw: dict[int, tuple[str, bytes]] = {}
     pix_off = pix_len = -1
     last_tag = -1
+    walker = _Walker(buf, implicit, little)
     while pos < end:
         if pos + 8 > end and not any(buf[pos:]):
             break  # trailing zero padding shorter than an element header
         tag, vr, length, value = _element_header(buf, pos, implicit, little)
         if tag <= last_tag:
-            if tag == 0 and not any(buf[pos : pos + 64]):
+            if tag == 0 and not any(buf[pos:]):
                 break  # zero padding at the end of a dataset
             raise ScanError(f"tags out of order at offset {pos}")
         last_tag = tag
         if length == UNDEFINED:
             if tag == PIXEL_DATA_TAG:
                 pix_off, pix_len = value, UNDEFINED
-            pos = _skip_undefined(buf, value, tag, vr, implicit, little)
+            pos = walker.undefined(value, end, tag, vr, 1)
             continue
         if value + length > end:
             # The walk was consistent up to here, so this is truncation, not a misread syntax.
             raise InvalidDataset(
-                f"truncated: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} "
-                f"bytes, {end - value} remain"
+                f"truncated: element {_name(tag)} declares {length} bytes, {end - value} remain"
             )
         if tag in BY_TAG:
             raw[tag] = (vr, buf[value : value + length])
@@ -176,74 +191,109 @@ def _walk(
             raw[tag] = ("CS", buf[value : value + length])
         elif tag == PIXEL_DATA_TAG:
             pix_off, pix_len = value, length
+        elif vr == "SQ":
+            walker.sequence(value, value + length, tag, 1)
         pos = value + length
     return raw, pix_off, pix_len
 
 
-def _skip_sequence(buf: bytes, pos: int, implicit: bool, little: bool) -> int:
-    """Skip an undefined-length sequence starting at `pos`; return the offset after it."""
-    u32 = "<I" if little else ">I"
-    tag_fmt = "<HH" if little else ">HH"
-    end = len(buf)
-    while True:
+MAX_DEPTH = 64  # nested sequences; real objects (SR trees included) stay far below
+
+
+class _Walker:
+    """Checks the structure inside sequences: items and their elements, to the last byte."""
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.implicit = implicit
+        self.little = little
+        self.tag = struct.Struct("<HH" if little else ">HH")
+        self.u32 = struct.Struct("<I" if little else ">I")
+
+    def _item_header(self, pos: int, end: int, what: str) -> tuple[int, int]:
         if pos + 8 > end:
-            raise ScanError("sequence runs past the end")
-        group, elem = struct.unpack_from(tag_fmt, buf, pos)
-        tag = (group << 16) | elem
-        (length,) = struct.unpack_from(u32, buf, pos + 4)
-        pos += 8
-        if tag == SEQ_END:
-            return pos
-        if tag != ITEM:
-            raise ScanError(f"expected an item tag at offset {pos - 8}")
-        if length == UNDEFINED:
-            pos = _skip_item_elements(buf, pos, implicit, little)
-        else:
+            raise InvalidDataset(f"truncated: {what} runs past the end of its container")
+        group, elem = self.tag.unpack_from(self.buf, pos)
+        return (group << 16) | elem, self.u32.unpack_from(self.buf, pos + 4)[0]
+
+    def undefined(self, pos: int, end: int, tag: int, vr: str, depth: int) -> int:
+        """Skip the value of an undefined-length element (sequence or encapsulated pixels)
+        that starts at `pos`; return the offset after its delimiter."""
+        if tag == PIXEL_DATA_TAG or (vr in ("OB", "OW") and not self.implicit):
+            return self.fragments(pos, end)
+        if self.implicit or vr in ("SQ", "UN"):
+            # PS3.5 6.2.2: an undefined-length UN is an implicit VR little endian sequence.
+            if vr == "UN" and not self.implicit:
+                return _Walker(self.buf, True, True).sequence(pos, None, tag, depth, end)
+            return self.sequence(pos, None, tag, depth, end)
+        raise ScanError(f"undefined length on VR {vr}")
+
+    def sequence(
+        self, pos: int, stop: int | None, tag: int, depth: int, end: int | None = None
+    ) -> int:
+        """Walk the items of a sequence: up to `stop` (defined length), or to its delimiter
+        (undefined length, within `end`); return the offset after it."""
+        if depth > MAX_DEPTH:
+            raise InvalidDataset(f"sequences nested deeper than {MAX_DEPTH}")
+        limit = stop if stop is not None else (end if end is not None else len(self.buf))
+        while stop is None or pos < stop:
+            item, length = self._item_header(pos, limit, f"sequence {_name(tag)}")
+            pos += 8
+            if item == SEQ_END:
+                if stop is None:
+                    return pos
+                continue  # a delimiter in a defined-length sequence: harmless
+            if item != ITEM:
+                raise InvalidDataset(
+                    f"sequence {_name(tag)} holds {_name(item)} where an item must be"
+                )
+            if length == UNDEFINED:
+                pos = self.elements(pos, None, limit, depth)
+            else:
+                if pos + length > limit:
+                    raise InvalidDataset(
+                        f"truncated: an item of {_name(tag)} declares {length} bytes, "
+                        f"{limit - pos} remain in its container"
+                    )
+                self.elements(pos, pos + length, limit, depth)
+                pos += length
+        return pos
+
+    def elements(self, pos: int, stop: int | None, end: int, depth: int) -> int:
+        """Walk the elements of an item: to `stop` (defined length) or its delimiter."""
+        buf = self.buf
+        limit = stop if stop is not None else end
+        while stop is None or pos < stop:
+            if stop is None:
+                tag, _ = self._item_header(pos, limit, "an item")
+                if tag == ITEM_END:
+                    return pos + 8
+            tag, vr, length, value = _element_header(buf, pos, self.implicit, self.little, limit)
+            if length == UNDEFINED:
+                pos = self.undefined(value, limit, tag, vr, depth + 1)
+                continue
+            if value + length > limit:
+                raise InvalidDataset(
+                    f"truncated: element {_name(tag)} in a sequence item declares {length} "
+                    f"bytes, {limit - value} remain in the item"
+                )
+            if vr == "SQ":
+                self.sequence(value, value + length, tag, depth + 1)
+            pos = value + length
+        return pos
+
+    def fragments(self, pos: int, end: int) -> int:
+        """Skip encapsulated pixel data fragments (items of defined length) to the delimiter."""
+        while True:
+            tag, length = self._item_header(pos, end, "encapsulated pixel data")
+            pos += 8
+            if tag == SEQ_END:
+                return pos
+            if tag != ITEM or length == UNDEFINED:
+                raise ScanError("bad fragment in encapsulated pixel data")
             pos += length
             if pos > end:
-                raise ScanError("item runs past the end")
-
-
-def _skip_item_elements(buf: bytes, pos: int, implicit: bool, little: bool) -> int:
-    """Skip the elements of an undefined-length item up to and including its delimiter."""
-    end = len(buf)
-    tag_fmt = "<HH" if little else ">HH"
-    while True:
-        if pos + 8 > end:
-            raise ScanError("item runs past the end")
-        group, elem = struct.unpack_from(tag_fmt, buf, pos)
-        if (group << 16) | elem == ITEM_END:
-            return pos + 8
-        _, vr, length, value = _element_header(buf, pos, implicit, little)
-        if implicit:
-            vr = "SQ"  # inside an item only the structure matters
-        if length == UNDEFINED:
-            pos = _skip_undefined(buf, value, 0, vr, implicit, little)
-        else:
-            pos = value + length
-            if pos > end:
-                raise ScanError("element runs past the end")
-
-
-def _skip_encapsulated(buf: bytes, pos: int, little: bool) -> int:
-    """Skip encapsulated pixel data fragments (items of defined length) to the delimiter."""
-    u32 = "<I" if little else ">I"
-    tag_fmt = "<HH" if little else ">HH"
-    end = len(buf)
-    while True:
-        if pos + 8 > end:
-            raise ScanError("encapsulated pixel data runs past the end")
-        group, elem = struct.unpack_from(tag_fmt, buf, pos)
-        tag = (group << 16) | elem
-        (length,) = struct.unpack_from(u32, buf, pos + 4)
-        pos += 8
-        if tag == SEQ_END:
-            return pos
-        if tag != ITEM or length == UNDEFINED:
-            raise ScanError("bad fragment in encapsulated pixel data")
-        pos += length
-        if pos > end:
-            raise ScanError("pixel data fragment runs past the end")
+                raise InvalidDataset("truncated: a pixel data fragment runs past the end")
 
 
 # ---------------------------------------------------------------- value decoding
