@@ -10,6 +10,13 @@ and slices of the dataset, not a joined copy of the whole message. Responses to
 requests *we* sent (C-STORE sub-operations of a C-GET or C-MOVE) are routed straight to the
 coroutine waiting for them.
 
+What may happen when is decided by the upper layer state machine of PS3.8
+(`pacsgrid.dicom.fsm`): this class frames PDUs and reports each as an event, and carries out
+the actions the machine asks for. A PDU is read whole only when the action of its event reads
+it, and only up to the limit for its type (`pacsgrid.dicom.pdu.MAX_ASSOCIATE_PDU`, our maximum
+PDU length for P-DATA-TF); before an association exists nothing but an A-ASSOCIATE-RQ is
+read at all, and the ARTIM timer bounds how long a peer may take to send it.
+
 Subclasses implement the role: `pacsgrid.dicom.scp.ServerAssociation` (acceptor) and
 `pacsgrid.dicom.scu.ClientAssociation` (requestor).
 """
@@ -22,17 +29,45 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import Any
 
 from pacsgrid.dicom import dimse, pdu
 from pacsgrid.dicom.dimse import Command, Message
+from pacsgrid.dicom.fsm import (
+    READS_PDU,
+    TABLE,
+    Abort,
+    Event,
+    Indication,
+    State,
+    StateMachine,
+    Violation,
+)
 
 log = logging.getLogger("pacsgrid.dicom")
 
 _HEADER = struct.Struct(">BBI")
-_READ_SIZE = 256 * 1024  # what one read asks of the socket
+_FIRST_READ = 16 * 1024  # the buffer until the association is established
+_READ_SIZE = 256 * 1024  # what one read asks of the socket once it is
 _IOV_MAX = 1024  # buffers per writev (Linux)
+_ASSOCIATED = frozenset(range(State.STA6, State.STA12 + 1))
+
+_EVENT_OF_PDU = {
+    pdu.A_ASSOCIATE_RQ: Event.EVT6,
+    pdu.A_ASSOCIATE_AC: Event.EVT3,
+    pdu.A_ASSOCIATE_RJ: Event.EVT4,
+    pdu.P_DATA_TF: Event.EVT10,
+    pdu.A_RELEASE_RQ: Event.EVT12,
+    pdu.A_RELEASE_RP: Event.EVT13,
+    pdu.A_ABORT: Event.EVT16,
+}
+
+# Queued for the association's task in place of a request: the peer asked for release
+# (answered once every request received before it has been answered).
+RELEASE_REQUESTED = Message(0, {dimse.COMMAND_FIELD: -2})
 
 
 class AssociationAborted(Exception):
@@ -49,10 +84,13 @@ class AcceptedContext:
 
 
 class Association(asyncio.BufferedProtocol):
-    def __init__(self, *, max_pdu: int, timeout: float) -> None:
+    requestor = False  # which side of the association this is (PS3.8 calls it the role)
+
+    def __init__(self, *, max_pdu: int, timeout: float, artim: float = 10.0) -> None:
         self.max_pdu = max_pdu  # what we accept
         self.peer_max_pdu = 16384  # what the peer accepts; set during negotiation
         self.timeout = timeout
+        self.fsm = StateMachine(self, requestor=self.requestor, artim=artim)
         self.transport: asyncio.Transport | None = None
         self.peer_address = ""
         self.contexts: dict[int, AcceptedContext] = {}
@@ -60,9 +98,12 @@ class Association(asyncio.BufferedProtocol):
         self.closed = asyncio.Event()
         self.cancelled: set[int] = set()
         # Received bytes not yet framed are self._rbuf[self._start:self._end].
-        self._rbuf = bytearray(_READ_SIZE)
+        self._read_size = _FIRST_READ  # _READ_SIZE once associated
+        self._rbuf = bytearray(_FIRST_READ)
         self._start = 0
         self._end = 0
+        self._skip = 0  # bytes of a PDU body still to be dropped unread
+        self._unframed = False  # an unknown PDU type: the stream can no longer be framed
         self._fd = -1  # the socket, for gather writes (-1: TLS or unknown, use the transport)
         self._parts: dict[bool, list[bytes]] = {True: [], False: []}
         self._command: Command | None = None
@@ -73,6 +114,14 @@ class Association(asyncio.BufferedProtocol):
         self._last_activity = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._next_message_id = 0
+
+    @property
+    def state(self) -> State:
+        return self.fsm.state
+
+    @property
+    def established(self) -> bool:
+        return self.fsm.state in _ASSOCIATED
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,11 +135,16 @@ class Association(asyncio.BufferedProtocol):
                 self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
-        loop = asyncio.get_running_loop()
-        self._last_activity = loop.time()
-        self._idle_handle = loop.call_later(self.timeout, self._check_idle)
+        self._last_activity = asyncio.get_running_loop().time()
+        self.transport_connected()
+
+    def transport_connected(self) -> None:
+        """Evt5 on the acceptor (the requestor overrides it with Evt2)."""
+        self.fsm.handle(Event.EVT5)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.fsm.state != State.STA1:
+            self.fsm.handle(Event.EVT17)
         if self._idle_handle:
             self._idle_handle.cancel()
         self.closed.set()
@@ -105,10 +159,19 @@ class Association(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
+    # ------------------------------------------------------------------ idle timer
+    def _associated(self) -> None:
+        """The association is established (AE-3 or AE-7): room for large PDUs, and the idle
+        timer of `timeout` (the ARTIM timer covers the states before and after)."""
+        self._read_size = _READ_SIZE
+        loop = asyncio.get_running_loop()
+        self._last_activity = loop.time()
+        self._idle_handle = loop.call_later(self.timeout, self._check_idle)
+
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
         idle = loop.time() - self._last_activity
-        if self.closed.is_set():
+        if self.closed.is_set() or not self.established:
             return
         if idle >= self.timeout and self.is_idle():
             log.warning("%s: no data for %.0fs, aborting the association", self.describe(), idle)
@@ -123,74 +186,116 @@ class Association(asyncio.BufferedProtocol):
     def describe(self) -> str:
         return self.peer_address
 
+    # ------------------------------------------------------------------ receiving
     def get_buffer(self, sizehint: int) -> memoryview:
         """Room for the next read after the bytes not yet framed: moved to the front when
         the tail is short, the buffer enlarged when one PDU needs more."""
+        size = self._read_size
         free = len(self._rbuf) - self._end
-        if free < _READ_SIZE // 4:
+        if free < size // 4:
             pending = self._end - self._start
             if self._start:
                 self._rbuf[:pending] = self._rbuf[self._start : self._end]
                 self._start, self._end = 0, pending
-            if len(self._rbuf) - pending < _READ_SIZE // 4:
-                bigger = bytearray(max(2 * len(self._rbuf), pending + _READ_SIZE))
+            if len(self._rbuf) - pending < size // 4:
+                bigger = bytearray(max(2 * len(self._rbuf), pending + size))
                 bigger[:pending] = self._rbuf[:pending]
                 self._rbuf = bigger
         return memoryview(self._rbuf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        """Frame PDUs from the bytes received and report each to the state machine."""
         self._last_activity = asyncio.get_running_loop().time()
         self._end += nbytes
         buf = self._rbuf
         pos = self._start
         end = self._end
+        fsm = self.fsm
         try:
-            while end - pos >= 6:
+            while pos < end:
+                if self._skip:
+                    n = min(self._skip, end - pos)
+                    self._skip -= n
+                    pos += n
+                    continue
+                if self._unframed or fsm.state in (State.STA1, State.STA4):
+                    pos = end  # nothing more to read here: only the close is awaited
+                    break
+                if end - pos < 6:
+                    break
                 pdu_type, _, length = _HEADER.unpack_from(buf, pos)
+                event = _EVENT_OF_PDU.get(pdu_type)
+                if event is None:
+                    self._unframed = True
+                    self._violation(
+                        pdu.ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}"
+                    )
+                    continue
+                if fsm.action_for(event) not in READS_PDU:
+                    # Ignored or answered with an abort: the header says enough.
+                    pos += 6
+                    self._skip = length
+                    fsm.handle(event)
+                    continue
+                limit = self._limit(pdu_type)
+                if length > limit:
+                    pos += 6
+                    self._skip = length
+                    self._violation(
+                        pdu.ABORT_INVALID_PARAMETER,
+                        f"{pdu.NAMES[pdu_type]} of {length} bytes exceeds the {limit} we read",
+                    )
+                    continue
                 if end - pos - 6 < length:
-                    if length > (self.max_pdu or 1 << 31) + 1024 and pdu_type == pdu.P_DATA_TF:
-                        raise pdu.PDUError(
-                            f"P-DATA-TF of {length} bytes exceeds our maximum "
-                            f"PDU size {self.max_pdu}"
-                        )
                     break
                 body = memoryview(buf)[pos + 6 : pos + 6 + length]
+                pos += 6 + length
                 try:
-                    self._handle_pdu(pdu_type, body)
+                    self._received(pdu_type, event, body)
                 finally:
                     body.release()
-                pos += 6 + length
-                if self.closed.is_set() or self.transport is None:
-                    break
         except (pdu.PDUError, ValueError) as e:
-            log.warning("%s: protocol error, aborting: %s", self.describe(), e)
-            self.abort(source=pdu.ABORT_SOURCE_PROVIDER, reason=pdu.ABORT_UNEXPECTED_PDU)
-            return
-        if pos == end:
+            self._violation(pdu.ABORT_INVALID_PARAMETER, str(e))
+            pos = end
+        if pos >= end:
             self._start = self._end = 0
         else:
             self._start = pos
 
-    def _handle_pdu(self, pdu_type: int, body: memoryview) -> None:
+    def _limit(self, pdu_type: int) -> int:
         if pdu_type == pdu.P_DATA_TF:
-            for ctx, mch, data in pdu.iter_pdvs(body):
-                self._pdv(ctx, mch, data)
+            return (self.max_pdu or 1 << 31) + pdu.PDATA_SLACK
+        if pdu_type in (pdu.A_ASSOCIATE_RQ, pdu.A_ASSOCIATE_AC):
+            return pdu.MAX_ASSOCIATE_PDU
+        return pdu.MAX_SHORT_PDU
+
+    def _received(self, pdu_type: int, event: Event, body: memoryview) -> None:
+        """Decode a PDU its action reads (a malformed one is Evt19) and hand it over."""
+        payload: Any = None
+        if pdu_type == pdu.P_DATA_TF:
+            payload = pdu.iter_pdvs(body)
         elif pdu_type == pdu.A_ASSOCIATE_RQ:
-            self.on_associate_rq(pdu.decode_associate_rq(bytes(body)))
+            payload = pdu.decode_associate_rq(bytes(body))
         elif pdu_type == pdu.A_ASSOCIATE_AC:
-            self.on_associate_ac(pdu.decode_associate_ac(bytes(body)))
+            payload = pdu.decode_associate_ac(bytes(body))
         elif pdu_type == pdu.A_ASSOCIATE_RJ:
-            self.on_associate_rj(pdu.decode_associate_rj(bytes(body)))
-        elif pdu_type == pdu.A_RELEASE_RQ:
-            self.on_release_rq()
-        elif pdu_type == pdu.A_RELEASE_RP:
-            self.on_release_rp()
+            payload = pdu.decode_associate_rj(bytes(body))
         elif pdu_type == pdu.A_ABORT:
-            self.on_abort(body[2] if len(body) > 2 else 0, body[3] if len(body) > 3 else 0)
-        else:
-            raise pdu.PDUError(f"unknown PDU type 0x{pdu_type:02X}")
+            payload = Abort(body[2], body[3]) if len(body) >= 4 else Abort()
+        self.fsm.handle(event, payload)
+
+    def _violation(self, reason: int, text: str) -> None:
+        """An invalid PDU (Evt19): logged once, then aborted as the state machine says."""
+        if self.fsm.state in (State.STA1, State.STA4, State.STA13):
+            if self.fsm.state == State.STA13:
+                self.fsm.handle(Event.EVT19, Violation(reason, text))
+            return
+        log.warning("%s: protocol error, aborting: %s", self.describe(), text)
+        self.fsm.handle(Event.EVT19, Violation(reason, text))
 
     def _pdv(self, ctx: int, mch: int, data: memoryview) -> None:
+        if ctx not in self.contexts:
+            raise pdu.PDUError(f"a message on presentation context {ctx}, which was not accepted")
         is_command = bool(mch & 0x01)
         parts = self._parts[is_command]
         parts.append(bytes(data))
@@ -227,22 +332,74 @@ class Association(asyncio.BufferedProtocol):
             return
         self.requests.put_nowait(msg)
 
+    # ------------------------------------------------------------------ the state machine's side
+    def indicate(self, what: Indication, payload: Any) -> None:
+        """A primitive for the service user (called by the state machine)."""
+        if what is Indication.P_DATA:
+            for ctx, mch, data in payload:
+                self._pdv(ctx, mch, data)
+        elif what is Indication.ASSOCIATE:
+            self.on_associate_rq(payload)
+        elif what is Indication.ACCEPTED:
+            self._associated()
+            self.on_associate_ac(payload)
+        elif what is Indication.REJECTED:
+            self.on_associate_rj(payload)
+        elif what is Indication.RELEASE:
+            self.on_release_rq()
+        elif what is Indication.RELEASE_COLLISION:
+            self.release_response()
+        elif what is Indication.RELEASED:
+            self.on_release_rp()
+        elif what is Indication.ABORT:
+            self.on_abort(payload.source, payload.reason)
+        elif what is Indication.P_ABORT:
+            self.on_provider_abort(str(payload))
+
+    def send_pdu(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_pdata(self, message: tuple[int, bytes, bytes | memoryview | None]) -> None:
+        context_id, command, dataset = message
+        pieces: Iterable[bytes | memoryview] = pdu.pdata_pieces(
+            context_id, command, True, self.peer_max_pdu
+        )
+        self._write(pieces)
+        if dataset is not None:
+            self._write(pdu.pdata_pieces(context_id, dataset, False, self.peer_max_pdu))
+
+    def close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def open_transport(self) -> None:
+        """AE-1: `pacsgrid.dicom.scu.connect` opens the connection right after."""
+
+    def artim_expired(self, state: State) -> None:
+        """Before the ARTIM timer closes the connection (Evt18)."""
+        log.info("%s: ARTIM timer expired in %s, closing the connection", self.describe(), state)
+
+    def provider_rejection(self, rq: pdu.AssociateRQ) -> pdu.AssociateRJ | None:
+        """AE-6: an A-ASSOCIATE-RJ when the provider itself cannot take the request."""
+        return None
+
     # ------------------------------------------------------------------ hooks
     def on_associate_rq(self, rq: pdu.AssociateRQ) -> None:
-        raise pdu.PDUError("unexpected A-ASSOCIATE-RQ")
+        """A-ASSOCIATE indication: answer with `accept()` or `reject()`."""
 
     def on_associate_ac(self, ac: pdu.AssociateAC) -> None:
-        raise pdu.PDUError("unexpected A-ASSOCIATE-AC")
+        """A-ASSOCIATE confirmation (accept)."""
 
     def on_associate_rj(self, rj: pdu.AssociateRJ) -> None:
-        raise pdu.PDUError("unexpected A-ASSOCIATE-RJ")
+        """A-ASSOCIATE confirmation (reject); the connection is closed."""
 
     def on_release_rq(self) -> None:
-        self.send_raw(pdu.RELEASE_RP)
-        self.close()
+        """A-RELEASE indication: answer with `release_response()` once done."""
+        self.release_response()
 
     def on_release_rp(self) -> None:
-        self.close()
+        """A-RELEASE confirmation; the connection is closed."""
 
     def on_abort(self, source: int, reason: int) -> None:
         log.info(
@@ -251,47 +408,88 @@ class Association(asyncio.BufferedProtocol):
             source,
             reason,
         )
-        self.close()
+
+    def on_provider_abort(self, why: str) -> None:
+        """A-P-ABORT indication: the connection closed, or the provider aborted."""
+
+    # ------------------------------------------------------------------ primitives we issue
+    def accept(self, ac: pdu.AssociateAC) -> None:
+        """A-ASSOCIATE response (accept), Evt7."""
+        self.fsm.handle(Event.EVT7, ac)
+        self._associated()
+
+    def reject(self, rj: pdu.AssociateRJ) -> None:
+        """A-ASSOCIATE response (reject), Evt8."""
+        self.fsm.handle(Event.EVT8, rj)
+
+    def release_response(self) -> None:
+        """A-RELEASE response, Evt14 (ignored when the association is gone meanwhile)."""
+        if (self.fsm.state, Event.EVT14) in TABLE:
+            self.fsm.handle(Event.EVT14)
+
+    def abort(self, source: int = pdu.ABORT_SOURCE_USER, reason: int = 0) -> None:
+        """A-ABORT request (Evt15). Before an association exists, and while waiting for the
+        peer to close, there is nothing to abort: the connection is closed as if the ARTIM
+        timer had expired."""
+        state = self.fsm.state
+        if (state, Event.EVT15) in TABLE:
+            self.fsm.handle(Event.EVT15, Abort(source, reason))
+        elif (state, Event.EVT18) in TABLE:
+            self.fsm.handle(Event.EVT18)
+
+    def close(self) -> None:
+        """Close the connection at once, whatever the state (the loop is going away)."""
+        self.close_transport()
 
     # ------------------------------------------------------------------ sending
     def send_raw(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        self.send_pdu(data)
 
     def send_message(
         self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
     ) -> None:
-        if self.transport is None or self.transport.is_closing():
+        """P-DATA request (Evt9): one DIMSE message, fragmented to the peer's PDU size."""
+        if (self.fsm.state, Event.EVT9) not in TABLE or self.transport is None:
+            raise AssociationAborted(f"no association to send on ({self.fsm.state})")
+        if self.transport.is_closing():
             raise AssociationAborted("connection closed")
         command[dimse.DATASET_TYPE] = dimse.NO_DATASET if dataset is None else dimse.HAS_DATASET
-        pieces: list[bytes | memoryview] = pdu.encode_pdata(
-            context_id, dimse.encode_command(command), True, self.peer_max_pdu
-        )
-        if dataset is not None:
-            pieces += pdu.encode_pdata(context_id, dataset, False, self.peer_max_pdu)
-        self._write(pieces)
+        self.fsm.handle(Event.EVT9, (context_id, dimse.encode_command(command), dataset))
 
-    def _write(self, pieces: list[bytes | memoryview]) -> None:
-        """Send now with writev while nothing is queued before us; what the socket does not
-        take (or everything, on TLS) goes through the transport, which sends it when it can."""
+    def _write(self, pieces: Iterable[bytes | memoryview]) -> None:
+        """Send with writev, a batch of buffers at a time, while nothing is queued before us;
+        what the socket does not take (or everything, on TLS) goes through the transport,
+        which sends it when it can."""
         assert self.transport is not None
-        if self._fd >= 0 and not self.transport.get_write_buffer_size():
-            while pieces:
-                try:
-                    n = os.writev(self._fd, pieces[:_IOV_MAX])
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break  # let the transport meet the error and close the connection
-                while n and pieces:
-                    if n >= len(pieces[0]):
-                        n -= len(pieces[0])
-                        pieces.pop(0)
-                    else:
-                        pieces[0] = memoryview(pieces[0])[n:]
-                        n = 0
-        if pieces:
-            self.transport.writelines(pieces)
+        it: Iterator[bytes | memoryview] = iter(pieces)
+        while True:
+            batch = list(islice(it, _IOV_MAX))
+            if not batch:
+                return
+            if self._fd >= 0 and not self.transport.get_write_buffer_size():
+                batch = self._writev(batch)
+            if batch:
+                self.transport.writelines(batch)
+
+    def _writev(self, batch: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Write what the socket takes now; return the rest."""
+        first = 0
+        while first < len(batch):
+            try:
+                n = os.writev(self._fd, batch[first:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # let the transport meet the error and close the connection
+            while n and first < len(batch):
+                size = len(batch[first])
+                if n >= size:
+                    n -= size
+                    first += 1
+                else:
+                    batch[first] = memoryview(batch[first])[n:]
+                    n = 0
+        return batch[first:]
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
@@ -365,14 +563,6 @@ class Association(asyncio.BufferedProtocol):
             cmd[dimse.MOVE_ORIGINATOR_ID] = originator[1]
         rsp = await self.request(context_id, cmd, dataset)
         return int(rsp.command.get(dimse.STATUS, 0)), str(rsp.command.get(dimse.ERROR_COMMENT, ""))
-
-    def abort(self, source: int = pdu.ABORT_SOURCE_USER, reason: int = 0) -> None:
-        self.send_raw(pdu.encode_abort(source, reason))
-        self.close()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
 
     # ------------------------------------------------------------------ negotiation helpers
     def context_for(

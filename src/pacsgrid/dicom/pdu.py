@@ -7,6 +7,7 @@ P-DATA-TF path runs for every message: this module keeps that path to a few `str
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -38,11 +39,39 @@ RJ_CALLED_AE_NOT_RECOGNIZED = 7
 RJ_PROTOCOL_VERSION = 2  # with source ACSE
 RJ_LOCAL_LIMIT_EXCEEDED = 2  # with source presentation
 
-# A-ABORT sources / reasons
+# A-ABORT sources / reasons (PS3.8 9.3.8)
 ABORT_SOURCE_USER = 0
 ABORT_SOURCE_PROVIDER = 2
-ABORT_UNEXPECTED_PDU = 2
 ABORT_UNRECOGNIZED_PDU = 1
+ABORT_UNEXPECTED_PDU = 2
+ABORT_UNRECOGNIZED_PARAMETER = 4
+ABORT_UNEXPECTED_PARAMETER = 5
+ABORT_INVALID_PARAMETER = 6
+
+NAMES = {
+    A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    P_DATA_TF: "P-DATA-TF",
+    A_RELEASE_RQ: "A-RELEASE-RQ",
+    A_RELEASE_RP: "A-RELEASE-RP",
+    A_ABORT: "A-ABORT",
+}
+
+# The longest A-ASSOCIATE-RQ/AC we read. PS3.8 sets no limit; 128 presentation contexts with
+# ten transfer syntaxes each, role selections and a user identity token come to some 50 KB,
+# so a peer declaring more is refused before its bytes are buffered.
+MAX_ASSOCIATE_PDU = 256 * 1024
+# A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT have 4-byte bodies; a little slack for peers
+# that pad them.
+MAX_SHORT_PDU = 1024
+# P-DATA-TF PDUs may exceed the maximum length we announced by this much (some peers count
+# the PDU header in) before they are refused.
+PDATA_SLACK = 1024
+# The smallest maximum PDU length we send to (unless 0, "no limit"). PS3.8 sets no minimum,
+# but a peer announcing, say, 7 bytes asks for one PDU per byte of every dataset: refused at
+# association rather than served at a hundred times the cost.
+MIN_PEER_MAX_PDU = 1024
 
 
 class PDUError(Exception):
@@ -169,6 +198,16 @@ def _text(b: bytes) -> str:
     return b.decode("ascii", "replace").strip(" \x00")
 
 
+def _ae_text(b: bytes) -> str:
+    """An AE title as received. Control characters are not allowed in AE titles (PS3.5
+    6.2): they are escaped here, once, so no log line or audit record carries them raw, and
+    the escaped title (with a backslash) can never equal a configured one."""
+    text = _text(b)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def _sub_items(body: bytes | memoryview) -> list[tuple[int, bytes]]:
     items = []
     pos = 0
@@ -208,7 +247,7 @@ def _decode_associate(body: bytes) -> tuple[int, str, str, list[tuple[int, bytes
     if len(body) < 68:
         raise PDUError("association PDU too short")
     (version,) = struct.unpack_from(">H", body)
-    return version, _text(body[4:20]), _text(body[20:36]), _sub_items(body[68:])
+    return version, _ae_text(body[4:20]), _ae_text(body[20:36]), _sub_items(body[68:])
 
 
 def decode_associate_rq(body: bytes) -> AssociateRQ:
@@ -266,31 +305,35 @@ _PDV_HEADER = struct.Struct(">IBB")
 _PDU_HEADER = struct.Struct(">BBI")
 
 
-def encode_pdata(
+def pdata_pieces(
     context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int
-) -> list[bytes | memoryview]:
-    """P-DATA-TF PDUs carrying one message part, fragmented to the peer's maximum PDU size.
-
-    Returns buffers for `transport.writelines` (no concatenation of large payloads).
-    """
+) -> Iterator[bytes | memoryview]:
+    """P-DATA-TF PDUs carrying one message part, fragmented to the peer's maximum PDU size:
+    each PDU's header, then a slice of `payload` (no copy of the payload), made as they are
+    written, so the cost stays linear in the size of the message whatever the PDU size."""
     flag = 0x01 if is_command else 0x00
     n = len(payload)
     step = (max_pdu - 6) if max_pdu and max_pdu > 6 else (n or 1)
-    out: list[bytes | memoryview] = []
     view = memoryview(payload)
     pos = 0
     while True:
         chunk = view[pos : pos + step]
         pos += len(chunk)
         last = pos >= n
-        header = _PDU_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6) + _PDV_HEADER.pack(
+        yield _PDU_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6) + _PDV_HEADER.pack(
             len(chunk) + 2, context_id, flag | (0x02 if last else 0)
         )
-        out.append(header)
         if len(chunk):
-            out.append(chunk)
+            yield chunk
         if last:
-            return out
+            return
+
+
+def encode_pdata(
+    context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int
+) -> list[bytes | memoryview]:
+    """`pdata_pieces` as a list (for tests and small messages)."""
+    return list(pdata_pieces(context_id, payload, is_command, max_pdu))
 
 
 def iter_pdvs(body: memoryview) -> list[tuple[int, int, memoryview]]:

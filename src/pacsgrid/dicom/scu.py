@@ -13,8 +13,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from pacsgrid.dicom import dimse, pdu
-from pacsgrid.dicom.association import AcceptedContext, Association, AssociationAborted
+from pacsgrid.dicom.association import (
+    RELEASE_REQUESTED,
+    AcceptedContext,
+    Association,
+    AssociationAborted,
+)
 from pacsgrid.dicom.dimse import Message
+from pacsgrid.dicom.fsm import Event, State
 from pacsgrid.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 log = logging.getLogger("pacsgrid.dicom")
@@ -32,16 +38,19 @@ class AssociationRejected(Exception):
 
 
 class ClientAssociation(Association):
+    requestor = True
+
     def __init__(
         self,
-        proposals: list[pdu.PresentationContext],
+        rq: pdu.AssociateRQ,
         *,
         max_pdu: int,
         timeout: float,
         on_store: StoreHandler | None = None,
     ) -> None:
         super().__init__(max_pdu=max_pdu, timeout=timeout)
-        self._proposals = {pc.id: pc for pc in proposals}
+        self.rq = rq
+        self._proposals = {pc.id: pc for pc in rq.contexts}
         self._established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._on_store = on_store
@@ -51,8 +60,20 @@ class ClientAssociation(Association):
     def describe(self) -> str:
         return self.label or self.peer_address
 
+    def transport_connected(self) -> None:
+        self.fsm.handle(Event.EVT2, self.rq)  # AE-2: send the A-ASSOCIATE-RQ
+
     def on_associate_ac(self, ac: pdu.AssociateAC) -> None:
         self.peer_max_pdu = ac.max_pdu
+        if ac.max_pdu and ac.max_pdu < pdu.MIN_PEER_MAX_PDU:
+            self._fail(
+                AssociationAborted(
+                    f"{self.describe()} accepts PDUs of at most {ac.max_pdu} bytes, fewer "
+                    f"than the {pdu.MIN_PEER_MAX_PDU} we send at least"
+                )
+            )
+            self.abort()
+            return
         roles = {r.sop_class_uid: r for r in ac.roles}
         for pc in ac.contexts:
             proposed = self._proposals.get(pc.id)
@@ -72,28 +93,32 @@ class ClientAssociation(Association):
             self._serve_task = asyncio.get_running_loop().create_task(self._serve())
 
     def on_associate_rj(self, rj: pdu.AssociateRJ) -> None:
-        if not self._established.done():
-            self._established.set_exception(AssociationRejected(rj))
-        self.close()
+        self._fail(AssociationRejected(rj))
+
+    def on_release_rq(self) -> None:
+        self.requests.put_nowait(RELEASE_REQUESTED)  # after the requests received before it
 
     def on_release_rp(self) -> None:
         if not self._released.done():
             self._released.set_result(None)
-        self.close()
 
     def on_abort(self, source: int, reason: int) -> None:
-        for fut in (self._established, self._released):
-            if not fut.done():
-                fut.set_exception(
-                    AssociationAborted(f"peer aborted (source {source}, reason {reason})")
-                )
-        self.close()
+        self._fail(AssociationAborted(f"peer aborted (source {source}, reason {reason})"))
+
+    def on_provider_abort(self, why: str) -> None:
+        self._fail(AssociationAborted(why))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._fail(AssociationAborted("connection closed"))
+
+    def _fail(self, error: Exception) -> None:
+        """Fail whoever waits for the association or its release (nobody may be waiting:
+        the exception is marked retrieved so asyncio does not report it)."""
         for fut in (self._established, self._released):
             if not fut.done():
-                fut.set_exception(AssociationAborted("connection closed"))
+                fut.set_exception(error)
+                fut.exception()
 
     async def _serve(self) -> None:
         """Requests the peer sends us on this association: C-STORE of our C-GET."""
@@ -102,6 +127,9 @@ class ClientAssociation(Association):
             msg = await self.requests.get()
             if msg is None:
                 return
+            if msg is RELEASE_REQUESTED:
+                self.release_response()
+                continue
             ctx = self.contexts.get(msg.context_id)
             status = dimse.UNRECOGNIZED_OPERATION
             if msg.command_field == dimse.C_STORE_RQ and ctx is not None:
@@ -179,9 +207,12 @@ class ClientAssociation(Association):
             yield rsp
 
     async def release(self, timeout: float = 10.0) -> None:
-        if self.closed.is_set():
+        """A-RELEASE request (Evt11); aborts when no A-RELEASE-RP comes in `timeout`."""
+        if self.closed.is_set() or self.state != State.STA6:
+            if not self.closed.is_set():
+                self.abort()
             return
-        self.send_raw(pdu.RELEASE_RQ)
+        self.fsm.handle(Event.EVT11)
         try:
             await asyncio.wait_for(asyncio.shield(self._released), timeout)
         except (TimeoutError, AssociationAborted):
@@ -212,18 +243,6 @@ async def connect(
         pdu.PresentationContext(2 * i + 1, abstract, list(syntaxes))
         for i, (abstract, syntaxes) in enumerate(proposals)
     ]
-    loop = asyncio.get_running_loop()
-    _transport, assoc = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: ClientAssociation(
-                contexts, max_pdu=max_pdu, timeout=timeout, on_store=on_store
-            ),
-            host,
-            port,
-        ),
-        timeout,
-    )
-    assoc.label = f"{called_ae}@{host}:{port}"
     rq = pdu.AssociateRQ(
         called_ae,
         calling_ae,
@@ -233,7 +252,16 @@ async def connect(
         IMPLEMENTATION_VERSION,
         {uid: pdu.RoleSelection(uid, True, True) for uid in scp_roles},
     )
-    assoc.send_raw(pdu.encode_associate_rq(rq))
+    assoc = ClientAssociation(rq, max_pdu=max_pdu, timeout=timeout, on_store=on_store)
+    assoc.label = f"{called_ae}@{host}:{port}"
+    assoc.fsm.handle(Event.EVT1)  # AE-1: the transport connection is opened next
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.create_connection(lambda: assoc, host, port), timeout)
+    except BaseException:
+        if assoc.state == State.STA4:
+            assoc.fsm.handle(Event.EVT17)  # the connection never opened (AA-4)
+        raise
     try:
         await asyncio.wait_for(asyncio.shield(assoc._established), timeout)
     except TimeoutError:
