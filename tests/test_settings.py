@@ -55,8 +55,31 @@ def test_relative_paths_in_a_config_file_are_relative_to_it(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[dicom]\nport = 'abc'\n", "dicom.port: must be an integer from 1 to 65535, got 'abc'"),
-        ("[dicom]\nport = 70000\n", "dicom.port: must be an integer from 1 to 65535"),
+        ("[dicom]\nport = 'abc'\n", "dicom.port: must be an integer from 0 to 65535, got 'abc'"),
+        ("[dicom]\nport = 70000\n", "dicom.port: must be an integer from 0 to 65535"),
+        ("[dicom]\nport = 0\n", "dicom.port: is 0 (no plain DICOM) but dicom.tls_port is not"),
+        ("[dicom]\nartim_timeout = 0\n", "dicom.artim_timeout: must be a number from 0.5 to 600"),
+        ("[dicom]\nmax_associations = 0\n", "dicom.max_associations: must be an integer from 1"),
+        (
+            "[dicom]\nmax_associations_per_host = -1\n",
+            "dicom.max_associations_per_host: must be an integer from 0",
+        ),
+        (
+            "[[peers]]\nae_title='A'\nhost='h'\naddresses=['10.1.2.0/24', 'ten']\n",
+            "peers[0].addresses[1]: expected an address or network such as 10.1.2.0/24, got 'ten'",
+        ),
+        (
+            "[[peers]]\nae_title='A'\nhost='h'\ntls_fingerprint='abc'\n",
+            "peers[0].tls_fingerprint: invalid value 'abc'",
+        ),
+        (
+            "[[peers]]\nae_title='A'\nhost='h'\ntls_subject='CN=a'\n",
+            "peers[0].tls_subject: a certificate binding needs dicom.tls_port and dicom.tls_ca",
+        ),
+        (
+            "[[peers]]\nae_title='A'\nhost='h'\ntls_subject='just text'\n",
+            "peers[0].tls_subject: expected attributes such as CN=ct1,O=Hospital",
+        ),
         ("[dicom]\nprot = 104\n", "dicom.prot: unknown setting (did you mean 'port'?)"),
         ("[dicom]\nae_title = 'MUCH_TOO_LONG_TITLE'\n", "dicom.ae_title: must be an AE title"),
         ("[dicom]\non_duplicate = 'merge'\n", "dicom.on_duplicate: must be one of keep, replace"),

@@ -46,9 +46,9 @@ class Component(Protocol):
 @dataclass
 class Listeners:
     """Sockets `pacsgrid serve` bound before anything started (so that a port in use fails
-    start-up with one clear line): DICOM, DICOM TLS, HTTP."""
+    start-up with one clear line): DICOM (None: TLS only), DICOM TLS, HTTP."""
 
-    dicom: socket.socket
+    dicom: socket.socket | None
     tls: socket.socket | None = None
     http: socket.socket | None = None
 
@@ -221,12 +221,15 @@ def run_supervisor(
     """Start `workers` worker processes on the inherited socket(s); run the components here.
     `inherit`: more descriptors the workers keep open for their whole life (the serve lock)."""
     sock = listeners.dicom
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
     board = LoadBoard.create(workers)
-    argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:], "--worker-fd", str(fd)]
+    argv = [sys.executable, "-m", "pacsgrid", *sys.argv[1:]]
     argv += ["--worker-parent", str(os.getpid())]
-    fds = [fd, board.fd, *inherit]
+    fds = [board.fd, *inherit]
+    if sock is not None:
+        fd = sock.fileno()
+        os.set_inheritable(fd, True)
+        argv += ["--worker-fd", str(fd)]
+        fds.append(fd)
     if listeners.tls is not None:
         tls_fd = listeners.tls.fileno()
         os.set_inheritable(tls_fd, True)

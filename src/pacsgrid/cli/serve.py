@@ -105,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     setup_logging(settings)
     d = settings.dicom
-    if args.worker_fd is not None:
+    if args.worker_board is not None:
         if args.worker_parent is not None:
             node.die_with_supervisor(args.worker_parent)
-        sock = socket.socket(fileno=args.worker_fd)
-        sock.setblocking(False)
+        sock = None
+        if args.worker_fd is not None:
+            sock = socket.socket(fileno=args.worker_fd)
+            sock.setblocking(False)
         tls_sock = None
         if args.worker_tls_fd is not None:
             tls_sock = socket.socket(fileno=args.worker_tls_fd)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         archive.recover()
     finally:
         archive.close()
-    listeners = node.Listeners(_listen("dicom.port", d.bind, d.port))
+    listeners = node.Listeners(_listen("dicom.port", d.bind, d.port) if d.port else None)
     if d.tls_port:
         from pacsgrid.tls import server_context
 
@@ -148,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     workers = d.workers or default_workers()
     sites = ", ".join(f"{s.name}={masked(s.url)}" for s in settings.sites)
     log.info(
-        "pacsgrid listening on %s:%d as %s (%d worker%s); index %s; sites %s",
+        "pacsgrid listening on %s:%s as %s (%d worker%s); index %s; sites %s",
         d.bind,
-        d.port,
+        d.port or "- (TLS only)",
         d.ae_title,
         workers,
         "s" if workers > 1 else "",

@@ -10,16 +10,23 @@ through `pacsgrid.dicom.status`, so every service reports the same problem the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pacsgrid.dicom import dimse, pdu
-from pacsgrid.dicom.association import Association, AssociationAborted
+from pacsgrid.dicom.association import RELEASE_REQUESTED, Association, AssociationAborted
+from pacsgrid.dicom.authentication import HostResolver, PeerCertificate, mismatch
 from pacsgrid.dicom.dimse import Message
+from pacsgrid.dicom.fsm import Event, State
 from pacsgrid.dicom.identifier import Request, decode_request, encode_elements, response_elements
-from pacsgrid.dicom.negotiation import MODEL_LEVELS, QR_MODELS, negotiate
+from pacsgrid.dicom.logs import Throttle
+from pacsgrid.dicom.negotiation import MODEL_LEVELS, QR_MODELS, negotiate, service_of
 from pacsgrid.dicom.retrieve import retrieve
 from pacsgrid.dicom.status import comment, failure_status
 from pacsgrid.errors import InvalidDataset, PacsgridError
@@ -37,6 +44,7 @@ class ServiceContext:
 
     archive: Archive
     associations: set[ServerAssociation] = field(default_factory=set)
+    resolver: HostResolver = field(default_factory=HostResolver)
 
     @property
     def ae_title(self) -> str:
@@ -44,19 +52,51 @@ class ServiceContext:
 
 
 class ServerAssociation(Association):
-    def __init__(self, service: ServiceContext) -> None:
+    def __init__(self, service: ServiceContext, *, over_limit: str = "") -> None:
+        """`over_limit`: why this connection is over the server's limits (then its
+        association request is rejected, transiently, with 'local limit exceeded')."""
         d = service.archive.settings.dicom
-        super().__init__(max_pdu=d.max_pdu, timeout=d.timeout)
+        super().__init__(max_pdu=d.max_pdu, timeout=d.timeout, artim=d.artim_timeout)
         self.service = service
         self.archive = service.archive
+        self.over_limit = over_limit
+        self.certificate: PeerCertificate | None = None
+        self.on_tls = False
         self.caller: Caller | None = None
         self.busy = False
         self.counts: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.sock: socket.socket | None = None  # for `expire_soon` before the loop runs
+        self._handoff = threading.Lock()
+        self._expired = False
+        self.since = time.monotonic()
 
     def describe(self) -> str:
         return str(self.caller) if self.caller else self.peer_address
+
+    @property
+    def waiting(self) -> bool:
+        """Not (or no longer) associated: connecting, awaiting its A-ASSOCIATE-RQ (Sta2),
+        or awaiting the peer's close (Sta13). Such a connection may make room for another."""
+        return self.fsm.state in (State.STA1, State.STA2, State.STA13)
+
+    def expire_soon(self) -> None:
+        """From any thread: close the connection if it is still `waiting`, as if its ARTIM
+        timer expired. Before its loop runs (a TLS handshake, say) the socket is shut down."""
+        with self._handoff:
+            self._expired = True
+            loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._expire)
+        elif self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        if self.fsm.state in (State.STA2, State.STA13):
+            self.fsm.handle(Event.EVT18)
 
     def is_idle(self) -> bool:
         return not self.busy
@@ -74,9 +114,15 @@ class ServerAssociation(Association):
             self._loop.call_soon_threadsafe(self.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._loop = asyncio.get_running_loop()
+        with self._handoff:
+            self._loop = asyncio.get_running_loop()
+            expired = self._expired
         self.service.associations.add(self)
+        self.certificate = PeerCertificate.from_ssl(transport.get_extra_info("ssl_object"))
+        self.on_tls = transport.get_extra_info("sslcontext") is not None
+        super().connection_made(transport)
+        if expired:
+            self._expire()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -85,29 +131,75 @@ class ServerAssociation(Association):
             summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "idle"
             log.info("association with %s closed: %s", self.caller, summary)
 
+    def artim_expired(self, state: State) -> None:
+        if state == State.STA2:
+            _SILENT(
+                "%s: no A-ASSOCIATE-RQ within %.0fs (dicom.artim_timeout), closing",
+                self.describe(),
+                self.fsm.artim,
+            )
+
     # ------------------------------------------------------------------ negotiation
+    def provider_rejection(self, rq: pdu.AssociateRQ) -> pdu.AssociateRJ | None:
+        """What the upper layer itself refuses (AE-6), before the archive is asked."""
+        why = ""
+        rj = None
+        if not rq.protocol_version & 1:
+            why = "unsupported protocol version"
+            rj = pdu.AssociateRJ(pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE, pdu.RJ_PROTOCOL_VERSION)
+        elif self.over_limit:
+            why = self.over_limit
+            rj = pdu.AssociateRJ(
+                pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_LOCAL_LIMIT_EXCEEDED
+            )
+        elif rq.max_pdu and rq.max_pdu < pdu.MIN_PEER_MAX_PDU:
+            why = (
+                f"it accepts PDUs of at most {rq.max_pdu} bytes; we send at least "
+                f"{pdu.MIN_PEER_MAX_PDU}"
+            )
+            rj = pdu.AssociateRJ(pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE, pdu.RJ_NO_REASON)
+        if rj is not None:
+            log.warning(
+                "association from %s@%s rejected: %s",
+                rq.calling_ae,
+                self.peer_address.rsplit(":", 1)[0],
+                why,
+            )
+        return rj
+
     def on_associate_rq(self, rq: pdu.AssociateRQ) -> None:
         from pacsgrid.archive import Caller
 
-        if self.caller is not None:
-            raise pdu.PDUError("second A-ASSOCIATE-RQ on one connection")
         host = self.peer_address.rsplit(":", 1)[0]
         caller = Caller(rq.calling_ae, host)
         self.caller = caller
-        if not rq.protocol_version & 1:
-            self._reject(
-                pdu.RJ_PERMANENT,
-                pdu.RJ_SOURCE_ACSE,
-                pdu.RJ_PROTOCOL_VERSION,
-                "unsupported protocol version",
-            )
-            return
         if rq.application_context != pdu.APPLICATION_CONTEXT:
             self._reject(
                 pdu.RJ_PERMANENT,
                 pdu.RJ_SOURCE_USER,
                 2,
                 f"application context {rq.application_context!r} not supported",
+            )
+            return
+        peer = self.archive.settings.peer(rq.calling_ae)
+        problem = (
+            mismatch(
+                peer,
+                host,
+                self.certificate,
+                on_tls=self.on_tls,
+                resolver=self.service.resolver,
+            )
+            if peer is not None
+            else ""
+        )
+        if problem:
+            self.archive.audit(caller, "associate", "denied", "", problem)
+            self._reject(
+                pdu.RJ_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                pdu.RJ_CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE {rq.calling_ae!r} is a configured peer, but {problem}",
             )
             return
         if not self.archive.accepts_association(caller):
@@ -137,7 +229,7 @@ class ServerAssociation(Association):
             )
         self.contexts = result.contexts
         self.peer_max_pdu = rq.max_pdu
-        self.send_raw(pdu.encode_associate_ac(result.ac))
+        self.accept(result.ac)
         log.info(
             "association from %s accepted (%d of %d presentation contexts)",
             caller,
@@ -148,8 +240,10 @@ class ServerAssociation(Association):
 
     def _reject(self, result: int, source: int, reason: int, why: str) -> None:
         log.warning("association from %s rejected: %s", self.describe(), why)
-        self.send_raw(pdu.encode_associate_rj(pdu.AssociateRJ(result, source, reason)))
-        self.close()
+        self.reject(pdu.AssociateRJ(result, source, reason))
+
+    def on_release_rq(self) -> None:
+        self.requests.put_nowait(RELEASE_REQUESTED)  # answered after the requests before it
 
     # ------------------------------------------------------------------ request loop
     async def _serve(self) -> None:
@@ -157,6 +251,9 @@ class ServerAssociation(Association):
             msg = await self.requests.get()
             if msg is None:
                 return
+            if msg is RELEASE_REQUESTED:
+                self.release_response()
+                continue
             self.busy = True
             try:
                 await self._handle(msg)
@@ -174,23 +271,26 @@ class ServerAssociation(Association):
                 self.busy = False
 
     async def _handle(self, msg: Message) -> None:
-        ctx = self.contexts.get(msg.context_id)
+        ctx = self.contexts[msg.context_id]  # received only on accepted contexts
         field = msg.command_field
-        if ctx is None:
-            raise pdu.PDUError(
-                f"message on presentation context {msg.context_id}, which was not accepted"
-            )
-        if field == dimse.C_STORE_RQ:
-            await self._c_store(msg, ctx.transfer_syntax)
-        elif field == dimse.C_ECHO_RQ:
+        service = service_of(ctx.abstract_syntax)
+        if field == dimse.C_ECHO_RQ:
             self.counts["echo"] += 1
             self._respond(msg, dimse.SUCCESS)
+        elif _SERVICE_OF_COMMAND.get(field) != service:
+            name = dimse.COMMAND_NAMES.get(field, f"command 0x{field:04X}")
+            why = (
+                f"{name} on presentation context {ctx.id} ({ctx.abstract_syntax}), "
+                f"which is for {service}"
+            )
+            log.warning("%s: refused %s", self.describe(), why)
+            self._respond(msg, dimse.UNRECOGNIZED_OPERATION, why)
+        elif field == dimse.C_STORE_RQ:
+            await self._c_store(msg, ctx.transfer_syntax)
         elif field == dimse.C_FIND_RQ:
             await self._c_find(msg, ctx.abstract_syntax, ctx.transfer_syntax)
-        elif field in (dimse.C_MOVE_RQ, dimse.C_GET_RQ):
-            await self._c_retrieve(msg, ctx.abstract_syntax, ctx.transfer_syntax)
         else:
-            self._respond(msg, dimse.UNRECOGNIZED_OPERATION, "operation not supported")
+            await self._c_retrieve(msg, ctx.abstract_syntax, ctx.transfer_syntax)
 
     def _respond(
         self,
@@ -218,8 +318,10 @@ class ServerAssociation(Association):
 
     # ------------------------------------------------------------------ C-STORE
     async def _c_store(self, msg: Message, transfer_syntax: str) -> None:
-        assert self.caller is not None and msg.dataset is not None
+        assert self.caller is not None
         try:
+            if msg.dataset is None:
+                raise InvalidDataset("C-STORE-RQ without a dataset")
             result = self.archive.ingest(
                 msg.dataset,
                 transfer_syntax,
@@ -302,6 +404,14 @@ class ServerAssociation(Association):
         self.counts[op] += 1
         await retrieve(self, msg, records, destination, transfer_syntax)
 
+
+_SERVICE_OF_COMMAND = {
+    dimse.C_STORE_RQ: "store",
+    dimse.C_FIND_RQ: "find",
+    dimse.C_MOVE_RQ: "move",
+    dimse.C_GET_RQ: "get",
+}
+_SILENT = Throttle(level=logging.INFO)  # connections that never associate: one line per 10s
 
 _EXTRA = {
     "remaining": dimse.REMAINING,

@@ -10,6 +10,16 @@ block only their own association while an object is fsynced and indexed. That sa
 hand-off to a thread pool and back for every C-STORE, which was a quarter of the Python time
 of a small-instance store.
 
+Threads are bounded: a worker holds at most `dicom.max_associations` connections, at most
+`dicom.max_associations_per_host` from one address. A connection that has not yet sent its
+A-ASSOCIATE-RQ costs a thread but serves nobody, so when a new connection finds the worker
+full, the oldest such connection is closed to make room (as if its ARTIM timer had expired).
+A peer opening thousands of connections and sending nothing thus holds only the newest few,
+for at most `dicom.artim_timeout` seconds each, while a peer that sends its request at once,
+as every DICOM implementation does, gets in. When every connection is a live association,
+a new one is handled on the acceptor's own loop only to reject it (transient, "local limit
+exceeded"); a few such rejections run at once, beyond those the connection is closed.
+
 On shutdown a server stops accepting, lets in-flight associations finish for
 `dicom.shutdown_grace` seconds, aborts the rest, and waits for their threads: a store that was
 under way either completes (durable and indexed) or was never acknowledged.
@@ -27,9 +37,16 @@ import time
 
 from pacsgrid.archive import Archive
 from pacsgrid.dicom.accept import BalancedAcceptor, LoadBoard
+from pacsgrid.dicom.admission import Admission
+from pacsgrid.dicom.logs import Throttle
 from pacsgrid.dicom.scp import ServerAssociation, ServiceContext
 
 log = logging.getLogger("pacsgrid.dicom")
+
+_REFUSING_AT_ONCE = 32  # rejections in progress on the acceptor's loop; beyond: closed
+_EVICTED = Throttle()
+_REFUSED = Throttle()
+_UNSET = Throttle()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -40,7 +57,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(addr)
-    sock.listen(128)
+    sock.listen(socket.SOMAXCONN)  # a burst of connections waits here, not in SYN retries
     sock.setblocking(False)
     return sock
 
@@ -52,14 +69,15 @@ class DicomServer:
     def __init__(
         self,
         archive: Archive,
-        sock: socket.socket,
+        sock: socket.socket | None,
         *,
         tls_sock: socket.socket | None = None,
         tls_context: ssl.SSLContext | None = None,
         board: LoadBoard | None = None,
     ) -> None:
-        """`board`: where the worker processes that accept on the same sockets publish their
-        load (None: this process is the only one)."""
+        """`sock`: the plain DICOM port (None: TLS only); `board`: where the worker processes
+        that accept on the same sockets publish their load (None: this process is the only
+        one)."""
         self.archive = archive
         self.sock = sock
         self.tls_sock = tls_sock
@@ -70,11 +88,18 @@ class DicomServer:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._serial = 0
+        d = archive.settings.dicom
+        self.admission: Admission[ServerAssociation] = Admission(
+            d.max_associations, d.max_associations_per_host
+        )
+        self._refusing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         with self._lock:
             self._publish()
-        listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = [(self.sock, None)]
+        listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        if self.sock is not None:
+            listeners.append((self.sock, None))
         if self.tls_sock is not None and self.tls_context is not None:
             listeners.append((self.tls_sock, self.tls_context))
         for sock, context in listeners:
@@ -88,43 +113,83 @@ class DicomServer:
             self._acceptors.append(acceptor)
 
     def _start_association(self, conn: socket.socket, *, context: ssl.SSLContext | None) -> None:
-        with self._lock:
-            self._serial += 1
-            thread = threading.Thread(
-                target=self._run_association,
-                args=(conn, context),
-                name=f"assoc-{self._serial}",
-                daemon=True,
-            )
-            self._threads.add(thread)
-            self._publish()
-        thread.start()
-
-    def _run_association(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
         try:
-            asyncio.run(self._serve_connection(conn, context))
+            host = str(conn.getpeername()[0])
+        except OSError:  # reset before we got to it
+            conn.close()
+            return
+        assoc = ServerAssociation(self.service)
+        assoc.sock = conn
+        with self._lock:
+            admitted, victims = self.admission.admit(host, assoc)
+            if admitted:
+                self._serial += 1
+                thread = threading.Thread(
+                    target=self._run_association,
+                    args=(conn, context, assoc),
+                    name=f"assoc-{self._serial}",
+                    daemon=True,
+                )
+                self._threads.add(thread)
+                self._publish()
+        for victim in victims:
+            victim.expire_soon()
+        if victims:
+            _EVICTED(
+                "closed %d connection(s) that had not associated, to make room "
+                "(dicom.max_associations %d, per host %d)",
+                len(victims),
+                self.admission.limit,
+                self.admission.per_host,
+            )
+        if admitted:
+            thread.start()
+        else:
+            self._refuse(conn, context, host)
+
+    def _run_association(
+        self, conn: socket.socket, context: ssl.SSLContext | None, assoc: ServerAssociation
+    ) -> None:
+        try:
+            asyncio.run(self._serve_connection(conn, context, assoc))
         except Exception:
             log.exception("association thread failed")
         finally:
             with self._lock:
+                self.admission.leave(assoc)
                 self._threads.discard(threading.current_thread())
                 self._publish()
+
+    def _refuse(self, conn: socket.socket, context: ssl.SSLContext | None, host: str) -> None:
+        """Reject the association request of a connection over the limits, on this loop."""
+        why = self.admission.refusal(host)
+        if len(self._refusing) >= _REFUSING_AT_ONCE:
+            _REFUSED("%s: connection from %s closed unanswered", why, host)
+            conn.close()
+            return
+        _REFUSED("%s: rejecting the association request from %s", why, host)
+        assoc = ServerAssociation(self.service, over_limit=why)
+        task = asyncio.get_running_loop().create_task(self._serve_connection(conn, context, assoc))
+        self._refusing.add(task)
+        task.add_done_callback(self._refusing.discard)
 
     def _publish(self) -> None:
         if self.board is not None:
             self.board.publish(len(self._threads))
 
-    async def _serve_connection(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
+    async def _serve_connection(
+        self, conn: socket.socket, context: ssl.SSLContext | None, assoc: ServerAssociation
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, assoc = await loop.connect_accepted_socket(
-                lambda: ServerAssociation(self.service),
+            await loop.connect_accepted_socket(
+                lambda: assoc,
                 conn,
                 ssl=context,
-                ssl_handshake_timeout=30 if context is not None else None,
+                ssl_handshake_timeout=assoc.fsm.artim if context is not None else None,
             )
         except Exception as e:  # a failed TLS handshake, a reset: this connection only
-            log.warning("connection could not be set up: %s", e)
+            _UNSET("connection could not be set up: %s", e)
             conn.close()
             return
         await assoc.finished()
@@ -132,6 +197,8 @@ class DicomServer:
     async def shutdown(self, grace: float) -> None:
         for acceptor in self._acceptors:
             acceptor.close()
+        for task in list(self._refusing):
+            task.cancel()
         live = list(self.service.associations)
         if live:
             log.info("waiting up to %.0fs for %d association(s) to finish", grace, len(live))

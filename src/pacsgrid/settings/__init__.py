@@ -6,7 +6,7 @@ documentation cannot drift from the code (a test regenerates it and compares).
 
 Precedence, lowest first: built-in defaults, the TOML file, `PACSGRID_<SECTION>_<KEY>`
 environment variables, command-line options. A wrong value stops start-up with one line that
-names the key, e.g. ``dicom.port: must be an integer from 1 to 65535, got 'abc'``.
+names the key, e.g. ``dicom.port: must be an integer from 0 to 65535, got 'abc'``.
 
 Relative paths in a config file are resolved against the folder of that file; relative paths on
 the command line against the current directory.

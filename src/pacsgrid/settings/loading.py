@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -25,6 +26,7 @@ from pacsgrid.settings.sections import (
     PeerSettings,
     Settings,
     SiteSettings,
+    parse_subject,
 )
 
 _FLAGS = {"http.port": "--http-port", "http.bind": "--http-bind"}
@@ -397,6 +399,28 @@ def _check_policy(s: Settings) -> None:
                 f"forward[{i}].to", f"{rule.to!r} is not a configured peer (add it to [[peers]])"
             )
     d = s.dicom
+    if not d.port and not d.tls_port:
+        raise ConfigError("dicom.port", "is 0 (no plain DICOM) but dicom.tls_port is not set")
+    for i, p in enumerate(s.peers):
+        for j, text in enumerate(p.addresses):
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"peers[{i}].addresses[{j}]",
+                    f"expected an address or network such as 10.1.2.0/24, got {text!r}",
+                ) from None
+        if p.tls_subject:
+            try:
+                parse_subject(p.tls_subject)
+            except ValueError as e:
+                raise ConfigError(f"peers[{i}].tls_subject", str(e)) from None
+        if (p.tls_subject or p.tls_fingerprint) and not (d.tls_port and d.tls_ca):
+            raise ConfigError(
+                f"peers[{i}].tls_subject" if p.tls_subject else f"peers[{i}].tls_fingerprint",
+                "a certificate binding needs dicom.tls_port and dicom.tls_ca (client "
+                "certificates are requested and checked against it)",
+            )
     if (d.tls_port or s.http.tls) and not (d.tls_cert and d.tls_key):
         raise ConfigError("dicom.tls_cert", "TLS needs dicom.tls_cert and dicom.tls_key")
     if d.tls_verify_clients and not d.tls_ca:

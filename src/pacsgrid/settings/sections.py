@@ -22,6 +22,19 @@ def setting(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+def parse_subject(text: str) -> frozenset[tuple[str, str]]:
+    """A certificate subject written as 'CN=ct1,O=Hospital' (or OpenSSL's '/CN=ct1/O=...'):
+    its attribute-value pairs. Raises ValueError naming what is wrong."""
+    parts = text.strip().strip("/").split("/") if text.strip().startswith("/") else None
+    pairs = []
+    for part in parts if parts is not None else re.split(r"(?<!\\),", text):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"expected attributes such as CN=ct1,O=Hospital, got {text!r}")
+        pairs.append((key.strip(), value.strip().replace("\\,", ",")))
+    return frozenset(pairs)
+
+
 Operation = Literal["echo", "store", "find", "move", "get"]
 ALL_OPERATIONS: tuple[Operation, ...] = ("echo", "store", "find", "move", "get")
 
@@ -38,6 +51,28 @@ class PeerSettings:
         list(ALL_OPERATIONS),
         "Operations this peer may perform: echo, store, find, move, get.",
         choices=ALL_OPERATIONS,
+    )
+    check_host: bool = setting(
+        False,
+        "Accept this AE title only from the address(es) `host` resolves to (or from "
+        "`addresses`); a call from elsewhere is rejected.",
+    )
+    addresses: tuple[str, ...] = setting(
+        [],
+        "Addresses or networks (e.g. 10.1.2.3, 10.1.2.0/24) this AE title may call from; "
+        "a non-empty list turns the address check on.",
+    )
+    tls_subject: str = setting(
+        "",
+        "Subject its TLS client certificate must have, e.g. 'CN=ct1,O=Hospital' (the "
+        "attributes as openssl x509 -subject -nameopt RFC2253 prints them, any order); the "
+        "peer may then call only on the TLS port.",
+    )
+    tls_fingerprint: str = setting(
+        "",
+        "SHA-256 fingerprint (hex, colons allowed) its TLS client certificate must have; the "
+        "peer may then call only on the TLS port.",
+        pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$|^$",
     )
 
 
@@ -76,7 +111,12 @@ class SiteSettings:
 @dataclass(frozen=True)
 class DicomSettings:
     ae_title: str = setting("PACSGRID", "AE title of the archive.", ae=True)
-    port: int = setting(11112, "DICOM listening port.", min=1, max=65535)
+    port: int = setting(
+        11112,
+        "DICOM listening port (0 = no plain DICOM: TLS only, see tls_port).",
+        min=0,
+        max=65535,
+    )
     bind: str = setting("0.0.0.0", "Address the DICOM listener binds to (0.0.0.0 = all).")
     workers: int = setting(
         0,
@@ -97,6 +137,28 @@ class DicomSettings:
     )
     max_pdu: int = setting(262144, "Largest PDU the archive accepts (bytes, 0 = unlimited).", min=0)
     timeout: float = setting(60.0, "Seconds a peer may stay silent during an association.", min=1.0)
+    artim_timeout: float = setting(
+        10.0,
+        "PS3.8 ARTIM timer: seconds a new connection has to send its A-ASSOCIATE-RQ, and "
+        "that a connection whose association ended waits for the peer to close it.",
+        min=0.5,
+        max=600.0,
+    )
+    max_associations: int = setting(
+        128,
+        "Connections one DICOM worker process holds at once (each has a thread). When full, "
+        "the oldest connection that has not sent its A-ASSOCIATE-RQ makes room; if there is "
+        "none, the new one is rejected (A-ASSOCIATE-RJ, local limit exceeded).",
+        min=1,
+        max=10000,
+    )
+    max_associations_per_host: int = setting(
+        32,
+        "Connections one worker process holds at once from one address (0 = no limit; set "
+        "0 behind a TCP proxy, where every peer has the proxy's address).",
+        min=0,
+        max=10000,
+    )
     shutdown_grace: float = setting(
         10.0,
         "On SIGTERM, seconds in-flight associations get to finish before they are aborted.",
