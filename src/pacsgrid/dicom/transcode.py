@@ -5,6 +5,12 @@ can do it: between the uncompressed syntaxes (implicit/explicit VR, little/big e
 from deflated, and from compressed syntaxes that pydicom can decode with the installed
 plugins (RLE always, with NumPy). Anything else raises `TranscodeError` and the retrieve reports
 a failed sub-operation for that instance.
+
+This is the one place pixel data is decoded (`transcode`, and `pixel_array` for the web's
+rendered images and frames), so it is the decoder boundary: whatever a decoder raises on
+corrupt data becomes `TranscodeError` here. That includes a Rust panic in a plugin
+(pylibjpeg-rle raises pyo3's PanicException, a BaseException that `except Exception` lets
+through, leaving a WADO reply empty or a C-GET unanswered).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from typing import Any
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -23,7 +30,27 @@ from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICI
 
 
 class TranscodeError(Exception):
-    pass
+    """The dataset cannot be converted or its pixel data decoded (a failed sub-operation on
+    DIMSE, 406 on the web)."""
+
+
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _decoder_failure(e: BaseException, what: str) -> TranscodeError:
+    """`e`, raised by pydicom or a decoder plugin, as a TranscodeError (or re-raised when it
+    is the interpreter's own: Ctrl-C, exit)."""
+    if isinstance(e, _NOT_OURS):
+        raise e
+    return TranscodeError(f"{what}: {type(e).__name__}: {e}")
+
+
+def pixel_array(ds: Any) -> Any:
+    """`ds.pixel_array`, with decoder failures (panics included) as TranscodeError."""
+    try:
+        return ds.pixel_array
+    except BaseException as e:
+        raise _decoder_failure(e, "cannot decode the pixel data") from None
 
 
 def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
@@ -56,10 +83,8 @@ def transcode(dataset: bytes | memoryview, source: str, target: str) -> bytes:
             out.is_implicit_VR = target == IMPLICIT_LE
             write_dataset(out, ds)
             return out.getvalue()
-    except Exception as e:  # pydicom and its plugins raise many kinds of errors
-        raise TranscodeError(
-            f"{UID(source).name} to {UID(target).name}: {type(e).__name__}: {e}"
-        ) from None
+    except BaseException as e:  # pydicom and its plugins raise many kinds, panics included
+        raise _decoder_failure(e, f"{UID(source).name} to {UID(target).name}") from None
 
 
 _WORD = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}

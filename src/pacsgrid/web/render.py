@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pacsgrid.dicom.transcode import pixel_array
+
 
 class RenderError(Exception):
     """The object has no image pydicom can decode (no pixel data, unsupported encoding)."""
@@ -39,7 +41,7 @@ def render(
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if not 1 <= frame <= frames:
                 raise RenderError(f"frame {frame} out of range 1-{frames}")
-            arr = ds.pixel_array
+            arr = pixel_array(ds)
             if frames > 1:
                 arr = arr[frame - 1]
             img = _to_8bit(ds, arr, window)

@@ -26,7 +26,7 @@ from aiohttp import web
 from pacsgrid.archive import Match, Query, StoredObject
 from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, UNCOMPRESSED
 from pacsgrid.dicom.part10 import build_file_meta
-from pacsgrid.dicom.transcode import TranscodeError, transcode
+from pacsgrid.dicom.transcode import TranscodeError, pixel_array, transcode
 from pacsgrid.model import InstanceRecord, Level
 from pacsgrid.web import multipart, validate
 from pacsgrid.web.auth import requires
@@ -280,7 +280,7 @@ def _frames(
             ]
         if compressed and wants_native:
             try:
-                arr = ds.pixel_array
+                arr = pixel_array(ds)
             except Exception as e:
                 raise Problem(406, f"cannot decode the frames: {type(e).__name__}: {e}") from None
             if count == 1:
