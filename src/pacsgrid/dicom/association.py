@@ -203,6 +203,15 @@ class Association(asyncio.BufferedProtocol):
                 self._rbuf = bigger
         return memoryview(self._rbuf)[self._end :]
 
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the connection before this protocol owned it."""
+        if len(self._rbuf) - self._end < len(data):
+            bigger = bytearray(self._end + len(data) + self._read_size)
+            bigger[: self._end] = self._rbuf[: self._end]
+            self._rbuf = bigger
+        self._rbuf[self._end : self._end + len(data)] = data
+        self.buffer_updated(len(data))
+
     def buffer_updated(self, nbytes: int) -> None:
         """Frame PDUs from the bytes received and report each to the state machine."""
         self._last_activity = asyncio.get_running_loop().time()

@@ -52,14 +52,18 @@ class ServiceContext:
 
 
 class ServerAssociation(Association):
-    def __init__(self, service: ServiceContext, *, over_limit: str = "") -> None:
+    def __init__(
+        self, service: ServiceContext, *, over_limit: str = "", first: bytes = b""
+    ) -> None:
         """`over_limit`: why this connection is over the server's limits (then its
-        association request is rejected, transiently, with 'local limit exceeded')."""
+        association request is rejected, transiently, with 'local limit exceeded');
+        `first`: bytes already read from the connection (in the lobby)."""
         d = service.archive.settings.dicom
         super().__init__(max_pdu=d.max_pdu, timeout=d.timeout, artim=d.artim_timeout)
         self.service = service
         self.archive = service.archive
         self.over_limit = over_limit
+        self._first = first
         self.certificate: PeerCertificate | None = None
         self.on_tls = False
         self.caller: Caller | None = None
@@ -123,6 +127,9 @@ class ServerAssociation(Association):
         super().connection_made(transport)
         if expired:
             self._expire()
+        elif self._first:  # read in the lobby: handled before anything the socket brings
+            first, self._first = self._first, b""
+            self.feed(first)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -10,15 +10,17 @@ block only their own association while an object is fsynced and indexed. That sa
 hand-off to a thread pool and back for every C-STORE, which was a quarter of the Python time
 of a small-instance store.
 
-Threads are bounded: a worker holds at most `dicom.max_associations` connections, at most
-`dicom.max_associations_per_host` from one address. A connection that has not yet sent its
-A-ASSOCIATE-RQ costs a thread but serves nobody, so when a new connection finds the worker
-full, the oldest such connection is closed to make room (as if its ARTIM timer had expired).
-A peer opening thousands of connections and sending nothing thus holds only the newest few,
-for at most `dicom.artim_timeout` seconds each, while a peer that sends its request at once,
-as every DICOM implementation does, gets in. When every connection is a live association,
-a new one is handled on the acceptor's own loop only to reject it (transient, "local limit
-exceeded"); a few such rejections run at once, beyond those the connection is closed.
+Threads are bounded. A plain TCP connection gets no thread until its first PDU is in: it
+waits in the `Lobby` on the acceptor's loop (see pacsgrid.dicom.lobby), so a flood of
+connections that send nothing costs a file descriptor each, and only the newest few are kept.
+A worker then holds at most `dicom.max_associations` association threads, at most
+`dicom.max_associations_per_host` from one address. When a new association finds the worker
+full, a thread whose connection is not an association (a TLS connection still in its
+handshake or without its request, one whose association ended and that waits for the peer to
+close) is closed to make room, as if its ARTIM timer had expired; when every thread serves a
+live association, the request is rejected (transient, "local limit exceeded") on the
+acceptor's own loop; a few such rejections run at once, beyond those the connection is
+closed.
 
 On shutdown a server stops accepting, lets in-flight associations finish for
 `dicom.shutdown_grace` seconds, aborts the rest, and waits for their threads: a store that was
@@ -38,6 +40,7 @@ import time
 from pacsgrid.archive import Archive
 from pacsgrid.dicom.accept import BalancedAcceptor, LoadBoard
 from pacsgrid.dicom.admission import Admission
+from pacsgrid.dicom.lobby import Lobby
 from pacsgrid.dicom.logs import Throttle
 from pacsgrid.dicom.scp import ServerAssociation, ServiceContext
 
@@ -93,6 +96,12 @@ class DicomServer:
             d.max_associations, d.max_associations_per_host
         )
         self._refusing: set[asyncio.Task[None]] = set()
+        self.lobby = Lobby(
+            self._first_pdu,
+            capacity=d.max_associations,
+            per_host=d.max_associations_per_host,
+            timeout=d.artim_timeout,
+        )
 
     async def start(self) -> None:
         with self._lock:
@@ -105,20 +114,32 @@ class DicomServer:
         for sock, context in listeners:
             acceptor = BalancedAcceptor(
                 sock,
-                functools.partial(self._start_association, context=context),
+                functools.partial(self._arrived, context=context),
                 load=lambda: len(self._threads),
                 board=self.board,
             )
             acceptor.start()
             self._acceptors.append(acceptor)
 
-    def _start_association(self, conn: socket.socket, *, context: ssl.SSLContext | None) -> None:
+    def _arrived(self, conn: socket.socket, *, context: ssl.SSLContext | None) -> None:
+        """A new connection: plain ones wait in the lobby, TLS ones get a thread at once."""
         try:
             host = str(conn.getpeername()[0])
         except OSError:  # reset before we got to it
             conn.close()
             return
-        assoc = ServerAssociation(self.service)
+        if context is None:
+            self.lobby.enter(conn, host)
+        else:
+            self._start_association(conn, context, host, b"")
+
+    def _first_pdu(self, conn: socket.socket, host: str, first: bytes) -> None:
+        self._start_association(conn, None, host, first)
+
+    def _start_association(
+        self, conn: socket.socket, context: ssl.SSLContext | None, host: str, first: bytes
+    ) -> None:
+        assoc = ServerAssociation(self.service, first=first)
         assoc.sock = conn
         with self._lock:
             admitted, victims = self.admission.admit(host, assoc)
@@ -145,7 +166,7 @@ class DicomServer:
         if admitted:
             thread.start()
         else:
-            self._refuse(conn, context, host)
+            self._refuse(conn, context, host, first)
 
     def _run_association(
         self, conn: socket.socket, context: ssl.SSLContext | None, assoc: ServerAssociation
@@ -160,7 +181,9 @@ class DicomServer:
                 self._threads.discard(threading.current_thread())
                 self._publish()
 
-    def _refuse(self, conn: socket.socket, context: ssl.SSLContext | None, host: str) -> None:
+    def _refuse(
+        self, conn: socket.socket, context: ssl.SSLContext | None, host: str, first: bytes
+    ) -> None:
         """Reject the association request of a connection over the limits, on this loop."""
         why = self.admission.refusal(host)
         if len(self._refusing) >= _REFUSING_AT_ONCE:
@@ -168,7 +191,7 @@ class DicomServer:
             conn.close()
             return
         _REFUSED("%s: rejecting the association request from %s", why, host)
-        assoc = ServerAssociation(self.service, over_limit=why)
+        assoc = ServerAssociation(self.service, over_limit=why, first=first)
         task = asyncio.get_running_loop().create_task(self._serve_connection(conn, context, assoc))
         self._refusing.add(task)
         task.add_done_callback(self._refusing.discard)
@@ -197,6 +220,7 @@ class DicomServer:
     async def shutdown(self, grace: float) -> None:
         for acceptor in self._acceptors:
             acceptor.close()
+        self.lobby.close()
         for task in list(self._refusing):
             task.cancel()
         live = list(self.service.associations)
