@@ -169,7 +169,17 @@ def _walk(
     while pos < end:
         if pos + 8 > end and not any(buf[pos:]):
             break  # trailing zero padding shorter than an element header
-        tag, vr, length, value = _element_header(buf, pos, implicit, little)
+        try:
+            tag, vr, length, value = _element_header(buf, pos, implicit, little)
+        except ScanError:
+            if last_tag < 0:
+                raise  # the very first element: perhaps the syntax is not what was said
+            if not any(buf[pos:]):
+                break  # zero padding at the end of a dataset
+            raise InvalidDataset(
+                f"the bytes at offset {pos}, after element {_name(last_tag)}, are not an "
+                "element (a length that does not add up, or garbage)"
+            ) from None
         if tag <= last_tag:
             if tag == 0 and not any(buf[pos:]):
                 break  # zero padding at the end of a dataset
