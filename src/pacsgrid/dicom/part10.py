@@ -56,6 +56,8 @@ def _read_meta(data: bytes, pos: int) -> Part10:
         if vr not in _VRS:
             raise InvalidDataset(f"file meta element (0002,{elem:04X}) has no valid VR")
         if vr in LONG_VRS:
+            if pos + 12 > end:
+                raise InvalidDataset("file meta group is truncated")
             (length,) = struct.unpack_from("<I", data, pos + 8)
             pos += 12
         else:
