@@ -79,9 +79,20 @@ def trailing_partial_element() -> tuple[Dataset, bytes]:
     return ds, encode(ds, implicit=True) + struct.pack("<HH", 0x0099, 0x0012) + b"\x00\x01"
 
 
+def repeated_fragment() -> tuple[Dataset, bytes]:
+    """A stretch of a text value sent twice (a P-DATA fragment repeated): the bytes after
+    the value are not an element."""
+    ds = base_dataset()
+    ds.ImageComments = "x" * 200
+    raw = encode(ds)
+    at = raw.index(b"x" * 200) + 200
+    return ds, raw[:at] + b"x" * 58 + raw[at:]
+
+
 BROKEN = {
-    "inner-sequence-plus-one": (inner_sequence_plus_one, EXPLICIT),
-    "trailing-partial-element": (trailing_partial_element, IMPLICIT),
+    "repeated-fragment": (repeated_fragment, EXPLICIT, "not an element"),
+    "inner-sequence-plus-one": (inner_sequence_plus_one, EXPLICIT, "truncated"),
+    "trailing-partial-element": (trailing_partial_element, IMPLICIT, "truncated"),
 }
 
 
@@ -97,7 +108,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_broken_lengths_are_refused_on_every_path(
     server: Server, tmp_path: Path, name: str
 ) -> None:
-    make, ts = BROKEN[name]
+    make, ts, why = BROKEN[name]
     ds, dataset = make()
     part10 = tmp_path / f"{name}.dcm"
     part10.write_bytes(build_file_meta(SC, ds.SOPInstanceUID, ts) + dataset)
@@ -107,12 +118,12 @@ def test_broken_lengths_are_refused_on_every_path(
     before = index_count(server)
     status, comment = asyncio.run(store_raw(server.port, SC, ds.SOPInstanceUID, ts, dataset))
     assert status == dimse.CANNOT_UNDERSTAND, (hex(status), comment)
-    assert "truncated" in comment
+    assert why in comment
     assert index_count(server) == before
 
     imported = pacsgrid_cli("import", "--data-dir", tmp_path / "imported", part10)
     assert "failed 1" in imported.stdout + imported.stderr, imported.stdout + imported.stderr
-    assert "truncated" in imported.stderr
+    assert why in imported.stderr
 
 
 # ---------------------------------------------------------------- a decoder that panics

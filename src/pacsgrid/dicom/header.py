@@ -177,8 +177,8 @@ def _walk(
             if not any(buf[pos:]):
                 break  # zero padding at the end of a dataset
             raise InvalidDataset(
-                f"the bytes at offset {pos}, after element {_name(last_tag)}, are not an "
-                "element (a length that does not add up, or garbage)"
+                f"not an element at offset {pos}, after {_name(last_tag)} (a length that "
+                "does not add up, or garbage)"
             ) from None
         if tag <= last_tag:
             if tag == 0 and not any(buf[pos:]):
