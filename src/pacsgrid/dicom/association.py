@@ -46,8 +46,10 @@ from pacsgrid.dicom.fsm import (
     StateMachine,
     Violation,
 )
+from pacsgrid.dicom.logs import Throttle
 
 log = logging.getLogger("pacsgrid.dicom")
+_GARBAGE = Throttle()
 
 _HEADER = struct.Struct(">BBI")
 _FIRST_READ = 16 * 1024  # the buffer until the association is established
@@ -299,7 +301,10 @@ class Association(asyncio.BufferedProtocol):
             if self.fsm.state == State.STA13:
                 self.fsm.handle(Event.EVT19, Violation(reason, text))
             return
-        log.warning("%s: protocol error, aborting: %s", self.describe(), text)
+        if self.fsm.state == State.STA2:  # anyone can connect and send garbage: throttled
+            _GARBAGE("%s: protocol error before association, aborting: %s", self.describe(), text)
+        else:
+            log.warning("%s: protocol error, aborting: %s", self.describe(), text)
         self.fsm.handle(Event.EVT19, Violation(reason, text))
 
     def _pdv(self, ctx: int, mch: int, data: memoryview) -> None:

@@ -46,9 +46,12 @@ class Lobby:
         capacity: int,
         per_host: int,
         timeout: float,
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
-        """`ready(sock, host, first_bytes)` takes over a connection whose first PDU is in."""
+        """`ready(sock, host, first_bytes)` takes over a connection whose first PDU is in;
+        `changed()` is called whenever a connection enters or leaves (the load changed)."""
         self.ready = ready
+        self.changed = changed
         self.capacity = capacity
         self.per_host = per_host
         self.timeout = timeout
@@ -68,6 +71,7 @@ class Lobby:
         w.timer = loop.call_later(self.timeout, self._expired, w)
         self._waiting[sock.fileno()] = w
         loop.add_reader(sock.fileno(), self._readable, w)
+        self.changed()
 
     def close(self) -> None:
         """Close every waiting connection (shutdown)."""
@@ -107,6 +111,7 @@ class Lobby:
             w.timer.cancel()
         if self._loop is not None:
             self._loop.remove_reader(w.sock.fileno())
+        self.changed()
 
     def _readable(self, w: Waiting) -> None:
         try:

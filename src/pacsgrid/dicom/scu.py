@@ -9,6 +9,7 @@ await assoc.release()
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -219,6 +220,10 @@ class ClientAssociation(Association):
             self.abort()
         if self._serve_task is not None:
             self._serve_task.cancel()
+        # The connection is closed by us (AR-3) or, after an abort, by the peer or the ARTIM
+        # timer: wait for it, so nothing is left open when the caller's loop ends.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closed.wait(), self.fsm.artim + 1)
 
 
 async def connect(

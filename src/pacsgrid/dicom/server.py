@@ -101,6 +101,7 @@ class DicomServer:
             capacity=d.max_associations,
             per_host=d.max_associations_per_host,
             timeout=d.artim_timeout,
+            changed=self._publish_locked,
         )
 
     async def start(self) -> None:
@@ -115,7 +116,7 @@ class DicomServer:
             acceptor = BalancedAcceptor(
                 sock,
                 functools.partial(self._arrived, context=context),
-                load=lambda: len(self._threads),
+                load=self._load,
                 board=self.board,
             )
             acceptor.start()
@@ -196,9 +197,17 @@ class DicomServer:
         self._refusing.add(task)
         task.add_done_callback(self._refusing.discard)
 
+    def _load(self) -> int:
+        """Connections this process serves: association threads and the lobby's."""
+        return len(self._threads) + len(self.lobby)
+
     def _publish(self) -> None:
         if self.board is not None:
-            self.board.publish(len(self._threads))
+            self.board.publish(self._load())
+
+    def _publish_locked(self) -> None:
+        with self._lock:
+            self._publish()
 
     async def _serve_connection(
         self, conn: socket.socket, context: ssl.SSLContext | None, assoc: ServerAssociation
