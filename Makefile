@@ -8,7 +8,7 @@
 # scripts/bench does the same on a machine without make.
 # `make powercut ARGS="--cuts 1000 --seed 7"`: the long power-cut run of the archive
 # (docs/powercut.md; needs root for its FUSE mount).
-# `make fuzz ARGS="--seconds 600"` fuzzes the DICOM decoders for ten minutes per target
+# `make fuzz ARGS="--seconds 600"` fuzzes the DICOM decoders for ten minutes per fuzzer
 # (add --sockets 2000 for PDU sequences against a server it starts); scripts/fuzz does the same.
 
 .PHONY: bench bench-smoke profile ab test powercut fuzz

@@ -1,4 +1,4 @@
-"""Fuzzing, CI-sized: every coverage-guided target (tests/fuzz/targets.py) runs a few thousand
+"""Fuzzing, CI-sized: every coverage-guided fuzzer (tests/fuzz/fuzzers.py) runs a few thousand
 executions under atheris from its seeds, and every input that once crashed one is replayed.
 The long run is `make fuzz ARGS="--seconds 600"` (tests/fuzz/run.py)."""
 
@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz import run
-from tests.fuzz.targets import TARGETS
+from tests.fuzz.fuzzers import FUZZERS
 
 CRASHES = Path(__file__).parent / "fuzz" / "crashes"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", run.NAMES)
-def test_fuzz_target_briefly(target: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fuzzer", run.NAMES)
+def test_fuzz_target_briefly(fuzzer: str, tmp_path: Path) -> None:
     report = run.run(
-        target, runs=2000, corpus=tmp_path / "corpus", crashes=tmp_path / "crashes", timeout=600
+        fuzzer, runs=2000, corpus=tmp_path / "corpus", crashes=tmp_path / "crashes", timeout=600
     )
     print(report.line())
     assert not report.crashes, f"{report.line()}\n{report.tail}"
@@ -32,7 +32,7 @@ def crash_inputs() -> list[Path]:
 
 @pytest.mark.parametrize("path", crash_inputs(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_inputs_that_once_crashed_are_handled(path: Path) -> None:
-    TARGETS[path.parent.name](path.read_bytes())
+    FUZZERS[path.parent.name](path.read_bytes())
 
 
 @pytest.mark.slow

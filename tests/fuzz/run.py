@@ -1,14 +1,14 @@
-"""Run the coverage-guided fuzz targets (atheris, libFuzzer) and report what they did.
+"""Run the coverage-guided fuzzers (atheris, libFuzzer) and report what they did.
 
-    python -m tests.fuzz.run --seconds 600            # each target for ten minutes
-    python -m tests.fuzz.run --runs 3000 --target pdu # a CI-sized run of one target
+    python -m tests.fuzz.run --seconds 600            # each fuzzer for ten minutes
+    python -m tests.fuzz.run --runs 3000 --fuzzer pdu # a CI-sized run of one fuzzer
     make fuzz ARGS="--seconds 600"
 
-Each target runs in its own process (libFuzzer ends the process it runs in), on a corpus kept
-under .cache/fuzz/<target> (seeded from tests/fuzz/seeds.py the first time, grown by every
-run), with crashing inputs written to .cache/fuzz/crashes/<target>/. The report gives, per
-target, the executions, the corpus size, and the crashes found. A crash is a bug: fix it, then
-copy its input to tests/fuzz/crashes/<target>/ so tests/test_fuzz.py replays it for ever.
+Each fuzzer runs in its own process (libFuzzer ends the process it runs in), on a corpus kept
+under .cache/fuzz/<fuzzer> (seeded from tests/fuzz/seeds.py the first time, grown by every
+run), with crashing inputs written to .cache/fuzz/crashes/<fuzzer>/. The report gives, per
+fuzzer, the executions, the corpus size, and the crashes found. A crash is a bug: fix it, then
+copy its input to tests/fuzz/crashes/<fuzzer>/ so tests/test_fuzz.py replays it for ever.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ NAMES = ("header", "part10", "pdu", "dimse")
 
 @dataclass
 class Report:
-    target: str
+    fuzzer: str
     executions: int = 0
     seconds: int = 0
     corpus: int = 0
@@ -40,24 +40,24 @@ class Report:
     def line(self) -> str:
         crashes = ", ".join(p.name for p in self.crashes) or "none"
         return (
-            f"{self.target:7} {self.executions:>10,} executions in {self.seconds:>4}s, "
+            f"{self.fuzzer:7} {self.executions:>10,} executions in {self.seconds:>4}s, "
             f"corpus {self.corpus:>5}, crashes: {crashes}"
         )
 
 
-def seed_corpus(target: str, corpus: Path) -> None:
+def seed_corpus(fuzzer: str, corpus: Path) -> None:
     """Write the seeds into an empty corpus folder."""
     from tests.fuzz.seeds import seeds
 
     corpus.mkdir(parents=True, exist_ok=True)
     if any(corpus.iterdir()):
         return
-    for data in seeds(target):
+    for data in seeds(fuzzer):
         (corpus / hashlib.sha1(data).hexdigest()).write_bytes(data)
 
 
 def run(
-    target: str,
+    fuzzer: str,
     *,
     runs: int = 0,
     seconds: int = 0,
@@ -65,10 +65,10 @@ def run(
     crashes: Path | None = None,
     timeout: float | None = None,
 ) -> Report:
-    """Fuzz one target in a child process for `runs` executions or `seconds` seconds."""
-    corpus = corpus or CACHE / target
-    crashes = crashes or CACHE / "crashes" / target
-    seed_corpus(target, corpus)
+    """Run one fuzzer in a child process for `runs` executions or `seconds` seconds."""
+    corpus = corpus or CACHE / fuzzer
+    crashes = crashes or CACHE / "crashes" / fuzzer
+    seed_corpus(fuzzer, corpus)
     crashes.mkdir(parents=True, exist_ok=True)
     before = set(crashes.iterdir())
     args = [
@@ -76,7 +76,7 @@ def run(
         "-m",
         "tests.fuzz.run",
         "--child",
-        target,
+        fuzzer,
         str(corpus),
         f"-artifact_prefix={crashes}/",
         "-max_len=131072",
@@ -97,7 +97,7 @@ def run(
         env={**os.environ, "RUST_BACKTRACE": "0"},
     )
     out = proc.stderr + proc.stdout
-    report = Report(target, returncode=proc.returncode, tail=out[-3000:])
+    report = Report(fuzzer, returncode=proc.returncode, tail=out[-3000:])
     done = re.search(r"Done (\d+) runs in (\d+) second", out)
     stat = re.search(r"stat::number_of_executed_units:\s*(\d+)", out)
     if done:
@@ -130,16 +130,16 @@ def sockets(sequences: int, seconds: float) -> str:
     )
 
 
-def child(target: str, libfuzzer_args: list[str]) -> None:
-    """In the child: instrument pacsgrid's decoders and hand the target to libFuzzer."""
+def child(fuzzer: str, libfuzzer_args: list[str]) -> None:
+    """In the child: instrument pacsgrid's decoders and hand the fuzzer to libFuzzer."""
     import warnings
 
     import atheris
 
     warnings.simplefilter("ignore")
     with atheris.instrument_imports(include=["pacsgrid"]):
-        from tests.fuzz.targets import TARGETS
-    atheris.Setup([sys.argv[0], *libfuzzer_args], TARGETS[target])
+        from tests.fuzz.fuzzers import FUZZERS
+    atheris.Setup([sys.argv[0], *libfuzzer_args], FUZZERS[fuzzer])
     atheris.Fuzz()
 
 
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         child(argv[1], argv[2:])
         return 0
     p = argparse.ArgumentParser(description="Fuzz pacsgrid's DICOM decoders (atheris).")
-    p.add_argument("--target", choices=NAMES, action="append", help="default: all")
-    p.add_argument("--seconds", type=int, default=0, help="time per target")
-    p.add_argument("--runs", type=int, default=0, help="executions per target")
+    p.add_argument("--fuzzer", choices=NAMES, action="append", help="default: all")
+    p.add_argument("--seconds", type=int, default=0, help="time per fuzzer")
+    p.add_argument("--runs", type=int, default=0, help="executions per fuzzer")
     p.add_argument(
         "--sockets",
         type=int,
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.seconds and not args.runs:
         args.runs = 3000
-    reports = [run(t, runs=args.runs, seconds=args.seconds) for t in args.target or NAMES]
+    reports = [run(t, runs=args.runs, seconds=args.seconds) for t in args.fuzzer or NAMES]
     if args.sockets:
         print(sockets(args.sockets, args.seconds or 600))
     for r in reports:
         print(r.line())
         if r.returncode and not r.crashes:
-            print(f"  {r.target} ended with code {r.returncode}:\n{r.tail}")
+            print(f"  {r.fuzzer} ended with code {r.returncode}:\n{r.tail}")
         for crash in r.crashes:
             print(f"  crash input: {crash}")
     return 1 if any(r.crashes or r.returncode for r in reports) else 0

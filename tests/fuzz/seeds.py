@@ -1,4 +1,4 @@
-"""Seed inputs for the fuzz targets: the test corpus (tests/corpus.py: the shared files or
+"""Seed inputs for the fuzzers: the test corpus (tests/corpus.py: the shared files or
 pydicom's and pynetdicom's), small datasets with nested sequences, and valid PDUs and command
 sets of every kind, so that mutation starts from inputs that reach deep into each decoder."""
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pacsgrid.dicom import dimse, pdu
-from tests.fuzz.targets import SYNTAXES
+from tests.fuzz.fuzzers import SYNTAXES
 
 MAX_SEED = 64 * 1024  # larger files slow every mutation down; small ones cover the same code
 
@@ -51,14 +51,14 @@ def _nested_datasets() -> Iterator[tuple[int, bytes]]:
         yield index, fp.getvalue()
 
 
-def seeds(target: str) -> Iterator[bytes]:
+def seeds(fuzzer: str) -> Iterator[bytes]:
     from pacsgrid.dicom.part10 import split_part10
     from pacsgrid.errors import InvalidDataset
 
-    if target in ("header", "part10"):
+    if fuzzer in ("header", "part10"):
         for path in _files():
             data = path.read_bytes()
-            if target == "part10":
+            if fuzzer == "part10":
                 yield data
                 continue
             try:
@@ -68,8 +68,8 @@ def seeds(target: str) -> Iterator[bytes]:
             if p10.transfer_syntax in SYNTAXES:
                 yield bytes([SYNTAXES.index(p10.transfer_syntax)]) + data[p10.dataset_offset :]
         for index, dataset in _nested_datasets():
-            yield (bytes([index]) + dataset) if target == "header" else dataset
-    elif target == "pdu":
+            yield (bytes([index]) + dataset) if fuzzer == "header" else dataset
+    elif fuzzer == "pdu":
         contexts = [
             pdu.PresentationContext(1, "1.2.840.10008.1.1", ["1.2.840.10008.1.2"]),
             pdu.PresentationContext(3, "1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"]),
@@ -89,7 +89,7 @@ def seeds(target: str) -> Iterator[bytes]:
                 yield b"\x03" + bytes(piece)
         header = bytes(pdu.encode_pdata(1, b"abcd", True, 0)[0])
         yield b"\x03" + header[6:] + b"abcd"
-    elif target == "dimse":
+    elif fuzzer == "dimse":
         for field in dimse.COMMAND_NAMES:
             yield dimse.encode_command(
                 {
@@ -105,4 +105,4 @@ def seeds(target: str) -> Iterator[bytes]:
             )
         yield struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", 0)
     else:
-        raise ValueError(f"unknown target {target!r}")
+        raise ValueError(f"unknown fuzzer {fuzzer!r}")

@@ -426,7 +426,7 @@ class Association(asyncio.BufferedProtocol):
     def on_provider_abort(self, why: str) -> None:
         """A-P-ABORT indication: the connection closed, or the provider aborted."""
 
-    # ------------------------------------------------------------------ primitives we issue
+    # ------------------------------------------------------------------ primitives we send
     def accept(self, ac: pdu.AssociateAC) -> None:
         """A-ASSOCIATE response (accept), Evt7."""
         self.fsm.handle(Event.EVT7, ac)

@@ -81,31 +81,31 @@ class Event(enum.IntEnum):
 class Action(enum.Enum):
     """PS3.8 tables 9-6 to 9-9: what each cell of the transition table does."""
 
-    AE_1 = "AE-1"  # issue TRANSPORT CONNECT request primitive -> Sta4
+    AE_1 = "AE-1"  # ask the transport to connect -> Sta4
     AE_2 = "AE-2"  # send A-ASSOCIATE-RQ PDU -> Sta5
-    AE_3 = "AE-3"  # issue A-ASSOCIATE confirmation (accept) primitive -> Sta6
-    AE_4 = "AE-4"  # issue A-ASSOCIATE confirmation (reject), close transport -> Sta1
-    AE_5 = "AE-5"  # issue transport connection response, start ARTIM -> Sta2
+    AE_3 = "AE-3"  # give the user A-ASSOCIATE confirmation (accept) primitive -> Sta6
+    AE_4 = "AE-4"  # give the user A-ASSOCIATE confirmation (reject), close transport -> Sta1
+    AE_5 = "AE-5"  # accept the transport connection, start ARTIM -> Sta2
     AE_6 = "AE-6"  # stop ARTIM; acceptable: A-ASSOCIATE indication -> Sta3,
     #                otherwise send A-ASSOCIATE-RJ, start ARTIM -> Sta13
     AE_7 = "AE-7"  # send A-ASSOCIATE-AC PDU -> Sta6
     AE_8 = "AE-8"  # send A-ASSOCIATE-RJ PDU, start ARTIM -> Sta13
     DT_1 = "DT-1"  # send P-DATA-TF PDU -> Sta6
-    DT_2 = "DT-2"  # issue P-DATA indication -> Sta6
+    DT_2 = "DT-2"  # give the user P-DATA indication -> Sta6
     AR_1 = "AR-1"  # send A-RELEASE-RQ PDU -> Sta7
-    AR_2 = "AR-2"  # issue A-RELEASE indication -> Sta8
-    AR_3 = "AR-3"  # issue A-RELEASE confirmation, close transport -> Sta1
+    AR_2 = "AR-2"  # give the user A-RELEASE indication -> Sta8
+    AR_3 = "AR-3"  # give the user A-RELEASE confirmation, close transport -> Sta1
     AR_4 = "AR-4"  # send A-RELEASE-RP PDU, start ARTIM -> Sta13
     AR_5 = "AR-5"  # stop ARTIM -> Sta1
-    AR_6 = "AR-6"  # issue P-DATA indication -> Sta7
+    AR_6 = "AR-6"  # give the user P-DATA indication -> Sta7
     AR_7 = "AR-7"  # send P-DATA-TF PDU -> Sta8
-    AR_8 = "AR-8"  # issue A-RELEASE indication (collision) -> Sta9 requestor / Sta10 acceptor
+    AR_8 = "AR-8"  # give the user A-RELEASE indication (collision) -> Sta9 or Sta10
     AR_9 = "AR-9"  # send A-RELEASE-RP PDU -> Sta11
-    AR_10 = "AR-10"  # issue A-RELEASE confirmation -> Sta12
+    AR_10 = "AR-10"  # give the user A-RELEASE confirmation -> Sta12
     AA_1 = "AA-1"  # send A-ABORT PDU (service-user source), (re)start ARTIM -> Sta13
     AA_2 = "AA-2"  # stop ARTIM, close transport -> Sta1
-    AA_3 = "AA-3"  # issue A-ABORT (or A-P-ABORT) indication, close transport -> Sta1
-    AA_4 = "AA-4"  # issue A-P-ABORT indication -> Sta1
+    AA_3 = "AA-3"  # give the user A-ABORT (or A-P-ABORT) indication, close transport -> Sta1
+    AA_4 = "AA-4"  # give the user A-P-ABORT indication -> Sta1
     AA_5 = "AA-5"  # stop ARTIM -> Sta1
     AA_6 = "AA-6"  # ignore PDU -> Sta13
     AA_7 = "AA-7"  # send A-ABORT PDU -> Sta13

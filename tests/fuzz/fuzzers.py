@@ -1,6 +1,6 @@
-"""Fuzz targets: each takes arbitrary bytes, hands them to one decoder, and lets through only
+"""Fuzz fuzzers: each takes arbitrary bytes, hands them to one decoder, and lets through only
 the errors that decoder documents. Anything else it raises is a crash: a bug to fix, and its
-input becomes a file under tests/fuzz/crashes/<target>/ that `tests/test_fuzz.py` replays.
+input becomes a file under tests/fuzz/crashes/<fuzzer>/ that `tests/test_fuzz.py` replays.
 
     header  pacsgrid.dicom.header.scan (the first byte picks the transfer syntax)
     part10  pacsgrid.dicom.part10.split_part10, then scan of the dataset it finds
@@ -63,7 +63,7 @@ def command(data: bytes) -> None:
         pass
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {
+FUZZERS: dict[str, Callable[[bytes], None]] = {
     "header": header,
     "part10": part10,
     "pdu": pdus,
