@@ -162,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.seconds and not args.runs:
         args.runs = 3000
-    reports = [run(t, runs=args.runs, seconds=args.seconds) for t in args.fuzzer or NAMES]
-    if args.sockets:
-        print(sockets(args.sockets, args.seconds or 600))
-    for r in reports:
-        print(r.line())
+    reports = []
+    for name in args.fuzzer or NAMES:  # each line as soon as its fuzzer is done
+        r = run(name, runs=args.runs, seconds=args.seconds)
+        reports.append(r)
+        print(r.line(), flush=True)
         if r.returncode and not r.crashes:
-            print(f"  {r.fuzzer} ended with code {r.returncode}:\n{r.tail}")
+            print(f"  {r.fuzzer} ended with code {r.returncode}:\n{r.tail}", flush=True)
         for crash in r.crashes:
-            print(f"  crash input: {crash}")
+            print(f"  crash input: {crash}", flush=True)
+    if args.sockets:
+        print(sockets(args.sockets, args.seconds or 600), flush=True)
     return 1 if any(r.crashes or r.returncode for r in reports) else 0
 
 
