@@ -205,10 +205,8 @@ def test_a_replace_in_the_log_wins_over_the_older_object(tmp_path: Path) -> None
 
 
 def test_the_log_can_be_turned_off(tmp_path: Path) -> None:
-    """`durability.log_max_object_mb = 0`: every object is flushed on its own, no log."""
-    s = load_settings(
-        Overrides(data_dir=tmp_path / "d"), environ={"PACSGRID_DURABILITY_LOG_MAX_OBJECT_MB": "0"}
-    )
+    """`durability.log = false`: every object is flushed on its own, no log."""
+    s = load_settings(Overrides(data_dir=tmp_path / "d"), environ={"PACSGRID_DURABILITY_LOG": "0"})
     archive = Archive(s, probe_interval=0)
     try:
         archive.ingest(dataset("5.1"), EXPLICIT, MODALITY)
@@ -222,3 +220,52 @@ def test_the_log_can_be_turned_off(tmp_path: Path) -> None:
         assert len(_segments(tmp_path / "d2" / "objects")) >= 1  # the default: the log is on
     finally:
         archive.close()
+
+
+def test_large_objects_are_written_once_and_replayed_from_their_staged_file(
+    tmp_path: Path,
+) -> None:
+    """Above `inline_kb` an object is not copied into its record: it is written once, into the
+    log's staging folder, and linked into place. A writer that died before its staged file was
+    complete was never acknowledged: recovery skips that record; the others come back."""
+    site = _site(tmp_path, inline_max=1024)
+    keys = [object_key("1.2", "1.2.3", f"1.2.3.{i}") for i in range(3)]
+    bodies = [b"DICM" + bytes([i]) * 5000 for i in range(3)]
+    for key, body in zip(keys, bodies, strict=True):
+        site.put(key, [body])
+    stage = site.root / WAL_DIR / "data"
+    staged = sorted(stage.glob("*.obj"))
+    assert len(staged) == 3
+    assert os.stat(site.root / keys[0]).st_ino in {os.stat(p).st_ino for p in staged}
+    log_bytes = b"".join(p.read_bytes() for p in _segments(site.root))
+    assert not any(body[:64] in log_bytes for body in bodies)  # written once, not in the log
+    assert site._log is not None
+    for seg in site._log._segments:  # the process dies
+        os.close(seg.fd)
+    (site.root / keys[0]).unlink()  # its name never reached the disk
+    (site.root / keys[1]).unlink()
+    staged[1].write_bytes(bodies[1][:100])  # the writer died while writing it: never acked
+    dead = FilesystemSite("fs", site.root).dead_log()
+    found = {r.key: d.object_of(r) for d in dead for r in d.records()}
+    assert found == {keys[0]: bodies[0], keys[1]: None, keys[2]: bodies[2]}
+    for d in dead:
+        d.free()
+    assert list(stage.glob("*.obj")) == []  # the freed segments' staged files are gone
+    assert (site.root / keys[2]).read_bytes() == bodies[2]  # its own link kept the object
+
+
+def test_orphaned_staged_files_are_swept_by_their_segment_nonce(tmp_path: Path) -> None:
+    from pacsgrid.storage.wal import sweep_staged
+
+    site = _site(tmp_path, inline_max=1024)
+    site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM" + b"x" * 5000])
+    stage = site.root / WAL_DIR / "data"
+    (live,) = stage.glob("*.obj")
+    stem = live.name.split("-")[0]
+    orphan = stage / f"{stem}-{'0' * 15}1-000000000099.obj"  # the segment's previous use
+    orphan.write_bytes(b"left by a writer that died")
+    old = 3600.0
+    for p in (live, orphan):
+        os.utime(p, (p.stat().st_atime - old, p.stat().st_mtime - old))
+    assert sweep_staged(site.root / WAL_DIR) == 1
+    assert live.exists() and not orphan.exists()

@@ -1,7 +1,8 @@
 """The `StorageSite` contract (pacsgrid.storage.base), run against every kind of site.
 
-Filesystem sites use a temporary folder, once with the write-ahead log (the default) and once
-without it (every object flushed on its own, as objects larger than the log takes are); S3
+Filesystem sites use a temporary folder: with the write-ahead log (objects copied into their
+records, the default for small ones), with every object staged in its own file (as large
+ones are), and without the log (every object flushed on its own); S3
 sites use a real SeaweedFS server on loopback (tests/seaweedfs.py), one fresh bucket per test.
 """
 
@@ -20,7 +21,7 @@ from pacsgrid.settings import DurabilitySettings, SiteSettings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from tests.seaweedfs import SeaweedFS
 
-KINDS = ("filesystem", "filesystem-direct", "s3")
+KINDS = ("filesystem", "filesystem-staged", "filesystem-direct", "s3")
 _bucket_numbers = itertools.count()
 
 
@@ -41,7 +42,8 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kit]:
     if request.param.startswith("filesystem"):
         root = tmp_path / "site"
         durability = DurabilitySettings(
-            log_max_object_mb=0.0 if request.param == "filesystem-direct" else 4.0
+            log=request.param != "filesystem-direct",
+            inline_kb=0 if request.param == "filesystem-staged" else 128,
         )
 
         def make_fs(role: str = "archive", fresh: bool = False, name: str = "fs") -> StorageSite:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pacsgrid.errors import ArchiveInUse
+from pacsgrid.storage.durable import mkdir_durable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def lock_path(data_dir: Path) -> Path:
 
 
 def _open(data_dir: Path) -> int:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    mkdir_durable(data_dir)  # the first to create it: its name must survive a power cut
     return os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 

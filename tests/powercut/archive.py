@@ -5,8 +5,9 @@ pynetdicom associations storing synthetic instances with fresh UIDs at the same 
 For every instance the recording keeps the exact dataset bytes sent (pynetdicom sends a file's
 dataset as it is on disk, without decoding it) and the mark (history.position) read the moment
 its C-STORE response said Success. Halfway the server is stopped cleanly and started again
-(a SQLite checkpoint, a shutdown and a start-up recovery inside the history); at the end it is
-SIGKILLed, and the filesystem unmounted.
+(a SQLite checkpoint, a shutdown and a start-up recovery inside the history), and from then on
+it stages every object in its own file instead of copying it into its log record (the path of
+large objects); at the end it is SIGKILLed, and the filesystem unmounted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ SENDER = "MODALITY"
 # Checkpoints of the site logs every 2 s instead of 30, so that a recording of ~10 s holds
 # several (files and folders flushed, index flushed, log segments reused) among its cuts.
 ARCHIVE_ENV = {"PACSGRID_DURABILITY_CHECKPOINT_SECONDS": "2"}
+# The second half of the recording stages every object (written once into the log's staging
+# folder, the path of large objects) instead of copying it into its log record.
+STAGED_ENV = {"PACSGRID_DURABILITY_INLINE_KB": "0"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def record(
         server = Server(mnt / DATA, workers=2, env=env)
         server.log = root / "serve-recording.log"  # not on the rig: not part of the history
         for n, half in enumerate(halves):
+            if n == 1:
+                server.env = {**server.env, **STAGED_ENV}
             server.start(timeout=120)
             try:
                 recording.sent += _send(server.port, half, senders, recording.history)

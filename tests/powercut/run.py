@@ -6,6 +6,7 @@ whatever its number of operations: a cut falls just before or just after an oper
 phase. A phase is named after the file an operation touched and what it did to it:
 
     log append / log flush / log segment   the site's write-ahead log (objects/.wal/)
+    staged write / staged fsync / staged name   large objects' files (objects/.wal/data/)
     object write / object fsync / object name / folder fsync   the site's files (objects/)
     index write / index commit                                 the SQLite WAL (its fsync)
     checkpoint                                                 the SQLite database file
@@ -32,6 +33,9 @@ PHASES = (
     "log append",
     "log flush",
     "log segment",
+    "staged write",
+    "staged fsync",
+    "staged name",
     "object write",
     "object fsync",
     "object name",
@@ -44,6 +48,7 @@ PHASES = (
 )
 _SITE = re.compile(rf"^/{DATA}/objects(/|$)")
 _LOG = re.compile(rf"^/{DATA}/objects/\.wal(/|$)")
+_STAGED = re.compile(rf"^/{DATA}/objects/\.wal/data(/|$)")
 # Builds of the archive that skip one flush (skipflush/sitecustomize.py); `{site}` becomes
 # the site folder of each run. "log": the fdatasync of the site's write-ahead log, which every
 # acknowledgement waits for; "folder": the fsync of a series folder (at a checkpoint).
@@ -56,6 +61,8 @@ SKIP_FLUSH = {
 
 def phase(op: Op) -> str:
     path = op.path.split(" -> ")[-1]
+    if _STAGED.match(path):
+        return {"write": "staged write", "fsync": "staged fsync"}.get(op.kind, "staged name")
     if _LOG.match(path):
         return {"write": "log append", "fsync": "log flush"}.get(op.kind, "log segment")
     if _SITE.match(path):

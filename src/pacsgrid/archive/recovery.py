@@ -19,6 +19,7 @@ and the answer): indexing it is what a retry by the sender would have done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -135,8 +136,11 @@ class Recovery:
             by_key: dict[str, list[Record]] = defaultdict(list)
             for seg in segments:
                 for rec in seg.records():
-                    by_key[rec.key].append(rec)
                     report.records += 1
+                    obj = seg.object_of(rec)
+                    if obj is None:
+                        continue  # a staged file never completed: never acknowledged
+                    by_key[rec.key].append(dataclasses.replace(rec, payload=obj, size=len(obj)))
             kept: list[tuple[Record, Header, InstanceRecord | None]] = []
             for key, recs in by_key.items():
                 recs.sort(key=lambda r: r.time_ns)

@@ -422,12 +422,17 @@ class BackupSettings:
 class DurabilitySettings:
     """How folder sites make writes durable (docs/durability.md)."""
 
-    log_max_object_mb: float = setting(
-        4.0,
-        "Objects up to this size go through the site's write-ahead log (one flush for a "
-        "group of objects); larger ones are flushed on their own. 0 turns the log off.",
-        min=0.0,
-        max=1024.0,
+    log: bool = setting(
+        True,
+        "Folder sites make writes durable through their write-ahead log: one flush for a "
+        "group of objects (false: every object flushed on its own, three flushes per store).",
+    )
+    inline_kb: int = setting(
+        128,
+        "Objects up to this size are copied into the log record (written twice: log, then "
+        "file); larger ones are written once, into a staged file the record points to.",
+        min=0,
+        max=16384,
     )
     log_segment_mb: int = setting(
         64, "Size of one log segment file (MB); each writing process keeps about two.", min=4

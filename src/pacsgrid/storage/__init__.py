@@ -39,7 +39,8 @@ def open_site(s: SiteSettings, durability: DurabilitySettings | None = None) -> 
             Path(unquote(url.path)),
             location=s.location,
             role=s.role,
-            log_max_object=int(d.log_max_object_mb * (1 << 20)),
+            log=d.log,
+            inline_max=d.inline_kb << 10,
             log_segment_bytes=d.log_segment_mb << 20,
             group_wait=d.group_wait_ms / 1000,
         )

@@ -23,8 +23,10 @@ def fsync_dir(path: Path | str) -> None:
 
 
 def mkdir_durable(directory: Path) -> None:
-    """mkdir -p that fsyncs the parent of every folder it creates: a new folder's name is
-    durable only once its parent is, and a power cut before that takes everything in it."""
+    """mkdir -p that makes the folder's name durable: it fsyncs the parent of every folder it
+    creates, and the parent of `directory` in any case, since whoever created it (another
+    process, an earlier step with a plain mkdir) may not have: a new folder's name is durable
+    only once its parent is flushed, and a power cut before that takes everything in it."""
     missing = []
     d = directory
     while not d.is_dir():
@@ -36,6 +38,8 @@ def mkdir_durable(directory: Path) -> None:
         except FileExistsError:
             pass
         fsync_dir(m.parent)
+    if not missing:
+        fsync_dir(directory.parent)
 
 
 def fdatasync_path(path: Path | str) -> bool:

@@ -9,15 +9,18 @@ Layout under the root:
 
     .wal/                     the site's write-ahead log (storage/wal.py)
 
-A write (`put`) appends the object to the site's log, waits for the one flush that covers
-every object appended at that moment (group commit), then writes the file: an unnamed file
-(O_TMPFILE) linked into place, or a temp file in .incoming where the filesystem has no
-O_TMPFILE; the file itself is not flushed until a checkpoint (`checkpoint`), which then lets
+A write (`put`) goes through the site's log and waits for the one flush that covers every
+object of that moment (group commit). A small object (up to `inline_max` bytes) is copied
+into its log record, and its file is written after the flush, without a flush of its own: an
+unnamed file (O_TMPFILE) linked into place, or a temp file in .incoming where the filesystem
+has no O_TMPFILE. A larger one is written once, into a file of `.wal/data/` that the writer
+flushes itself while the group's flush makes the record and that file's name durable; then it
+is linked into place. A checkpoint (`checkpoint`) flushes the files and folders later and lets
 the log reuse the space. After a crash, `dead_log` hands the records a dead process left to
-recovery, which rewrites any file that is missing or torn (archive/recovery.py). Objects
-larger than `log_max_object` skip the log: write, fdatasync, link into place, fsync the
-folder (and the folders above it that are new). link() fails when the target exists, which
-gives the no-clobber rule of `put` across threads and processes without any lock.
+recovery, which rewrites any file that is missing or torn (archive/recovery.py). With the log
+off, every object is written, fdatasynced, linked into place and its folder fsynced on its
+own. link() fails when the target exists, which gives the no-clobber rule of `put` across
+threads and processes without any lock.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from threading import Lock
 from pacsgrid.errors import ObjectMissing, SiteUnavailable, StorageError
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
 from pacsgrid.storage.durable import flush_all, fsync_dir, mkdir_durable, write_all
-from pacsgrid.storage.wal import WAL_DIR, DeadSegment, LogError, SiteLog, dead_segments
+from pacsgrid.storage.wal import (
+    WAL_DIR,
+    DeadSegment,
+    LogError,
+    Receipt,
+    SiteLog,
+    dead_segments,
+    sweep_staged,
+)
 
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"
@@ -51,7 +62,8 @@ class FilesystemSite:
         *,
         location: str = "default",
         role: str = "archive",
-        log_max_object: int = 4 << 20,
+        log: bool = True,
+        inline_max: int = 128 << 10,
         log_segment_bytes: int = 64 << 20,
         group_wait: float = 0.0,
     ) -> None:
@@ -65,8 +77,8 @@ class FilesystemSite:
         self._new_dirs: set[Path] = set()  # folders we made whose entry is not yet flushed
         self._dir_lock = Lock()
         self._tmpfile = hasattr(os, "O_TMPFILE")
-        # 0 turns the log off: every object is flushed on its own (two flushes each).
-        self._log_max = min(log_max_object, log_segment_bytes // 4)
+        self._log_on = log  # off: every object is flushed on its own (two flushes each)
+        self._inline_max = min(inline_max, log_segment_bytes // 4)
         self._log_segment_bytes = log_segment_bytes
         self._group_wait = group_wait
         self._log: SiteLog | None = None
@@ -153,7 +165,7 @@ class FilesystemSite:
         path = self._path(key)
         size = sum(len(c) for c in chunks)
         try:
-            log = self._site_log() if self.logs(size) else None
+            log = self._site_log() if self.logs(size) and size > 0 else None
             if log is None:
                 return self._write_atomic(path, chunks, replace=replace, make_dirs=True)
             return self._put_logged(log, path, key, chunks, replace, hold, sha256, note)
@@ -180,10 +192,18 @@ class FilesystemSite:
             for c in chunks:
                 h.update(c)
             sha256 = h.hexdigest()
-        receipt = log.append(key, chunks, sha256, replace=replace, note=note)
+        staged = sum(len(c) for c in chunks) > self._inline_max
+        receipt = log.append(
+            key, [] if staged else chunks, sha256, replace=replace, note=note, staged=staged
+        )
         try:
+            if staged:
+                self._stage(log, receipt, chunks)
             log.wait(receipt)
-            created, folders = self._publish(path, chunks, replace)
+            if staged:
+                created, folders = self._publish_staged(path, log, receipt, chunks, replace)
+            else:
+                created, folders = self._publish(path, chunks, replace)
             if created:
                 log.note_written(receipt, str(path), folders)
         except BaseException:
@@ -195,7 +215,7 @@ class FilesystemSite:
         return PutResult(created, receipt)
 
     def _site_log(self) -> SiteLog | None:
-        if self._log is None and self._log_max > 0:
+        if self._log is None and self._log_on:
             with self._log_lock:
                 if self._log is None:
                     self._log = SiteLog(
@@ -206,6 +226,52 @@ class FilesystemSite:
                         on_rotate=lambda: self._on_rotate(),
                     )
         return self._log
+
+    def _stage(self, log: SiteLog, receipt: Receipt, chunks: Sequence[bytes]) -> None:
+        """Write and flush a large object's one copy, in the log's staging folder."""
+        fd = log.stage_open(receipt)
+        try:
+            write_all(fd, chunks)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        log.staged(receipt)
+
+    def _publish_staged(
+        self,
+        path: Path,
+        log: SiteLog,
+        receipt: Receipt,
+        chunks: Sequence[bytes],
+        replace: bool,
+    ) -> tuple[bool, list[str]]:
+        """Give a staged object its name: a hard link to the staged file (the data is written
+        once), no flush; the staged name is removed when a checkpoint has flushed the folder."""
+        source = log.stage_dir / receipt.staged
+        folders: list[str] = [str(path.parent)]
+        for attempt in (1, 2):
+            new = self._ensure_dir(path.parent)
+            folders += [str(d.parent) for d in new]
+            try:
+                if replace:
+                    tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+                    os.link(source, tmp)
+                    os.rename(tmp, path)
+                    return True, folders
+                try:
+                    os.link(source, path)
+                except FileExistsError:
+                    return False, folders
+                return True, folders
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                self._forget_dir(path.parent)  # the folder went away (a wiped site)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                return self._publish(path, chunks, replace)  # the site spans mounts: a copy
+        raise AssertionError("unreachable")
 
     def _publish(
         self, path: Path, chunks: Sequence[bytes], replace: bool
@@ -366,7 +432,7 @@ class FilesystemSite:
 
     # ------------------------------------------------------------------ the log
     def logs(self, size: int) -> bool:
-        return 0 < size <= self._log_max
+        return self._log_on
 
     def on_rotate(self, callback: Callable[[], None]) -> None:
         """Call `callback` when a log segment fills up (a checkpoint is due)."""
@@ -423,7 +489,9 @@ class FilesystemSite:
             self._log.close()
 
     def dead_log(self) -> list[DeadSegment]:
-        """Log segments left with records by processes that are gone (for recovery)."""
+        """Log segments left with records by processes that are gone (for recovery); staged
+        files no segment in use can name any more are removed on the way."""
+        sweep_staged(self.root / WAL_DIR)
         return dead_segments(self.root / WAL_DIR)
 
     def restore(self, key: str, data: bytes) -> None:

@@ -64,11 +64,14 @@ HEADER_SIZE = 4096
 _SEG_MAGIC = b"PGWAL\x00\x01\x00"
 _SEG_HEADER = struct.Struct("<8sQQ")  # magic, nonce (0 = free), size
 _REC_MAGIC = 0x50475243  # "PGRC"
-# magic, flags, key length, note length, (pad), nonce, seq, time_ns, payload size, SHA-256,
-# CRC of the header before it plus key and note, (pad)
+# magic, flags, key length, note length, staged-file name length, nonce, seq, time_ns, payload
+# size, SHA-256 of the object, CRC of the header before it plus key, note and name, (pad)
 _REC = struct.Struct("<IHHHHQQQQ32sII")
 _CRC_AT = _REC.size - 8
 FLAG_REPLACE = 1
+FLAG_STAGED = 2  # the object is in a file of STAGE_DIR, not in the record
+STAGE_DIR = "data"
+_NAME_WIDTH = 80
 _ZERO_CHUNK = b"\0" * (1 << 20)
 
 
@@ -85,8 +88,9 @@ class Record:
     size: int
     replace: bool
     time_ns: int
-    payload: bytes
+    payload: bytes  # the object (empty when it is staged)
     note: str = ""  # what the writer wants recovery to know (opaque to the log)
+    staged: str = ""  # the file in STAGE_DIR that holds the object, if not the record
 
 
 @dataclass(eq=False)
@@ -103,6 +107,7 @@ class Segment:
     failed: bool = False  # a flush failed: nothing here may be trusted
     opened: float = field(default_factory=time.monotonic)
     written: list[str] = field(default_factory=list)  # files published from its records
+    staged: list[str] = field(default_factory=list)  # its STAGE_DIR files, dropped once retired
     folders: set[str] = field(default_factory=set)  # folders those files (and new folders) are in
 
 
@@ -115,6 +120,8 @@ class Receipt:
     log: SiteLog
     segment: Segment
     released: bool = False
+    staged: str = ""  # the STAGE_DIR file the writer must fill (a staged record)
+    stage_gen: int = 0  # set by SiteLog.staged(): the writer's file exists
 
     def release(self) -> None:
         if not self.released:
@@ -122,8 +129,8 @@ class Receipt:
             self.log.release(self.segment)
 
 
-def record_size(key: bytes, note: bytes, payload: int) -> int:
-    return _pad(_REC.size + len(key) + len(note) + payload)
+def record_size(key: bytes, note: bytes, payload: int, ref: bytes = b"") -> int:
+    return _pad(_REC.size + len(key) + len(note) + len(ref) + payload)
 
 
 def _pad(n: int) -> int:
@@ -157,6 +164,10 @@ class SiteLog:
         self._spare: Segment | None = None
         self._segments: list[Segment] = []  # every segment this process holds in use
         self._seq = 0
+        self._stage_gen = 0  # staged files reported complete so far
+        self._stage_synced = 0  # of those, the ones a flush of STAGE_DIR covers
+        self._stage_ready = False
+        self.stage_dir = directory / STAGE_DIR
         self.flushes = 0
         self.records = 0
 
@@ -167,27 +178,42 @@ class SiteLog:
 
     # ------------------------------------------------------------------ writing
     def append(
-        self, key: str, chunks: Sequence[bytes], sha256: str, *, replace: bool, note: str = ""
+        self,
+        key: str,
+        chunks: Sequence[bytes],
+        sha256: str,
+        *,
+        replace: bool,
+        note: str = "",
+        staged: bool = False,
     ) -> Receipt:
-        """Append one record (not yet durable: call `wait`)."""
+        """Append one record (not yet durable: call `wait`).
+
+        `staged`: the object is too large to copy into the record; `chunks` must be empty,
+        and the record names a file of STAGE_DIR (`receipt.staged`) that the writer must
+        create, fill and fdatasync, then report with `staged(receipt)`, before `wait`. A
+        record whose file is missing or torn was never acknowledged: recovery skips it."""
         kb = key.encode()
         nb = note.encode()[:4096]
         size = sum(len(c) for c in chunks)
-        total = record_size(kb, nb, size)
-        if total > self.max_record:
-            raise ValueError(f"record of {total} bytes does not fit a segment")
         with self._lock:
             seg = self._current
+            rb = b"x" * _NAME_WIDTH if staged else b""  # room for the name (fixed width)
+            total = record_size(kb, nb, size, rb)
+            if total > self.max_record:
+                raise ValueError(f"record of {total} bytes does not fit a segment")
             if seg is None or seg.failed or seg.tail + total > seg.size:
                 seg = self._rotate()
             self._seq += 1
-            flags = FLAG_REPLACE if replace else 0
+            name = f"{seg.path.stem}-{seg.nonce:016x}-{self._seq:012d}.obj" if staged else ""
+            rb = name.encode().ljust(len(rb), b" ") if staged else b""
+            flags = (FLAG_REPLACE if replace else 0) | (FLAG_STAGED if staged else 0)
             head = _REC.pack(
                 _REC_MAGIC,
                 flags,
                 len(kb),
                 len(nb),
-                0,
+                len(rb),
                 seg.nonce,
                 self._seq,
                 time.time_ns(),
@@ -196,10 +222,10 @@ class SiteLog:
                 0,
                 0,
             )
-            crc = zlib.crc32(head[:_CRC_AT] + kb + nb)
+            crc = zlib.crc32(head[:_CRC_AT] + kb + nb + rb)
             head = head[:_CRC_AT] + struct.pack("<II", crc, 0)
-            pad = total - (_REC.size + len(kb) + len(nb) + size)
-            parts = [head, kb, nb, *chunks] + ([b"\0" * pad] if pad else [])
+            pad = total - (_REC.size + len(kb) + len(nb) + len(rb) + size)
+            parts = [head, kb, nb, rb, *chunks] + ([b"\0" * pad] if pad else [])
             try:
                 pwrite_all(seg.fd, parts, seg.tail)
             except OSError as e:
@@ -208,8 +234,25 @@ class SiteLog:
             seg.tail += total
             seg.appended = seg.tail
             seg.pending += 1
+            if staged:
+                seg.staged.append(name)
             self.records += 1
-        return Receipt(self, seg)
+        return Receipt(self, seg, staged=name)
+
+    def stage_open(self, receipt: Receipt) -> int:
+        """Create the staged record's file (write only)."""
+        if not self._stage_ready:
+            mkdir_durable(self.stage_dir)
+            self._stage_ready = True
+        path = self.stage_dir / receipt.staged
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def staged(self, receipt: Receipt) -> None:
+        """The staged record's file is complete and flushed: its name is what the group's
+        flush must still cover (an fsync of STAGE_DIR)."""
+        with self._lock:
+            self._stage_gen += 1
+            receipt.stage_gen = self._stage_gen
 
     def wait(self, receipt: Receipt) -> None:
         """Return once the record is durable. Whoever finds no flush running flushes every
@@ -219,7 +262,7 @@ class SiteLog:
         with self._cond:
             self._waiting += 1
             try:
-                while seg.durable < end:
+                while seg.durable < end or self._stage_synced < receipt.stage_gen:
                     if seg.failed:
                         raise LogError(errno.EIO, f"flush of {seg.path.name} failed")
                     if self._flushing:
@@ -236,9 +279,20 @@ class SiteLog:
         try:
             if self.group_wait > 0:
                 time.sleep(self.group_wait)  # let the other writers of this moment append
+            with self._lock:
+                gen = self._stage_gen
             todo = [(s, s.appended) for s in list(self._segments) if s.appended > s.durable]
             failed: list[Segment] = []
+            staged_ok = True
+            if gen > self._stage_synced:
+                try:
+                    fsync_dir(self.stage_dir)  # the names of the group's staged files
+                except OSError as e:
+                    log.error("flush of %s failed: %s", self.stage_dir, e)
+                    failed, staged_ok = [s for s, _ in todo], False
             for s, _ in todo:
+                if s in failed:
+                    continue
                 try:
                     os.fdatasync(s.fd)
                     if os.fstat(s.fd).st_nlink == 0:
@@ -255,6 +309,12 @@ class SiteLog:
                 s.failed = True
             else:
                 s.durable = max(s.durable, upto)
+        if staged_ok:
+            self._stage_synced = max(self._stage_synced, gen)
+        else:
+            for s in self._segments:
+                if s.staged:
+                    s.failed = True  # its staged names may not be durable: never trust it
         self._cond.notify_all()
 
     def release(self, seg: Segment, written: str = "", folders: Sequence[str] = ()) -> None:
@@ -390,6 +450,7 @@ class SiteLog:
         with self._lock, self._cond:
             self._segments.remove(seg)
             as_spare = self._spare is None and not seg.failed
+        drop_staged(self.stage_dir, seg.staged)
         if as_spare:
             try:
                 fresh = self._reuse(seg)
@@ -405,7 +466,7 @@ class SiteLog:
         self._free(seg, keep=False)
 
     def _reuse(self, seg: Segment) -> Segment:
-        fresh = Segment(seg.path, seg.fd, seg.size)
+        fresh = Segment(seg.path, seg.fd, seg.size)  # a fresh record of what it covers
         fresh.nonce = int.from_bytes(os.urandom(8), "little") or 1
         _write_header(fresh.fd, fresh.nonce, fresh.size)
         os.fdatasync(fresh.fd)
@@ -475,11 +536,26 @@ class DeadSegment:
     def records(self) -> Iterator[Record]:
         return _scan(self.fd, self.nonce, self.size)
 
+    def object_of(self, record: Record) -> bytes | None:
+        """The object a record stands for: its payload, or its staged file when that is
+        complete (None: the writer died before it was, so it was never acknowledged)."""
+        if not record.staged:
+            return record.payload
+        try:
+            with open(self.path.parent / STAGE_DIR / record.staged, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
+
     def free(self) -> None:
-        """Its records are replayed and durable elsewhere: void them, keep the file."""
+        """Its records are replayed and durable elsewhere: void them, keep the file, remove
+        its staged files."""
+        staged = [r.staged for r in self.records() if r.staged]
         _write_header(self.fd, 0, self.size)
         os.fdatasync(self.fd)
         self.close()
+        drop_staged(self.path.parent / STAGE_DIR, staged)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -523,28 +599,81 @@ def _scan(fd: int, nonce: int, size: int) -> Iterator[Record]:
         head = os.pread(fd, _REC.size, off)
         if len(head) < _REC.size:
             return
-        magic, flags, klen, nlen, _, rnonce, _seq, t_ns, psize, sha, crc, _ = _REC.unpack(head)
+        magic, flags, klen, nlen, rlen, rnonce, _seq, t_ns, psize, sha, crc, _ = _REC.unpack(head)
         if magic != _REC_MAGIC or rnonce != nonce:
             return
-        total = _pad(_REC.size + klen + nlen + psize)
+        total = _pad(_REC.size + klen + nlen + rlen + psize)
         if off + total > size:
             return
-        kn = os.pread(fd, klen + nlen, off + _REC.size)
-        if zlib.crc32(head[:_CRC_AT] + kn) != crc:
+        var = os.pread(fd, klen + nlen + rlen, off + _REC.size)
+        if zlib.crc32(head[:_CRC_AT] + var) != crc:
             return
-        payload = os.pread(fd, psize, off + _REC.size + klen + nlen)
-        if len(payload) != psize or hashlib.sha256(payload).digest() != sha:
+        staged = var[klen + nlen :].decode(errors="replace").rstrip()
+        payload = os.pread(fd, psize, off + _REC.size + klen + nlen + rlen)
+        if len(payload) != psize or (
+            not flags & FLAG_STAGED and hashlib.sha256(payload).digest() != sha
+        ):
             return
         yield Record(
-            kn[:klen].decode(),
+            var[:klen].decode(),
             sha.hex(),
             psize,
             bool(flags & FLAG_REPLACE),
             t_ns,
             payload,
-            kn[klen:].decode(errors="replace"),
+            var[klen : klen + nlen].decode(errors="replace"),
+            staged if flags & FLAG_STAGED else "",
         )
         off += total
+
+
+def drop_staged(stage_dir: Path, names: Sequence[str]) -> None:
+    """Remove staged files whose objects are durable at their keys (their records are void)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(stage_dir / name)
+
+
+def sweep_staged(directory: Path, older_than: float = 600.0) -> int:
+    """Remove staged files no record can name any more: each name carries its segment and
+    that segment's nonce, and a file whose segment is no longer in use with that nonce
+    (freed, reused, gone) is an orphan, left by a writer that died between appending its
+    record and the checkpoint that would have removed it. Old ones only: a header being
+    rewritten at this moment is never trusted."""
+    stage_dir = directory / STAGE_DIR
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(stage_dir))
+    except FileNotFoundError:
+        return 0
+    nonces: dict[str, int] = {}
+    for entry in entries:
+        stem, _, rest = entry.name.partition("-")
+        nonce_hex = rest.partition("-")[0]
+        try:
+            nonce = int(nonce_hex, 16)
+            if entry.stat().st_mtime >= cutoff:
+                continue
+            if stem not in nonces:
+                nonces[stem] = _current_nonce(directory / f"{stem}{SUFFIX}")
+            if nonces[stem] != nonce:
+                os.unlink(entry.path)
+                removed += 1
+        except (ValueError, OSError):
+            continue
+    return removed
+
+
+def _current_nonce(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return _read_header(fd)[0]
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------- helpers
