@@ -108,23 +108,7 @@ EXPECTED = {"A900": dimse.DATASET_MISMATCH, "C000": dimse.CANNOT_UNDERSTAND}
 
 # Broken files the archive does not answer as docs/dicom.md says (yet): strict, so each entry
 # fails the suite once the archive is fixed and must then go.
-KNOWN_DEFECTS = {
-    "broken-truncated-header.dcm": "a dataset cut inside its last element's header is stored "
-    "(the header scanner hands the tail to pydicom, which stops there silently); docs/dicom.md: "
-    "a truncated dataset gets C000",
-}
-
-
-def _with_known_defects(files: list) -> list:  # type: ignore[type-arg]
-    return [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[f.path.name]))
-        if f.path.name in KNOWN_DEFECTS
-        else f
-        for f in files
-    ]
-
-
-@pytest.mark.parametrize("f", _with_known_defects(invalid()), ids=lambda f: f.path.name)
+@pytest.mark.parametrize("f", invalid(), ids=lambda f: f.path.name)
 def test_every_broken_file_gets_a_clear_answer(server: Server, f) -> None:  # type: ignore[no-untyped-def]
     sop_class, sop_uid, ts, dataset = raw_parts(f.path)
     before = index_count(server)
