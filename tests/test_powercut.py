@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacsgrid.storage.wal import dead_segments
+from pacsgrid.storage.walfile import dead_segments
 from tests.conftest import Server, dcmtk
 from tests.powercut.history import History
 from tests.powercut.model import Model, Policy

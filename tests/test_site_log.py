@@ -23,7 +23,8 @@ from pacsgrid.errors import SiteUnavailable
 from pacsgrid.settings import Overrides, load_settings
 from pacsgrid.storage import object_key
 from pacsgrid.storage.filesystem import FilesystemSite
-from pacsgrid.storage.wal import WAL_DIR, SiteLog
+from pacsgrid.storage.wal import SiteLog
+from pacsgrid.storage.walfile import WAL_DIR
 from tests.test_archive import EXPLICIT, dataset
 
 MODALITY = Caller("MODALITY", "127.0.0.1")
@@ -255,7 +256,7 @@ def test_large_objects_are_written_once_and_replayed_from_their_staged_file(
 
 
 def test_orphaned_staged_files_are_swept_by_their_segment_nonce(tmp_path: Path) -> None:
-    from pacsgrid.storage.wal import sweep_staged
+    from pacsgrid.storage.walfile import sweep_staged
 
     site = _site(tmp_path, inline_max=1024)
     site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM" + b"x" * 5000])

@@ -35,7 +35,7 @@ from pacsgrid.index import Index, NewInstance
 from pacsgrid.journal import IngestJournal
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.storage import LoggedSite, StorageSite
-from pacsgrid.storage.wal import Record
+from pacsgrid.storage.walfile import Record
 
 log = logging.getLogger(__name__)
 

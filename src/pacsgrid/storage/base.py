@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from pacsgrid.storage.wal import DeadSegment
+    from pacsgrid.storage.walfile import DeadSegment
 
 
 class Hold(Protocol):

@@ -40,15 +40,8 @@ from threading import Lock
 from pacsgrid.errors import ObjectMissing, SiteUnavailable, StorageError
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
 from pacsgrid.storage.durable import flush_all, fsync_dir, mkdir_durable, write_all
-from pacsgrid.storage.wal import (
-    WAL_DIR,
-    DeadSegment,
-    LogError,
-    Receipt,
-    SiteLog,
-    dead_segments,
-    sweep_staged,
-)
+from pacsgrid.storage.wal import LogError, Receipt, SiteLog
+from pacsgrid.storage.walfile import WAL_DIR, DeadSegment, dead_segments, sweep_staged
 
 INCOMING = ".incoming"
 QUARANTINE = ".quarantine"

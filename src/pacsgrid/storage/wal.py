@@ -3,25 +3,18 @@
 Why: making a new file durable takes a flush of its data and inode, and making its name
 durable a flush of its folder; an index commit takes a third. Appending to a file whose blocks
 are already written takes one flush of data only, and one such flush covers every record
-appended before it. So an object is written twice: first as a record appended to the log
+appended before it. So a small object is written twice: first as a record appended to the log
 (the durable copy, flushed once for the whole group of objects waiting at that moment), then
-as the ordinary file `<study>/<series>/<sop>.dcm` without any flush of its own. The log keeps
+as the ordinary file `<study>/<series>/<sop>.dcm` without any flush of its own; a large one is
+written once, into a staged file the record names, then hard-linked into place. The log keeps
 the record until a checkpoint has flushed the files it covers (and the index rows that point
 at them); after a crash or power cut, the records still in the log are replayed: every file is
 checked against its record and rewritten where it is missing or torn.
 
-Layout, under `<site>/.wal/`:
-    <uuid>.seg   a segment: fixed size, every block written once when it was created, so that
-                 appending never allocates blocks (an fdatasync then flushes data, not
-                 metadata); reused after a checkpoint.
-
-A segment starts with a 4 KiB header: magic, state (a random nonce while in use; 0 when free)
-and its size. Records follow, each: a fixed header (magic, flags, key length, the segment's
-nonce, a sequence number, time, payload size, the payload's SHA-256, a CRC of the header and
-key), the key, the payload, padding to 8 bytes. A reader stops at the first record whose
-magic, nonce, CRC or hash does not check out: that and anything after it was never flushed
-(appends are made in order under a lock, so a flush covers a prefix). Records left from an
-earlier use of the segment carry another nonce and end the scan too.
+The segments (storage/walfile.py has their format) are fixed-size files whose blocks were all
+written once when they were created, so that appending never allocates blocks (an fdatasync
+then flushes data, not metadata); they are reused after a checkpoint. Appends are made in
+order under a lock, so a flush covers a prefix of a segment.
 
 The process that uses a segment holds an exclusive flock on it for as long as it lives;
 recovery replays only segments nobody holds, so it never touches a live process's log.
@@ -42,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import struct
@@ -50,47 +42,35 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacsgrid.storage.durable import fsync_dir, mkdir_durable, pwrite_all
+from pacsgrid.storage.walfile import (
+    CRC_AT,
+    FLAG_REPLACE,
+    FLAG_STAGED,
+    HEADER_SIZE,
+    NAME_WIDTH,
+    REC,
+    REC_MAGIC,
+    STAGE_DIR,
+    SUFFIX,
+    drop_staged,
+    lock_file,
+    read_header,
+    record_size,
+    write_header,
+)
 
 log = logging.getLogger(__name__)
 
-WAL_DIR = ".wal"
-SUFFIX = ".seg"
-HEADER_SIZE = 4096
-_SEG_MAGIC = b"PGWAL\x00\x01\x00"
-_SEG_HEADER = struct.Struct("<8sQQ")  # magic, nonce (0 = free), size
-_REC_MAGIC = 0x50475243  # "PGRC"
-# magic, flags, key length, note length, staged-file name length, nonce, seq, time_ns, payload
-# size, SHA-256 of the object, CRC of the header before it plus key, note and name, (pad)
-_REC = struct.Struct("<IHHHHQQQQ32sII")
-_CRC_AT = _REC.size - 8
-FLAG_REPLACE = 1
-FLAG_STAGED = 2  # the object is in a file of STAGE_DIR, not in the record
-STAGE_DIR = "data"
-_NAME_WIDTH = 80
 _ZERO_CHUNK = b"\0" * (1 << 20)
 
 
 class LogError(OSError):
     """The log could not be written or flushed (the site is unusable for this write)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One object as the log holds it."""
-
-    key: str
-    sha256: str
-    size: int
-    replace: bool
-    time_ns: int
-    payload: bytes  # the object (empty when it is staged)
-    note: str = ""  # what the writer wants recovery to know (opaque to the log)
-    staged: str = ""  # the file in STAGE_DIR that holds the object, if not the record
 
 
 @dataclass(eq=False)
@@ -127,14 +107,6 @@ class Receipt:
         if not self.released:
             self.released = True
             self.log.release(self.segment)
-
-
-def record_size(key: bytes, note: bytes, payload: int, ref: bytes = b"") -> int:
-    return _pad(_REC.size + len(key) + len(note) + len(ref) + payload)
-
-
-def _pad(n: int) -> int:
-    return (n + 7) & ~7
 
 
 class SiteLog:
@@ -198,7 +170,7 @@ class SiteLog:
         size = sum(len(c) for c in chunks)
         with self._lock:
             seg = self._current
-            rb = b"x" * _NAME_WIDTH if staged else b""  # room for the name (fixed width)
+            rb = b"x" * NAME_WIDTH if staged else b""  # room for the name (fixed width)
             total = record_size(kb, nb, size, rb)
             if total > self.max_record:
                 raise ValueError(f"record of {total} bytes does not fit a segment")
@@ -208,8 +180,8 @@ class SiteLog:
             name = f"{seg.path.stem}-{seg.nonce:016x}-{self._seq:012d}.obj" if staged else ""
             rb = name.encode().ljust(len(rb), b" ") if staged else b""
             flags = (FLAG_REPLACE if replace else 0) | (FLAG_STAGED if staged else 0)
-            head = _REC.pack(
-                _REC_MAGIC,
+            head = REC.pack(
+                REC_MAGIC,
                 flags,
                 len(kb),
                 len(nb),
@@ -222,9 +194,9 @@ class SiteLog:
                 0,
                 0,
             )
-            crc = zlib.crc32(head[:_CRC_AT] + kb + nb + rb)
-            head = head[:_CRC_AT] + struct.pack("<II", crc, 0)
-            pad = total - (_REC.size + len(kb) + len(nb) + len(rb) + size)
+            crc = zlib.crc32(head[:CRC_AT] + kb + nb + rb)
+            head = head[:CRC_AT] + struct.pack("<II", crc, 0)
+            pad = total - (REC.size + len(kb) + len(nb) + len(rb) + size)
             parts = [head, kb, nb, rb, *chunks] + ([b"\0" * pad] if pad else [])
             try:
                 pwrite_all(seg.fd, parts, seg.tail)
@@ -385,7 +357,7 @@ class SiteLog:
         """Adopt a free segment left by any process, or create one; give it a fresh nonce."""
         seg = self._adopt_free() or self._create()
         seg.nonce = int.from_bytes(os.urandom(8), "little") or 1
-        _write_header(seg.fd, seg.nonce, seg.size)
+        write_header(seg.fd, seg.nonce, seg.size)
         os.fdatasync(seg.fd)
         seg.opened = time.monotonic()
         return seg
@@ -400,7 +372,7 @@ class SiteLog:
             seg = _lock_segment(path)
             if seg is None:
                 continue
-            nonce, size = _read_header(seg.fd)
+            nonce, size = read_header(seg.fd)
             if nonce == 0 and size == seg.size == os.fstat(seg.fd).st_size:
                 return seg
             os.close(seg.fd)  # in use by a dead process: recovery's, not ours
@@ -414,7 +386,7 @@ class SiteLog:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_header(fd, 0, self.segment_bytes)
+            write_header(fd, 0, self.segment_bytes)
             off = HEADER_SIZE
             while off < self.segment_bytes:
                 n = min(len(_ZERO_CHUNK), self.segment_bytes - off)
@@ -468,14 +440,14 @@ class SiteLog:
     def _reuse(self, seg: Segment) -> Segment:
         fresh = Segment(seg.path, seg.fd, seg.size)  # a fresh record of what it covers
         fresh.nonce = int.from_bytes(os.urandom(8), "little") or 1
-        _write_header(fresh.fd, fresh.nonce, fresh.size)
+        write_header(fresh.fd, fresh.nonce, fresh.size)
         os.fdatasync(fresh.fd)
         return fresh
 
     def _free(self, seg: Segment, *, keep: bool) -> None:
         """Mark a segment free (its records are void from now on) and let it go."""
         try:
-            _write_header(seg.fd, 0, seg.size)
+            write_header(seg.fd, 0, seg.size)
             os.fdatasync(seg.fd)
         except OSError as e:
             log.warning("cannot free log segment %s: %s", seg.path, e)
@@ -514,7 +486,7 @@ class SiteLog:
             if seg is None:
                 continue
             try:
-                nonce, _ = _read_header(seg.fd)
+                nonce, _ = read_header(seg.fd)
                 if nonce == 0:
                     free += 1
                     if free > self.keep_free:
@@ -523,183 +495,6 @@ class SiteLog:
                 os.close(seg.fd)
 
 
-# ---------------------------------------------------------------------- recovery
-@dataclass(eq=False)
-class DeadSegment:
-    """A segment in use by a process that is gone, held (locked) by the recovering one."""
-
-    path: Path
-    fd: int
-    size: int
-    nonce: int
-
-    def records(self) -> Iterator[Record]:
-        return _scan(self.fd, self.nonce, self.size)
-
-    def object_of(self, record: Record) -> bytes | None:
-        """The object a record stands for: its payload, or its staged file when that is
-        complete (None: the writer died before it was, so it was never acknowledged)."""
-        if not record.staged:
-            return record.payload
-        try:
-            with open(self.path.parent / STAGE_DIR / record.staged, "rb") as fh:
-                data = fh.read()
-        except OSError:
-            return None
-        return data if hashlib.sha256(data).hexdigest() == record.sha256 else None
-
-    def free(self) -> None:
-        """Its records are replayed and durable elsewhere: void them, keep the file, remove
-        its staged files."""
-        staged = [r.staged for r in self.records() if r.staged]
-        _write_header(self.fd, 0, self.size)
-        os.fdatasync(self.fd)
-        self.close()
-        drop_staged(self.path.parent / STAGE_DIR, staged)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-def dead_segments(directory: Path) -> list[DeadSegment]:
-    """Segments with records that no live process holds (left by a crash)."""
-    out: list[DeadSegment] = []
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return out
-    for name in names:
-        path = directory / name
-        if name.endswith(".new"):
-            # A segment being created when its process died: never held a record.
-            if _lock_segment(path) is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            continue
-        if not name.endswith(SUFFIX):
-            continue
-        seg = _lock_segment(path)
-        if seg is None:
-            continue
-        try:
-            nonce, size = _read_header(seg.fd)
-        except OSError:
-            nonce, size = 0, 0
-        if nonce == 0 or size != seg.size:
-            os.close(seg.fd)
-            continue
-        out.append(DeadSegment(path, seg.fd, size, nonce))
-    return out
-
-
-def _scan(fd: int, nonce: int, size: int) -> Iterator[Record]:
-    off = HEADER_SIZE
-    while off + _REC.size <= size:
-        head = os.pread(fd, _REC.size, off)
-        if len(head) < _REC.size:
-            return
-        magic, flags, klen, nlen, rlen, rnonce, _seq, t_ns, psize, sha, crc, _ = _REC.unpack(head)
-        if magic != _REC_MAGIC or rnonce != nonce:
-            return
-        total = _pad(_REC.size + klen + nlen + rlen + psize)
-        if off + total > size:
-            return
-        var = os.pread(fd, klen + nlen + rlen, off + _REC.size)
-        if zlib.crc32(head[:_CRC_AT] + var) != crc:
-            return
-        staged = var[klen + nlen :].decode(errors="replace").rstrip()
-        payload = os.pread(fd, psize, off + _REC.size + klen + nlen + rlen)
-        if len(payload) != psize or (
-            not flags & FLAG_STAGED and hashlib.sha256(payload).digest() != sha
-        ):
-            return
-        yield Record(
-            var[:klen].decode(),
-            sha.hex(),
-            psize,
-            bool(flags & FLAG_REPLACE),
-            t_ns,
-            payload,
-            var[klen : klen + nlen].decode(errors="replace"),
-            staged if flags & FLAG_STAGED else "",
-        )
-        off += total
-
-
-def drop_staged(stage_dir: Path, names: Sequence[str]) -> None:
-    """Remove staged files whose objects are durable at their keys (their records are void)."""
-    for name in names:
-        with contextlib.suppress(OSError):
-            os.unlink(stage_dir / name)
-
-
-def sweep_staged(directory: Path, older_than: float = 600.0) -> int:
-    """Remove staged files no record can name any more: each name carries its segment and
-    that segment's nonce, and a file whose segment is no longer in use with that nonce
-    (freed, reused, gone) is an orphan, left by a writer that died between appending its
-    record and the checkpoint that would have removed it. Old ones only: a header being
-    rewritten at this moment is never trusted."""
-    stage_dir = directory / STAGE_DIR
-    cutoff = time.time() - older_than
-    removed = 0
-    try:
-        entries = list(os.scandir(stage_dir))
-    except FileNotFoundError:
-        return 0
-    nonces: dict[str, int] = {}
-    for entry in entries:
-        stem, _, rest = entry.name.partition("-")
-        nonce_hex = rest.partition("-")[0]
-        try:
-            nonce = int(nonce_hex, 16)
-            if entry.stat().st_mtime >= cutoff:
-                continue
-            if stem not in nonces:
-                nonces[stem] = _current_nonce(directory / f"{stem}{SUFFIX}")
-            if nonces[stem] != nonce:
-                os.unlink(entry.path)
-                removed += 1
-        except (ValueError, OSError):
-            continue
-    return removed
-
-
-def _current_nonce(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return 0
-    try:
-        return _read_header(fd)[0]
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------- helpers
 def _lock_segment(path: Path) -> Segment | None:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return Segment(path, fd, os.fstat(fd).st_size)
-
-
-def _write_header(fd: int, nonce: int, size: int) -> None:
-    block = _SEG_HEADER.pack(_SEG_MAGIC, nonce, size).ljust(HEADER_SIZE, b"\0")
-    os.pwrite(fd, block, 0)
-
-
-def _read_header(fd: int) -> tuple[int, int]:
-    raw = os.pread(fd, _SEG_HEADER.size, 0)
-    if len(raw) < _SEG_HEADER.size:
-        return 0, 0
-    magic, nonce, size = _SEG_HEADER.unpack(raw)
-    if magic != _SEG_MAGIC:
-        return 0, 0
-    return int(nonce), int(size)
+    fd = lock_file(path)
+    return None if fd is None else Segment(path, fd, os.fstat(fd).st_size)
