@@ -427,11 +427,6 @@ def test_qido_results_capped_with_a_warning(capped: str) -> None:
     assert _studies(capped, "?limit=2&fuzzymatching=false") == (2, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="without a limit parameter the answer is cut at http.max_results silently: no "
-    "Warning header tells the client that more results exist (PS3.18 asks for one)",
-)
 def test_qido_without_limit_warns_when_it_cuts_the_answer(capped: str) -> None:
     count, warning = _studies(capped, "")
     assert count == 3

@@ -366,15 +366,35 @@ class Archive(UserAdmin):
         self.audit(caller, "find", "success", study, f"{query.level.value}: {len(rows)} found")
         return iter(rows)
 
-    def locate(self, caller: Caller, query: Query, operation: str = "get") -> list[InstanceRecord]:
-        """Instances a C-MOVE/C-GET/WADO request selects."""
+    def locate(
+        self, caller: Caller, query: Query, operation: str = "get", *, audit: bool = True
+    ) -> list[InstanceRecord]:
+        """Instances a C-MOVE/C-GET/WADO request selects. `audit=False`: the caller records
+        the outcome itself once it knows it (`retrieved`)."""
         study = _study_of(query)
         self.authorize(caller, operation, study)
         records = self.index.instances(query)
         if not study and records:
             study = records[0].study_uid
-        self.audit(caller, operation, "success", study, f"{len(records)} instance(s)")
+        if audit:
+            self.audit(caller, operation, "success", study, f"{len(records)} instance(s)")
         return records
+
+    def retrieved(
+        self,
+        caller: Caller,
+        operation: str,
+        records: Sequence[InstanceRecord],
+        sent: int,
+        failed: int,
+    ) -> None:
+        """Audit a retrieve once its sub-operations are done: failed when nothing could be
+        sent although something was asked for."""
+        study = records[0].study_uid if records else ""
+        outcome = "failed" if records and sent == 0 else "success"
+        self.audit(
+            caller, operation, outcome, study, f"{sent} of {len(records)} sent, {failed} failed"
+        )
 
     def read(
         self,

@@ -103,6 +103,7 @@ async def retrieve(
                 why,
                 counts={"remaining": 0, "completed": 0, "failed": total, "warning": 0},
             )
+            _audit(requester, destination, records, 0, total)
             return
         sender = target
         usable = list(target.contexts.values())
@@ -166,6 +167,7 @@ async def retrieve(
     if cancelled:
         counts["remaining"] = total - completed - failed - warning
     requester._respond(msg, final, dataset=identifier, counts=counts)
+    _audit(requester, destination, records, completed + warning, failed)
     if failed:
         log.warning(
             "C-%s from %s: %d of %d sub-operations failed",
@@ -174,6 +176,18 @@ async def retrieve(
             failed,
             total,
         )
+
+
+def _audit(
+    requester: ServerAssociation,
+    destination: PeerSettings | None,
+    records: list[InstanceRecord],
+    sent: int,
+    failed: int,
+) -> None:
+    if requester.caller is not None:
+        operation = "move" if destination is not None else "get"
+        requester.archive.retrieved(requester.caller, operation, records, sent, failed)
 
 
 _Prepared = tuple[AcceptedContext, "bytes | memoryview"] | int

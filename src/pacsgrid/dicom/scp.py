@@ -400,7 +400,7 @@ class ServerAssociation(Association):
             destination = None
             if op == "move":
                 destination = self.archive.peer(str(msg.command.get(dimse.MOVE_DESTINATION, "")))
-            records = self.archive.locate(self.caller, query, op)
+            records = self.archive.locate(self.caller, query, op, audit=False)
         except PacsgridError as e:
             status, text = failure_status(e)
             log.warning(

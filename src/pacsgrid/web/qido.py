@@ -161,9 +161,10 @@ def build_query(
         include.add(kw)
     limit = _int(params, "limit")
     offset = _int(params, "offset") or 0
-    if limit is None or limit > max_results:
-        if limit is not None:
-            warnings.append(f"limit capped at {max_results} (http.max_results)")
+    if limit is None:
+        limit = max_results + 1  # one more, to tell whether the answer had to be cut
+    elif limit > max_results:
+        warnings.append(f"limit capped at {max_results} (http.max_results)")
         limit = max_results
     return Query(level, tuple(matches), limit, offset), include, warnings
 
@@ -206,6 +207,13 @@ async def _search(request: web.Request, level: Level, path_uids: dict[str, str])
         level, request.query, path_uids, ctx.settings.http.max_results
     )
     rows = await ctx.call(lambda: list(ctx.archive.find(caller_of(request), query)))
+    cap = ctx.settings.http.max_results
+    if len(rows) > cap:
+        rows = rows[:cap]
+        warnings.append(
+            f"more than {cap} results: the answer stops at {cap} (http.max_results); "
+            "page with limit and offset"
+        )
     body = result_json(rows, include, level, base_url(request))
     headers = {}
     if warnings:
