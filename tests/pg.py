@@ -1,5 +1,8 @@
 """Real PostgreSQL servers for tests and benchmarks: initdb, pg_ctl, pg_basebackup (Debian's
 postgresql-15), each cluster in a folder of its own, listening on 127.0.0.1 and a free port.
+For failover as in production, `PatroniCluster` (Debian's patroni and etcd-server: a primary and
+a standby that Patroni promotes by itself), the launcher `pacsgrid drill` uses too
+(src/pacsgrid/drill/patroni.py).
 
 initdb refuses to run as root, so the cluster belongs to the `postgres` user and every server
 program runs as that user (`runuser`); clients (psycopg, pg_dump) connect over TCP with trust
@@ -19,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pacsgrid.drill.patroni import PatroniCluster, patroni_missing
 from tests.conftest import _children
 from tests.ports import free_port
+
+__all__ = ["FAST_FAIL", "PatroniCluster", "PgCluster", "failover_url", "patroni_missing"]
 
 PG_BIN = Path(os.environ.get("PACSGRID_PG_BIN", "/usr/lib/postgresql/15/bin"))
 

@@ -102,8 +102,10 @@ class Proc:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        user: str | None = None,
     ) -> None:
         self.name = name
+        self.user = user
         self.argv = [str(a) for a in argv]
         self.log = log
         self.env = env
@@ -124,6 +126,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(self.env or {})},
                 cwd=self.cwd,
+                user=self.user,
                 # Its own process group: a Ctrl-C on the drill's terminal reaches the drill
                 # only, which then stops everything in order.
                 start_new_session=True,
