@@ -18,11 +18,10 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from pacsgrid.drill.patroni import PatroniCluster, patroni_missing
+from pacsgrid.drill.patroni import PatroniCluster, _owned_dir, patroni_missing
 from tests.conftest import _children
 from tests.ports import free_port
 
@@ -49,16 +48,6 @@ def _as_postgres(*cmd: str | Path, check: bool = True, timeout: float = 120) -> 
     if check and proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     return proc.stdout
-
-
-def _owned_dir(prefix: str) -> Path:
-    """A fresh folder the postgres user owns (tmp_path is root-only, postgres cannot enter)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    if os.getuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-    d.chmod(0o700)
-    return d
 
 
 class PgCluster:
