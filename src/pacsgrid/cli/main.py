@@ -9,6 +9,7 @@ from pacsgrid import __version__
 from pacsgrid.cli import (
     archive_cmds,
     deploy_cmds,
+    drill_cmds,
     index_cmds,
     migrate_cmds,
     serve,
@@ -30,6 +31,7 @@ def build_parser() -> Parser:
     migrate_cmds.add_parsers(sub)
     users.add_parser(sub)
     deploy_cmds.add_parsers(sub)
+    drill_cmds.add_parsers(sub)
     p = sub.add_parser("cli-reference", help="print the reference of every command")
     p.set_defaults(func=lambda args: print(cli_reference()) or 0)
     return parser

@@ -138,7 +138,8 @@ class PatroniCluster:
                         "--snapshot-count=5000",
                     ],
                     self.root / "etcd.log",
-                )
+                ),
+                last=True,
             )
             self.etcd.wait_port(HOST, self.etcd_port, timeout)
             self.start_node(0)
@@ -237,16 +238,20 @@ class PatroniCluster:
         self.nodes[i] = None
 
     def stop(self) -> None:
-        for i, proc in enumerate(self.nodes):
+        """Stop Patroni on every node (together; each stops its PostgreSQL), then etcd."""
+        procs = Procs()
+        for proc in self.nodes:
             if proc is not None:
-                proc.stop(timeout=30)
-                master = self.postmaster(i)
-                if master and alive(master):  # Patroni was killed before it could stop it
-                    signal_all([master], signal.SIGQUIT)
-            self.nodes[i] = None
+                procs.start_tracking(proc)
         if self.etcd is not None:
-            self.etcd.stop()
-            self.etcd = None
+            procs.start_tracking(self.etcd, last=True)
+        procs.stop_all()
+        for i in range(len(self.nodes)):
+            master = self.postmaster(i)
+            if master and alive(master):  # Patroni was killed before it could stop it
+                signal_all([master], signal.SIGQUIT)
+            self.nodes[i] = None
+        self.etcd = None
 
     def destroy(self) -> None:
         self.stop()
@@ -300,12 +305,18 @@ class PatroniCluster:
         raise DrillError(f"Patroni: no leader with {want} replica(s) after {timeout:g}s: {seen}")
 
     # ------------------------------------------------------------------ clients
-    def conninfo(self, dbname: str = "postgres", hosts: list[tuple[str, int]] | None = None) -> str:
-        """Both hosts, `target_session_attrs=read-write`: libpq finds the primary itself."""
+    def conninfo(
+        self,
+        dbname: str = "postgres",
+        hosts: list[tuple[str, int]] | None = None,
+        attrs: str = "read-write",
+    ) -> str:
+        """Every host, `target_session_attrs=read-write`: libpq finds the primary itself
+        (`prefer-standby` for reads that may go to the standby)."""
         where = hosts or [(HOST, p) for p in self.pg_ports]
         return (
             f"host={','.join(h for h, _ in where)} port={','.join(str(p) for _, p in where)} "
-            f"user=postgres password=postgres dbname={dbname} target_session_attrs=read-write "
+            f"user=postgres password=postgres dbname={dbname} target_session_attrs={attrs} "
             "connect_timeout=2"
         )
 

@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,17 +191,37 @@ class Proc:
 
 
 class Procs:
-    """Every process of one deployment, stopped newest first by `stop_all`."""
+    """Every process of one deployment. `stop_all` stops them together (a volume server or
+    Patroni can take seconds to shut down cleanly), the ones marked `last` (what the others
+    report to: etcd, the SeaweedFS master) after the rest."""
 
     def __init__(self) -> None:
         self.started: list[Proc] = []
+        self.last: set[int] = set()
 
-    def start(self, proc: Proc) -> Proc:
-        self.started.append(proc)
+    def start(self, proc: Proc, *, last: bool = False) -> Proc:
+        self.start_tracking(proc, last=last)
         return proc.start()
 
+    def start_tracking(self, proc: Proc, *, last: bool = False) -> None:
+        """Count `proc` (already started) in for `stop_all`."""
+        self.started.append(proc)
+        if last:
+            self.last.add(id(proc))
+
     def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            with contextlib.suppress(Exception):
-                proc.stop()
+        first = [p for p in self.started if id(p) not in self.last]
+        then = [p for p in self.started if id(p) in self.last]
+        for group in (first, then):
+            threads = [threading.Thread(target=_quiet_stop, args=(p,)) for p in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         self.started.clear()
+        self.last.clear()
+
+
+def _quiet_stop(proc: Proc) -> None:
+    with contextlib.suppress(Exception):
+        proc.stop()

@@ -108,7 +108,8 @@ class SeaweedCluster:
     # ------------------------------------------------------------------ processes
     def _run(self, name: str, *args: str) -> Proc:
         return self.procs.start(
-            Proc(name, [self.weed, *args], self.workdir / f"{name}.log", cwd=self.workdir)
+            Proc(name, [self.weed, *args], self.workdir / f"{name}.log", cwd=self.workdir),
+            last=name == "master",
         )
 
     def start(self, timeout: float = 120.0) -> SeaweedCluster:
@@ -215,9 +216,12 @@ class SeaweedCluster:
         raise DrillError(f"SeaweedFS S3 not writable after {timeout:g}s: {last}")
 
     def stop(self) -> None:
-        for proc in [self.s3, self.filer, *reversed(self.volumes), self.master]:
+        """Stop every process (the volume servers together: each takes a while)."""
+        procs = Procs()
+        for proc in [self.s3, self.filer, *self.volumes, self.master]:
             if proc is not None:
-                proc.stop()
+                procs.start_tracking(proc, last=proc is self.master)
+        procs.stop_all()
 
     # ------------------------------------------------------------------ clients
     def client(self) -> Any:
