@@ -55,6 +55,11 @@ def left_behind(workdir: Path) -> list[str]:
             continue
         if str(workdir) in cmdline and " drill " not in cmdline:
             out.append(f"process {pid}: {cmdline[:200]}")
+        # Patroni, PostgreSQL and etcd run in a folder of their own that the drill removes
+        # when it stops them: a process still naming a removed one is the drill's.
+        for folder in re.findall(r"/tmp/pacsgrid-patroni-[^/\s]+", cmdline):
+            if not Path(folder).exists():
+                out.append(f"process {pid}: {cmdline[:200]}")
     mounts = Path("/proc/mounts").read_text()
     out += [f"mount {line}" for line in mounts.splitlines() if str(workdir) in line]
     return out

@@ -156,8 +156,11 @@ class Client(threading.Thread):
 
 
 class StoreClient(Client):
-    """C-STOREs one after another on one association (a new one after a failure); an instance
-    that was not acknowledged is sent again, as a modality does."""
+    """C-STOREs one after another, `per_association` on one association (a modality sends a
+    study on one), a new one after a failure; an instance that was not acknowledged is sent
+    again, as a modality does."""
+
+    per_association = 20
 
     def __init__(
         self,
@@ -189,7 +192,7 @@ class StoreClient(Client):
                 if ok:
                     stored += 1
                     pending = None
-                else:
+                if not ok or stored % self.per_association == 0:
                     self.close()
                 self.pause(max(0.0, self.every - (time.monotonic() - t0)))
         finally:

@@ -305,12 +305,13 @@ def report(drill: Drill) -> str:
         f"- retrieves during the run: {r_ok} byte-identical, {r_bad} failed",
         f"- acknowledged instances checked: {v.acked}; found by C-FIND: {v.found}; "
         f"retrieved byte-identical by C-GET: {v.identical}",
-        f"- **lost acknowledged instances: {len(v.lost)}**",
     ]
-    lines += [f"- lost: {sop}" for sop in v.lost[:20]]
-    lines += [f"- problem: {e}" for e in drill.errors]
     if drill.interrupted:
         lines.append("- interrupted (Ctrl-C): the check of every instance did not run")
+    else:
+        lines.append(f"- **lost acknowledged instances: {len(v.lost)}**")
+    lines += [f"- lost: {sop}" for sop in v.lost[:20]]
+    lines += [f"- problem: {e}" for e in drill.errors]
     return "\n".join(lines) + "\n"
 
 
