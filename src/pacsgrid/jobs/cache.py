@@ -100,11 +100,11 @@ class CacheTier:
             site = self.placement.sites[name]
             key = source.key if source else record.copies[0].key
             try:
-                if not site.put(key, [data]).created:
+                if not site.put(key, [data], sha256=record.sha256).created:
                     old = site.get(key)
                     if hashlib.sha256(old).hexdigest() != record.sha256:
                         site.delete(key)  # a cache may drop what it holds
-                        site.put(key, [data])
+                        site.put(key, [data], sha256=record.sha256)
             except SiteUnavailable as e:
                 self.placement.mark_down(name, str(e))
                 continue

@@ -112,7 +112,7 @@ class Repairer:
         the copy. A different object already under the key is quarantined, never clobbered."""
         key = next((c.key for c in record.copies), None) or _key(record)
         self.limiter.take(len(data))
-        if not site.put(key, [data]).created:
+        if not site.put(key, [data], sha256=record.sha256).created:
             try:
                 existing = site.get(key)
             except ObjectMissing:
@@ -122,7 +122,7 @@ class Repairer:
                     key, f"differs from the index ({record.sha256}); replaced by repair"
                 )
                 log.warning("%s on %s differed from the index: moved to %s", key, site.name, where)
-                if not site.put(key, [data]).created:
+                if not site.put(key, [data], sha256=record.sha256).created:
                     raise StorageError(site.name, f"{key} reappeared while being repaired")
         now = time.time()
         return CopyRecord(site.name, key, len(data), record.sha256, now, "ok", now)
