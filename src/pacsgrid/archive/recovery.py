@@ -20,6 +20,7 @@ and the answer): indexing it is what a retry by the sender would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -58,8 +59,10 @@ class RecoveryReport:
         return bool(self.rewritten or self.indexed or self.copies or self.journal)
 
 
+@functools.lru_cache(maxsize=1024)
 def note_for(via: str, ae_title: str) -> str:
-    """What a log record keeps about its writer (forwarding rules depend on it)."""
+    """What a log record keeps about its writer (forwarding rules depend on it). Cached: a
+    store asks for it every time, and the writers are few."""
     return json.dumps({"via": via, "ae": ae_title}, separators=(",", ":"))
 
 

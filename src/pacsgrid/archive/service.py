@@ -82,6 +82,10 @@ class Archive(UserAdmin):
             self.sites, settings.replication.copies, settings.replication.write_quorum
         )
         self._init_sites()
+        # Checked once: isinstance on a runtime Protocol walks its attributes on every call.
+        self._logged: dict[str, LoggedSite] = {
+            s.name: s for s in self.sites if isinstance(s, LoggedSite)
+        }
         self.cache = CacheTier(self.index, self.placement, settings)
         self.placement.on_up.append(self._site_up)
         self.committer = GroupCommitter(self.index)
@@ -269,7 +273,7 @@ class Archive(UserAdmin):
         self._checkpointer.started_writing()
         # The ingest journal covers writes no site log covers (it replays them after a crash).
         size = sum(len(c) for c in chunks)
-        logged = all(isinstance(t, LoggedSite) and t.logs(size) for t in targets)
+        logged = all(t.name in self._logged and self._logged[t.name].logs(size) for t in targets)
         marker = None if logged else self.journal.begin(key, [t.name for t in targets])
         written = self._writer.write(
             header, key, chunks, targets, replace, note_for(caller.via, caller.ae_title)
