@@ -338,6 +338,37 @@ def test_expired_lease_is_claimed_again(index: Index) -> None:
     assert again.pk == first.pk and again.attempts == 2
 
 
+def test_item_queued_claimed_by_its_caller(index: Index) -> None:
+    item = index.enqueue_claimed("commitment", "AE/1.2", "request", "worker-1", lease=60)
+    assert item is not None and item.attempts == 0 and item.payload == "request"
+    assert index.claim("commitment", "job", 10, lease=60) == []  # its caller holds it
+    assert index.enqueue_claimed("commitment", "AE/1.2", "again", "worker-2", lease=60) is None
+    assert index.extend_claim(item.pk, "worker-1", lease=60)
+    assert not index.extend_claim(item.pk, "worker-2", lease=60)
+    # handed over with what the attempt learnt; due at once for anyone
+    index.fail(item.pk, "requester released", retry_at=time.time() - 1, payload="result")
+    assert not index.extend_claim(item.pk, "worker-1", lease=60)
+    [taken] = index.claim("commitment", "job", 10, lease=60)
+    assert taken.pk == item.pk and taken.payload == "result" and taken.attempts == 1
+    index.fail(taken.pk, "peer down", retry_at=time.time() - 1)  # payload kept when not given
+    [again] = index.claim("commitment", "job", 10, lease=60)
+    assert again.payload == "result"
+    index.complete([again.pk])
+    # a transaction asked for again after its report is queued again, claimed
+    renewed = index.enqueue_claimed("commitment", "AE/1.2", "new", "worker-3", lease=60)
+    assert renewed is not None and renewed.pk == item.pk and renewed.payload == "new"
+    assert index.work_counts("commitment") == {"pending": 1}
+
+
+def test_claim_of_a_dead_caller_runs_out(index: Index) -> None:
+    item = index.enqueue_claimed("commitment", "AE/9", "request", "dead-worker", lease=0.2)
+    assert item is not None
+    [taken] = wait_until(
+        lambda: index.claim("commitment", "job", 1, lease=60), 60, "the dead caller's claim ran out"
+    )
+    assert taken.pk == item.pk and taken.attempts == 1
+
+
 def _claimer(url: str, owner: str, out: multiprocessing.Queue, ready: Any, both: Any) -> None:  # type: ignore[type-arg]
     ix = open_index(url)
     got: list[int] = []

@@ -8,8 +8,9 @@ recorded as well as allowed ones.
 
 A record: {"time": ISO-8601 UTC, "user": web user or "", "ae": calling AE or "", "address":
 source address, "via": dimse|web|import|cli, "operation": C-STORE|C-FIND|C-MOVE|C-GET|STOW|
-QIDO|WADO|admin|login, "outcome": success|denied|failed, "study": StudyInstanceUID or "",
-"detail": short text}. Patient identifiers are never written here, nor to the ordinary log.
+QIDO|WADO|N-ACTION|N-EVENT-REPORT (storage commitment)|admin|login, "outcome":
+success|denied|failed, "study": StudyInstanceUID or "", "detail": short text}. Patient
+identifiers are never written here, nor to the ordinary log.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ OPERATIONS = {
     ("get", "dimse"): "C-GET",
     ("get", "web"): "WADO",
     ("retrieve", "web"): "WADO",
+    ("commit", "dimse"): "N-ACTION",  # storage commitment request
+    ("report", "dimse"): "N-EVENT-REPORT",  # its report
 }
 
 

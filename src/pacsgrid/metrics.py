@@ -47,6 +47,16 @@ QUERY_SECONDS = Histogram(
 )
 SITE_OPS = Counter("pacsgrid_site_operations", "Operations on storage sites", ["site", "op"])
 SITE_ERRORS = Counter("pacsgrid_site_errors", "Failed operations on storage sites", ["site", "op"])
+COMMITMENT = Counter(
+    "pacsgrid_commitment_instances",
+    "Instances storage commitment was asked for, by outcome (committed, failed)",
+    ["outcome"],
+)
+COMMITMENT_REPORTS = Counter(
+    "pacsgrid_commitment_reports",
+    "Storage commitment reports, by outcome (sent, retry, given_up)",
+    ["outcome"],
+)
 ACCESS_DENIED = Counter("pacsgrid_access_denied", "Refused requests", ["service"])
 SCRYPT = Counter("pacsgrid_password_hashes", "scrypt computations (password checks and changes)")
 LOGIN_REFUSED = Counter(

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from pacsgrid import metrics
 from pacsgrid.archive.checkpoint import Checkpointer
+from pacsgrid.archive.commitment import StorageCommitment
 from pacsgrid.archive.quorum import QuorumWriter
 from pacsgrid.archive.records import (
     FORWARD,
@@ -95,6 +96,7 @@ class Archive(UserAdmin):
             self.sites, self.index.sync, settings.durability.checkpoint_seconds
         )
         self.audit_log = AuditLog(settings.audit_log.target, settings.audit_path)
+        self.commitment = StorageCommitment(self)
         self._last_probe = time.monotonic()
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
@@ -169,6 +171,8 @@ class Archive(UserAdmin):
             need = _NEEDS.get(operation, "admin")
             return _RANK.get(caller.role, 0) >= _RANK[need]
         peer = self.settings.peer(caller.ae_title) if caller.ae_title else None
+        if operation == "commit":  # storage commitment: its report needs the peer's address
+            return peer is not None and "store" in peer.allow
         if peer is not None:
             return operation in peer.allow
         return self.settings.dicom.accept_unknown and operation in ("echo", "store")
@@ -432,29 +436,15 @@ class Archive(UserAdmin):
     def _read(self, record: InstanceRecord, use_cache: bool, verify: bool) -> StoredObject:
         errors = []
         for site, copy in self.placement.read_order(record.copies):
-            metrics.SITE_OPS.labels(site.name, "get").inc()
             try:
-                data = site.get(copy.key)
-            except SiteUnavailable as e:
-                metrics.SITE_ERRORS.labels(site.name, "get").inc()
-                self.placement.mark_down(site.name, str(e))
-                errors.append(str(e))
-                continue
+                data = self.read_copy(site, copy.key)
             except StorageError as e:
-                metrics.SITE_ERRORS.labels(site.name, "get").inc()
                 errors.append(str(e))
                 continue
             # Even with verification off, what fills the cache tier is checked first.
             check = verify or (use_cache and self.cache.fills_from(site.name))
             if check and hashlib.sha256(data).hexdigest() != record.sha256:
-                metrics.SITE_ERRORS.labels(site.name, "verify").inc()
-                err = ObjectCorrupt(
-                    site.name,
-                    f"{copy.key} does not match its SHA-256",
-                    hint="run 'pacsgrid audit' to quarantine and repair it",
-                )
-                log.error("%s", err)
-                errors.append(str(err))
+                errors.append(str(self.corrupt_copy(site.name, copy.key)))
                 continue
             p10 = split_part10(data)
             if use_cache:
@@ -466,6 +456,30 @@ class Archive(UserAdmin):
         raise NotFound(
             f"no readable copy of {record.sop_uid}: " + ("; ".join(errors) or "no copies recorded")
         )
+
+    def read_copy(self, site: StorageSite, key: str) -> bytes:
+        """One copy's bytes, as they are (not verified), counted in the site's metrics; a
+        site found unavailable is marked down. Raises StorageError."""
+        metrics.SITE_OPS.labels(site.name, "get").inc()
+        try:
+            return site.get(key)
+        except StorageError as e:
+            metrics.SITE_ERRORS.labels(site.name, "get").inc()
+            if isinstance(e, SiteUnavailable):
+                self.placement.mark_down(site.name, str(e))
+            raise
+
+    def corrupt_copy(self, site: str, key: str) -> ObjectCorrupt:
+        """A copy read back does not match its SHA-256: counted and logged for the operator
+        (the fixity audit quarantines and repairs it); the error, for the caller to report."""
+        metrics.SITE_ERRORS.labels(site, "verify").inc()
+        err = ObjectCorrupt(
+            site,
+            f"{key} does not match its SHA-256",
+            hint="run 'pacsgrid audit' to quarantine and repair it",
+        )
+        log.error("%s", err)
+        return err
 
     # ------------------------------------------------------------------ migration ledgers
     # Thin on purpose: migrate/ keeps its state in the index through these (pacsgrid.ledger).

@@ -92,11 +92,29 @@ class Index(Protocol):
         other owner gets them while the lease runs (SKIP LOCKED on PostgreSQL)."""
         ...
 
+    def enqueue_claimed(
+        self, kind: str, key: str, payload: str, owner: str, lease: float
+    ) -> WorkItem | None:
+        """Queue one item already claimed by `owner` for `lease` seconds, for a caller that
+        works on it at once (its work is not counted among the item's attempts: those are
+        the claims of `claim`); if that caller dies, the lease runs out and the item is
+        claimed like any other. None when an item with this key is pending already (it is
+        left as it is); a done or failed one is queued again."""
+        ...
+
+    def extend_claim(self, pk: int, owner: str, lease: float) -> bool:
+        """Renew `owner`'s lease on a pending item for `lease` seconds from now (work that
+        takes long); False when the item is done, failed or claimed by another owner."""
+        ...
+
     def complete(self, pks: Sequence[int]) -> None: ...
 
-    def fail(self, pk: int, error: str, retry_at: float | None) -> None:
+    def fail(
+        self, pk: int, error: str, retry_at: float | None, *, payload: str | None = None
+    ) -> None:
         """Record a failed attempt: retry after `retry_at` (epoch seconds), or give up
-        (state 'failed', listed for the operator) when `retry_at` is None."""
+        (state 'failed', listed for the operator) when `retry_at` is None. `payload`
+        replaces the item's payload (what the attempt learnt, for the next one)."""
         ...
 
     def work_counts(self, kind: str) -> dict[str, int]:

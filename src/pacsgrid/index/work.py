@@ -34,6 +34,35 @@ class WorkQueries(SqlBase):
         with self._tx() as db:
             return sum(self._enqueue(db, kind, key, payload, now) for key, payload in items)
 
+    def enqueue_claimed(
+        self, kind: str, key: str, payload: str, owner: str, lease: float
+    ) -> WorkItem | None:
+        now = time.time()
+        with self._tx() as db:
+            row = self._x(
+                db,
+                "INSERT INTO work (kind, key, payload, attempts, claimed_by, claimed_until, "
+                "created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, key) DO UPDATE SET state = 'pending', "
+                "payload = excluded.payload, attempts = 0, not_before = 0, "
+                "claimed_by = excluded.claimed_by, claimed_until = excluded.claimed_until, "
+                "last_error = '', updated_at = excluded.updated_at WHERE work.state <> 'pending' "
+                "RETURNING pk, kind, key, payload, attempts",
+                (kind, key, payload, owner, now + lease, now, now),
+            ).fetchone()
+        return WorkItem(int(row[0]), row[1], row[2], row[3], int(row[4])) if row else None
+
+    def extend_claim(self, pk: int, owner: str, lease: float) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            cur = self._x(
+                db,
+                "UPDATE work SET claimed_until = ?, updated_at = ? WHERE pk = ? AND "
+                "claimed_by = ? AND state = 'pending'",
+                (now + lease, now, pk, owner),
+            )
+            return int(cur.rowcount) == 1
+
     # Appended to the claim subquery; PostgreSQL sets " FOR UPDATE SKIP LOCKED".
     CLAIM_LOCK = ""
 
@@ -66,14 +95,17 @@ class WorkQueries(SqlBase):
                     [now, *chunk],
                 )
 
-    def fail(self, pk: int, error: str, retry_at: float | None) -> None:
+    def fail(
+        self, pk: int, error: str, retry_at: float | None, *, payload: str | None = None
+    ) -> None:
         state = "failed" if retry_at is None else "pending"
         with self._tx() as db:
             self._x(
                 db,
                 "UPDATE work SET state = ?, not_before = ?, claimed_by = NULL, "
-                "claimed_until = NULL, last_error = ?, updated_at = ? WHERE pk = ?",
-                (state, retry_at or 0, error[:2000], time.time(), pk),
+                "claimed_until = NULL, last_error = ?, payload = COALESCE(?, payload), "
+                "updated_at = ? WHERE pk = ?",
+                (state, retry_at or 0, error[:2000], payload, time.time(), pk),
             )
 
     def work_counts(self, kind: str) -> dict[str, int]:

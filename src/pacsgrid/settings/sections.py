@@ -284,6 +284,28 @@ class ForwardingSettings:
 
 
 @dataclass(frozen=True)
+class CommitmentSettings:
+    """Storage Commitment (docs/storage-commitment.md): delivering the reports that did not
+    go back on the requester's own association."""
+
+    retry_initial: float = setting(
+        10.0,
+        "Seconds before a report that could not be delivered is tried again; doubles per attempt.",
+        min=0.1,
+    )
+    retry_max: float = setting(600.0, "Longest wait between two attempts (seconds).", min=0.1)
+    max_attempts: int = setting(
+        30,
+        "Attempts before a report is given up and listed by 'pacsgrid commitment status' "
+        "(0 = retry forever).",
+        min=0,
+    )
+    poll: float = setting(
+        1.0, "Seconds between two looks for reports to deliver when there are none.", min=0.05
+    )
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     """The web face: DICOMweb, the dashboard, the viewer, /metrics and /health."""
 
@@ -478,6 +500,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
+    commitment: CommitmentSettings = field(default_factory=CommitmentSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
@@ -525,6 +548,7 @@ SECTIONS = {
     "audit": AuditSettings,
     "log": LogSettings,
     "forwarding": ForwardingSettings,
+    "commitment": CommitmentSettings,
     "http": HttpSettings,
     "audit_log": AuditLogSettings,
     "index": IndexSettings,
