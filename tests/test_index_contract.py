@@ -360,6 +360,23 @@ def test_item_queued_claimed_by_its_caller(index: Index) -> None:
     assert index.work_counts("commitment") == {"pending": 1}
 
 
+def test_pending_work_as_the_operator_sees_it(index: Index) -> None:
+    index.enqueue("commitment", [("A/1", ""), ("A/2", ""), ("A/3", "")])
+    held = index.enqueue_claimed("commitment", "A/4", "", "worker-1", lease=60)
+    assert held is not None
+    [first, _] = index.claim("commitment", "job", 2, lease=60)
+    index.fail(first.pk, "connection refused", retry_at=time.time() + 300)
+    [done] = index.claim("commitment", "job", 1, lease=60)
+    index.complete([done.pk])
+    rows = {w.key: w for w in index.pending_work("commitment")}
+    assert sorted(rows) == ["A/1", "A/2", "A/4"]
+    assert rows["A/1"].error == "connection refused" and rows["A/1"].not_before > time.time()
+    assert rows["A/1"].claimed_by == "" and rows["A/1"].attempts == 1
+    assert rows["A/2"].claimed_by == "job"  # claimed, lease running
+    assert rows["A/4"].claimed_by == "worker-1" and rows["A/4"].attempts == 0
+    assert [w.key for w in index.pending_work("commitment", limit=1)] == ["A/1"]
+
+
 def test_claim_of_a_dead_caller_runs_out(index: Index) -> None:
     item = index.enqueue_claimed("commitment", "AE/9", "request", "dead-worker", lease=0.2)
     assert item is not None

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pacsgrid import metrics
 from pacsgrid.archive.records import Caller
 from pacsgrid.errors import InvalidDataset, StorageError
-from pacsgrid.index import WorkItem
+from pacsgrid.index import PendingWork, WorkItem
 from pacsgrid.model import InstanceRecord
 
 if TYPE_CHECKING:
@@ -343,6 +343,10 @@ class StorageCommitment:
                 why,
             )
         return give_up
+
+    def pending(self, limit: int = 100) -> list[PendingWork]:
+        """Requests whose report is not delivered yet, oldest first."""
+        return self.index.pending_work(KIND, limit)
 
     def counts(self) -> dict[str, int]:
         """Requests by state: pending (report not yet delivered), done, failed (given up)."""

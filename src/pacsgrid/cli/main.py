@@ -8,6 +8,7 @@ import sys
 from pacsgrid import __version__
 from pacsgrid.cli import (
     archive_cmds,
+    commitment_cmds,
     deploy_cmds,
     drill_cmds,
     index_cmds,
@@ -29,6 +30,7 @@ def build_parser() -> Parser:
     sites_cmds.add_parsers(sub)
     index_cmds.add_parsers(sub)
     migrate_cmds.add_parsers(sub)
+    commitment_cmds.add_parsers(sub)
     users.add_parser(sub)
     deploy_cmds.add_parsers(sub)
     drill_cmds.add_parsers(sub)

@@ -19,6 +19,7 @@ from pacsgrid.index.records import (
     FailedWork,
     IndexStats,
     NewInstance,
+    PendingWork,
     SiteUsage,
     WebUser,
     WorkItem,
@@ -34,6 +35,7 @@ __all__ = [
     "Index",
     "IndexStats",
     "NewInstance",
+    "PendingWork",
     "SiteUsage",
     "WebUser",
     "WorkItem",
@@ -163,6 +165,10 @@ class Index(Protocol):
 
     def work_failures(self, kind: str, limit: int = 100) -> list[tuple[str, int, str]]:
         """(key, attempts, last error) of given-up items of `kind`, newest first."""
+        ...
+
+    def pending_work(self, kind: str, limit: int = 100) -> list[PendingWork]:
+        """Items of `kind` not done yet, oldest first (what an operator watches)."""
         ...
 
     def retry_failed_work(self, kind: str) -> int:

@@ -77,6 +77,17 @@ class FailedWork:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingWork:
+    """A work item not done yet, as an operator sees it."""
+
+    key: str
+    attempts: int
+    error: str  # of the last attempt ('' before the first one failed)
+    not_before: float  # epoch seconds of the next attempt (0: due now)
+    claimed_by: str  # '' unless someone is working on it (its lease runs)
+
+
+@dataclass(frozen=True, slots=True)
 class IndexStats:
     patients: int
     studies: int

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pacsgrid.index.records import FailedWork, WorkItem, WorkSummary
+from pacsgrid.index.records import FailedWork, PendingWork, WorkItem, WorkSummary
 from pacsgrid.index.sql_base import SqlBase
 
 
@@ -120,6 +120,24 @@ class WorkQueries(SqlBase):
             (kind, int(limit)),
         )
         return [(r[0], int(r[1]), r[2]) for r in rows]
+
+    def pending_work(self, kind: str, limit: int = 100) -> list[PendingWork]:
+        now = time.time()
+        rows = self._all(
+            "SELECT key, attempts, last_error, not_before, claimed_by, claimed_until FROM work "
+            "WHERE kind = ? AND state = 'pending' ORDER BY pk LIMIT ?",
+            (kind, int(limit)),
+        )
+        return [
+            PendingWork(
+                r[0],
+                int(r[1]),
+                r[2],
+                float(r[3] or 0),
+                r[4] if r[4] and float(r[5] or 0) > now else "",
+            )
+            for r in rows
+        ]
 
     def wake(self, kind: str) -> int:
         """Make every waiting item of `kind` ready now (a site came back up)."""
