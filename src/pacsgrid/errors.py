@@ -9,6 +9,7 @@ for the person reading the log at 3 a.m., and storage errors carry a hint on wha
     ├── InvalidDataset           input we refuse to store (cannot parse, missing UIDs)
     ├── AccessDenied             caller may not do this
     ├── UnknownPeer              e.g. a C-MOVE destination that is not configured
+    ├── PeerUnreachable          a peer could not be reached, or did not take what we sent
     ├── NotFound                 no such instance/study in the index
     ├── ArchiveUnavailable       cannot make data durable right now (nothing acknowledged)
     │   ├── QuorumNotMet         too few healthy sites for the write quorum
@@ -56,6 +57,11 @@ class AccessDenied(PacsgridError):
 
 class UnknownPeer(PacsgridError):
     """An AE title that is not configured as a peer (e.g. a C-MOVE destination)."""
+
+
+class PeerUnreachable(PacsgridError):
+    """An outgoing association failed: the peer could not be reached (refused, rejected,
+    TLS handshake), or it answered what we sent with a failure status."""
 
 
 class NotFound(PacsgridError):

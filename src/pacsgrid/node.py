@@ -61,6 +61,10 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
     out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
     if archive.settings.forward or archive.index.work_counts(FORWARD).get("pending"):
         out.append(Forwarder(archive))
+    if any("store" in p.allow for p in archive.settings.peers) or archive.commitment.pending(1):
+        from pacsgrid.jobs.commitment import CommitmentReporter
+
+        out.append(CommitmentReporter(archive))  # storage commitment reports
     if listeners is not None and listeners.http is not None:
         from pacsgrid.web import WebComponent
 

@@ -295,7 +295,9 @@ class StorageCommitment:
             "",
             f"transaction {req.transaction_uid}: {result.summary()}, {where}",
         )
-        log.info("commitment report of %s sent %s: %s", req.describe(), where, result.summary())
+        log.info(
+            "storage commitment report of %s sent %s: %s", req.describe(), where, result.summary()
+        )
         for f in result.failed[:20]:
             log.warning(
                 "%s: %s not committed (0x%04X): %s",
@@ -326,7 +328,15 @@ class StorageCommitment:
             pending.pk, why, retry_at=None if give_up else time.time() + delay, payload=payload
         )
         metrics.COMMITMENT_REPORTS.labels("given_up" if give_up else "retry").inc()
-        if give_up:
+        if not give_up:
+            log.warning(
+                "storage commitment report of %s not delivered (attempt %d, next in %.0fs): %s",
+                pending.request.describe(),
+                pending.attempts,
+                delay,
+                why,
+            )
+        else:
             req = pending.request
             self.archive.audit(
                 Caller(req.requester, req.address),

@@ -1,4 +1,6 @@
-"""DIMSE-C command sets (PS3.7 section 9 and annex E): encode and decode, statuses.
+"""DIMSE command sets (PS3.7 sections 9 and 10, annex E): encode and decode, statuses.
+DIMSE-C for the query/retrieve and storage services, the DIMSE-N messages of storage
+commitment (N-ACTION, N-EVENT-REPORT).
 
 A command set is group 0000 in implicit VR little endian. We keep it as a dict from element
 number to value (str or int); a dozen struct calls per message instead of a pydicom Dataset.
@@ -16,6 +18,8 @@ C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
+N_ACTION_RQ, N_ACTION_RSP = 0x0130, 0x8130
 
 COMMAND_NAMES = {
     C_STORE_RQ: "C-STORE-RQ",
@@ -29,6 +33,10 @@ COMMAND_NAMES = {
     C_ECHO_RQ: "C-ECHO-RQ",
     C_ECHO_RSP: "C-ECHO-RSP",
     C_CANCEL_RQ: "C-CANCEL-RQ",
+    N_EVENT_REPORT_RQ: "N-EVENT-REPORT-RQ",
+    N_EVENT_REPORT_RSP: "N-EVENT-REPORT-RSP",
+    N_ACTION_RQ: "N-ACTION-RQ",
+    N_ACTION_RSP: "N-ACTION-RSP",
 }
 
 # Command elements (group 0000)
@@ -46,6 +54,8 @@ OFFENDING_ELEMENT = 0x0901
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE = 0x1000
 REQUESTED_SOP_INSTANCE = 0x1001
+EVENT_TYPE_ID = 0x1002
+ACTION_TYPE_ID = 0x1008
 REMAINING = 0x1020
 COMPLETED = 0x1021
 FAILED = 0x1022
@@ -72,6 +82,8 @@ _VR = {
     0x0903: "US",
     AFFECTED_SOP_INSTANCE: "UI",
     REQUESTED_SOP_INSTANCE: "UI",
+    EVENT_TYPE_ID: "US",
+    ACTION_TYPE_ID: "US",
     REMAINING: "US",
     COMPLETED: "US",
     FAILED: "US",
@@ -96,6 +108,14 @@ UNABLE_TO_PROCESS = 0xC001
 REFUSED_NOT_AUTHORIZED = 0x0124
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 UNRECOGNIZED_OPERATION = 0x0211
+# DIMSE-N failures (PS3.7 annex C)
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_SOP_INSTANCE = 0x0112
+INVALID_ARGUMENT_VALUE = 0x0115
+NO_SUCH_SOP_CLASS = 0x0118
+NO_SUCH_ACTION = 0x0123
+MISTYPED_ARGUMENT = 0x0212
+RESOURCE_LIMITATION = 0x0213
 
 Command = dict[int, "str | int | bytes"]
 

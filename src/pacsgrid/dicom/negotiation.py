@@ -3,9 +3,11 @@
 - Verification: C-ECHO.
 - Query/Retrieve (Patient Root, Study Root, and the retired Patient/Study Only): C-FIND,
   C-MOVE, C-GET.
-- Every other abstract syntax that is not a known non-storage service (worklist, MPPS, storage
-  commitment, ...) is treated as a storage SOP class, including private and unknown UIDs: an
-  archive that refuses an unfamiliar image has lost it.
+- Storage Commitment Push Model: N-ACTION (pacsgrid.dicom.commitment), for the peers that may
+  ask for it (operation "commit", see `Archive.may`).
+- Every other abstract syntax that is not a known non-storage service (worklist, MPPS, ...) is
+  treated as a storage SOP class, including private and unknown UIDs: an archive that refuses
+  an unfamiliar image has lost it.
 
 Storage accepts any transfer syntax the DICOM standard defines, taking the requestor's first
 choice, so the bytes are stored as they were encoded. Contexts for an operation the caller may
@@ -30,6 +32,7 @@ from pacsgrid.model import Level
 log = logging.getLogger("pacsgrid.dicom")
 
 VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Push Model SOP Class
 
 PATIENT_ROOT, STUDY_ROOT, PATIENT_STUDY_ONLY = "patient", "study", "patient-study"
 QR_MODELS: dict[str, tuple[str, str]] = {
@@ -52,9 +55,11 @@ QR_SYNTAXES = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
 
 
 def service_of(abstract_syntax: str) -> str:
-    """echo, find, move, get, store, or unsupported."""
+    """echo, find, move, get, store, commit, or unsupported."""
     if abstract_syntax == VERIFICATION:
         return "echo"
+    if abstract_syntax == STORAGE_COMMITMENT:
+        return "commit"
     if abstract_syntax in QR_MODELS:
         return QR_MODELS[abstract_syntax][0]
     cls = uid_to_service_class(abstract_syntax).__name__

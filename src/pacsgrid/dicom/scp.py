@@ -1,4 +1,5 @@
-"""The archive's DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET.
+"""The archive's DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, and storage
+commitment's N-ACTION (pacsgrid.dicom.commitment).
 
 A thin front end: each handler decodes the request, calls `Archive`, and encodes the answer.
 Each association runs on its own thread and event loop (see pacsgrid.dicom.server), so a
@@ -16,12 +17,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pacsgrid.dicom import dimse, pdu
 from pacsgrid.dicom.association import RELEASE_REQUESTED, Association, AssociationAborted
 from pacsgrid.dicom.authentication import HostResolver, PeerCertificate, mismatch
+from pacsgrid.dicom.commitment import n_action
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.fsm import Event, State
 from pacsgrid.dicom.identifier import Request, decode_request, encode_elements, response_elements
@@ -70,6 +73,7 @@ class ServerAssociation(Association):
         self.busy = False
         self.counts: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
+        self._beside: set[asyncio.Task[None]] = set()  # see `spawn`
         self._loop: asyncio.AbstractEventLoop | None = None
         self.sock: socket.socket | None = None  # for `expire_soon` before the loop runs
         self._handoff = threading.Lock()
@@ -103,13 +107,24 @@ class ServerAssociation(Association):
             self.fsm.handle(Event.EVT18)
 
     def is_idle(self) -> bool:
-        return not self.busy
+        return not self.busy and not self._beside
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on this association's loop beside its requests (a storage commitment
+        report being prepared): meanwhile the association is not idle, and it is finished
+        only when `work` is done too."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._beside.add(task)
+        task.add_done_callback(self._beside.discard)
 
     async def finished(self) -> None:
-        """Until the connection is closed and the request being handled is done."""
+        """Until the connection is closed and the request being handled (and any work
+        beside it) is done."""
         await self.closed.wait()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._beside:
+            await asyncio.gather(*self._beside, return_exceptions=True)
 
     def abort_soon(self) -> None:
         """`abort()` from any thread: it runs on the association's loop once the request
@@ -294,6 +309,8 @@ class ServerAssociation(Association):
             self._respond(msg, dimse.UNRECOGNIZED_OPERATION, why)
         elif field == dimse.C_STORE_RQ:
             await self._c_store(msg, ctx.transfer_syntax)
+        elif field == dimse.N_ACTION_RQ:
+            await n_action(self, msg, ctx)
         elif field == dimse.C_FIND_RQ:
             await self._c_find(msg, ctx.abstract_syntax, ctx.transfer_syntax)
         else:
@@ -413,6 +430,7 @@ class ServerAssociation(Association):
 
 
 _SERVICE_OF_COMMAND = {
+    dimse.N_ACTION_RQ: "commit",
     dimse.C_STORE_RQ: "store",
     dimse.C_FIND_RQ: "find",
     dimse.C_MOVE_RQ: "move",

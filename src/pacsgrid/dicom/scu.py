@@ -1,4 +1,5 @@
-"""Outgoing associations: C-MOVE sub-operations, forwarding, pulling from a legacy PACS.
+"""Outgoing associations: C-MOVE sub-operations, forwarding, storage commitment reports,
+pulling from a legacy PACS.
 
 assoc = await connect("127.0.0.1", 11113, "PACSGRID", "STORESCP",
                       [(CT_STORAGE, [EXPLICIT_LE, IMPLICIT_LE])])
@@ -57,6 +58,7 @@ class ClientAssociation(Association):
         self._on_store = on_store
         self._serve_task: asyncio.Task[None] | None = None
         self.label = ""
+        self.roles: dict[str, pdu.RoleSelection] = {}  # the acceptor's role selection replies
 
     def describe(self) -> str:
         return self.label or self.peer_address
@@ -76,6 +78,7 @@ class ClientAssociation(Association):
             self.abort()
             return
         roles = {r.sop_class_uid: r for r in ac.roles}
+        self.roles = roles
         for pc in ac.contexts:
             proposed = self._proposals.get(pc.id)
             if proposed is None or pc.result != pdu.ACCEPTANCE or not pc.transfer_syntaxes:
@@ -236,11 +239,13 @@ async def connect(
     max_pdu: int = 262144,
     timeout: float = 30.0,
     scp_roles: Sequence[str] = (),
+    roles: Sequence[pdu.RoleSelection] = (),
     on_store: StoreHandler | None = None,
 ) -> ClientAssociation:
     """Open an association; raise AssociationRejected, AssociationAborted or OSError.
 
-    `scp_roles`: SOP classes for which we offer the SCP role (C-GET storage sub-operations).
+    `scp_roles`: SOP classes for which we offer both roles (C-GET storage sub-operations);
+    `roles`: other role selections as given (storage commitment reports: the SCP role only).
     """
     if len(proposals) > 128:
         raise ValueError("at most 128 presentation contexts per association")
@@ -255,7 +260,10 @@ async def connect(
         max_pdu,
         IMPLEMENTATION_CLASS_UID,
         IMPLEMENTATION_VERSION,
-        {uid: pdu.RoleSelection(uid, True, True) for uid in scp_roles},
+        {
+            **{uid: pdu.RoleSelection(uid, True, True) for uid in scp_roles},
+            **{r.sop_class_uid: r for r in roles},
+        },
     )
     assoc = ClientAssociation(rq, max_pdu=max_pdu, timeout=timeout, on_store=on_store)
     assoc.label = f"{called_ae}@{host}:{port}"
