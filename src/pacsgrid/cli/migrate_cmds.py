@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -13,7 +14,7 @@ from pacsgrid.archive import FORWARD, Archive
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
 from pacsgrid.errors import ConfigError
 from pacsgrid.progress import Progress
-from pacsgrid.settings import parse_peer
+from pacsgrid.settings import PeerSettings, Settings, parse_peer
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,7 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     add_archive_options(q)
     q.add_argument(
-        "--from", dest="source", required=True, metavar="AET@HOST:PORT", help="the legacy PACS"
+        "--from",
+        dest="source",
+        required=True,
+        metavar="AET@HOST:PORT",
+        help="the legacy PACS (over DICOM TLS when a [[peers]] entry of that AE title sets tls)",
     )
     _add_study_range(q)
     q.add_argument("--window", metavar="HH:MM-HH:MM", help="retrieve only in these hours")
@@ -95,7 +100,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     add_archive_options(v)
     src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--against", metavar="AET@HOST:PORT", help="a legacy PACS")
+    src.add_argument(
+        "--against",
+        metavar="AET@HOST:PORT",
+        help="a legacy PACS (over DICOM TLS when a [[peers]] entry of that AE title sets tls)",
+    )
     src.add_argument("--folder", type=Path, metavar="SRC", help="a legacy folder tree")
     v.add_argument(
         "--out", type=Path, metavar="DIR", help="report folder (default: DATA_DIR/reports/...)"
@@ -238,6 +247,7 @@ def run_pull(args: argparse.Namespace) -> int:
     )
     ov = _overrides(args)
     settings = settings_from(args, ov)
+    peer = _as_configured(settings, peer)
     setup_logging(settings, quiet=sys.stderr.isatty())
     archive = Archive(settings, probe_interval=0)
     stop = _stop_event()
@@ -266,6 +276,15 @@ def run_pull(args: argparse.Namespace) -> int:
     return 0 if not s.incomplete and not s.failed else 1
 
 
+def _as_configured(settings: Settings, given: PeerSettings) -> PeerSettings:
+    """AET@HOST:PORT from the command line; a configured peer of that AE title lends it its
+    TLS settings (tls, CA, client certificate)."""
+    known = settings.peer(given.ae_title)
+    if known is None:
+        return given
+    return dataclasses.replace(known, host=given.host, port=given.port)
+
+
 def _overrides(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pacsgrid.cli.common import overrides_from
 
@@ -285,6 +304,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.folder is not None and not args.folder.is_dir():
         raise ConfigError("--folder", f"not a folder: {args.folder}")
     settings = settings_from(args, _overrides(args))
+    if peer is not None:
+        peer = _as_configured(settings, peer)
     setup_logging(settings, quiet=sys.stderr.isatty())
     archive = Archive(settings, probe_interval=0)
     stop = _stop_event()

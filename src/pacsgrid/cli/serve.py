@@ -126,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
 
+    if any(p.tls for p in settings.peers):
+        from pacsgrid.tls import check_peers
+
+        check_peers(settings)  # a peer's bad CA, certificate or key fails here, with one line
+
     # The archive is ours (and stays ours while any of our processes lives): a previous server
     # of it that is still stopping (workers finishing their associations) is waited for, and a
     # restore cannot move the index aside under us.

@@ -42,7 +42,7 @@ from pacsgrid.dicom.association import AcceptedContext, Association, Association
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.fsm import State
 from pacsgrid.dicom.header import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
-from pacsgrid.dicom.scu import AssociationRejected, connect
+from pacsgrid.dicom.scu import AssociationRejected, connect_to
 from pacsgrid.dicom.status import comment, n_failure_status
 from pacsgrid.errors import PacsgridError, PeerUnreachable
 
@@ -263,16 +263,14 @@ async def send_report(
 async def report_to_peer(
     archive: Archive, peer: PeerSettings, req: CommitmentRequest, result: CommitmentResult
 ) -> str:
-    """Send a report on a new association to `peer`; returns where it went. Raises
-    PeerUnreachable."""
+    """Send a report on a new association to `peer` (TLS when its settings say so);
+    returns where it went. Raises PeerUnreachable."""
     d = archive.settings.dicom
     label = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
-        assoc = await connect(
-            peer.host,
-            peer.port,
+        assoc = await connect_to(
+            peer,
             d.ae_title,
-            peer.ae_title,
             [(SOP_CLASS, (EXPLICIT_LE, IMPLICIT_LE))],
             timeout=d.timeout,
             roles=[pdu.RoleSelection(SOP_CLASS, False, True)],

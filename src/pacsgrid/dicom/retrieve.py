@@ -15,7 +15,7 @@ from pacsgrid.dicom import dimse
 from pacsgrid.dicom.association import AcceptedContext, Association, AssociationAborted
 from pacsgrid.dicom.header import EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
 from pacsgrid.dicom.identifier import failed_uids_identifier
-from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect
+from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect_to
 from pacsgrid.dicom.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
 from pacsgrid.model import InstanceRecord
@@ -83,11 +83,9 @@ async def retrieve(
     target: ClientAssociation | None = None
     if destination is not None and records:
         try:
-            target = await connect(
-                destination.host,
-                destination.port,
+            target = await connect_to(
+                destination,
                 requester.service.ae_title,
-                destination.ae_title,
                 proposals_for(records),
                 timeout=archive.settings.dicom.timeout,
             )

@@ -5,6 +5,9 @@ assoc = await connect("127.0.0.1", 11113, "PACSGRID", "STORESCP",
                       [(CT_STORAGE, [EXPLICIT_LE, IMPLICIT_LE])])
 status = await assoc.c_store(ctx_id, sop_class, sop_uid, dataset_bytes)
 await assoc.release()
+
+`connect_to(peer, ...)` opens one to a configured peer, over DICOM TLS when the peer's
+settings say so (pacsgrid.tls.client_context).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from pacsgrid.dicom import dimse, pdu
@@ -24,6 +28,8 @@ from pacsgrid.dicom.association import (
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.fsm import Event, State
 from pacsgrid.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from pacsgrid.settings import PeerSettings
+from pacsgrid.tls import client_context
 
 log = logging.getLogger("pacsgrid.dicom")
 
@@ -241,11 +247,14 @@ async def connect(
     scp_roles: Sequence[str] = (),
     roles: Sequence[pdu.RoleSelection] = (),
     on_store: StoreHandler | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> ClientAssociation:
-    """Open an association; raise AssociationRejected, AssociationAborted or OSError.
+    """Open an association; raise AssociationRejected, AssociationAborted or OSError (an
+    ssl.SSLError when the TLS handshake fails).
 
     `scp_roles`: SOP classes for which we offer both roles (C-GET storage sub-operations);
-    `roles`: other role selections as given (storage commitment reports: the SCP role only).
+    `roles`: other role selections as given (storage commitment reports: the SCP role only);
+    `tls`: a client context (pacsgrid.tls.client_context) to connect over DICOM TLS.
     """
     if len(proposals) > 128:
         raise ValueError("at most 128 presentation contexts per association")
@@ -270,7 +279,17 @@ async def connect(
     assoc.fsm.handle(Event.EVT1)  # AE-1: the transport connection is opened next
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: assoc, host, port), timeout)
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: assoc,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls is not None else None,
+                ssl_handshake_timeout=timeout if tls is not None else None,
+            ),
+            timeout,
+        )
     except BaseException:
         if assoc.state == State.STA4:
             assoc.fsm.handle(Event.EVT17)  # the connection never opened (AA-4)
@@ -283,3 +302,29 @@ async def connect(
             f"no answer to the association request from {assoc.label}"
         ) from None
     return assoc
+
+
+async def connect_to(
+    peer: PeerSettings,
+    calling_ae: str,
+    proposals: Sequence[Proposal],
+    *,
+    timeout: float = 30.0,
+    scp_roles: Sequence[str] = (),
+    roles: Sequence[pdu.RoleSelection] = (),
+    on_store: StoreHandler | None = None,
+) -> ClientAssociation:
+    """`connect` to a configured peer: its host, port and AE title, over DICOM TLS when its
+    settings say so (its CA, the archive's client certificate: pacsgrid.tls)."""
+    return await connect(
+        peer.host,
+        peer.port,
+        calling_ae,
+        peer.ae_title,
+        proposals,
+        timeout=timeout,
+        scp_roles=scp_roles,
+        roles=roles,
+        on_store=on_store,
+        tls=client_context(peer),
+    )

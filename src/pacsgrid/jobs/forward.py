@@ -26,7 +26,7 @@ from pacsgrid.archive import FORWARD, Archive
 from pacsgrid.dicom import dimse
 from pacsgrid.dicom.association import AssociationAborted
 from pacsgrid.dicom.retrieve import pick_context, proposals_for
-from pacsgrid.dicom.scu import AssociationRejected, connect
+from pacsgrid.dicom.scu import AssociationRejected, connect_to
 from pacsgrid.dicom.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
 from pacsgrid.index import WorkItem
@@ -83,11 +83,9 @@ class Forwarder:
         if not records:
             return
         try:
-            assoc = await connect(
-                peer.host,
-                peer.port,
+            assoc = await connect_to(
+                peer,
                 self.archive.settings.dicom.ae_title,
-                peer.ae_title,
                 proposals_for([r for _, r in records]),
                 timeout=self.archive.settings.dicom.timeout,
             )

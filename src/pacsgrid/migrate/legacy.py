@@ -19,7 +19,7 @@ from pacsgrid.dicom.association import AcceptedContext, AssociationAborted
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from pacsgrid.dicom.identifier import QUERY_RETRIEVE_LEVEL, encode_elements
-from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect
+from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect, connect_to
 from pacsgrid.errors import PacsgridError
 from pacsgrid.model import BY_KEYWORD, COMPUTED, Level
 from pacsgrid.settings import PeerSettings
@@ -171,11 +171,9 @@ class LegacySession:
                     if len(proposals) < 128:
                         proposals.append((sop_class, [ts]))
         try:
-            self.assoc = await connect(
-                self.peer.host,
-                self.peer.port,
+            self.assoc = await connect_to(
+                self.peer,
                 self.our_ae,
-                self.peer.ae_title,
                 proposals,
                 timeout=self.timeout,
                 scp_roles=sorted({p[0] for p in proposals[3:]}) if self.on_store else (),

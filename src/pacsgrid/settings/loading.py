@@ -22,6 +22,7 @@ from pacsgrid.settings.sections import (
     LISTS,
     SECTIONS,
     TOP_LEVEL,
+    DicomSettings,
     ForwardRule,
     PeerSettings,
     Settings,
@@ -338,6 +339,7 @@ def load_settings(
 
     peers = [_build(PeerSettings, f"peers[{i}]", p) for i, p in enumerate(lists["peers"])]
     peers += [parse_peer(text) for text in ov.peers]
+    peers = [_peer_tls(p, built["dicom"], f"peers[{i}]") for i, p in enumerate(peers)]
     seen: set[str] = set()
     for i, p in enumerate(peers):
         if p.ae_title in seen:
@@ -376,6 +378,28 @@ def load_settings(
     )
     _check_policy(settings)
     return settings
+
+
+def _peer_tls(p: PeerSettings, d: DicomSettings, key: str) -> PeerSettings:
+    """A TLS peer's CA and client certificate, defaulting to the archive's own (dicom.tls_*),
+    checked to exist: a wrong path stops start-up with one line naming the key."""
+    if not p.tls:
+        return p
+    if p.tls_client_cert and not p.tls_client_key:
+        raise ConfigError(f"{key}.tls_client_key", "tls_client_cert needs its private key")
+    if p.tls_client_key and not p.tls_client_cert:
+        raise ConfigError(f"{key}.tls_client_cert", "tls_client_key needs its certificate")
+    cert, private = p.tls_client_cert, p.tls_client_key
+    if not cert and d.tls_cert and d.tls_key:
+        cert, private = d.tls_cert, d.tls_key
+    p = dataclasses.replace(
+        p, tls_ca=p.tls_ca or d.tls_ca, tls_client_cert=cert, tls_client_key=private
+    )
+    for name in ("tls_ca", "tls_client_cert", "tls_client_key"):
+        value = getattr(p, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}.{name}", f"file not found: {value}")
+    return p
 
 
 def _resolve_site_url(site: SiteSettings, key: str, base: Path) -> SiteSettings:

@@ -74,6 +74,29 @@ class PeerSettings:
         "peer may then call only on the TLS port.",
         pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$|^$",
     )
+    tls: bool = setting(
+        False,
+        "The archive's own associations to this peer (C-MOVE, forwarding, storage "
+        "commitment reports, migrate pull) use DICOM TLS; `port` is then its TLS port.",
+    )
+    tls_ca: str = setting(
+        "",
+        "With tls: PEM CA bundle the peer's certificate must be signed by (default: "
+        "dicom.tls_ca; neither set: the system's CAs).",
+    )
+    tls_client_cert: str = setting(
+        "",
+        "With tls: PEM certificate the archive presents to this peer (default: "
+        "dicom.tls_cert, if set).",
+    )
+    tls_client_key: str = setting(
+        "", "PEM private key of tls_client_cert (default: dicom.tls_key with dicom.tls_cert)."
+    )
+    tls_check_hostname: bool = setting(
+        True,
+        "With tls: the peer's certificate must name `host` (a DNS name or IP address in its "
+        "subjectAltName); false checks only that the CA signed it.",
+    )
 
 
 @dataclass(frozen=True)
