@@ -11,6 +11,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from tests.conftest import free_port
@@ -129,10 +130,18 @@ class Modality:
         ae.add_requested_context(StorageCommitmentPushModel)
         roles = [build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
         same: queue.Queue[Report] = queue.Queue()
+        answering: list[Report] = []
 
         def on_report(event: Any) -> tuple[int, None]:
-            same.put(_report(event, "same association"))
+            answering.append(_report(event, "same association"))
             return 0x0000, None
+
+        def on_pdu_sent(event: Any) -> None:
+            """The report counts as received once its N-EVENT-REPORT-RSP is on the wire:
+            pynetdicom sends it after `on_report` returns, and releasing before that would
+            leave the archive without the answer it waits for."""
+            if answering and isinstance(event.pdu, P_DATA_TF):
+                same.put(answering.pop())
 
         tls = None
         if self.client_tls is not None:
@@ -142,7 +151,7 @@ class Modality:
             archive_port,
             ae_title="PACSGRID",
             ext_neg=roles if keep_open else None,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_PDU_SENT, on_pdu_sent)],
             tls_args=tls,
         )
         if not assoc.is_established:

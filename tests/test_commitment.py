@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,14 +108,24 @@ def test_stored_and_unknown_instances(tmp_path: Path, modality: Modality, keep_o
                                  keep_open=keep_open)  # fmt: skip
         report = again.report if keep_open else modality.next_report()
         assert report is not None and report.event_type == 1 and not report.failed
-        status = pacsgrid_cli("commitment", "status", "--data-dir", server.data_dir)
+        # the archive records and audits a report once the modality's N-EVENT-REPORT-RSP is in
+        audit = server.data_dir / "audit.jsonl"
+        wait_until(
+            lambda: audit.read_text().count('"operation":"N-EVENT-REPORT"') == 2,
+            60,
+            "both reports audited",
+            seen=audit.read_text,
+        )
+        assert audit.read_text().count('"operation":"N-ACTION"') == 2
+        status = status_of(server)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "pending 0, sent 2, given up 0" in status.stdout
-        audit = (server.data_dir / "audit.jsonl").read_text()
-        assert audit.count('"operation":"N-ACTION"') == 2
-        assert audit.count('"operation":"N-EVENT-REPORT"') == 2
     finally:
         server.stop()
+
+
+def status_of(server: Server) -> subprocess.CompletedProcess[str]:
+    return pacsgrid_cli("commitment", "status", "--data-dir", server.data_dir)
 
 
 def flip_last_byte(path: Path) -> None:
@@ -146,9 +157,11 @@ def test_a_corrupt_copy_is_not_committed(tmp_path: Path, modality: Modality) -> 
         assert report is not None and report.event_type == 2
         assert report.committed == refs_of(chosen[1:])
         assert report.failed == [(chosen[0].sop_class_uid, chosen[0].sop_uid, 0x0110)]
+        # logged once the modality's N-EVENT-REPORT-RSP is in
+        why = "1 verified archive copies of the 2 required"
+        wait_until(lambda: why in server.text(), 60, "the failure logged", seen=server.text)
         log = server.text()
         assert "does not match its SHA-256" in log and "run 'pacsgrid audit'" in log
-        assert "1 verified archive copies of the 2 required" in log
     finally:
         server.stop()
 
@@ -202,7 +215,7 @@ def test_a_report_that_cannot_be_delivered_is_given_up_listed_and_retried(
         assert "given up 1" in out
         assert "given up after 3 attempts: MODALITY transaction 1.2.826.0.1.3680043.8.498.5" in out
         assert "'pacsgrid commitment retry' queues them again" in out
-        assert "given up after 3 attempt(s)" in server.text()
+        wait_until(lambda: "given up after 3 attempt(s)" in server.text(), 60, "the log line")
         modality.listen()
         retry = pacsgrid_cli("commitment", "retry", "--data-dir", server.data_dir)
         assert "queued 1 given-up report(s) again" in retry.stdout
@@ -228,11 +241,10 @@ def test_a_refused_report_is_retried(tmp_path: Path, modality: Modality) -> None
         assert first.transaction_uid == report.transaction_uid
         assert report.transaction_uid == "1.2.826.0.1.3680043.8.498.6"
         wait_until(
-            lambda: "sent 1" in pacsgrid_cli("commitment", "status", "--data-dir",
-                                             server.data_dir).stdout,
+            lambda: "pending 0, sent 1, given up 0" in status_of(server).stdout,
             60,
             "the report recorded as sent",
-        )  # fmt: skip
+        )
     finally:
         server.stop()
 
