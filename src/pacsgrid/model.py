@@ -130,3 +130,6 @@ class InstanceRecord:
     sha256: str
     attributes: dict[str, str] = field(default_factory=dict)
     copies: tuple[CopyRecord, ...] = ()
+    # Values its object is sent with instead of the stored ones (its study is corrected, see
+    # pacsgrid.correction); set only on records a retrieve asked for (Index.instances visible).
+    corrections: dict[str, str] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from pacsgrid.index.base import (
     WorkItem,
     WorkSummary,
 )
+from pacsgrid.index.corrections import CorrectionRow, HiddenInstance
 from pacsgrid.query import Match, Query, parse_match
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AddResult",
+    "CorrectionRow",
     "FailedWork",
+    "HiddenInstance",
     "Index",
     "IndexStats",
     "Match",

@@ -11,8 +11,11 @@ that many concurrent stores share one database fsync.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
+from pacsgrid.correction import Correction
+from pacsgrid.index.corrections import CorrectionRow, HiddenInstance
 from pacsgrid.index.query import Query
 from pacsgrid.index.records import (
     AddResult,
@@ -65,8 +68,12 @@ class Index(Protocol):
         (including the computed counts and ModalitiesInStudy)."""
         ...
 
-    def instances(self, query: Query) -> list[InstanceRecord]:
-        """Instances below the entities matched by `query`, with their copies (retrieve)."""
+    def instances(self, query: Query, *, visible: bool = False) -> list[InstanceRecord]:
+        """Instances below the entities matched by `query`, with their copies (retrieve).
+
+        `visible`: what a retrieve sends: no instance a rejection hides, and each record of a
+        corrected study carries the values its object is sent with (`corrections`). Without
+        it, every indexed instance as stored (repair, audit, recovery)."""
         ...
 
     def instance(self, sop_uid: str) -> InstanceRecord | None: ...
@@ -243,5 +250,47 @@ class Index(Protocol):
         with pk > `after`, in pk order, `limit` instances at a time (site '' when an
         instance has no copy at all)."""
         ...
+
+    # ------------------------------------------------------------------ corrections
+    # (implemented once in pacsgrid.index.corrections; see pacsgrid.correction)
+    def corrections_lock(self) -> AbstractContextManager[None]: ...
+
+    def next_correction_seq(self) -> int: ...
+
+    def add_pending_correction(self, c: Correction) -> None: ...
+
+    def pending_corrections(self) -> list[Correction]: ...
+
+    def apply_correction(self, c: Correction, missing: Sequence[str] = ()) -> bool: ...
+
+    def record_source(self, source: str, outcome: str) -> None: ...
+
+    def set_correction_missing(self, seq: int, missing: Sequence[str]) -> None: ...
+
+    def source_outcome(self, source: str) -> tuple[str, int | None] | None: ...
+
+    def correction(self, seq: int) -> CorrectionRow | None: ...
+
+    def corrections(
+        self, limit: int = 50, offset: int = 0, *, missing_only: bool = False
+    ) -> list[CorrectionRow]: ...
+
+    def later_corrections(
+        self, seq: int, subjects: Sequence[str]
+    ) -> list[tuple[int, str, int]]: ...
+
+    def patient(self, pid: str, issuer: str) -> dict[str, str] | None: ...
+
+    def patient_studies(self, pid: str, issuer: str) -> list[str]: ...
+
+    def study_patient(self, study_uid: str) -> dict[str, str] | None: ...
+
+    def hidden_instances(
+        self, limit: int = 100, offset: int = 0, *, by: int = 0, study_uid: str = ""
+    ) -> list[HiddenInstance]: ...
+
+    def hiding(self, sop_uids: Sequence[str]) -> list[tuple[str, int, str]]: ...
+
+    def iter_corrections(self) -> Iterator[CorrectionRow]: ...
 
     def close(self) -> None: ...

@@ -66,6 +66,7 @@ RETRYABLE = (
 )
 STANDBY_RETRY = 30.0  # seconds the primary answers reads after the standby failed
 MIGRATION_LOCK = 0x7061637367726964  # "pacsgrid": one node upgrades the schema at a time
+CORRECTIONS_LOCK = 0x7061637363727274  # one correction at a time (index/corrections.py)
 
 
 class PostgresIndex(SqlIndex):
@@ -309,9 +310,27 @@ class PostgresIndex(SqlIndex):
             rows = list(super().find(query))
         return iter(rows)
 
-    def instances(self, query: Query) -> list[InstanceRecord]:
+    def instances(self, query: Query, *, visible: bool = False) -> list[InstanceRecord]:
         with self._reading():
-            return super().instances(query)
+            return super().instances(query, visible=visible)
+
+    @contextmanager
+    def corrections_lock(self) -> Iterator[None]:
+        # A session advisory lock on a connection of its own: every node waits for it, and a
+        # node that dies releases it with its connection.
+        # The wait is bounded by the statement timeout.
+        conn = self._connect(self._dsn)
+        try:
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (CORRECTIONS_LOCK,))
+            except psycopg.Error as e:
+                raise IndexUnavailable(
+                    f"index {self.url}: another correction is being made and did not finish "
+                    f"in time ({first_line(e)})"
+                ) from e
+            yield
+        finally:
+            self._discard(conn)
 
     def close(self) -> None:
         self._closed = True

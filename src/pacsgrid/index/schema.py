@@ -231,6 +231,55 @@ def checkpoint_mark(t: Types) -> list[str]:
     ]
 
 
+def corrections(t: Types) -> list[str]:
+    """Corrections over immutable objects (pacsgrid.correction).
+
+    - `correction`: every correction in order (`seq`), its document as written to the sites,
+      `pending` until it is durable there and applied here; `undone_by` the undo that
+      reverted it; `missing`: archive sites that did not get the document (healed later);
+    - `correction_subject`: what each correction touched (an undo must not skip a later
+      correction of the same study, patient or instance);
+    - `correction_source`: what asked for a correction, by its own id (an HL7 message, a
+      rejection note): each is acted on at most once;
+    - `corrected_study`: studies whose objects are sent with their patient's current values,
+      with the values their objects carry;
+    - `hidden_instance`: instances a rejection hides, by SOP Instance UID (also those that have
+      not arrived yet), one row per correction that hides them.
+    """
+    return [
+        f"""CREATE TABLE correction (
+  seq BIGINT PRIMARY KEY,
+  kind {t.text} NOT NULL,
+  state {t.text} NOT NULL,
+  doc {t.text} NOT NULL,
+  source {t.text} NOT NULL DEFAULT '',
+  undoes BIGINT NOT NULL DEFAULT 0,
+  undone_by BIGINT,
+  missing {t.text} NOT NULL DEFAULT '',
+  created_at {t.real} NOT NULL,
+  applied_at {t.real})""",
+        "CREATE INDEX correction_state_idx ON correction(state)",
+        f"""CREATE TABLE correction_subject (
+  subject {t.text} NOT NULL,
+  seq BIGINT NOT NULL,
+  PRIMARY KEY (subject, seq))""",
+        f"""CREATE TABLE correction_source (
+  source {t.text} PRIMARY KEY,
+  seq BIGINT,
+  outcome {t.text} NOT NULL,
+  at {t.real} NOT NULL)""",
+        f"""CREATE TABLE corrected_study (
+  study_pk BIGINT PRIMARY KEY REFERENCES study(pk),
+  original {t.text} NOT NULL)""",
+        f"""CREATE TABLE hidden_instance (
+  sop_uid {t.text} NOT NULL,
+  seq BIGINT NOT NULL,
+  study_uid {t.text} NOT NULL DEFAULT '',
+  PRIMARY KEY (sop_uid, seq))""",
+        "CREATE INDEX hidden_instance_seq_idx ON hidden_instance(seq)",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
@@ -240,6 +289,7 @@ MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0003_web_auth", web_auth),
     ("0003_scale", scale),
     ("0004_checkpoint_mark", checkpoint_mark),
+    ("0005_corrections", corrections),
 ]
 
 TRACKING_TABLE = (

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from pacsgrid.correction import PATIENT
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import (
     AddResult,
@@ -24,6 +25,7 @@ from pacsgrid.index.base import (
     NewInstance,
     SiteUsage,
 )
+from pacsgrid.index.corrections import CorrectionQueries
 from pacsgrid.index.ledgers import LedgerQueries
 from pacsgrid.index.query import (
     ALIAS,
@@ -49,12 +51,22 @@ JOINS = {
 }
 
 
-class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
+# What `find` answers, and a retrieve sends: entities with something visible, instances no
+# rejection hides (see index/corrections.py).
+VISIBLE = {
+    Level.PATIENT: "p.num_instances > 0",
+    Level.STUDY: "st.num_instances > 0",
+    Level.SERIES: "se.num_instances > 0",
+    Level.IMAGE: "NOT EXISTS (SELECT 1 FROM hidden_instance h WHERE h.sop_uid = i.sop_uid)",
+}
+
+
+class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQueries):
     """Shared implementation; engines provide `_all`, `_one` and `_tx` (see SqlBase).
 
     Here: filing instances (add_batch), queries (find, instances, stats). In the mixins: the
     work queue (index/work.py), copies on sites (index/sites.py), migration ledgers
-    (index/ledgers.py), web users (index/users.py)."""
+    (index/ledgers.py), web users (index/users.py), corrections (index/corrections.py)."""
 
     def _apply_migrations(self, types: Types) -> None:
         """Bring the schema up to date (see pacsgrid.index.schema); idempotent."""
@@ -189,6 +201,7 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
             "num_series + ?, num_studies = num_studies + ? WHERE pk = ?",
             (int(new_series), int(new_study), patient_pk),
         )
+        self._hidden_on_arrival(db, item.sop_uid, study_pk, patient_pk)
         return AddResult("replaced" if row is not None else "stored", tuple(warnings))
 
     def _patient_pk(self, db: Any, v: dict[str, str]) -> int:
@@ -311,12 +324,23 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
                     keys.append(key)
         return exprs, keys, JOINS[level]
 
-    def _rows(self, query: Query) -> tuple[list[str], list[Any]]:
+    def _rows(
+        self, query: Query, *, visible: bool = False, corrected: bool = False
+    ) -> tuple[list[str], list[Any]]:
+        """`visible`: only what a query answers and a retrieve sends; `corrected` (instances):
+        also whether their study is corrected (`_corrected`)."""
         exprs, keys, joins = self._select(query.level)
         where, params = compile_where(query, self.dialect)
+        conds = [where] if where else []
+        if visible:
+            conds.append(VISIBLE[query.level])
+        if corrected:
+            joins += " LEFT JOIN corrected_study cs ON cs.study_pk = st.pk"
+            exprs.append("cs.study_pk")
+            keys.append("_corrected")
         sql = f"SELECT {', '.join(exprs)} FROM {joins}"
-        if where:
-            sql += f" WHERE {where}"
+        if conds:
+            sql += f" WHERE {' AND '.join(conds)}"
         sql += f" ORDER BY {ALIAS[query.level]}.pk"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)} OFFSET {int(query.offset)}"
@@ -329,7 +353,7 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
         return keys, self._all(sql, params)
 
     def find(self, query: Query) -> Iterator[dict[str, str]]:
-        keys, rows = self._rows(query)
+        keys, rows = self._rows(query, visible=True)
         for row in rows:
             out = {}
             for k, val in zip(keys, row, strict=True):
@@ -340,9 +364,9 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
                 out[k] = "" if val is None else str(val)
             yield out
 
-    def instances(self, query: Query) -> list[InstanceRecord]:
+    def instances(self, query: Query, *, visible: bool = False) -> list[InstanceRecord]:
         q = Query(Level.IMAGE, query.matches, query.limit, query.offset)
-        keys, rows = self._rows(q)
+        keys, rows = self._rows(q, visible=visible, corrected=visible)
         records: list[tuple[int, dict[str, str], Any]] = []
         for row in rows:
             d = dict(zip(keys, row, strict=True))
@@ -366,6 +390,9 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries):
                     sha256=str(d["_sha256"]),
                     attributes=attrs,
                     copies=tuple(copies.get(pk, ())),
+                    corrections=(
+                        {k: attrs[k] for k in PATIENT} if d.get("_corrected") is not None else {}
+                    ),
                 )
             )
         return out

@@ -22,6 +22,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -32,6 +33,8 @@ from pacsgrid.index.query import SQLITE
 from pacsgrid.index.schema import SQLITE_TYPES
 from pacsgrid.index.sql import SqlIndex
 from pacsgrid.storage.durable import mkdir_durable
+
+LOCK_WAIT = 60.0  # seconds a correction waits for the one being made
 
 
 class SqliteIndex(SqlIndex):
@@ -125,6 +128,32 @@ class SqliteIndex(SqlIndex):
                     raise
             finally:
                 fcntl.flock(self._lockfd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def corrections_lock(self) -> Iterator[None]:
+        # A lock file beside the index: every process of the archive (workers, the HL7
+        # listener, commands) waits for it; a process that dies releases it.
+        try:
+            fd = os.open(f"{self.path}.corrections.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IndexUnavailable(f"cannot lock corrections of {self.path}: {e}") from e
+        try:
+            deadline, pause = time.monotonic() + LOCK_WAIT, 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise IndexUnavailable(
+                            f"index {self.path}: another correction is being made and did "
+                            f"not finish within {LOCK_WAIT:.0f} s"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.2)
+            yield
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
