@@ -122,6 +122,8 @@ def run_reindex(args: argparse.Namespace) -> int:
         f"{r.already} already indexed, {len(r.unreadable)} unreadable, "
         f"{len(r.conflicts)} conflicts"
     )
+    if r.corrections:
+        print(f"  {r.corrections} correction(s) applied from the sites, in order")
     print(f"  {elapsed}")
     lines: list[str] = []
     for site, why in r.sites_down:

@@ -13,6 +13,10 @@ header scan is CPU work), committing them in batches through the same `add_batch
 - An object whose UID is already indexed with other bytes is not recorded as a copy; it is
   reported as a conflict (the fixity audit decides which copy is right).
 
+Corrections (pacsgrid.correction) are documents on the sites, not objects: after the objects
+are indexed, every correction the index lacks (or holds as pending) is applied, in order, so
+the rebuilt index answers with the corrected state (merged patients, hidden instances, undos).
+
 `reconcile=True` also reports index rows whose objects exist on no site (e.g. after restoring
 an index backup newer than a site, or an asynchronous failover in the other direction) and
 copies recorded on a site that no longer holds them. It never deletes anything: rows and
@@ -30,6 +34,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+from pacsgrid.correction import (
+    DOC_PREFIX,
+    DOC_SUFFIX,
+    Correction,
+    CorrectionFormatError,
+    doc_key,
+    seq_of_key,
+)
 from pacsgrid.dicom.header import scan
 from pacsgrid.dicom.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, StorageError
@@ -56,6 +68,7 @@ class ReindexReport:
     sites_down: list[tuple[str, str]] = field(default_factory=list)  # site, why
     orphans: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # sop, keys
     missing_copies: list[tuple[str, str, str]] = field(default_factory=list)  # sop, site, key
+    corrections: int = 0  # corrections applied from the sites' documents
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -166,6 +179,8 @@ class Reindexer:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._flush()
+        if not self.stop.is_set():
+            self._replay_corrections()
         self.report.interrupted = self.stop.is_set()
         if reconcile and not self.report.interrupted:
             self._reconcile(listed)
@@ -259,6 +274,64 @@ class Reindexer:
             else:
                 self.report.indexed += 1
                 self.progress.advance("indexed", item.size)
+
+    def _replay_corrections(self) -> None:
+        """Apply, in order, every correction document the index has not applied."""
+        applied = {r.seq for r in self.index.iter_corrections() if r.state == "applied"}
+        holders: dict[int, list[StorageSite]] = {}
+        listed: list[StorageSite] = []
+        for site in self.sites:
+            if site.role != "archive" or site.name in {n for n, _ in self.report.sites_down}:
+                continue
+            try:
+                keys = [o.key for o in site.list(DOC_PREFIX, suffix=DOC_SUFFIX)]
+            except StorageError as e:
+                self.report.sites_down.append((site.name, str(e)))
+                continue
+            listed.append(site)
+            for key in keys:
+                seq = seq_of_key(key)
+                if seq is not None:
+                    holders.setdefault(seq, []).append(site)
+        todo = sorted(s for s in holders if s not in applied)
+        if not todo:
+            return
+        with self.index.corrections_lock():
+            for seq in todo:
+                c = self._read_correction(seq, holders[seq])
+                if c is None:
+                    self.report.unreadable.append(
+                        (holders[seq][0].name, doc_key(seq), "correction cannot be read")
+                    )
+                    log.error("correction #%d cannot be read: later ones are not applied", seq)
+                    return  # applying later ones without it would change their meaning
+                held = {s.name for s in holders[seq]}
+                missing = [s.name for s in listed if s.name not in held]
+                if self.index.apply_correction(c, missing):
+                    self.report.corrections += 1
+        log.info("reindex: %d correction(s) applied from the sites", self.report.corrections)
+
+    def _read_correction(self, seq: int, sites: list[StorageSite]) -> Correction | None:
+        """Correction `seq` from the first site that holds a readable copy (copies that
+        differ are reported as conflicts)."""
+        found: Correction | None = None
+        first = b""
+        for site in sites:
+            try:
+                data = site.get(doc_key(seq))
+                c = Correction.from_json(data)
+            except (StorageError, CorrectionFormatError) as e:
+                self.report.unreadable.append((site.name, doc_key(seq), str(e)))
+                continue
+            if c.seq != seq:
+                self.report.unreadable.append((site.name, doc_key(seq), f"holds #{c.seq}"))
+                continue
+            if found is None:
+                found, first = c, data
+            elif data != first:
+                why = f"differs from the copy on {sites[0].name}; the first readable one is used"
+                self.report.conflicts.append((site.name, doc_key(seq), why))
+        return found
 
     def _reconcile(self, listed: dict[str, set[str]]) -> None:
         """Index rows whose objects are on no site, and copies their site does not hold."""

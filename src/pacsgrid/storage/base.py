@@ -92,8 +92,10 @@ class StorageSite(Protocol):
 
     def stat(self, key: str) -> ObjectInfo | None: ...
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every stored object under `prefix`, in no particular order; never temp files."""
+    def list(self, prefix: str = "", *, suffix: str = ".dcm") -> Iterator[ObjectInfo]:
+        """Every stored object under `prefix` whose key ends in `suffix`, in no particular
+        order; never temp files. Objects end in `.dcm`; the archive's own small documents
+        (corrections, `.json`) are listed only when asked for."""
         ...
 
     def delete(self, key: str) -> None:

@@ -534,7 +534,7 @@ class FilesystemSite:
             raise self._error(e, f"stat {key}") from e
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, suffix: str = ".dcm") -> Iterator[ObjectInfo]:
         start = self.root / prefix if prefix else self.root
         if not start.exists():
             return
@@ -551,7 +551,7 @@ class FilesystemSite:
                     continue  # sentinel, .incoming, .quarantine, temp files
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif entry.name.endswith(".dcm"):
+                elif entry.name.endswith(suffix):
                     st = entry.stat()
                     yield ObjectInfo(entry.path[root_len:], st.st_size, st.st_mtime)
 

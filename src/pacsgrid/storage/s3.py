@@ -419,7 +419,7 @@ class S3Site:
             raise self._error(e, f"stat {key}") from e
         return ObjectInfo(key, int(h["ContentLength"]), h["LastModified"].timestamp())
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, suffix: str = ".dcm") -> Iterator[ObjectInfo]:
         try:
             pages = self._s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + prefix
@@ -427,7 +427,7 @@ class S3Site:
             for page in pages:
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(self.prefix) :]
-                    if not rel.endswith(".dcm") or any(
+                    if not rel.endswith(suffix) or any(
                         part.startswith(".") for part in rel.split("/")
                     ):
                         continue
