@@ -16,6 +16,10 @@ for the person reading the log at 3 a.m., and storage errors carry a hint on wha
     │   └── IndexUnavailable     the index database cannot commit
     ├── ArchiveInUse             a running `pacsgrid serve` holds the archive (names its pids)
     ├── DrillError               `pacsgrid drill` could not set up or drive its deployment
+    ├── InvalidCorrection        a correction that cannot be made as asked (a value its VR
+    │   │                        cannot hold, a patient merged into itself)
+    │   └── CorrectionConflict   refused by what the archive holds (an undo that would skip a
+    │                            later correction, a new PatientID that is already in use)
     └── StorageError             one site failed one operation
         ├── SiteUnavailable      the site is down (unreachable, unmounted, sentinel missing)
         ├── ObjectMissing        the site is up but does not hold the object
@@ -87,6 +91,14 @@ class ArchiveInUse(PacsgridError):
 class DrillError(PacsgridError):
     """`pacsgrid drill` could not set up or drive its own deployment (a program missing, a
     server that did not come up); the archive under test is not to blame."""
+
+
+class InvalidCorrection(PacsgridError):
+    """A correction that cannot be made as asked; nothing was changed."""
+
+
+class CorrectionConflict(InvalidCorrection):
+    """A correction refused because of what the archive holds; nothing was changed."""
 
 
 class StorageError(PacsgridError):

@@ -59,6 +59,14 @@ COMMITMENT_REPORTS = Counter(
 )
 ACCESS_DENIED = Counter("pacsgrid_access_denied", "Refused requests", ["service"])
 SCRYPT = Counter("pacsgrid_password_hashes", "scrypt computations (password checks and changes)")
+CORRECTIONS = Counter(
+    "pacsgrid_corrections",
+    "Corrections made, by kind (patient, merge, move-study, reject, unhide, undo; failed)",
+    ["kind"],
+)
+HL7_MESSAGES = Counter(
+    "pacsgrid_hl7_messages", "HL7 messages answered, by acknowledgement code", ["code"]
+)
 LOGIN_REFUSED = Counter(
     "pacsgrid_logins_refused",
     "Password logins answered 429 without a check, by reason (backoff, busy)",

@@ -35,6 +35,7 @@ class IngestResult:
     study_uid: str
     warnings: tuple[str, ...] = ()
     series_uid: str = ""
+    sop_class_uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)

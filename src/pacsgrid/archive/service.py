@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pacsgrid import metrics
 from pacsgrid.archive.checkpoint import Checkpointer
 from pacsgrid.archive.commitment import StorageCommitment
+from pacsgrid.archive.corrections import Corrections
 from pacsgrid.archive.quorum import QuorumWriter
 from pacsgrid.archive.records import (
     FORWARD,
@@ -25,6 +26,8 @@ from pacsgrid.archive.records import (
 from pacsgrid.archive.recovery import Recovery, RecoveryReport, note_for
 from pacsgrid.archive.users import UserAdmin
 from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
+from pacsgrid.correction import KEY_OBJECT_SELECTION
+from pacsgrid.dicom.coercion import CoercionError, coerce
 from pacsgrid.dicom.header import Header, scan
 from pacsgrid.dicom.part10 import build_file_meta, split_part10
 from pacsgrid.errors import (
@@ -43,8 +46,8 @@ from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.ledger import FileEntry, StudyEntry
-from pacsgrid.model import InstanceRecord
-from pacsgrid.query import Query
+from pacsgrid.model import InstanceRecord, Level
+from pacsgrid.query import Match, Query
 from pacsgrid.settings import PeerSettings, Settings
 from pacsgrid.storage import LoggedSite, StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement
@@ -97,6 +100,7 @@ class Archive(UserAdmin):
         )
         self.audit_log = AuditLog(settings.audit_log.target, settings.audit_path)
         self.commitment = StorageCommitment(self)
+        self.corrections = Corrections(self)
         self._last_probe = time.monotonic()
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
@@ -135,6 +139,7 @@ class Archive(UserAdmin):
             return
         if woken:
             log.info("site %s is up: %d waiting copies are due", name, woken)
+        self.corrections.heal()
 
     def warm(self) -> None:
         """Before serving: prepare the site logs, so that the first store does not wait."""
@@ -167,6 +172,8 @@ class Archive(UserAdmin):
         """
         if caller.via in ("cli", "import", "migrate"):
             return True
+        if caller.via == "hl7":  # patient updates from the HL7 listener (pacsgrid.hl7)
+            return operation == "correct"
         if caller.via == "web":
             need = _NEEDS.get(operation, "admin")
             return _RANK.get(caller.role, 0) >= _RANK[need]
@@ -227,6 +234,10 @@ class Archive(UserAdmin):
         started = time.perf_counter()
         try:
             result = self._ingest(dataset, transfer_syntax, caller, sop_class_uid)
+            if result.sop_class_uid == KEY_OBJECT_SELECTION:  # a rejection note? (IOCM)
+                self.corrections.after_store(
+                    dataset, transfer_syntax, caller, result.sop_instance_uid
+                )
         except PacsgridError as e:
             metrics.INGEST.labels(service, "failed").inc()
             self.audit(caller, "store", "failed", "", str(e))
@@ -248,7 +259,12 @@ class Archive(UserAdmin):
         replace = self.settings.dicom.on_duplicate == "replace"
         if not replace and self.index.has_instance(header.sop_instance_uid):
             return IngestResult(
-                "duplicate", header.sop_instance_uid, header.study_uid, (), header.series_uid
+                "duplicate",
+                header.sop_instance_uid,
+                header.study_uid,
+                (),
+                header.series_uid,
+                header.sop_class_uid,
             )
         meta = build_file_meta(
             header.sop_class_uid, header.sop_instance_uid, transfer_syntax, caller.ae_title
@@ -317,6 +333,7 @@ class Archive(UserAdmin):
             header.study_uid,
             added.warnings,
             header.series_uid,
+            header.sop_class_uid,
         )
 
     def outbox(self, sop_uid: str, copies_written: int) -> tuple[tuple[str, str, str], ...]:
@@ -352,7 +369,11 @@ class Archive(UserAdmin):
         Run at start-up, before serving, and by the supervisor when a worker dies (logs and
         journals of live processes are left alone).
         """
-        return Recovery(self.sites, self.index, self.journal, self.outbox, self._forward_work).run()
+        report = Recovery(
+            self.sites, self.index, self.journal, self.outbox, self._forward_work
+        ).run()
+        self.corrections.recover()
+        return report
 
     def _down_reasons(self) -> str:
         down = [
@@ -377,11 +398,12 @@ class Archive(UserAdmin):
     def locate(
         self, caller: Caller, query: Query, operation: str = "get", *, audit: bool = True
     ) -> list[InstanceRecord]:
-        """Instances a C-MOVE/C-GET/WADO request selects. `audit=False`: the caller records
-        the outcome itself once it knows it (`retrieved`)."""
+        """Instances a C-MOVE/C-GET/WADO request selects: none a rejection hides, and those
+        of corrected studies marked to be sent corrected (see `read`). `audit=False`: the
+        caller records the outcome itself once it knows it (`retrieved`)."""
         study = _study_of(query)
         self.authorize(caller, operation, study)
-        records = self.index.instances(query)
+        records = self.index.instances(query, visible=True)
         if not study and records:
             study = records[0].study_uid
         if audit:
@@ -404,6 +426,13 @@ class Archive(UserAdmin):
             caller, operation, outcome, study, f"{sent} of {len(records)} sent, {failed} failed"
         )
 
+    def outgoing(self, sop_uid: str) -> InstanceRecord | None:
+        """One instance as forwarding sends it (as `locate` gives it); None when the archive
+        does not hold it or a rejection hides it."""
+        match = Match("SOPInstanceUID", "single", (sop_uid,))
+        found = self.index.instances(Query(Level.IMAGE, (match,)), visible=True)
+        return found[0] if found else None
+
     def read(
         self,
         record: InstanceRecord,
@@ -419,12 +448,18 @@ class Archive(UserAdmin):
         (and reported), never served. The repair and audit jobs always verify: a copy made
         from a bad source would spread the damage. A read served by an archive site fills the
         cache tier (`use_cache=False` for those jobs, which must not churn it).
+
+        A record `locate` or `outgoing` marked as corrected is read as stored (and checked
+        against the stored object's SHA-256), then re-encoded with its corrected values
+        (pacsgrid.dicom.coercion); every other object is returned as stored.
         """
         service = metrics.service_of(caller.via if caller else "dimse")
         started = time.perf_counter()
         try:
             check = self.settings.audit.verify_reads if verify is None else verify
             obj = self._read(record, use_cache, check)
+            if record.corrections:
+                obj = self._corrected(obj, record)
         except NotFound:
             metrics.RETRIEVE.labels(service, "failed").inc()
             raise
@@ -432,6 +467,19 @@ class Archive(UserAdmin):
         metrics.RETRIEVE_BYTES.labels(service).inc(len(obj.data))
         metrics.RETRIEVE_SECONDS.labels(service).observe(time.perf_counter() - started)
         return obj
+
+    def _corrected(self, obj: StoredObject, record: InstanceRecord) -> StoredObject:
+        try:
+            dataset = coerce(
+                obj.dataset,
+                obj.transfer_syntax,
+                record.corrections,
+                system=self.settings.dicom.ae_title,
+            )
+        except CoercionError as e:
+            raise NotFound(f"{record.sop_uid} cannot be sent with its corrections: {e}") from e
+        meta = obj.data[: obj.dataset_offset]
+        return StoredObject(meta + dataset, obj.dataset_offset, obj.transfer_syntax, obj.site)
 
     def _read(self, record: InstanceRecord, use_cache: bool, verify: bool) -> StoredObject:
         errors = []

@@ -75,9 +75,10 @@ class Forwarder:
             return
         records: list[tuple[WorkItem, InstanceRecord]] = []
         for item in items:
-            record = await self._call(self.archive.instance, item.key.rpartition(">")[0])
+            record = await self._call(self.archive.outgoing, item.key.rpartition(">")[0])
             if record is None:
-                await self._fail(item, "the instance is no longer in the archive", permanent=True)
+                why = "the instance is no longer in the archive, or a rejection note hides it"
+                await self._fail(item, why, permanent=True)
             else:
                 records.append((item, record))
         if not records:

@@ -18,6 +18,8 @@ from pacsgrid.errors import (
     AccessDenied,
     ArchiveUnavailable,
     ConfigError,
+    CorrectionConflict,
+    InvalidCorrection,
     InvalidDataset,
     NotFound,
     PacsgridError,
@@ -75,7 +77,9 @@ def status_for(exc: PacsgridError) -> int:
         return 403
     if isinstance(exc, NotFound):
         return 404
-    if isinstance(exc, InvalidDataset | ConfigError):
+    if isinstance(exc, CorrectionConflict):
+        return 409
+    if isinstance(exc, InvalidDataset | ConfigError | InvalidCorrection):
         return 400
     if isinstance(exc, ArchiveUnavailable | StorageError):
         return 503
