@@ -21,7 +21,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pacsgrid import metrics
 from pacsgrid.archive.correction_plans import (
@@ -75,11 +75,23 @@ class Corrections:
 
     # ------------------------------------------------------------------ requests
     def update_patient(
-        self, caller: Caller, patient: PatientRef, changes: Mapping[str, str], reason: str = ""
+        self,
+        caller: Caller,
+        patient: PatientRef,
+        changes: Mapping[str, str],
+        reason: str = "",
+        *,
+        source: str = "",
     ) -> Outcome:
-        """Change attributes of every study of `patient` (a new PatientID included)."""
+        """Change attributes of every study of `patient` (a new PatientID included).
+
+        `source` (every request): the id of what asked, when it has one (an HL7 message):
+        acted on at most once, a repeat is answered with what was done the first time."""
         return self._make(
-            caller, reason, lambda seq, req: plan_update(self.index, seq, req, patient, changes)
+            caller,
+            reason,
+            lambda seq, req: plan_update(self.index, seq, req, patient, changes),
+            source=source,
         )
 
     def merge(
@@ -89,12 +101,15 @@ class Corrections:
         into: PatientRef,
         changes: Mapping[str, str] | None = None,
         reason: str = "",
+        *,
+        source: str = "",
     ) -> Outcome:
         """Every study of patient `merged` to patient `into`."""
         return self._make(
             caller,
             reason,
             lambda seq, req: plan_merge(self.index, seq, req, merged, into, changes or {}),
+            source=source,
         )
 
     def move_study(
@@ -131,11 +146,6 @@ class Corrections:
             reason,
             lambda n, req: plan_unhide(self.index, n, req, list(sop_uids), by, study_uid),
         )
-
-    def from_source(self, caller: Caller, source: str, reason: str, plan: Plan) -> Outcome:
-        """A request with an id of its own (an HL7 message): acted on at most once; a repeat
-        is answered with what was done the first time."""
-        return self._make(caller, reason, plan, source=source)
 
     def after_store(
         self, dataset: bytes | memoryview, transfer_syntax: str, caller: Caller, sop_uid: str
@@ -317,3 +327,21 @@ class Corrections:
         if healed:
             log.info("%d correction document(s) copied to sites that missed them", healed)
         return healed
+
+
+def describe(row: CorrectionRow) -> dict[str, Any]:
+    """A correction as the list commands and the web admin API show it."""
+    c = row.doc
+    return {
+        "seq": row.seq,
+        "kind": row.kind,
+        "state": row.state,
+        "time": c.time,
+        "who": str(c.who),
+        "reason": c.reason,
+        "source": c.source,
+        "summary": c.summary(),
+        "undone_by": row.undone_by,
+        "missing_on": list(row.missing),
+        "request": c.request,
+    }

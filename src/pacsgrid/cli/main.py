@@ -9,6 +9,7 @@ from pacsgrid import __version__
 from pacsgrid.cli import (
     archive_cmds,
     commitment_cmds,
+    correct_cmds,
     deploy_cmds,
     drill_cmds,
     index_cmds,
@@ -31,6 +32,7 @@ def build_parser() -> Parser:
     index_cmds.add_parsers(sub)
     migrate_cmds.add_parsers(sub)
     commitment_cmds.add_parsers(sub)
+    correct_cmds.add_parsers(sub)
     users.add_parser(sub)
     deploy_cmds.add_parsers(sub)
     drill_cmds.add_parsers(sub)
