@@ -9,7 +9,7 @@ import logging
 from aiohttp import web
 
 from pacsgrid.archive import Archive
-from pacsgrid.web import dashboard, ops, qido, stow, viewer, wado
+from pacsgrid.web import corrections, dashboard, ops, qido, stow, viewer, wado
 from pacsgrid.web.auth import Authenticator
 from pacsgrid.web.context import CTX, WebContext
 from pacsgrid.web.problems import problem_middleware
@@ -33,6 +33,7 @@ def make_app(archive: Archive) -> web.Application:
     wado.add_routes(app)
     dashboard.add_routes(app)
     ops.add_routes(app)
+    corrections.add_routes(app)
     if settings.http.viewer:
         viewer.add_routes(app)
         viewer.add_fallback(app)  # last: only what no other route takes

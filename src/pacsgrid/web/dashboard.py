@@ -47,6 +47,7 @@ def page(title: str, body: str, *, viewer: bool = False) -> web.Response:
         ("/ui/sites", "Sites"),
         ("/ui/jobs", "Jobs"),
         ("/ui/failures", "Failures"),
+        ("/ui/corrections", "Corrections"),
     ]
     if viewer:
         nav.append(("/viewer/", "Viewer"))
