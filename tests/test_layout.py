@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "pacsgrid"
-FRONT_ENDS = ("dicom", "web", "migrate")
+FRONT_ENDS = ("dicom", "web", "migrate", "hl7")
 BACK_ENDS = ("pacsgrid.storage", "pacsgrid.index")
 
 

@@ -46,11 +46,12 @@ class Component(Protocol):
 @dataclass
 class Listeners:
     """Sockets `pacsgrid serve` bound before anything started (so that a port in use fails
-    start-up with one clear line): DICOM (None: TLS only), DICOM TLS, HTTP."""
+    start-up with one clear line): DICOM (None: TLS only), DICOM TLS, HTTP, HL7 (MLLP)."""
 
     dicom: socket.socket | None
     tls: socket.socket | None = None
     http: socket.socket | None = None
+    hl7: socket.socket | None = None
 
 
 def components(archive: Archive, listeners: Listeners | None = None) -> list[Component]:
@@ -74,6 +75,10 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
 
             ssl_context = server_context(archive.settings.dicom, verify_clients=False)
         out.append(WebComponent(archive, listeners.http, ssl_context))
+    if listeners is not None and listeners.hl7 is not None:
+        from pacsgrid.hl7.listener import Hl7Listener
+
+        out.append(Hl7Listener(archive, listeners.hl7))
     if archive.settings.backup.interval > 0:
         from pacsgrid.jobs.backup import BackupSchedule
 
@@ -286,7 +291,7 @@ def run_supervisor(
             await background
         finally:
             archive.close()
-            for s in (sock, listeners.tls, listeners.http):
+            for s in (sock, listeners.tls, listeners.http, listeners.hl7):
                 if s is not None:
                     s.close()
 

@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--tls-cert", metavar="PEM", help="certificate of the TLS listeners")
     w.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     w.add_argument("--tls-ca", metavar="PEM", help="CA bundle for client certificates")
+    h = p.add_argument_group("HL7 patient updates")
+    h.add_argument("--hl7-port", type=str, help="accept HL7 ADT messages (MLLP) on this port")
+    h.add_argument("--hl7-bind", help="address the HL7 listener binds to (default 127.0.0.1)")
     p.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-tls-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-board", help=argparse.SUPPRESS)
@@ -89,6 +92,8 @@ def settings_for(args: argparse.Namespace) -> Settings:
         ("http_bind", "http.bind"),
         ("auth", "http.auth"),
         ("viewer", "http.viewer"),
+        ("hl7_port", "hl7.port"),
+        ("hl7_bind", "hl7.bind"),
         ("tls_port", "dicom.tls_port"),
         ("tls_cert", "dicom.tls_cert"),
         ("tls_key", "dicom.tls_key"),
@@ -152,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         listeners.tls = _listen("dicom.tls_port", d.bind, d.tls_port)
     if settings.http.port:
         listeners.http = _listen("http.port", settings.http.bind, settings.http.port)
+    if settings.hl7.port:
+        listeners.hl7 = _listen("hl7.port", settings.hl7.bind, settings.hl7.port)
     workers = d.workers or default_workers()
     sites = ", ".join(f"{s.name}={masked(s.url)}" for s in settings.sites)
     log.info(

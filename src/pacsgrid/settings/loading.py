@@ -30,7 +30,12 @@ from pacsgrid.settings.sections import (
     parse_subject,
 )
 
-_FLAGS = {"http.port": "--http-port", "http.bind": "--http-bind"}
+_FLAGS = {
+    "http.port": "--http-port",
+    "http.bind": "--http-bind",
+    "hl7.port": "--hl7-port",
+    "hl7.bind": "--hl7-bind",
+}
 
 
 # ---------------------------------------------------------------- validation of single values

@@ -394,6 +394,40 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class Hl7Settings:
+    """Patient updates from the hospital's patient registry: HL7 v2 ADT over MLLP."""
+
+    port: int = setting(
+        0,
+        "MLLP listening port for ADT^A08, ADT^A40 and ADT^A47 (0 = no HL7 listener).",
+        min=0,
+        max=65535,
+    )
+    bind: str = setting(
+        "127.0.0.1",
+        "Address the HL7 listener binds to (an interface engine on another machine: 0.0.0.0 "
+        "with hl7.senders set).",
+    )
+    senders: tuple[str, ...] = setting(
+        [],
+        "Sending applications accepted (MSH-3, or MSH-3|MSH-4); messages from others are "
+        "rejected (AR). Empty: any sender.",
+    )
+    issuer: str = setting(
+        "message",
+        "IssuerOfPatientID of the patients a message names: message (the assigning authority "
+        "of PID-3 and MRG-1) or ignore (always empty, for modalities that send none).",
+        choices=("message", "ignore"),
+    )
+    idle_timeout: float = setting(
+        600.0, "Seconds an HL7 connection may stay silent before it is closed.", min=1.0
+    )
+    max_message: int = setting(
+        1 << 20, "Largest HL7 message accepted (bytes); the connection is closed past it.", min=1024
+    )
+
+
+@dataclass(frozen=True)
 class AuditLogSettings:
     target: str = setting(
         "file",
@@ -525,6 +559,7 @@ class Settings:
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     commitment: CommitmentSettings = field(default_factory=CommitmentSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    hl7: Hl7Settings = field(default_factory=Hl7Settings)
     audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
@@ -573,6 +608,7 @@ SECTIONS = {
     "forwarding": ForwardingSettings,
     "commitment": CommitmentSettings,
     "http": HttpSettings,
+    "hl7": Hl7Settings,
     "audit_log": AuditLogSettings,
     "index": IndexSettings,
     "backup": BackupSettings,
