@@ -28,7 +28,7 @@ import requests
 from bench import synth
 from tests.conftest import Server, StoreSCP, dcmtk, free_port, pacsgrid_cli
 from tests.iocm import Mllp, adt, rejection_note
-from tests.web_helpers import parse_multipart, wait_http
+from tests.web_helpers import multipart_body, parse_multipart, wait_http
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -250,6 +250,25 @@ def test_rejection_note_hides_instances_from_find_move_get_qido_and_wado(peers: 
     assert {str(r.SOPInstanceUID) for r in found} == kept | rejected | {note_uid}
     got = getscu(peers, "STUDY", {"StudyInstanceUID": study}, "rej-undo")
     assert kept | rejected <= set(got)
+
+
+def test_rejection_note_by_stow_hides_instances(peers: Peers) -> None:
+    study_files = peers.files["P0000007"]
+    study = str(read(study_files[0]).StudyInstanceUID)
+    note = rejection_note(peers.work / "notes" / "stow.dcm", study_files[:1], "113039")
+    body, ctype = multipart_body([note.read_bytes()])
+    r = requests.post(
+        f"{peers.base}/dicom-web/studies/{study}",
+        data=body,
+        headers={"Content-Type": ctype},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    rejected = uids_of(study_files[:1])
+    instances = {tag(i, "00080018") for i in qido(peers, f"/studies/{study}/instances")}
+    assert not rejected & instances and len(instances) == len(study_files)  # 5 + the note
+    found = findscu(peers, "IMAGE", {"StudyInstanceUID": study, "SOPInstanceUID": ""}, "stow")
+    assert not rejected & {str(r.SOPInstanceUID) for r in found}
 
 
 def read_bytes(data: bytes) -> pydicom.Dataset:

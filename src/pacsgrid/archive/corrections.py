@@ -211,7 +211,7 @@ class Corrections:
                 if source:
                     done = self.index.source_outcome(source)
                     if done is not None:
-                        return Outcome(None, f"already {done[0]}", done[1], repeated=True)
+                        return Outcome(None, done[0], done[1], repeated=True)
                 seq = self.index.next_correction_seq()
                 c = plan(seq, Request(who, now_iso(), reason[:1000], source))
                 if c is None:

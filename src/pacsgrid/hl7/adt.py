@@ -186,8 +186,8 @@ def _act(archive: Archive, message: hl7.Message, h: Header, address: str) -> tup
 
 def _describe(outcome: Outcome) -> str:
     if outcome.repeated:
-        done = f" (correction #{outcome.seq})" if outcome.seq else ""
-        return f"message received before: {outcome.detail}{done}"
+        done = f", correction #{outcome.seq}" if outcome.seq else ""
+        return f"message received before ({outcome.detail}{done}): not applied again"
     return outcome.detail
 
 

@@ -316,7 +316,7 @@ class PostgresIndex(SqlIndex):
 
     @contextmanager
     def corrections_lock(self) -> Iterator[None]:
-        # A session advisory lock on a connection of its own: every node waits for it, and a
+        # An advisory lock held by a connection of its own: every node waits for it, and a
         # node that dies releases it with its connection.
         # The wait is bounded by the statement timeout.
         conn = self._connect(self._dsn)
