@@ -463,3 +463,73 @@ def test_an_index_behind_the_sites_refuses_new_corrections(
         assert out.seq == 2
     finally:
         a.close()
+
+
+# ---------------------------------------------------------------- the retention policy
+
+
+def test_purge_deletes_only_what_the_policy_allows_and_confirms(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """The archive's one deletion: the objects of a 113039 rejection, only with
+    retention.purge_rejected, after retention.purge_after_days, with the code of the list."""
+    study = by_study(files)
+    s0, s1 = sorted(study)[:2]
+
+    def archive(**values: object) -> Archive:
+        s = settings_for(tmp_path, sites=2, **{"replication.copies": 2, QUORUM: 2, **values})
+        return Archive(s, probe_interval=0)
+
+    a = archive()
+    try:
+        for p in files[:12]:
+            a.ingest_file(p.read_bytes(), ADMIN)
+        expired = rejection_note(tmp_path / "expired.dcm", study[s0][3:], "113039")
+        quality = rejection_note(tmp_path / "quality.dcm", study[s1][3:], "113001")
+        a.ingest_file(expired.read_bytes(), ADMIN)
+        a.ingest_file(quality.read_bytes(), ADMIN)
+        rows = {r.doc.request["code"]: r.seq for r in a.corrections.recent(ADMIN)}
+        digests = stored_digests(a)
+        plan = a.corrections.purge_plan(ADMIN, rows["113039"])
+        assert len(plan.instances) == 3 and "purge_after_days" in plan.refusal
+        with pytest.raises(CorrectionConflict, match="purge_after_days"):
+            a.corrections.purge(ADMIN, rows["113039"], plan.code, "expired")
+    finally:
+        a.close()
+
+    a = archive(**{"retention.purge_after_days": 0})
+    try:
+        plan = a.corrections.purge_plan(ADMIN, rows["113039"])
+        assert "purge_rejected is off" in plan.refusal  # the policy must be turned on
+        with pytest.raises(CorrectionConflict, match="off"):
+            a.corrections.purge(ADMIN, rows["113039"], plan.code, "expired")
+    finally:
+        a.close()
+
+    a = archive(**{"retention.purge_after_days": 0, "retention.purge_rejected": True})
+    try:
+        assert "113039" in a.corrections.purge_plan(ADMIN, rows["113001"]).refusal
+        with pytest.raises(CorrectionConflict, match="113039"):
+            a.corrections.purge(ADMIN, rows["113001"], "", "quality")
+        plan = a.corrections.purge_plan(ADMIN, rows["113039"])
+        assert plan.refusal == ""
+        with pytest.raises(CorrectionConflict, match="confirmation code"):
+            a.corrections.purge(ADMIN, rows["113039"], "0" * 12, "expired")
+        assert stored_digests(a) == digests  # nothing deleted so far, on any site
+
+        done = a.corrections.purge(ADMIN, rows["113039"], plan.code, "retention expired")
+        assert done.correction is not None and len(done.correction.purge) == 3
+        gone = {f"{c.site}:{c.key}" for r in plan.instances for c in r.copies}
+        assert len(gone) == 6  # three objects, two copies each
+        assert set(digests) - set(stored_digests(a)) == gone
+        assert all(a.instance(r.sop_uid) is None for r in plan.instances)
+        with pytest.raises(CorrectionConflict, match="cannot be undone"):
+            a.corrections.undo(ADMIN, done.correction.seq, "oops")
+        with pytest.raises(CorrectionConflict, match="later corrections"):
+            a.corrections.undo(ADMIN, rows["113039"], "oops")
+        before = answers(a)
+        a = wipe_index(a, a.settings, "")
+        assert rebuild(a) == 3  # two rejections and the purge
+        assert answers(a) == before
+    finally:
+        a.close()

@@ -166,6 +166,21 @@ def test_archive_sites_never_delete(kit: Kit) -> None:
     assert site.get(KEY) == b"keep me"
 
 
+def test_documents_are_listed_only_when_asked_and_purge_removes(kit: Kit) -> None:
+    """The archive's own documents (corrections, .json) never appear among the objects; the
+    one deletion an archive site takes is `purge` (the retention policy)."""
+    site = _site(kit)
+    site.put(KEY, [b"object"])
+    site.put("_corrections/000000000001.json", [b"{}"])
+    assert [o.key for o in site.list()] == [KEY]
+    docs = [o.key for o in site.list("_corrections/", suffix=".json")]
+    assert docs == ["_corrections/000000000001.json"]
+    site.purge(KEY)
+    assert site.stat(KEY) is None
+    site.purge(KEY)  # purging what is gone is not an error
+    assert site.get("_corrections/000000000001.json") == b"{}"
+
+
 def test_cache_sites_delete(kit: Kit) -> None:
     cache = kit.make(role="cache", fresh=True, name="cache")
     cache.initialize()

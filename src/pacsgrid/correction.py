@@ -14,8 +14,11 @@ effects that replay needs no other knowledge for:
   it had before, so that the correction can be undone;
 - `hide`: these instances (by SOP Instance UID) are hidden from queries and retrieves, by
   correction `by` (a rejection note; instances that arrive later are hidden too);
-- `show`: hidden by correction `by` no more.
-The undo of correction N is a correction too: the inverse effects of N (`inverse`).
+- `show`: hidden by correction `by` no more;
+- `purge`: these hidden instances were deleted from every site (the retention policy of a
+  113039 rejection note, `pacsgrid reject purge`): their index rows go too.
+The undo of correction N is a correction too: the inverse effects of N (`inverse`); a purge
+has none.
 
 The keys of the sites' documents (`doc_key`) end in `.json`: a site's object listing
 (`StorageSite.list`, objects end in `.dcm`) never returns one, so nothing mistakes a
@@ -38,7 +41,7 @@ DOC_SUFFIX = ".json"
 # The patient attributes a correction sets, in the order of the Patient module.
 PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
 
-KINDS = ("patient", "merge", "move-study", "reject", "unhide", "undo")
+KINDS = ("patient", "merge", "move-study", "reject", "unhide", "undo", "purge")
 
 # Document titles (ConceptNameCodeSequence, scheme DCM) of an IOCM rejection note: a Key
 # Object Selection Document with one of these hides the instances it references.
@@ -131,6 +134,7 @@ class Correction:
     assign: tuple[Assign, ...] = ()
     hide: tuple[Mark, ...] = ()
     show: tuple[Mark, ...] = ()
+    purge: tuple[Mark, ...] = ()
 
     @property
     def studies(self) -> list[str]:
@@ -145,7 +149,7 @@ class Correction:
             for m in a.studies:
                 out.add("study:" + m.study)
                 out.add("patient:" + patient_key(m.before))
-        for mark in (*self.hide, *self.show):
+        for mark in (*self.hide, *self.show, *self.purge):
             out.add("sop:" + mark.sop)
         return out
 
@@ -158,6 +162,8 @@ class Correction:
             parts.append(f"{len(self.hide)} instance(s) hidden")
         if self.show:
             parts.append(f"{len(self.show)} instance(s) shown again")
+        if self.purge:
+            parts.append(f"{len(self.purge)} instance(s) deleted from every site")
         what = ", ".join(parts) or "nothing to change"
         undo = f" (undoes #{self.undoes})" if self.undoes else ""
         return f"correction #{self.seq} {self.kind}{undo}: {what}"
@@ -189,6 +195,8 @@ class Correction:
             "hide": [_mark_json(m) for m in self.hide],
             "show": [_mark_json(m) for m in self.show],
         }
+        if self.purge:
+            doc["purge"] = [_mark_json(m) for m in self.purge]
         return json.dumps(doc, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
 
     @classmethod
@@ -227,6 +235,7 @@ class Correction:
                 ),
                 hide=tuple(_mark(m) for m in doc.get("hide", [])),
                 show=tuple(_mark(m) for m in doc.get("show", [])),
+                purge=tuple(_mark(m) for m in doc.get("purge", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CorrectionFormatError(f"malformed correction document: {e!r}") from None

@@ -9,9 +9,12 @@ read is the one the correction is applied to.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from pacsgrid.correction import (
     PATIENT,
@@ -28,6 +31,8 @@ from pacsgrid.correction import (
 from pacsgrid.dicom.kos import RejectionNote
 from pacsgrid.errors import CorrectionConflict, InvalidCorrection, NotFound
 from pacsgrid.index import Index
+from pacsgrid.model import InstanceRecord
+from pacsgrid.settings import RetentionSettings
 
 _SEX = ("", "M", "F", "O")
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
@@ -214,6 +219,8 @@ def plan_undo(index: Index, seq: int, req: Request, undo: int) -> Correction:
         raise CorrectionConflict(f"correction #{undo} is not applied yet")
     if row.undone_by is not None:
         raise CorrectionConflict(f"correction #{undo} was undone already (by #{row.undone_by})")
+    if row.doc.purge:
+        raise CorrectionConflict(f"correction #{undo} deleted objects: it cannot be undone")
     later = [
         (s, kind)
         for s, kind, undoes in index.later_corrections(undo, sorted(row.doc.subjects()))
@@ -277,19 +284,83 @@ def plan_reject(index: Index, seq: int, req: Request, note: RejectionNote) -> Co
     )
 
 
+@dataclass(frozen=True)
+class PurgePlan:
+    """What `pacsgrid reject purge --by N` would delete, and the code that confirms it."""
+
+    by: int
+    instances: tuple[InstanceRecord, ...]
+    code: str  # changes whenever the list does
+    refusal: str  # why it may not be done now ('' when it may)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.size * len(r.copies) for r in self.instances)
+
+
+def plan_purge(index: Index, retention: RetentionSettings, by: int, now: float) -> PurgePlan:
+    """The objects rejection `by` hides, if the retention policy allows deleting them."""
+    row = index.correction(by)
+    if row is None:
+        raise NotFound(f"no correction #{by}")
+    records: list[InstanceRecord] = []
+    for h in index.hidden_instances(10_000_000, by=by):
+        record = index.instance(h.sop_uid) if h.stored else None
+        if record is not None:
+            records.append(record)
+    records.sort(key=lambda r: r.sop_uid)
+    listed = [[r.sop_uid, r.sha256, [c.site for c in r.copies]] for r in records]
+    code = hashlib.sha256(json.dumps([by, listed]).encode()).hexdigest()[:12]
+    refusal = ""
+    age_days = (now - _epoch(row.doc.time)) / 86400
+    if row.kind != "reject" or row.doc.request.get("code") != "113039":
+        refusal = (
+            f"correction #{by} is not a rejection note titled 113039 (Data Retention Policy "
+            "Expired): only those objects may be purged"
+        )
+    elif row.undone_by is not None:
+        refusal = f"correction #{by} was undone (by #{row.undone_by}): nothing is hidden by it"
+    elif age_days < retention.purge_after_days:
+        refusal = (
+            f"correction #{by} is {age_days:.1f} days old; retention.purge_after_days is "
+            f"{retention.purge_after_days:g} (the time to undo a mistaken rejection)"
+        )
+    elif not retention.purge_rejected:
+        refusal = "retention.purge_rejected is off: this archive deletes no object"
+    return PurgePlan(by, tuple(records), code, refusal)
+
+
+def purge_correction(seq: int, req: Request, plan: PurgePlan) -> Correction:
+    marks = tuple(Mark(r.sop_uid, plan.by, r.study_uid, r.series_uid) for r in plan.instances)
+    request = {
+        "rejection": plan.by,
+        "instances": len(plan.instances),
+        "bytes": plan.bytes,
+        "sha256": {r.sop_uid: r.sha256 for r in plan.instances},
+    }
+    return _correction(seq, "purge", req, request=request, purge=marks)
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 def _ref_json(ref: PatientRef) -> dict[str, str]:
     return {"PatientID": ref.pid, "IssuerOfPatientID": ref.issuer}
 
 
 __all__ = [
     "PatientRef",
+    "PurgePlan",
     "Request",
     "clean_values",
     "patient_values",
     "plan_merge",
     "plan_move",
+    "plan_purge",
     "plan_reject",
     "plan_undo",
     "plan_unhide",
     "plan_update",
+    "purge_correction",
 ]

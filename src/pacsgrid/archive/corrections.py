@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,13 +27,16 @@ from typing import TYPE_CHECKING, Any
 from pacsgrid import metrics
 from pacsgrid.archive.correction_plans import (
     PatientRef,
+    PurgePlan,
     Request,
     plan_merge,
     plan_move,
+    plan_purge,
     plan_reject,
     plan_undo,
     plan_unhide,
     plan_update,
+    purge_correction,
 )
 from pacsgrid.archive.records import Caller
 from pacsgrid.archive.recovery import note_for
@@ -169,6 +173,57 @@ class Corrections:
             authorized=True,
         )
 
+    def purge_plan(self, caller: Caller, by: int) -> PurgePlan:
+        """What `purge` would delete for rejection `by`, and why it may not (yet)."""
+        self.archive.authorize(caller, "purge")
+        return plan_purge(self.index, self.archive.settings.retention, by, time.time())
+
+    def purge(self, caller: Caller, by: int, confirm: str, reason: str) -> Outcome:
+        """Delete, from every site, the objects rejection `by` (113039) hides: the archive's
+        one deletion, allowed only by `retention.purge_rejected`, after
+        `retention.purge_after_days`, with the code `purge_plan` showed for the same list.
+        The purge is recorded on the sites before any byte is deleted; it cannot be undone."""
+        self.archive.authorize(caller, "purge")
+
+        def plan(seq: int, req: Request) -> Correction | None:
+            p = plan_purge(self.index, self.archive.settings.retention, by, time.time())
+            if p.refusal:
+                raise CorrectionConflict(p.refusal)
+            if p.code != confirm:
+                raise CorrectionConflict(
+                    "the confirmation code does not match the list of objects (it changed, or "
+                    "the code is wrong): run 'pacsgrid reject purge --by N' again and check it"
+                )
+            if not p.instances:
+                return None
+            down = {
+                c.site
+                for r in p.instances
+                for c in r.copies
+                if c.site not in self.archive.placement.sites
+                or not self.archive.placement.is_up(c.site)
+            }
+            if down:
+                raise CorrectionConflict(
+                    f"site(s) {', '.join(sorted(down))} hold copies and are down: a purge "
+                    "deletes every copy, so it waits for them"
+                )
+            return purge_correction(seq, req, p)
+
+        return self._make(caller, reason, plan, authorized=True)
+
+    def _delete_objects(self, c: Correction) -> None:
+        """The objects of a purge, from every site that holds them (already gone: fine)."""
+        for mark in c.purge:
+            record = self.index.instance(mark.sop)
+            for copy in record.copies if record is not None else ():
+                site = self.archive.placement.sites.get(copy.site)
+                if site is None:
+                    raise CorrectionConflict(f"site {copy.site} is not configured: cannot purge")
+                metrics.SITE_OPS.labels(site.name, "purge").inc()
+                site.purge(copy.key)
+        log.warning("%s (retention policy), by %s", c.summary(), c.who)
+
     # ------------------------------------------------------------------ reading
     def recent(self, caller: Caller, limit: int = 50, offset: int = 0) -> list[CorrectionRow]:
         """Corrections, newest first."""
@@ -221,6 +276,8 @@ class Corrections:
                 self._check_free(c.seq)
                 self.index.add_pending_correction(c)
                 missing = self._write(c)
+                if c.purge:
+                    self._delete_objects(c)
                 self.index.apply_correction(c, missing)
         except PacsgridError as e:
             metrics.CORRECTIONS.labels("failed").inc()
@@ -282,6 +339,8 @@ class Corrections:
         done = 0
         for c in self.index.pending_corrections():
             missing = self._write(c)
+            if c.purge:
+                self._delete_objects(c)
             if self.index.apply_correction(c, missing):
                 done += 1
                 log.warning("%s: finished after an interruption", c.summary())

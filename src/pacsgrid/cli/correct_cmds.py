@@ -125,6 +125,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     c.add_argument("--study", default="", metavar="UID")
     _common(c, run_unhide)
 
+    c = rsub.add_parser(
+        "purge",
+        help="delete the objects of a 113039 rejection (retention policy; off by default)",
+        description="The archive's one deletion. Without --confirm: list what the rejection "
+        "note of correction N (titled 113039, Data Retention Policy Expired) hides, and print "
+        "the code that confirms exactly that list. With --confirm CODE: delete those objects "
+        "from every site, recorded and audited as a correction that cannot be undone. Only "
+        "when retention.purge_rejected is true, retention.purge_after_days after the "
+        "rejection, and every site holding a copy is up.",
+    )
+    c.add_argument("--by", type=int, required=True, metavar="N", help="the rejection")
+    c.add_argument("--confirm", metavar="CODE", help="the code the listing printed")
+    c.add_argument("--reason", help="why (required with --confirm)")
+    add_archive_options(c)
+    c.set_defaults(func=run_purge)
+
 
 def _value_options(p: argparse.ArgumentParser) -> None:
     for opt, _, text in VALUE_OPTIONS:
@@ -172,7 +188,7 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
         print(json.dumps({"detail": outcome.detail, "seq": outcome.seq, "correction": doc}))
         return 0
     print(outcome.detail)
-    if c is not None:
+    if c is not None and not c.purge:
         print(f"  undo with: pacsgrid correct undo {c.seq} --reason '...'")
     return 0
 
@@ -257,6 +273,34 @@ def run_show(args: argparse.Namespace) -> int:
         print(row.doc.to_json().decode())
         return 0
 
+    return _with_archive(args, work)
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    if args.confirm is not None and not (args.reason or "").strip():
+        print("pacsgrid: error: --reason is required with --confirm")
+        return 2
+
+    def work(a: Archive) -> int:
+        if args.confirm is None:
+            plan = a.corrections.purge_plan(_caller(), args.by)
+            copies = sum(len(r.copies) for r in plan.instances)
+            print(
+                f"correction #{plan.by} hides {len(plan.instances)} stored instance(s): "
+                f"{plan.bytes} bytes in {copies} copies"
+            )
+            if plan.refusal:
+                print(f"not allowed now: {plan.refusal}")
+                return 1
+            print(f"confirmation code: {plan.code}")
+            print(
+                f"to delete them for good: pacsgrid reject purge --by {plan.by} "
+                f"--confirm {plan.code} --reason '...'"
+            )
+            return 0
+        return _report(args, a.corrections.purge(_caller(), args.by, args.confirm, args.reason))
+
+    args.json = False
     return _with_archive(args, work)
 
 

@@ -138,7 +138,7 @@ class CorrectionQueries(SqlBase):
                 self._x(
                     db, "DELETE FROM hidden_instance WHERE sop_uid = ? AND seq = ?", (m.sop, m.by)
                 )
-            sops = [m.sop for m in (*c.hide, *c.show)]
+            sops = [m.sop for m in (*c.hide, *c.show, *c.purge)]
             for start in range(0, len(sops), 500):
                 chunk = sops[start : start + 500]
                 for st_pk, p_pk in self._x(
@@ -150,6 +150,11 @@ class CorrectionQueries(SqlBase):
                 ).fetchall():
                     studies.add(int(st_pk))
                     patients.add(int(p_pk))
+            for m in c.purge:  # the objects are gone from every site: so are their rows
+                row = self._x(db, "SELECT pk FROM instance WHERE sop_uid = ?", (m.sop,)).fetchone()
+                if row is not None:
+                    self._x(db, "DELETE FROM copy WHERE instance_pk = ?", (row[0],))
+                    self._x(db, "DELETE FROM instance WHERE pk = ?", (row[0],))
             self._recount(db, studies, patients)
             return True
 

@@ -428,6 +428,24 @@ class Hl7Settings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """The one way objects leave an archive site: `pacsgrid reject purge` (see
+    docs/corrections.md). Off by default: nothing is ever deleted."""
+
+    purge_rejected: bool = setting(
+        False,
+        "Allow 'pacsgrid reject purge' to delete the objects a rejection note titled 113039 "
+        "(Data Retention Policy Expired) hides. Off: no object is ever deleted.",
+    )
+    purge_after_days: float = setting(
+        30.0,
+        "Days a 113039 rejection must have stood (the time to undo a mistaken one) before its "
+        "objects may be purged.",
+        min=0.0,
+    )
+
+
+@dataclass(frozen=True)
 class AuditLogSettings:
     target: str = setting(
         "file",
@@ -560,6 +578,7 @@ class Settings:
     commitment: CommitmentSettings = field(default_factory=CommitmentSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     hl7: Hl7Settings = field(default_factory=Hl7Settings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     audit_log: AuditLogSettings = field(default_factory=AuditLogSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
@@ -609,6 +628,7 @@ SECTIONS = {
     "commitment": CommitmentSettings,
     "http": HttpSettings,
     "hl7": Hl7Settings,
+    "retention": RetentionSettings,
     "audit_log": AuditLogSettings,
     "index": IndexSettings,
     "backup": BackupSettings,

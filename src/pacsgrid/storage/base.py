@@ -102,6 +102,12 @@ class StorageSite(Protocol):
         """Remove an object. Archive sites refuse: only a cache evicts."""
         ...
 
+    def purge(self, key: str) -> None:
+        """Remove an object for good, on any site (an object already gone is no error).
+        Called by one path only: `pacsgrid reject purge`, the explicit, audited retention
+        policy of docs/corrections.md, once the purge is recorded on the sites."""
+        ...
+
     def quarantine(self, key: str, reason: str) -> str:
         """Move a bad copy aside (kept as evidence, never overwritten); return where it went."""
         ...

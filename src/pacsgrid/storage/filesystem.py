@@ -565,6 +565,16 @@ class FilesystemSite:
         except OSError as e:
             raise self._error(e, f"delete {key}") from e
 
+    def purge(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._error(e, f"purge {key}") from e
+
     def quarantine(self, key: str, reason: str) -> str:
         src = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -443,6 +443,14 @@ class S3Site:
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, f"delete {key}") from e
 
+    def purge(self, key: str) -> None:
+        # On a versioned bucket the object's versions stay (a delete marker hides them):
+        # Object Lock decides how long, as for every other object.
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=self._k(key))
+        except (bexc.BotoCoreError, bexc.ClientError) as e:
+            raise self._error(e, f"purge {key}") from e
+
     def recover_version(self, key: str, sha256: str, size: int) -> str | None:
         """Make the newest version of `key` whose bytes hash to `sha256` current again; its
         version id, or None when the bucket keeps no such version (not versioned, or every
