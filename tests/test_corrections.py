@@ -14,6 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -531,5 +535,58 @@ def test_purge_deletes_only_what_the_policy_allows_and_confirms(
         a = wipe_index(a, a.settings, "")
         assert rebuild(a) == 3  # two rejections and the purge
         assert answers(a) == before
+    finally:
+        a.close()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from pacsgrid.archive import Archive, Caller
+    from pacsgrid.archive.correction_plans import PatientRef
+    from pacsgrid.settings import Overrides, load_settings
+    a = Archive(load_settings(Overrides(data_dir=Path(sys.argv[1])), environ={}), probe_interval=0)
+    for path in sys.argv[2:]:
+        a.ingest_file(Path(path).read_bytes(), Caller(via="cli"))
+    out = a.corrections.update_patient(
+        Caller(via="cli"), PatientRef("P0000000"), {"PatientSex": "O"}, "before the crash"
+    )
+    print("acknowledged", out.seq, flush=True)
+    time.sleep(3600)  # killed before any checkpoint
+    """
+)
+
+
+def test_recovery_rewrites_a_correction_document_a_power_cut_lost(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """A correction was acknowledged, then the process died before a checkpoint flushed its
+    document's file: the site's log has it, and recovery writes the file again."""
+    data = tmp_path / "archive"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(data), *map(str, files[:6])],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == ["acknowledged", "1"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    doc = data / "objects" / doc_key(1)
+    written = doc.read_bytes()
+    doc.unlink()  # its name never reached the disk
+    a = Archive(settings_for(tmp_path), probe_interval=0)
+    try:
+        report = a.recover()
+        assert report.rewritten == 1
+        assert doc.read_bytes() == written
+        assert Correction.from_json(written).seq == 1
+        assert [r.state for r in a.corrections.recent(ADMIN)] == ["applied"]
     finally:
         a.close()
