@@ -590,3 +590,34 @@ def test_recovery_rewrites_a_correction_document_a_power_cut_lost(
         assert [r.state for r in a.corrections.recent(ADMIN)] == ["applied"]
     finally:
         a.close()
+
+
+def test_hl7_is_refused_while_the_sites_cannot_take_it_and_applied_once_they_can(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """AR (send it again) while the write quorum is missing; once the site is back the message
+    is applied exactly once, however often it is sent again."""
+    from pacsgrid.hl7.adt import answer
+    from tests.iocm import adt
+
+    a = Archive(settings_for(tmp_path), probe_interval=0)
+    try:
+        for p in files[:12]:
+            a.ingest_file(p.read_bytes(), ADMIN)
+        site = tmp_path / "archive" / "objects"
+        site.rename(tmp_path / "unmounted")
+        a.probe()
+        message = adt("A40", "Q-1", "P0000001", merged_id="P0000000")
+        ack = answer(a, message, "127.0.0.1")
+        assert "MSA|AR|Q-1|the archive cannot apply it now" in ack
+        (tmp_path / "unmounted").rename(site)
+        a.probe()
+        # The refused message was recorded (pending): it takes effect before anything else
+        # once the site is back, and the copy sent again is answered with that.
+        again = answer(a, message, "127.0.0.1")
+        assert "MSA|AA|Q-1|" in again and "correction #1" in again
+        assert "not applied again" in answer(a, message, "127.0.0.1")
+        assert [r.state for r in a.corrections.recent(ADMIN)] == ["applied"]
+        assert studies_of(a, "P0000000") == set()
+    finally:
+        a.close()

@@ -89,6 +89,10 @@ def answer(archive: Archive, text: str, address: str) -> str:
     except Refusal as r:
         code, error, detail = r.code, r.error, r.text
         quiet = "(see the acknowledgement)"
+    except Exception:  # a fault of ours: the sender keeps the message and sends it again
+        log.exception("HL7 message %s could not be handled", header.control_id or "?")
+        code, error, detail = "AR", "207", "internal error of the archive (see its log)"
+        quiet = detail
     metrics.HL7_MESSAGES.labels(code).inc()
     log.info(
         "HL7 %s %s from %s|%s: %s %s (%.0f ms)",
