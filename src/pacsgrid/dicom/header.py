@@ -18,14 +18,19 @@ back to pydicom. If pydicom cannot parse the dataset either, the dataset is inva
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from pydicom.charset import CODES_TO_ENCODINGS, ESC, decode_bytes, python_encoding
 from pydicom.datadict import DicomDictionary  # type: ignore[attr-defined]
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.sequence import Sequence
 
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.model import BY_TAG, REQUIRED_UIDS
@@ -90,21 +95,30 @@ class Header:
         return self.values.get("SeriesInstanceUID", "")
 
 
-def scan(data: bytes | memoryview, transfer_syntax: str) -> Header:
-    """Index values of a dataset (no file meta) in `transfer_syntax`; raise InvalidDataset."""
+Buffer = bytes | mmap.mmap
+
+
+def scan(data: Buffer | memoryview, transfer_syntax: str, start: int = 0) -> Header:
+    """Index values of a dataset (no file meta) in `transfer_syntax`: `data[start:]`, read in
+    place (a large dataset is a map of its spill file: see archive/spool.py). Raise
+    InvalidDataset."""
     buf = bytes(data) if isinstance(data, memoryview) else data
     if transfer_syntax == DEFLATED_LE:
         try:
-            buf = zlib.decompress(buf, -zlib.MAX_WBITS)
+            # Inflated in memory: deflate is for small objects (SR, presentation states).
+            buf = zlib.decompress(memoryview(buf)[start:], -zlib.MAX_WBITS)
         except zlib.error as e:
             raise InvalidDataset(f"deflated dataset does not inflate: {e}") from None
+        start = 0
     implicit = transfer_syntax == IMPLICIT_LE
     little = transfer_syntax != EXPLICIT_BE
     try:
-        raw, pix_off, pix_len = _walk(buf, implicit, little)
+        raw, pix_off, pix_len = _walk(buf, implicit, little, start)
         values = _decode(raw, little)
     except ScanError:
-        values, pix_off, pix_len = _scan_with_pydicom(buf, implicit, little)
+        values, pix_off, pix_len = _scan_with_pydicom(buf, implicit, little, start)
+    if pix_off >= 0:
+        pix_off -= start
     header = Header(transfer_syntax, values, pix_off, pix_len)
     missing = [k for k in REQUIRED_UIDS if not header.values.get(k)]
     if missing:
@@ -113,7 +127,7 @@ def scan(data: bytes | memoryview, transfer_syntax: str) -> Header:
 
 
 def _element_header(
-    buf: bytes, pos: int, implicit: bool, little: bool, end: int = -1
+    buf: Buffer, pos: int, implicit: bool, little: bool, end: int = -1
 ) -> tuple[int, str, int, int]:
     """(tag, VR, value length, value offset) of the element at `pos` (in `buf[:end]`).
 
@@ -151,7 +165,7 @@ def _name(tag: int) -> str:
 
 
 def _walk(
-    buf: bytes, implicit: bool, little: bool
+    buf: Buffer, implicit: bool, little: bool, start: int = 0
 ) -> tuple[dict[int, tuple[str, bytes]], int, int]:
     """Walk the top-level elements; return wanted raw values and the pixel data position.
 
@@ -161,27 +175,27 @@ def _walk(
     (an unknown VR: perhaps a mislabelled syntax) raises ScanError and pydicom decides.
     """
     end = len(buf)
-    pos = 0
+    pos = start
     raw: dict[int, tuple[str, bytes]] = {}
     pix_off = pix_len = -1
     last_tag = -1
     walker = _Walker(buf, implicit, little)
     while pos < end:
-        if pos + 8 > end and not any(buf[pos:]):
+        if pos + 8 > end and _zeros_to_end(buf, pos):
             break  # trailing zero padding shorter than an element header
         try:
             tag, vr, length, value = _element_header(buf, pos, implicit, little)
         except ScanError:
             if last_tag < 0:
                 raise  # the very first element: perhaps the syntax is not what was said
-            if not any(buf[pos:]):
+            if _zeros_to_end(buf, pos):
                 break  # zero padding at the end of a dataset
             raise InvalidDataset(
-                f"not an element at offset {pos}, after {_name(last_tag)} (a length that "
-                "does not add up, or garbage)"
+                f"not an element at offset {pos - start}, after {_name(last_tag)} (a length "
+                "that does not add up, or garbage)"
             ) from None
         if tag <= last_tag:
-            if tag == 0 and not any(buf[pos:]):
+            if tag == 0 and _zeros_to_end(buf, pos):
                 break  # zero padding at the end of a dataset
             raise ScanError(f"tags out of order at offset {pos}")
         last_tag = tag
@@ -207,13 +221,24 @@ def _walk(
     return raw, pix_off, pix_len
 
 
+def _zeros_to_end(buf: Buffer, pos: int) -> bool:
+    """Whether every byte from `pos` on is zero (padding), looked at a megabyte at a time."""
+    end = len(buf)
+    while pos < end:
+        piece = buf[pos : pos + (1 << 20)]
+        if piece.count(0) != len(piece):
+            return False
+        pos += len(piece)
+    return True
+
+
 MAX_DEPTH = 64  # nested sequences; real objects (SR trees included) stay far below
 
 
 class _Walker:
     """Checks the structure inside sequences: items and their elements, to the last byte."""
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: Buffer, implicit: bool, little: bool) -> None:
         self.buf = buf
         self.implicit = implicit
         self.little = little
@@ -380,12 +405,22 @@ def _encodings(value: bytes) -> list[str]:
     return codecs
 
 
-def _scan_with_pydicom(buf: bytes, implicit: bool, little: bool) -> tuple[dict[str, str], int, int]:
-    """The slow, lenient path: let pydicom parse the whole dataset."""
+_DEFER = 1 << 20  # the pydicom path skips values larger than this in a mapped dataset
+
+
+def _scan_with_pydicom(
+    buf: Buffer, implicit: bool, little: bool, start: int = 0
+) -> tuple[dict[str, str], int, int]:
+    """The slow, lenient path: let pydicom parse the whole dataset. A mapped (spilled)
+    dataset is read in place, its large values (pixel data) skipped, not read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = read_dataset(io.BytesIO(buf), implicit, little)
+            if isinstance(buf, mmap.mmap):
+                buf.seek(start)
+                ds = read_dataset(cast(BinaryIO, buf), implicit, little, defer_size=_DEFER)
+            else:
+                ds = read_dataset(io.BytesIO(memoryview(buf)[start:]), implicit, little)
             values: dict[str, str] = {}
             for tag, attr in BY_TAG.items():
                 if tag not in ds:
@@ -404,9 +439,21 @@ def _scan_with_pydicom(buf: bytes, implicit: bool, little: bool) -> tuple[dict[s
                     values[attr.keyword] = str(next(iter(v), "")).strip()
                 else:
                     values[attr.keyword] = str(v).rstrip("\x00 ").strip()
-            # Touch every element so that truncation anywhere surfaces as an error here.
-            for _elem in ds.iterall():
-                pass
+            _touch(ds)
     except Exception as e:  # pydicom raises many types for bad input
         raise InvalidDataset(f"not a parseable DICOM dataset: {type(e).__name__}: {e}") from None
     return values, -1, -1
+
+
+def _touch(ds: Dataset) -> None:
+    """Convert every element, so that truncation anywhere surfaces as an error here. A value
+    pydicom skipped (deferred) was sought past within the dataset: it is there, unread."""
+    for tag in sorted(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            continue
+        value = ds[tag].value
+        if isinstance(value, Sequence):
+            for item in value:
+                for _elem in item.iterall():
+                    pass

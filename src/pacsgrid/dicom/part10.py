@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pacsgrid.dicom.header import _VRS, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, LONG_VRS
+from pacsgrid.dicom.header import _VRS, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, LONG_VRS, Buffer
 from pacsgrid.errors import InvalidDataset
 
 IMPLEMENTATION_CLASS_UID = "2.25.84055614190599736228397704164628813299"
@@ -31,7 +31,7 @@ class Part10:
     has_meta: bool
 
 
-def split_part10(data: bytes) -> Part10:
+def split_part10(data: Buffer) -> Part10:
     """Locate the dataset in `data`; raise InvalidDataset when it is not DICOM at all."""
     pos = 0
     if len(data) >= 132 and data[128:132] == b"DICM":
@@ -45,7 +45,7 @@ def split_part10(data: bytes) -> Part10:
     return Part10(_guess_syntax(data), "", "", "", 0, has_meta=False)
 
 
-def _read_meta(data: bytes, pos: int) -> Part10:
+def _read_meta(data: Buffer, pos: int) -> Part10:
     values: dict[int, str] = {}
     end = len(data)
     while pos + 8 <= end:
@@ -81,7 +81,7 @@ def _read_meta(data: bytes, pos: int) -> Part10:
     )
 
 
-def _guess_syntax(data: bytes) -> str:
+def _guess_syntax(data: Buffer) -> str:
     """A bare dataset: which byte order, and does the first element carry a VR?
 
     Bare datasets start with a low group (0008 nearly always); anything else is not DICOM.
