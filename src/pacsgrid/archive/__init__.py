@@ -32,6 +32,7 @@ from pacsgrid.archive.records import (
     StoredObject,
 )
 from pacsgrid.archive.service import Archive
+from pacsgrid.archive.spool import Spool
 from pacsgrid.archive.users import check_password, hash_password, token_hash
 
 # Re-exported: the query vocabulary and records the front ends use (they import nothing
@@ -51,6 +52,7 @@ __all__ = [
     "Match",
     "Query",
     "SiteStatus",
+    "Spool",
     "StoredObject",
     "WebUser",
     "WorkSummary",

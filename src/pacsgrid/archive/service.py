@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 from pacsgrid import metrics
 from pacsgrid.archive.checkpoint import Checkpointer
@@ -24,6 +26,7 @@ from pacsgrid.archive.records import (
     StoredObject,
 )
 from pacsgrid.archive.recovery import Recovery, RecoveryReport, note_for
+from pacsgrid.archive.spool import SPILL_DIR, SpillArea, Spool
 from pacsgrid.archive.users import UserAdmin
 from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.correction import KEY_OBJECT_SELECTION
@@ -95,6 +98,11 @@ class Archive(UserAdmin):
         self.committer = GroupCommitter(self.index)
         self._writer = QuorumWriter(self.placement, settings.replication.write_quorum)
         self.journal = IngestJournal(settings.data_dir / "journal")
+        self.spill = SpillArea(
+            settings.data_dir / SPILL_DIR,
+            settings.dicom.spill_mb << 20,
+            settings.dicom.spill_max_mb << 20,
+        )
         self._checkpointer = Checkpointer(
             self.sites, self.index.sync, settings.durability.checkpoint_seconds
         )
@@ -222,9 +230,16 @@ class Archive(UserAdmin):
 
     # ------------------------------------------------------------------ ingest
     def ingest(
-        self, dataset: bytes, transfer_syntax: str, caller: Caller, *, sop_class_uid: str = ""
+        self,
+        dataset: bytes | mmap.mmap | Spool,
+        transfer_syntax: str,
+        caller: Caller,
+        *,
+        sop_class_uid: str = "",
+        offset: int = 0,
     ) -> IngestResult:
-        """Store one dataset (no file meta) received in `transfer_syntax`.
+        """Store one dataset (no file meta) received in `transfer_syntax`: `dataset[offset:]`,
+        or what a `Spool` received (`spool()`; the caller closes it).
 
         Returns only when the object is durable on the write quorum and indexed.
         Raises InvalidDataset (nothing written), AccessDenied, ArchiveUnavailable.
@@ -233,25 +248,40 @@ class Archive(UserAdmin):
         service = metrics.service_of(caller.via)
         started = time.perf_counter()
         try:
-            result = self._ingest(dataset, transfer_syntax, caller, sop_class_uid)
+            data = dataset.contents() if isinstance(dataset, Spool) else dataset
+            result = self._ingest(data, offset, transfer_syntax, caller, sop_class_uid)
             if result.sop_class_uid == KEY_OBJECT_SELECTION:  # a rejection note? (IOCM)
                 self.corrections.after_store(
-                    dataset, transfer_syntax, caller, result.sop_instance_uid
+                    memoryview(data)[offset:], transfer_syntax, caller, result.sop_instance_uid
                 )
         except PacsgridError as e:
-            metrics.INGEST.labels(service, "failed").inc()
-            self.audit(caller, "store", "failed", "", str(e))
+            self._refused(caller, e)
             raise
         metrics.INGEST.labels(service, result.outcome).inc()
-        metrics.INGEST_BYTES.labels(service).inc(len(dataset))
+        metrics.INGEST_BYTES.labels(service).inc(len(data) - offset)
         metrics.INGEST_SECONDS.labels(service).observe(time.perf_counter() - started)
         self.audit(caller, "store", "success", result.study_uid, result.outcome)
         return result
 
+    def _refused(self, caller: Caller, e: PacsgridError) -> None:
+        metrics.INGEST.labels(metrics.service_of(caller.via), "failed").inc()
+        self.audit(caller, "store", "failed", "", str(e))
+
+    def spool(self) -> Spool:
+        """A buffer for a dataset that is arriving: in memory while small, in a spill file
+        once larger than `dicom.spill_mb` (see archive/spool.py). Hand it to `ingest` or
+        `ingest_file` once complete, and close it in any case."""
+        return self.spill.spool()
+
     def _ingest(
-        self, dataset: bytes, transfer_syntax: str, caller: Caller, sop_class_uid: str
+        self,
+        dataset: bytes | mmap.mmap,
+        offset: int,
+        transfer_syntax: str,
+        caller: Caller,
+        sop_class_uid: str,
     ) -> IngestResult:
-        header = scan(dataset, transfer_syntax)
+        header = scan(dataset, transfer_syntax, offset)
         if not header.sop_class_uid and sop_class_uid:
             header.values["SOPClassUID"] = sop_class_uid
         if not header.sop_class_uid:
@@ -269,15 +299,29 @@ class Archive(UserAdmin):
         meta = build_file_meta(
             header.sop_class_uid, header.sop_instance_uid, transfer_syntax, caller.ae_title
         )
-        return self._store(header, [meta, dataset], caller, replace)
+        # The dataset is not copied: a view of it (of the spill file's map, when large); every
+        # site reads its chunks through the buffer protocol.
+        body = cast(bytes, memoryview(dataset)[offset:] if offset else dataset)
+        return self._store(header, [meta, body], caller, replace)
 
-    def ingest_file(self, data: bytes, caller: Caller) -> IngestResult:
-        """Store a Part 10 file (or a bare dataset) read from disk: import and migration."""
-        p10 = split_part10(data)
+    def ingest_file(self, data: bytes | Spool, caller: Caller) -> IngestResult:
+        """Store a Part 10 file (or a bare dataset): import, migration, a STOW-RS part (a
+        `Spool`, which the caller closes)."""
+        try:
+            buf = data.contents() if isinstance(data, Spool) else data
+        except PacsgridError as e:
+            self._refused(caller, e)
+            raise
+        p10 = split_part10(buf)
         if p10.source_ae and not caller.ae_title:
             caller = dataclasses.replace(caller, ae_title=p10.source_ae)  # keep the provenance
-        dataset = data[p10.dataset_offset :] if p10.dataset_offset else data
-        return self.ingest(dataset, p10.transfer_syntax, caller, sop_class_uid=p10.sop_class_uid)
+        return self.ingest(
+            buf,
+            p10.transfer_syntax,
+            caller,
+            sop_class_uid=p10.sop_class_uid,
+            offset=p10.dataset_offset,
+        )
 
     def _store(
         self, header: Header, chunks: list[bytes], caller: Caller, replace: bool
@@ -366,9 +410,10 @@ class Archive(UserAdmin):
     def recover(self) -> RecoveryReport:
         """Bring back what a crash or power cut left half done (see archive/recovery.py).
 
-        Run at start-up, before serving, and by the supervisor when a worker dies (logs and
-        journals of live processes are left alone).
+        Run at start-up, before serving, and by the supervisor when a worker dies (logs,
+        journals and spill files of live processes are left alone).
         """
+        self.spill.sweep()
         report = Recovery(
             self.sites, self.index, self.journal, self.outbox, self._forward_work
         ).run()

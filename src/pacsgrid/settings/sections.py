@@ -187,6 +187,19 @@ class DicomSettings:
         "On SIGTERM, seconds in-flight associations get to finish before they are aborted.",
         min=0.0,
     )
+    spill_mb: int = setting(
+        4,
+        "A dataset arriving (C-STORE, STOW-RS part) is held in memory up to this many MB; a "
+        "larger one is written to a spill file under data_dir/spill as it arrives and read "
+        "from there, so that memory stays bounded whatever the object's size.",
+        min=1,
+    )
+    spill_max_mb: int = setting(
+        16384,
+        "Disk space all spill files together may use (MB); a large dataset that would pass "
+        "it fails with out of resources (A700) instead of filling the disk.",
+        min=1,
+    )
     tls_port: int = setting(
         0,
         "DICOM TLS listening port (0 = no TLS listener); needs tls_cert and tls_key.",
