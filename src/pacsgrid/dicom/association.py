@@ -5,8 +5,10 @@ about 4.5 ms of CPU per C-STORE on this class of machine. Here the connection is
 `asyncio.BufferedProtocol`: the socket is read into one reusable buffer (asyncio's plain
 `recv(256 KiB)` allocates and frees a quarter megabyte per read, ~18 us each), PDUs are framed
 from it in `buffer_updated`, PDVs assembled into whole messages, and complete requests queued
-for the association's task. Messages go out with one gather write (writev) of the PDU headers
-and slices of the dataset, not a joined copy of the whole message. Responses to
+for the association's task. A dataset that grows past `spill_threshold` goes on arriving into
+the spool `spool_for` gives (the acceptor's C-STORE: a spill file, see pacsgrid.archive.spool),
+so that a large object never sits in memory. Messages go out with one gather write (writev)
+of the PDU headers and slices of the dataset, not a joined copy of the whole message. Responses to
 requests *we* sent (C-STORE sub-operations of a C-GET or C-MOVE) are routed straight to the
 coroutine waiting for them.
 
@@ -32,7 +34,7 @@ import struct
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsgrid.dicom import dimse, pdu
 from pacsgrid.dicom.dimse import Command, Message
@@ -47,6 +49,9 @@ from pacsgrid.dicom.fsm import (
     Violation,
 )
 from pacsgrid.dicom.logs import Throttle
+
+if TYPE_CHECKING:
+    from pacsgrid.archive import Spool
 
 log = logging.getLogger("pacsgrid.dicom")
 _GARBAGE = Throttle()
@@ -108,6 +113,9 @@ class Association(asyncio.BufferedProtocol):
         self._unframed = False  # an unknown PDU type: the stream can no longer be framed
         self._fd = -1  # the socket, for gather writes (-1: TLS or unknown, use the transport)
         self._parts: dict[bool, list[bytes]] = {True: [], False: []}
+        self._dataset_bytes = 0  # of the dataset being received in memory (self._parts)
+        self._spool: Spool | None = None  # the dataset being received, once it spilled
+        self.spill_threshold = 0  # a larger dataset may go to `spool_for` (0: never)
         self._command: Command | None = None
         self._command_ctx = 0
         self._waiters: dict[int, asyncio.Queue[Message]] = {}
@@ -151,6 +159,9 @@ class Association(asyncio.BufferedProtocol):
             self._idle_handle.cancel()
         self.closed.set()
         self._writable.set()
+        if self._spool is not None:  # a dataset the peer never finished
+            self._spool.close()
+            self._spool = None
         self.requests.put_nowait(None)
         for q in self._waiters.values():
             q.put_nowait(Message(0, {dimse.COMMAND_FIELD: -1}))
@@ -311,12 +322,16 @@ class Association(asyncio.BufferedProtocol):
         if ctx not in self.contexts:
             raise pdu.PDUError(f"a message on presentation context {ctx}, which was not accepted")
         is_command = bool(mch & 0x01)
+        if not is_command and (self._spool is not None or self._spills(len(data))):
+            self._spooled(data, bool(mch & 0x02))
+            return
         parts = self._parts[is_command]
         parts.append(bytes(data))
         if not mch & 0x02:
             return
         joined = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
+        self._dataset_bytes = 0
         if is_command:
             command = dimse.decode_command(joined)
             if int(command.get(dimse.DATASET_TYPE, dimse.NO_DATASET)) == dimse.NO_DATASET:
@@ -329,6 +344,38 @@ class Association(asyncio.BufferedProtocol):
             msg = Message(self._command_ctx, self._command, joined)
             self._command = None
             self._dispatch(msg)
+
+    def _spills(self, more: int) -> bool:
+        """Whether the dataset being received moves to a spool now (it grew past the
+        threshold and the role takes it): its fragments so far go there first."""
+        self._dataset_bytes += more
+        if not self.spill_threshold or self._dataset_bytes <= self.spill_threshold:
+            return False
+        if self._command is None:
+            return False  # no command: refused once the dataset is complete
+        spool = self.spool_for(self._command)
+        if spool is None:
+            return False
+        parts = self._parts[False]
+        for part in parts:
+            spool.write(part)
+        parts.clear()
+        self._dataset_bytes = 0
+        self._spool = spool
+        return True
+
+    def _spooled(self, data: memoryview, last: bool) -> None:
+        assert self._spool is not None and self._command is not None
+        self._spool.write(data)
+        if not last:
+            return
+        msg = Message(self._command_ctx, self._command, None, self._spool)
+        self._spool = self._command = None
+        self._dispatch(msg)
+
+    def spool_for(self, command: Command) -> Spool | None:
+        """Where a dataset larger than `spill_threshold` goes as it arrives (None: memory)."""
+        return None
 
     def _dispatch(self, msg: Message) -> None:
         field = msg.command_field

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pacsgrid.archive import Spool
 
 # Command fields
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
@@ -122,11 +126,13 @@ Command = dict[int, "str | int | bytes"]
 
 @dataclass(slots=True)
 class Message:
-    """One DIMSE message as received: command set, optional dataset bytes, its context."""
+    """One DIMSE message as received: command set, optional dataset bytes, its context. A
+    large dataset is not in `dataset` but in `spool` (a spill file; closed once handled)."""
 
     context_id: int
     command: Command
     dataset: bytes | None = None
+    spool: Spool | None = None
 
     @property
     def command_field(self) -> int:

@@ -36,7 +36,7 @@ from pacsgrid.errors import InvalidDataset, PacsgridError
 from pacsgrid.model import UNIQUE_KEY
 
 if TYPE_CHECKING:
-    from pacsgrid.archive import Archive, Caller
+    from pacsgrid.archive import Archive, Caller, IngestResult, Spool
 
 log = logging.getLogger("pacsgrid.dicom")
 
@@ -65,6 +65,7 @@ class ServerAssociation(Association):
         super().__init__(max_pdu=d.max_pdu, timeout=d.timeout, artim=d.artim_timeout)
         self.service = service
         self.archive = service.archive
+        self.spill_threshold = service.archive.spill.threshold
         self.over_limit = over_limit
         self._first = first
         self.certificate: PeerCertificate | None = None
@@ -267,8 +268,23 @@ class ServerAssociation(Association):
     def on_release_rq(self) -> None:
         self.requests.put_nowait(RELEASE_REQUESTED)  # answered after the requests before it
 
+    def spool_for(self, command: dimse.Command) -> Spool | None:
+        """A C-STORE's dataset larger than dicom.spill_mb goes to a spill file as it arrives."""
+        if int(command.get(dimse.COMMAND_FIELD, 0)) != dimse.C_STORE_RQ:
+            return None
+        return self.archive.spool()
+
     # ------------------------------------------------------------------ request loop
     async def _serve(self) -> None:
+        try:
+            await self._serve_requests()
+        finally:
+            while not self.requests.empty():  # never handled: their spill files go now
+                left = self.requests.get_nowait()
+                if left is not None and left.spool is not None:
+                    left.spool.close()
+
+    async def _serve_requests(self) -> None:
         while True:
             msg = await self.requests.get()
             if msg is None:
@@ -291,6 +307,8 @@ class ServerAssociation(Association):
                 return
             finally:
                 self.busy = False
+                if msg.spool is not None:
+                    msg.spool.close()
 
     async def _handle(self, msg: Message) -> None:
         ctx = self.contexts[msg.context_id]  # received only on accepted contexts
@@ -344,14 +362,7 @@ class ServerAssociation(Association):
     async def _c_store(self, msg: Message, transfer_syntax: str) -> None:
         assert self.caller is not None
         try:
-            if msg.dataset is None:
-                raise InvalidDataset("C-STORE-RQ without a dataset")
-            result = self.archive.ingest(
-                msg.dataset,
-                transfer_syntax,
-                self.caller,
-                sop_class_uid=str(msg.command.get(dimse.AFFECTED_SOP_CLASS, "")),
-            )
+            result = self._ingest(msg, transfer_syntax, self.caller)
         except PacsgridError as e:
             status, text = failure_status(e)
             self.counts["store failed"] += 1
@@ -366,6 +377,23 @@ class ServerAssociation(Association):
             return
         self.counts[result.outcome] += 1
         self._respond(msg, dimse.SUCCESS)
+
+    def _ingest(self, msg: Message, transfer_syntax: str, caller: Caller) -> IngestResult:
+        """Hand the dataset to the archive; a spill file is gone before the peer hears the
+        outcome."""
+        try:
+            dataset = msg.spool if msg.spool is not None else msg.dataset
+            if dataset is None:
+                raise InvalidDataset("C-STORE-RQ without a dataset")
+            return self.archive.ingest(
+                dataset,
+                transfer_syntax,
+                caller,
+                sop_class_uid=str(msg.command.get(dimse.AFFECTED_SOP_CLASS, "")),
+            )
+        finally:
+            if msg.spool is not None:
+                msg.spool.close()
 
     # ------------------------------------------------------------------ C-FIND
     def _request(self, msg: Message, abstract_syntax: str, transfer_syntax: str) -> Request:
