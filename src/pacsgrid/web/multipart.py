@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import io
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pacsgrid.web.problems import Problem
+
+if TYPE_CHECKING:
+    from pacsgrid.archive import Spool
 
 
 @dataclass(frozen=True)
 class Part:
     headers: dict[str, str]  # lower-cased names
-    body: bytes
+    body: bytes | Spool  # a Spool when the reader was given one for each part
 
     @property
     def content_type(self) -> str:
@@ -61,12 +66,14 @@ class Reader:
     """An incremental parser of a multipart body: `feed` chunks as they arrive, take the parts
     completed so far, `close` at the end of the body. Each part's bytes are collected once, in
     a buffer that becomes the part's `bytes` without another copy, so a body costs about its
-    own size in memory (not the body plus the parts cut out of it).
+    own size in memory (not the body plus the parts cut out of it); or, given `spool`, in a
+    new spool for each part (STOW-RS: a large part goes to a spill file as it arrives).
+    `discard` closes the spool of a part cut off by an error.
     """
 
     _MAX_HEAD = 16 << 10  # a part's header block
 
-    def __init__(self, boundary: str) -> None:
+    def __init__(self, boundary: str, spool: Callable[[], Spool] | None = None) -> None:
         if not boundary or len(boundary) > 200:
             raise Problem(400, "multipart body without a usable boundary parameter")
         self._delim = b"--" + boundary.encode("latin-1", "replace")
@@ -75,6 +82,8 @@ class Reader:
         self._state = "preamble"  # preamble | delimiter | head | body | done
         self._headers: dict[str, str] = {}
         self._body = io.BytesIO()
+        self._new_spool = spool
+        self._spool: Spool | None = None
 
     def feed(self, chunk: bytes) -> list[Part]:
         self._buf += chunk
@@ -138,8 +147,12 @@ class Reader:
                     self._take(len(buf) - keep, 0)
                 return False
             self._take(at, len(self._next))
-            out.append(Part(self._headers, self._body.getvalue()))
-            self._body = io.BytesIO()
+            if self._spool is not None:
+                out.append(Part(self._headers, self._spool))
+                self._spool = None
+            else:
+                out.append(Part(self._headers, self._body.getvalue()))
+                self._body = io.BytesIO()
             self._state = "delimiter"
             return True
         return False  # done: the epilogue is ignored
@@ -147,13 +160,24 @@ class Reader:
     def _take(self, n: int, skip: int) -> None:
         """Move the first `n` bytes of the buffer into the part's body, drop `skip` more."""
         with memoryview(self._buf) as view:
-            self._body.write(view[:n])
+            if self._spool is not None:
+                self._spool.write(view[:n])
+            else:
+                self._body.write(view[:n])
         del self._buf[: n + skip]
 
     def _start_body(self, headers: dict[str, str], skip: int) -> None:
         del self._buf[:skip]
         self._headers = headers
         self._state = "body"
+        if self._new_spool is not None:
+            self._spool = self._new_spool()
+
+    def discard(self) -> None:
+        """Close the spool of the part being read (the body ended in an error)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
 
 def parse(body: bytes, boundary: str) -> list[Part]:

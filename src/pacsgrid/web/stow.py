@@ -2,6 +2,9 @@
 
 Each part is one Part 10 file and goes through `Archive.ingest_file`, the same durable path as
 a C-STORE: it is acknowledged in the response only once it is on the write quorum and indexed.
+Each part is received into an archive spool (`Archive.spool`): a part larger than
+`dicom.spill_mb` goes to a spill file as it arrives, so memory stays bounded whatever its size;
+every spool is closed (its file removed) when the request ends, however it ends.
 The answer lists every instance: ReferencedSOPSequence for those stored, FailedSOPSequence
 (with a DICOM failure reason) for those refused. 200 when all were stored, 202 when some were,
 409 when none was; 400/415/413 for a request that cannot be read at all.
@@ -14,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pacsgrid.archive import Caller
+from pacsgrid.archive import Caller, Spool
 from pacsgrid.errors import AccessDenied, ArchiveUnavailable, InvalidDataset, PacsgridError
 from pacsgrid.web import body, multipart
 from pacsgrid.web.auth import requires
@@ -63,20 +66,30 @@ async def store(request: web.Request) -> web.Response:
     part_type = params.get("type", "application/dicom").lower()
     if part_type != "application/dicom":
         raise Problem(415, f"only application/dicom parts are accepted, got type={part_type!r}")
-    reader = multipart.Reader(params.get("boundary", ""))
+    reader = multipart.Reader(params.get("boundary", ""), ctx_of(request).archive.spool)
     parts: list[multipart.Part | None] = []
-    async for chunk in body.chunks(request):  # stall: 408; beyond http.max_upload: 413
-        parts += reader.feed(chunk)
-    reader.close()
-    if not parts:
-        raise Problem(400, "multipart body holds no parts")
+    try:
+        async for chunk in body.chunks(request):  # stall: 408; beyond http.max_upload: 413
+            parts += reader.feed(chunk)
+        reader.close()
+        if not parts:
+            raise Problem(400, "multipart body holds no parts")
+        return await _store_all(request, parts)
+    finally:
+        reader.discard()
+        for part in parts:  # those not stored (an error cut the request short)
+            if part is not None and isinstance(part.body, Spool):
+                part.body.close()
+
+
+async def _store_all(request: web.Request, parts: list[multipart.Part | None]) -> web.Response:
     want_study = request.match_info.get("study", "")
     caller = caller_of(request)
     base = base_url(request)
     # Parts are stored concurrently: each is durable on its own, and their index rows share
     # group commits, so a request of many instances costs about one fsync round per batch.
-    # Storing a part briefly holds a second copy of its dataset: `budget` bounds those, and a
-    # part is let go once stored, so a request costs about its own size in memory.
+    # `budget` bounds the bytes of the parts being stored at once (a larger part goes alone),
+    # and a part is let go (its spill file removed) as soon as it is stored.
     budget = _Budget(_IN_FLIGHT)
     outcomes = await asyncio.gather(
         *(
@@ -130,12 +143,14 @@ async def _store_taken(
 ) -> tuple[bool, dict[str, Any]]:
     part = parts[i]
     assert part is not None
-    size = len(part.body)
+    size = part.body.size if isinstance(part.body, Spool) else len(part.body)
     await budget.take(size)
     try:
         parts[i] = None  # from here on, only this call holds the part
         return await _store_part(request, i, part, want_study, caller, base)
     finally:
+        if isinstance(part.body, Spool):
+            part.body.close()
         await budget.give(size)
 
 
@@ -190,17 +205,18 @@ class _WrongStudy(Exception):
         self.sop_uid = sop_uid
 
 
-def _check_study(data: bytes, want_study: str) -> str:
+def _check_study(part: bytes | Spool, want_study: str) -> str:
     """The SOP class of a part; raise _WrongStudy if it belongs to another study than the
     request path names (header read only, nothing stored)."""
     from pacsgrid.dicom.header import scan
     from pacsgrid.dicom.part10 import split_part10
 
     try:
+        data = part.contents() if isinstance(part, Spool) else part
         p10 = split_part10(data)
         if not want_study:
             return p10.sop_class_uid
-        header = scan(memoryview(data)[p10.dataset_offset :], p10.transfer_syntax)
+        header = scan(data, p10.transfer_syntax, p10.dataset_offset)
     except PacsgridError:
         return ""  # unreadable: the archive refuses it (and audits the refusal)
     if header.study_uid != want_study:
@@ -208,11 +224,11 @@ def _check_study(data: bytes, want_study: str) -> str:
     return header.sop_class_uid or p10.sop_class_uid
 
 
-def _sop_of(data: bytes) -> str:
+def _sop_of(part: bytes | Spool) -> str:
     from pacsgrid.dicom.part10 import split_part10
 
     try:
-        return split_part10(data).sop_instance_uid
+        return split_part10(part.contents() if isinstance(part, Spool) else part).sop_instance_uid
     except PacsgridError:
         return ""
 
