@@ -86,6 +86,31 @@ def dcmtk(
     return proc
 
 
+def getscu_study(
+    port: int, study_uid: str, out: Path, *, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK getscu (AE GETSCU, bit-preserving, study root) of one study into `out`."""
+    return dcmtk(
+        "getscu",
+        "-v",
+        "+B",
+        "-S",
+        "-aet",
+        "GETSCU",
+        "-aec",
+        "PACSGRID",
+        "-od",
+        out,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+        "127.0.0.1",
+        port,
+        check=check,
+    )
+
+
 def storescu_started(port: int, files: list[Path], *options: str) -> subprocess.Popen[str]:
     """storescu -v sending `files` in the background (output in .stdout), for tests that
     do something to the server while it sends."""

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests import oracle
-from tests.conftest import Server, StoreSCP, dcmtk
+from tests.conftest import Server, StoreSCP, dcmtk, getscu_study
 from tests.corpus import accepted, dataset_bytes, pixel_data
 from tests.dcmtk_store import StoreRun, store_with_storescu
 
@@ -395,24 +395,7 @@ def test_getscu_every_study(loaded: Loaded, tmp_path: Path) -> None:
     for n, study in enumerate(sorted(loaded.model.studies)):
         out = tmp_path / f"get{n}"
         out.mkdir()
-        proc = dcmtk(
-            "getscu",
-            "-v",
-            "+B",
-            "-S",
-            "-aet",
-            "GETSCU",
-            "-aec",
-            "PACSGRID",
-            "-od",
-            out,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study}",
-            "127.0.0.1",
-            loaded.server.port,
-        )
+        proc = getscu_study(loaded.server.port, study, out)
         got = received(out)
         assert set(got) <= loaded.model.study_instances(study)
         check_retrieved(loaded, got)
