@@ -292,7 +292,7 @@ class S3Site:
     def _put(self, full_key: str, body: bytes, *, conditional: bool) -> bool:
         """PUT with checksums; False when `conditional` and the key exists."""
         if len(body) > self.part_size:
-            return self._put_multipart(full_key, memoryview(body), conditional=conditional)
+            return self._put_multipart(full_key, [body], conditional=conditional)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": full_key,
@@ -311,10 +311,10 @@ class S3Site:
                 return False
             raise
 
-    def _put_multipart(self, full_key: str, body: memoryview, *, conditional: bool) -> bool:
-        """A multipart upload in parts of `part_size`, each checked by the server; completed
-        with If-None-Match when `conditional`. Aborted when anything fails (or the key
-        exists), so that no part outlives it."""
+    def _put_multipart(self, full_key: str, chunks: Sequence[bytes], *, conditional: bool) -> bool:
+        """A multipart upload of the concatenation of `chunks` in parts of `part_size`, each
+        checked by the server; completed with If-None-Match when `conditional`. Aborted when
+        anything fails (or the key exists), so that no part outlives it."""
         upload = self._s3.create_multipart_upload(
             Bucket=self.bucket,
             Key=full_key,
@@ -324,14 +324,13 @@ class S3Site:
         )["UploadId"]
         try:
             parts = []
-            for n, start in enumerate(range(0, len(body), self.part_size), 1):
-                part = body[start : start + self.part_size]
+            for n, part in enumerate(_parts(chunks, self.part_size), 1):
                 r = self._s3.upload_part(
                     Bucket=self.bucket,
                     Key=full_key,
                     UploadId=upload,
                     PartNumber=n,
-                    Body=part.tobytes(),
+                    Body=part,
                     **self._digests(part),
                 )
                 parts.append(
@@ -373,9 +372,11 @@ class S3Site:
     ) -> PutResult:
         # Durable when the PUT is answered: nothing to hold.
         full = self._k(key)
-        body = b"".join(chunks)
         try:
-            return PutResult(self._put(full, body, conditional=not replace))
+            if sum(len(c) for c in chunks) > self.part_size:
+                # Never joined (a large dataset is a view of its spill file): part by part.
+                return PutResult(self._put_multipart(full, chunks, conditional=not replace))
+            return PutResult(self._put(full, b"".join(chunks), conditional=not replace))
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, f"write {key}") from e
 
@@ -504,3 +505,22 @@ class S3Site:
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, f"quarantine {key}") from e
         return dest
+
+
+def _parts(chunks: Sequence[bytes], size: int) -> Iterator[bytes]:
+    """The concatenation of `chunks` in pieces of `size` bytes (the last one shorter), each
+    copied on its own: the whole is never joined in memory."""
+    pending: list[memoryview] = []
+    have = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while len(view):
+            take = view[: size - have]
+            pending.append(take)
+            have += len(take)
+            view = view[len(take) :]
+            if have == size:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if pending:
+        yield b"".join(pending)
