@@ -46,8 +46,9 @@ def files(n: int) -> list[CorpusFile]:
 
 
 def store(port: int, chosen: list[CorpusFile]) -> None:
-    """The modality (AE MODALITY) stores with DCMTK's storescu."""
-    proc = dcmtk("storescu", "-aet", "MODALITY", "-aec", "PACSGRID", "127.0.0.1", port,
+    """The modality (AE MODALITY) stores with DCMTK's storescu; `-R` proposes exactly the files'
+    SOP classes (storescu's default list lacks some, e.g. Segmentation Storage)."""
+    proc = dcmtk("storescu", "-R", "-aet", "MODALITY", "-aec", "PACSGRID", "127.0.0.1", port,
                  *[f.path for f in chosen])  # fmt: skip
     assert proc.returncode == 0, proc.stdout
 

@@ -184,7 +184,8 @@ def test_migrate_pull_from_a_tls_only_pacs(tmp_path: Path, certs: dict[str, Path
         files = plain_files(3)
         tls = ["+tls", str(certs["modality.key"]), str(certs["modality.pem"]),
                "+cf", str(certs["ca.pem"])]  # fmt: skip
-        store = dcmtk("storescu", *tls, "-aec", "LEGACY", "127.0.0.1", tls_port,
+        # -R: propose exactly the files' SOP classes (storescu's default list is shorter)
+        store = dcmtk("storescu", "-R", *tls, "-aec", "LEGACY", "127.0.0.1", tls_port,
                       *[f.path for f in files])  # fmt: skip
         assert store.returncode == 0, store.stdout
         cfg = tmp_path / "puller.toml"
