@@ -6,6 +6,13 @@ features developed side by side do not fight over version numbers. An index carr
 migration this pacsgrid does not know was upgraded by a newer pacsgrid: opening it fails with
 a clear message rather than guessing.
 
+Every migration is literal SQL, frozen once released (tests/test_migrations.py pins each by
+its SHA-256 on both engines): the attribute columns of `0001_core` are spelled out rather than
+derived from `pacsgrid.model.ATTRIBUTES`, so a new attribute is a new migration (an `ALTER
+TABLE ... ADD COLUMN`) and never silently changes one that indexes have already applied. The
+numbers in the names are not unique (four features landed as `0003_*` side by side); the names
+are, and they are what indexes record, so they stay as they are.
+
 DDL is written once for both engines; `Types` fills in what differs (an auto-increment key,
 a float type).
 """
@@ -14,8 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from pacsgrid.model import ATTRIBUTES, Level
 
 
 @dataclass(frozen=True)
@@ -30,30 +35,32 @@ SQLITE_TYPES = Types("INTEGER PRIMARY KEY", "REAL")
 POSTGRES_TYPES = Types("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", engine="postgres")
 
 
-def _attribute_columns(level: Level) -> str:
-    out = []
-    for a in ATTRIBUTES:
-        if a.level is level:
-            out.append(f"{a.column} TEXT NOT NULL DEFAULT ''")
-            if a.vr == "PN":
-                out.append(f"{a.column}_norm TEXT NOT NULL DEFAULT ''")
-    return ",\n  ".join(out)
-
-
 def core(t: Types) -> list[str]:
     """Patients, studies, series, instances, copies and sites."""
     return [
         f"""CREATE TABLE patient (
   pk {t.pk},
   patient_key {t.text} NOT NULL UNIQUE,
-  {_attribute_columns(Level.PATIENT)},
+  patient_id TEXT NOT NULL DEFAULT '',
+  patient_name TEXT NOT NULL DEFAULT '',
+  patient_name_norm TEXT NOT NULL DEFAULT '',
+  issuer TEXT NOT NULL DEFAULT '',
+  birth_date TEXT NOT NULL DEFAULT '',
+  sex TEXT NOT NULL DEFAULT '',
   num_studies INTEGER NOT NULL DEFAULT 0,
   num_series INTEGER NOT NULL DEFAULT 0,
   num_instances INTEGER NOT NULL DEFAULT 0)""",
         f"""CREATE TABLE study (
   pk {t.pk},
   patient_pk BIGINT NOT NULL REFERENCES patient(pk),
-  {_attribute_columns(Level.STUDY)},
+  study_uid TEXT NOT NULL DEFAULT '',
+  study_date TEXT NOT NULL DEFAULT '',
+  study_time TEXT NOT NULL DEFAULT '',
+  accession TEXT NOT NULL DEFAULT '',
+  study_id TEXT NOT NULL DEFAULT '',
+  study_description TEXT NOT NULL DEFAULT '',
+  referring_physician TEXT NOT NULL DEFAULT '',
+  referring_physician_norm TEXT NOT NULL DEFAULT '',
   modalities {t.text} NOT NULL DEFAULT '',
   sop_classes {t.text} NOT NULL DEFAULT '',
   num_series INTEGER NOT NULL DEFAULT 0,
@@ -62,12 +69,25 @@ def core(t: Types) -> list[str]:
         f"""CREATE TABLE series (
   pk {t.pk},
   study_pk BIGINT NOT NULL REFERENCES study(pk),
-  {_attribute_columns(Level.SERIES)},
+  series_uid TEXT NOT NULL DEFAULT '',
+  modality TEXT NOT NULL DEFAULT '',
+  series_number TEXT NOT NULL DEFAULT '',
+  series_description TEXT NOT NULL DEFAULT '',
+  series_date TEXT NOT NULL DEFAULT '',
+  series_time TEXT NOT NULL DEFAULT '',
+  body_part TEXT NOT NULL DEFAULT '',
   num_instances INTEGER NOT NULL DEFAULT 0)""",
         f"""CREATE TABLE instance (
   pk {t.pk},
   series_pk BIGINT NOT NULL REFERENCES series(pk),
-  {_attribute_columns(Level.IMAGE)},
+  sop_uid TEXT NOT NULL DEFAULT '',
+  sop_class_uid TEXT NOT NULL DEFAULT '',
+  instance_number TEXT NOT NULL DEFAULT '',
+  content_date TEXT NOT NULL DEFAULT '',
+  content_time TEXT NOT NULL DEFAULT '',
+  number_of_frames TEXT NOT NULL DEFAULT '',
+  rows TEXT NOT NULL DEFAULT '',
+  columns TEXT NOT NULL DEFAULT '',
   transfer_syntax {t.text} NOT NULL,
   size BIGINT NOT NULL,
   sha256 {t.text} NOT NULL,
