@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,12 +144,3 @@ def _second_iso(second: int) -> str:
     """The formatted second (every audited store asks; formatting it each time shows up in
     the ingest profile)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def read_records(path: Path) -> Iterator[AuditRecord]:
-    """Every record of an audit file, oldest first (tests, `pacsgrid audit-log`)."""
-    with open(path, "rb") as fh:
-        for raw in fh:
-            rec = _parse(raw)
-            if rec is not None:
-                yield rec

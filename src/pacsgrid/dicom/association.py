@@ -503,9 +503,6 @@ class Association(asyncio.BufferedProtocol):
         self.close_transport()
 
     # ------------------------------------------------------------------ sending
-    def send_raw(self, data: bytes) -> None:
-        self.send_pdu(data)
-
     def send_message(
         self, context_id: int, command: Command, dataset: bytes | memoryview | None = None
     ) -> None:

@@ -48,13 +48,6 @@ class CacheTier:
         self._lock = threading.Lock()
         self._evicting = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.caches)
-
-    def is_cache(self, site: str) -> bool:
-        return site in self.caches
-
     # ------------------------------------------------------------------ reads
     def fills_from(self, site: str) -> bool:
         """Whether a read from `site` fills the caches (it must be verified first)."""
