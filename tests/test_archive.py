@@ -17,8 +17,8 @@ from pydicom.filewriter import write_dataset
 from pacsgrid.archive import Archive, Caller
 from pacsgrid.dicom.part10 import build_file_meta
 from pacsgrid.errors import InvalidDataset, NotFound, QuorumNotMet
+from pacsgrid.matching import Query, parse_match
 from pacsgrid.model import Level
-from pacsgrid.query import Query, parse_match
 from pacsgrid.settings import Overrides, load_settings
 from pacsgrid.storage import object_key
 

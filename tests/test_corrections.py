@@ -30,7 +30,7 @@ from pacsgrid.archive import Archive, Caller, Match, Query
 from pacsgrid.archive.correction_plans import PatientRef
 from pacsgrid.correction import Correction, doc_key, inverse
 from pacsgrid.errors import CorrectionConflict, InvalidCorrection, NotFound, QuorumNotMet
-from pacsgrid.jobs.audit import Auditor
+from pacsgrid.jobs.fixity import Auditor
 from pacsgrid.jobs.reindex import Reindexer
 from pacsgrid.model import Level
 from pacsgrid.settings import Overrides, Settings, load_settings, parse_site_options

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from pacsgrid.index import NewInstance
 from pacsgrid.index.sqlite import SqliteIndex
+from pacsgrid.matching import Query, parse_match
 from pacsgrid.model import CopyRecord, Level
-from pacsgrid.query import Query, parse_match
 from tests.oracle import matches, person_name
 
 ALPHABET = "ABCab*?[]%_\\^ .é"

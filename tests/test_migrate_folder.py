@@ -18,9 +18,9 @@ import pydicom
 import pytest
 
 from pacsgrid.archive import Archive
-from pacsgrid.ledger import DUPLICATE, FAILED, REMOVED, SKIPPED, STORED
 from pacsgrid.migrate.folder import migrate_pass, parse_duration, source_key
 from pacsgrid.migrate.verify import CONFLICT, verify_folder, write_report
+from pacsgrid.migration_ledger import DUPLICATE, FAILED, REMOVED, SKIPPED, STORED
 from pacsgrid.progress import Progress
 from pacsgrid.settings import Overrides, load_settings
 from tests.corpus import accepted, corpus, invalid

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from pacsgrid.index.sqlite import SqliteIndex
-from pacsgrid.ledger import DONE
+from pacsgrid.migration_ledger import DONE
 from tests.conftest import Server, free_port, pacsgrid_cli
 from tests.corpus import corpus
 from tests.orthanc import Orthanc

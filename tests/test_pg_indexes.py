@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from pacsgrid.index import Query, open_index, parse_match
-from pacsgrid.index.query import ALIAS, POSTGRES, compile_where
 from pacsgrid.index.sql import SqlIndex
+from pacsgrid.index.sql_matching import ALIAS, POSTGRES, compile_where
 from pacsgrid.model import Level
 from tests.test_index_contract import inst
 

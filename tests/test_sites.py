@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.synth import Spec, write
-from pacsgrid.index.query import Query
+from pacsgrid.index.sql_matching import Query
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.model import InstanceRecord, Level
 from tests import oracle

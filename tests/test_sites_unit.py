@@ -21,7 +21,7 @@ from bench.synth import Spec, write
 from pacsgrid.archive import LOCAL, Archive
 from pacsgrid.errors import ConfigError
 from pacsgrid.index import Query
-from pacsgrid.jobs.audit import Auditor
+from pacsgrid.jobs.fixity import Auditor
 from pacsgrid.jobs.repair import KIND, Repairer
 from pacsgrid.model import Level
 from pacsgrid.settings import (

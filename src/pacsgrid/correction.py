@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pacsgrid.query import pn_norm
+from pacsgrid.matching import pn_norm
 
 FORMAT = "pacsgrid-correction/1"
 DOC_PREFIX = "_corrections/"

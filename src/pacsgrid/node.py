@@ -56,7 +56,7 @@ class Listeners:
 
 def components(archive: Archive, listeners: Listeners | None = None) -> list[Component]:
     """Background components of this node, built from the archive's settings."""
-    from pacsgrid.jobs.audit import AuditComponent
+    from pacsgrid.jobs.fixity import AuditComponent
     from pacsgrid.jobs.repair import RepairComponent
 
     out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]

@@ -11,7 +11,7 @@ The rules of the archive live here, once:
 - forwarding: an instance a forwarding rule selects is queued for its peer in the same index
   transaction as its row (never to the peer it came from, so forwarding pairs do not loop);
 - audit: every store, query and retrieve, allowed or refused, and every admin action, is one
-  record in the audit log (pacsgrid.audit), whichever front end it came through;
+  record in the audit log (pacsgrid.access_log), whichever front end it came through;
 - metrics: ingest and retrieve counts and latencies per service, site operations and errors
   (pacsgrid.metrics);
 - reads fall back copy by copy and verify the SHA-256 of what they read.
@@ -38,7 +38,7 @@ from pacsgrid.archive.users import check_password, hash_password, token_hash
 # Re-exported: the query vocabulary and records the front ends use (they import nothing
 # from pacsgrid.index or pacsgrid.storage themselves).
 from pacsgrid.index import WebUser, WorkSummary
-from pacsgrid.query import Match, Query, parse_match
+from pacsgrid.matching import Match, Query, parse_match
 
 __all__ = [
     "FORWARD",

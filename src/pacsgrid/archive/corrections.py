@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pacsgrid import metrics
+from pacsgrid.access_log import now_iso
 from pacsgrid.archive.correction_plans import (
     PatientRef,
     PurgePlan,
@@ -40,7 +41,6 @@ from pacsgrid.archive.correction_plans import (
 )
 from pacsgrid.archive.records import Caller
 from pacsgrid.archive.recovery import note_for
-from pacsgrid.audit import now_iso
 from pacsgrid.correction import Correction, Who, doc_key
 from pacsgrid.dicom.kos import rejection_note
 from pacsgrid.errors import (

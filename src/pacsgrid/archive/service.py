@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import cast
 
 from pacsgrid import metrics
+from pacsgrid.access_log import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.archive.checkpoint import Checkpointer
 from pacsgrid.archive.commitment import StorageCommitment
 from pacsgrid.archive.corrections import Corrections
@@ -28,7 +29,6 @@ from pacsgrid.archive.records import (
 from pacsgrid.archive.recovery import Recovery, RecoveryReport, note_for
 from pacsgrid.archive.spool import SPILL_DIR, SpillArea, Spool
 from pacsgrid.archive.users import UserAdmin
-from pacsgrid.audit import AuditLog, AuditRecord, now_iso, operation_name
 from pacsgrid.correction import KEY_OBJECT_SELECTION
 from pacsgrid.dicom.coercion import CoercionError, coerce
 from pacsgrid.dicom.header import Header, scan
@@ -48,9 +48,9 @@ from pacsgrid.index import FailedWork, Index, NewInstance, WorkSummary, open_ind
 from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
-from pacsgrid.ledger import FileEntry, StudyEntry
+from pacsgrid.matching import Match, Query
+from pacsgrid.migration_ledger import FileEntry, StudyEntry
 from pacsgrid.model import InstanceRecord, Level
-from pacsgrid.query import Match, Query
 from pacsgrid.settings import PeerSettings, Settings
 from pacsgrid.storage import LoggedSite, StorageSite, object_key, open_site
 from pacsgrid.storage.placement import Placement
@@ -575,7 +575,8 @@ class Archive(UserAdmin):
         return err
 
     # ------------------------------------------------------------------ migration ledgers
-    # Thin on purpose: migrate/ keeps its state in the index through these (pacsgrid.ledger).
+    # Thin on purpose: migrate/ keeps its state in the index through these
+    # (pacsgrid.migration_ledger).
     def folder_ledger(self, source: str) -> dict[str, FileEntry]:
         return self.index.folder_ledger(source)
 

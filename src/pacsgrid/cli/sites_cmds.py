@@ -13,7 +13,7 @@ from typing import Any
 
 from pacsgrid.archive import Archive
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
-from pacsgrid.jobs.audit import Auditor
+from pacsgrid.jobs.fixity import Auditor
 from pacsgrid.jobs.recover import count_lost
 from pacsgrid.jobs.repair import KIND, Repairer, adopt_site
 from pacsgrid.progress import Progress

@@ -18,8 +18,8 @@ from pydicom.filereader import read_dataset
 
 from pacsgrid.dicom.header import EXPLICIT_BE, IMPLICIT_LE, LONG_VRS, _encodings, decode_value
 from pacsgrid.errors import InvalidDataset
+from pacsgrid.matching import Match, Query, parse_match
 from pacsgrid.model import BY_KEYWORD, BY_TAG, COMPUTED, UNIQUE_KEY, Level
-from pacsgrid.query import Match, Query, parse_match
 
 QUERY_RETRIEVE_LEVEL = 0x00080052
 SPECIFIC_CHARACTER_SET = 0x00080005

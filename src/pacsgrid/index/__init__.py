@@ -19,7 +19,7 @@ from pacsgrid.index.base import (
     WorkSummary,
 )
 from pacsgrid.index.corrections import CorrectionRow, HiddenInstance
-from pacsgrid.query import Match, Query, parse_match
+from pacsgrid.matching import Match, Query, parse_match
 
 if TYPE_CHECKING:
     from pacsgrid.settings import IndexSettings

@@ -16,7 +16,6 @@ from typing import Protocol
 
 from pacsgrid.correction import Correction
 from pacsgrid.index.corrections import CorrectionRow, HiddenInstance
-from pacsgrid.index.query import Query
 from pacsgrid.index.records import (
     AddResult,
     FailedWork,
@@ -29,7 +28,8 @@ from pacsgrid.index.records import (
     WorkSummary,
 )
 from pacsgrid.index.sites import SiteCopy, SiteReport
-from pacsgrid.ledger import FileEntry, StudyEntry
+from pacsgrid.index.sql_matching import Query
+from pacsgrid.migration_ledger import FileEntry, StudyEntry
 from pacsgrid.model import CopyRecord, InstanceRecord
 
 __all__ = [
@@ -184,7 +184,7 @@ class Index(Protocol):
 
     # ------------------------------------------------------------------ migration ledgers
     def folder_ledger(self, source: str) -> dict[str, FileEntry]:
-        """Every file recorded for a legacy folder, by relative path (pacsgrid.ledger)."""
+        """Every file recorded for a legacy folder, by relative path (pacsgrid.migration_ledger)."""
         ...
 
     def record_files(self, source: str, entries: Sequence[FileEntry]) -> None:

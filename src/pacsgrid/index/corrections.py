@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pacsgrid.correction import PATIENT, Assign, Correction, patient_key, patient_values
-from pacsgrid.index.query import normalize_stored, pn_norm
 from pacsgrid.index.sql_base import SqlBase, marks
+from pacsgrid.index.sql_matching import normalize_stored, pn_norm
 
 _NOT_HIDDEN = "NOT EXISTS (SELECT 1 FROM hidden_instance h WHERE h.sop_uid = i.sop_uid)"
 _PATIENT_COLUMNS = ("patient_id", "issuer", "patient_name", "birth_date", "sex")

@@ -50,9 +50,9 @@ from pacsgrid.index.pg_connections import (
     redact,
     with_timeouts,
 )
-from pacsgrid.index.query import POSTGRES, Query
 from pacsgrid.index.schema import POSTGRES_TYPES
 from pacsgrid.index.sql import SqlIndex
+from pacsgrid.index.sql_matching import POSTGRES, Query
 from pacsgrid.model import InstanceRecord
 
 log = logging.getLogger(__name__)

@@ -162,7 +162,7 @@ def sites(t: Types) -> list[str]:
 
 
 def migration_ledgers(t: Types) -> list[str]:
-    """Ledgers of `pacsgrid migrate` (see pacsgrid.ledger): one row per file of a legacy
+    """Ledgers of `pacsgrid migrate` (see pacsgrid.migration_ledger): one row per file of a legacy
     folder, one row per study of a legacy PACS, keyed by the source they came from."""
     return [
         f"""CREATE TABLE folder_ledger (

@@ -26,8 +26,10 @@ from pacsgrid.index.base import (
     SiteUsage,
 )
 from pacsgrid.index.corrections import CorrectionQueries
-from pacsgrid.index.ledgers import LedgerQueries
-from pacsgrid.index.query import (
+from pacsgrid.index.ledger_queries import LedgerQueries
+from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
+from pacsgrid.index.sites import SiteQueries
+from pacsgrid.index.sql_matching import (
     ALIAS,
     SQLITE,
     Query,
@@ -35,8 +37,6 @@ from pacsgrid.index.query import (
     normalize_stored,
     pn_norm,
 )
-from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
-from pacsgrid.index.sites import SiteQueries
 from pacsgrid.index.users import UserQueries
 from pacsgrid.index.work import WorkQueries
 from pacsgrid.model import ATTRIBUTES, CopyRecord, InstanceRecord, Level
@@ -66,7 +66,7 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQ
 
     Here: filing instances (add_batch), queries (find, instances, stats). In the mixins: the
     work queue (index/work.py), copies on sites (index/sites.py), migration ledgers
-    (index/ledgers.py), web users (index/users.py), corrections (index/corrections.py)."""
+    (index/ledger_queries.py), web users (index/users.py), corrections (index/corrections.py)."""
 
     def _apply_migrations(self, types: Types) -> None:
         """Bring the schema up to date (see pacsgrid.index.schema); idempotent."""
@@ -398,7 +398,7 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQ
         return out
 
     def instance(self, sop_uid: str) -> InstanceRecord | None:
-        from pacsgrid.index.query import Match
+        from pacsgrid.index.sql_matching import Match
 
         found = self.instances(Query(Level.IMAGE, (Match("SOPInstanceUID", "single", (sop_uid,)),)))
         return found[0] if found else None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from pacsgrid.index.query import SQLITE, Dialect
+from pacsgrid.index.sql_matching import SQLITE, Dialect
 
 
 def marks(n: int) -> str:

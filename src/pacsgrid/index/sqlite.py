@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from pacsgrid.errors import IndexUnavailable
-from pacsgrid.index.query import SQLITE
 from pacsgrid.index.schema import SQLITE_TYPES
 from pacsgrid.index.sql import SqlIndex
+from pacsgrid.index.sql_matching import SQLITE
 from pacsgrid.storage.durable import mkdir_durable
 
 LOCK_WAIT = 60.0  # seconds a correction waits for the one being made

@@ -1,7 +1,7 @@
 """`pacsgrid migrate folder SRC`: mirror a legacy archive folder into the archive, pass by pass.
 
-Each pass walks SRC and compares every file with the folder ledger (pacsgrid.ledger): a file
-whose size and mtime are those recorded is not read again; a new or changed file is read,
+Each pass walks SRC and compares every file with the folder ledger (pacsgrid.migration_ledger):
+a file whose size and mtime are those recorded is not read again; a new or changed file is read,
 hashed (SHA-256) and ingested through the same path as C-STORE (pacsgrid.migrate.importer), and
 its outcome recorded. Files the archive refused are listed with the reason and not retried until
 they change (or `--retry-failed`). Files that disappeared from SRC are reported as removed; their
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from pacsgrid.archive import Archive, Caller
 from pacsgrid.errors import ConfigError, PacsgridError
-from pacsgrid.ledger import DUPLICATE, FAILED, REMOVED, SKIPPED, STORED, FileEntry
 from pacsgrid.migrate.importer import NotDicom, classify, run_parallel
+from pacsgrid.migration_ledger import DUPLICATE, FAILED, REMOVED, SKIPPED, STORED, FileEntry
 from pacsgrid.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from pacsgrid.dicom import dimse
 from pacsgrid.dicom.server import DicomServer, listening_socket
 from pacsgrid.dicom.status import failure_status
 from pacsgrid.errors import ConfigError, PacsgridError
-from pacsgrid.ledger import DONE, GAVE_UP, INCOMPLETE, PENDING, StudyEntry
 from pacsgrid.migrate.discover import Discovery, discover
 from pacsgrid.migrate.legacy import LegacyError, LegacySession, echo
+from pacsgrid.migration_ledger import DONE, GAVE_UP, INCOMPLETE, PENDING, StudyEntry
 from pacsgrid.model import Level
 from pacsgrid.progress import Progress
 from pacsgrid.settings import PeerSettings

@@ -3,7 +3,7 @@
 `parse_match` reads one key of a request and decides its matching type: universal (empty value
 or a lone `*`, returned as None), single value, wildcard (`*`, `?`), range (dates and times),
 or a list of values (UIDs; also CS such as Modality). A `Query` is a level plus matches; the
-index engines turn it into SQL (pacsgrid.index.query), front ends build it from requests.
+index engines turn it into SQL (pacsgrid.index.sql_matching), front ends build it from requests.
 
 Person names match case-insensitively, which PS3.4 allows and users expect.
 """

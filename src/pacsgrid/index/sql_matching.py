@@ -1,4 +1,4 @@
-"""DICOM matching (pacsgrid.query) turned into SQL.
+"""DICOM matching (pacsgrid.matching) turned into SQL.
 
 `compile_where` renders a Query's matches as SQL for one engine, described by a `Dialect`;
 SQLite and PostgreSQL differ only in the placeholder, the wildcard operator and the substring
@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# Re-exported: the matching model lives in pacsgrid.matching.
+from pacsgrid.matching import Match, Query, normalize_stored, parse_match, pn_norm, vr_of
 from pacsgrid.model import BY_KEYWORD, Level
-
-# Re-exported: the matching model lives in pacsgrid.query.
-from pacsgrid.query import Match, Query, normalize_stored, parse_match, pn_norm, vr_of
 
 __all__ = [
     "POSTGRES",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pacsgrid.index.sql_base import SqlBase
-from pacsgrid.ledger import FileEntry, StudyEntry
+from pacsgrid.migration_ledger import FileEntry, StudyEntry
 
 
 class LedgerQueries(SqlBase):
