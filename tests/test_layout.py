@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "pacsgrid"
-FRONT_ENDS = ("dicom", "web", "migrate", "hl7")
+FRONT_ENDS = ("dicom", "web", "migrate", "hl7", "cli")
 BACK_ENDS = ("pacsgrid.storage", "pacsgrid.index")
+CORE = ("archive", "index", "storage")
+# What the core may use of dicom/: the file format, never the network layer.
+DICOM_FORMAT = ("header", "part10", "coercion", "kos", "transcode")
+# The archive's collaborators, which only the archive itself and the jobs reach.
+COLLABORATORS = {"index", "sites", "placement", "cache", "committer"}
 
 
 def imports(path: Path) -> set[str]:
@@ -33,6 +38,48 @@ def test_front_ends_do_not_import_storage_or_index(front_end: str) -> None:
         for path in folder.rglob("*.py")
         for name in imports(path)
         if name.startswith(BACK_ENDS)
+    }
+    assert not offenders, sorted(offenders)
+
+
+def _front_or_job(name: str) -> bool:
+    if name.startswith(("pacsgrid.jobs", "pacsgrid.node", "pacsgrid.served")):
+        return True
+    if any(name.startswith(f"pacsgrid.{f}") for f in FRONT_ENDS if f != "dicom"):
+        return True
+    return name.startswith("pacsgrid.dicom") and name not in {
+        f"pacsgrid.dicom.{m}" for m in DICOM_FORMAT
+    }
+
+
+@pytest.mark.parametrize("core", CORE)
+def test_the_core_imports_no_front_end_and_no_job(core: str) -> None:
+    offenders = {
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in (SRC / core).rglob("*.py")
+        for name in imports(path)
+        if _front_or_job(name)
+    }
+    assert not offenders, sorted(offenders)
+
+
+def _reaches_into_the_archive(node: ast.AST) -> bool:
+    """`archive.index`, `self.archive.sites`, `ctx.archive.placement`..."""
+    if not (isinstance(node, ast.Attribute) and node.attr in COLLABORATORS):
+        return False
+    owner = node.value
+    return (isinstance(owner, ast.Name) and owner.id == "archive") or (
+        isinstance(owner, ast.Attribute) and owner.attr == "archive"
+    )
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_front_ends_ask_the_archive_and_not_its_collaborators(front_end: str) -> None:
+    offenders = {
+        f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node)}"
+        for path in (SRC / front_end).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if _reaches_into_the_archive(node)
     }
     assert not offenders, sorted(offenders)
 

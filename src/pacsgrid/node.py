@@ -60,7 +60,7 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
     from pacsgrid.jobs.repair import RepairComponent
 
     out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
-    if archive.settings.forward or archive.index.work_counts(FORWARD).get("pending"):
+    if archive.settings.forward or archive.work_counts(FORWARD).get("pending"):
         out.append(Forwarder(archive))
     if any("store" in p.allow for p in archive.settings.peers) or archive.commitment.pending(1):
         from pacsgrid.jobs.commitment import CommitmentReporter

@@ -21,6 +21,7 @@ pool.
 """
 
 from pacsgrid.archive.records import (
+    COPY,
     FORWARD,
     LOCAL,
     ROLES,
@@ -31,16 +32,18 @@ from pacsgrid.archive.records import (
     SiteStatus,
     StoredObject,
 )
+from pacsgrid.archive.reports import SiteRow, SitesReport
 from pacsgrid.archive.service import Archive
 from pacsgrid.archive.spool import Spool
 from pacsgrid.archive.users import check_password, hash_password, token_hash
 
 # Re-exported: the query vocabulary and records the front ends use (they import nothing
 # from pacsgrid.index or pacsgrid.storage themselves).
-from pacsgrid.index import WebUser, WorkSummary
+from pacsgrid.index import WebUser, WorkSummary, display_url
 from pacsgrid.matching import Match, Query, parse_match
 
 __all__ = [
+    "COPY",
     "FORWARD",
     "LOCAL",
     "ROLES",
@@ -51,12 +54,15 @@ __all__ = [
     "IngestResult",
     "Match",
     "Query",
+    "SiteRow",
     "SiteStatus",
+    "SitesReport",
     "Spool",
     "StoredObject",
     "WebUser",
     "WorkSummary",
     "check_password",
+    "display_url",
     "hash_password",
     "parse_match",
     "token_hash",

@@ -24,6 +24,7 @@ class Caller:
 
 LOCAL = Caller(via="cli")
 FORWARD = "forward"  # work queue kind of forwarding items
+COPY = "copy"  # work queue kind of copies the repair job makes
 
 ROLES = ("read", "write", "admin")
 

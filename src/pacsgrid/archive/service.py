@@ -13,6 +13,7 @@ from typing import cast
 
 from pacsgrid import metrics
 from pacsgrid.access_log import AuditLog, AuditRecord, now_iso, operation_name
+from pacsgrid.archive.cache import CacheTier
 from pacsgrid.archive.checkpoint import Checkpointer
 from pacsgrid.archive.commitment import StorageCommitment
 from pacsgrid.archive.corrections import Corrections
@@ -27,6 +28,7 @@ from pacsgrid.archive.records import (
     StoredObject,
 )
 from pacsgrid.archive.recovery import Recovery, RecoveryReport, note_for
+from pacsgrid.archive.reports import Reports
 from pacsgrid.archive.spool import SPILL_DIR, SpillArea, Spool
 from pacsgrid.archive.users import UserAdmin
 from pacsgrid.correction import KEY_OBJECT_SELECTION
@@ -46,7 +48,6 @@ from pacsgrid.errors import (
 )
 from pacsgrid.index import FailedWork, Index, NewInstance, WorkSummary, open_index
 from pacsgrid.index.commit import GroupCommitter
-from pacsgrid.jobs.cache import CacheTier
 from pacsgrid.journal import IngestJournal
 from pacsgrid.matching import Match, Query
 from pacsgrid.migration_ledger import FileEntry, StudyEntry
@@ -69,7 +70,7 @@ _NEEDS = {
 }
 
 
-class Archive(UserAdmin):
+class Archive(UserAdmin, Reports):
     def __init__(
         self,
         settings: Settings,

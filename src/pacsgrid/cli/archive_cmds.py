@@ -9,9 +9,8 @@ import sys
 import threading
 from dataclasses import asdict
 
-from pacsgrid.archive import Archive
+from pacsgrid.archive import Archive, display_url
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
-from pacsgrid.index import display_url
 from pacsgrid.migrate.importer import import_paths
 from pacsgrid.progress import Progress
 from pacsgrid.settings import describe_settings

@@ -9,9 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from pacsgrid.archive import Archive
+from pacsgrid.archive import Archive, display_url
 from pacsgrid.cli.common import add_archive_options, settings_from, setup_logging
-from pacsgrid.index import display_url
 from pacsgrid.progress import Progress
 
 
@@ -95,12 +94,10 @@ def run_reindex(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    sites = [s for s in archive.sites if s.name in {x.name for x in site_settings}]
     try:
         with Progress("reindex", unit="objects") as progress:
-            job = Reindexer(
-                archive.index,
-                sites,
+            job = Reindexer.of(
+                archive,
                 site_settings,
                 jobs=max(1, args.jobs),
                 progress=progress,

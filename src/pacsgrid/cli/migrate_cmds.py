@@ -342,8 +342,8 @@ def run_forward_status(args: argparse.Namespace) -> int:
     setup_logging(settings, quiet=True)
     archive = Archive(settings, probe_interval=0)
     try:
-        counts = archive.index.work_counts(FORWARD)
-        failures = archive.index.work_failures(FORWARD, max(1, args.limit))
+        counts = archive.work_counts(FORWARD)
+        failures = archive.work_failures(FORWARD, max(1, args.limit))
     finally:
         archive.close()
     rules = settings.forward
@@ -373,7 +373,7 @@ def run_forward_retry(args: argparse.Namespace) -> int:
     setup_logging(settings, quiet=True)
     archive = Archive(settings, probe_interval=0)
     try:
-        n = archive.index.retry_failed_work(FORWARD)
+        n = archive.retry_failed_work(FORWARD)
     finally:
         archive.close()
     print(f"queued {n} given-up instance(s) again; a running 'pacsgrid serve' sends them")

@@ -10,12 +10,11 @@ import socket
 import tempfile
 
 from pacsgrid import node, served
-from pacsgrid.archive import Archive
+from pacsgrid.archive import Archive, display_url
 from pacsgrid.cli.common import add_archive_options, overrides_from, setup_logging
 from pacsgrid.dicom.accept import LoadBoard
 from pacsgrid.dicom.server import listening_socket
 from pacsgrid.errors import ConfigError
-from pacsgrid.index import display_url
 from pacsgrid.settings import Settings, load_settings, masked
 
 log = logging.getLogger("pacsgrid.serve")

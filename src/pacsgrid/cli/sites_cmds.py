@@ -11,11 +11,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from pacsgrid.archive import Archive
+from pacsgrid.archive import Archive, SiteRow
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
 from pacsgrid.jobs.fixity import Auditor
-from pacsgrid.jobs.recover import count_lost
-from pacsgrid.jobs.repair import KIND, Repairer, adopt_site
+from pacsgrid.jobs.repair import Repairer, adopt_site
 from pacsgrid.progress import Progress
 
 
@@ -108,45 +107,19 @@ def run_sites(args: argparse.Namespace) -> int:
                 f"(run 'pacsgrid repair', or let 'pacsgrid serve' do it)"
             )
             return 0
-        report = {r.site: r for r in archive.index.site_report()}
-        archives = [s.name for s in archive.placement.archive_sites()]
-        under = archive.index.count_under_replicated(archives, settings.replication.copies)
-        without_good_copy = count_lost(archive)
-        counts = archive.index.work_counts(KIND)
-        rows: list[dict[str, Any]] = []
-        for site in archive.sites:
-            st = archive.placement.state(site.name)
-            r = report.get(site.name)
-            cfg = next(s for s in settings.sites if s.name == site.name)
-            row: dict[str, Any] = {
-                "name": site.name,
-                "url": site.url,
-                "location": site.location,
-                "role": site.role,
-                "up": st.up,
-                "reason": st.reason,
-                "objects": r.objects if r else 0,
-                "bytes": r.bytes if r else 0,
-                "bad": r.bad if r else 0,
-                "missing": r.missing if r else 0,
-                "last_verified": r.last_verified if r else None,
-                "never_verified": r.never_verified if r else 0,
-            }
-            if site.role == "cache":
-                row["capacity"] = cfg.capacity
-            describe = getattr(site, "describe", None)
-            if describe is not None and st.up:
-                row.update(describe())
-            rows.append(row)
+        sites = archive.site_report()
     finally:
         archive.close()
+    rows = [_site_row(s) for s in sites.sites]
+    under = sites.under_replicated
+    without_good_copy = sites.without_good_copy
     summary = {
-        "copies": settings.replication.copies,
-        "write_quorum": settings.replication.write_quorum,
+        "copies": sites.copies,
+        "write_quorum": sites.write_quorum,
         "under_replicated": under,
         "without_good_copy": without_good_copy,
-        "copies_queued": counts.get("pending", 0),
-        "copies_failed": counts.get("failed", 0),
+        "copies_queued": sites.copies_queued,
+        "copies_failed": sites.copies_failed,
     }
     if args.json:
         print(json.dumps({"sites": rows, **summary}, indent=2))
@@ -177,6 +150,29 @@ def run_sites(args: argparse.Namespace) -> int:
     return 1 if without_good_copy else 0
 
 
+def _site_row(site: SiteRow) -> dict[str, Any]:
+    """A site as `pacsgrid sites --json` prints it."""
+    st, copies = site.status, site.copies
+    row: dict[str, Any] = {
+        "name": st.name,
+        "url": st.url,
+        "location": st.location,
+        "role": st.role,
+        "up": st.up,
+        "reason": st.reason,
+        "objects": st.objects,
+        "bytes": st.bytes,
+        "bad": copies.bad,
+        "missing": copies.missing,
+        "last_verified": copies.last_verified,
+        "never_verified": copies.never_verified,
+    }
+    if st.role == "cache":
+        row["capacity"] = site.capacity
+    row.update(site.details)
+    return row
+
+
 def run_repair(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     setup_logging(settings, quiet=sys.stderr.isatty())
@@ -187,11 +183,7 @@ def run_repair(args: argparse.Namespace) -> int:
         with Progress("repair", unit="objects") as progress:
             report = repairer.run(stop, progress, scan=not args.no_scan)
             elapsed = progress.summary()
-        down = [
-            (name, archive.placement.state(name).reason)
-            for name in archive.placement.sites
-            if not archive.placement.is_up(name)
-        ]
+        down = archive.sites_down()
     finally:
         archive.close()
     for name, reason in down:

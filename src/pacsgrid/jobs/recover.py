@@ -57,9 +57,4 @@ def recover(archive: Archive, record: InstanceRecord) -> CopyRecord | None:
 
 def lost(archive: Archive, limit: int = 1000) -> list[str]:
     """SOP Instance UIDs of objects without a single good (ok) copy on any site."""
-    names = sorted(archive.placement.sites)
-    return [sop for _, sop in archive.index.under_replicated(names, 1, 0, limit)]
-
-
-def count_lost(archive: Archive) -> int:
-    return archive.index.count_under_replicated(sorted(archive.placement.sites), 1)
+    return archive.lost(limit)

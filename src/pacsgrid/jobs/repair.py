@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pacsgrid.archive.records import COPY
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
 from pacsgrid.jobs.rate import RateLimiter
 from pacsgrid.jobs.recover import lost, recover
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KIND = "copy"
+KIND = COPY
 MAX_ATTEMPTS = 10
 BATCH = 64
 LEASE = 600.0
