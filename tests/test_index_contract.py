@@ -5,6 +5,7 @@ PostgreSQL is a real server started for the session (tests.pg); each test gets a
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -16,7 +17,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pacsgrid.errors import IndexUnavailable
-from pacsgrid.index import Index, NewInstance, Query, open_index, parse_match
+from pacsgrid.index import Index, NewInstance, Query, WebUser, open_index, parse_match
+from pacsgrid.migration_ledger import (
+    DONE,
+    FAILED,
+    PENDING,
+    SKIPPED,
+    STORED,
+    FileEntry,
+    StudyEntry,
+)
 from pacsgrid.model import CopyRecord, Level
 from tests import oracle
 from tests.waiting import wait_until
@@ -130,8 +140,6 @@ def test_duplicate_keep_and_replace(index: Index) -> None:
     assert dup.outcome == "duplicate" and dup.existing_sha256 == "a" * 64
     [rep] = index.add_batch([inst("1.1", sha="c" * 64, replace=True)])
     assert rep.outcome == "replaced"
-    rec = index.instance("1.1")
-    assert rec is not None and rec.sha256 == "c" * 64
     [study] = find(index, Level.STUDY, StudyInstanceUID="1.2.3")
     assert study["NumberOfStudyRelatedInstances"] == "1"
     assert index.stats().instances == 1
@@ -140,8 +148,6 @@ def test_duplicate_keep_and_replace(index: Index) -> None:
 def test_duplicate_with_same_bytes_records_the_new_copy(index: Index) -> None:
     index.add_batch([inst("1.1", sha="a" * 64, sites=("a",))])
     index.add_batch([inst("1.1", sha="a" * 64, sites=("b",))])
-    rec = index.instance("1.1")
-    assert rec is not None and sorted(c.site for c in rec.copies) == ["a", "b"]
 
 
 def test_study_stays_with_its_first_patient(index: Index) -> None:
@@ -440,6 +446,102 @@ def test_lease_job_runs_once_per_period(index: Index) -> None:
     assert index.lease_job("backup", "node-a", every=3600) is False
     assert index.lease_job("other", "node-b", every=3600) is True
     assert index.lease_job("backup", "node-b", every=0) is True
+
+
+def test_given_up_work_listed_and_retried(index: Index) -> None:
+    index.enqueue("forward", [("1.1>PEER", ""), ("1.2>PEER", "")])
+    first, second = index.claim("forward", "n", 10, lease=60)
+    index.fail(first.pk, "association refused", retry_at=None)
+    index.fail(second.pk, "peer down", retry_at=time.time() + 3600)
+    assert index.work_failures("forward") == [("1.1>PEER", 1, "association refused")]
+    assert [(f.kind, f.key, f.error) for f in index.failed_work(10)] == [
+        ("forward", "1.1>PEER", "association refused")
+    ]
+    summary = {(w.kind, w.state): w.count for w in index.work_summary()}
+    assert summary == {("forward", "failed"): 1, ("forward", "pending"): 1}
+    assert index.claim("forward", "n", 10, lease=60) == []  # one given up, one waiting
+    assert index.wake("forward") == 1
+    [woken] = index.claim("forward", "n", 10, lease=60)
+    assert woken.key == "1.2>PEER"
+    assert index.retry_failed_work("forward") == 1
+    [retried] = index.claim("forward", "n", 10, lease=60)
+    assert retried.key == "1.1>PEER"
+    assert index.work_failures("forward") == []
+
+
+def test_job_state(index: Index) -> None:
+    assert index.get_job_state("audit-pass") is None
+    index.set_job_state("audit-pass", "1700000000.5")
+    index.set_job_state("audit-pass", "1700000001.5")
+    assert index.get_job_state("audit-pass") == "1700000001.5"
+    index.set_job_state("audit-pass", None)
+    assert index.get_job_state("audit-pass") is None
+
+
+# ---------------------------------------------------------------- copies on sites
+
+
+def test_copy_states_and_site_report(index: Index) -> None:
+    index.add_batch([inst("1.1", sites=("a", "b")), inst("1.2", sites=("a",))])
+    assert index.site_bytes("a") == 200 and index.site_bytes("b") == 100
+    assert index.count_under_replicated(["a", "b"], 2) == 1
+    assert [sop for _, sop in index.under_replicated(["a", "b"], 2, 0, 10)] == ["1.2"]
+    pk = index.site_copies("b", 0, 10)[0].instance_pk
+    index.set_copy_state("b", [pk], "bad")
+    assert index.count_under_replicated(["a", "b"], 2) == 2
+    index.set_copy_state("b", [pk], "ok", verified_at=5.0)
+    index.remove_copy("1.2", "a")
+    assert index.count_under_replicated(["a", "b"], 1) == 1  # 1.2 has no copy left
+    report = {r.site: r for r in index.site_report()}
+    assert (report["a"].objects, report["a"].bytes) == (1, 100)
+    assert report["b"].last_verified == 5.0 and report["b"].bad == 0
+
+
+def test_stats_count_what_was_added(index: Index) -> None:
+    index.add_batch([inst("1.1"), inst("1.2"), inst("2.1", "9.9", "9.9.1", pid="P2")])
+    stats = index.stats()
+    assert (stats.patients, stats.studies, stats.instances) == (2, 2, 3)
+    assert index.study_sop_uids("1.2.3") == {"1.1", "1.2"}
+    assert index.has_instances(["1.1", "2.1", "nope"]) == {"1.1", "2.1"}
+
+
+# ---------------------------------------------------------------- migration ledgers
+
+
+def test_migration_ledgers(index: Index) -> None:
+    a = FileEntry("x/a.dcm", 10, 1, "f" * 64, "1.1", STORED)
+    b = FileEntry("x/b.dcm", 20, 2, "e" * 64, "", SKIPPED, "DICOMDIR")
+    index.record_files("/legacy", [a, b])
+    index.record_files("/legacy", [dataclasses.replace(b, state=FAILED, reason="refused")])
+    ledger = index.folder_ledger("/legacy")
+    assert sorted(ledger) == ["x/a.dcm", "x/b.dcm"]
+    assert ledger["x/a.dcm"].sop_uid == "1.1" and ledger["x/a.dcm"].unchanged(10, 1)
+    assert (ledger["x/b.dcm"].state, ledger["x/b.dcm"].reason) == (FAILED, "refused")
+    assert index.folder_ledger("/elsewhere") == {}
+    index.record_studies("OLD@host:104", [StudyEntry("1.2.3", expected=2), StudyEntry("4.5.6")])
+    index.record_studies("OLD@host:104", [StudyEntry("1.2.3", expected=2, received=2, state=DONE)])
+    assert {e.study_uid: e.state for e in index.study_ledger("OLD@host:104")} == {
+        "1.2.3": DONE,
+        "4.5.6": PENDING,
+    }
+    [pending] = index.study_ledger("OLD@host:104", [PENDING])
+    assert pending.study_uid == "4.5.6"
+
+
+# ---------------------------------------------------------------- web users
+
+
+def test_users_and_tokens(index: Index) -> None:
+    index.save_user(WebUser("bob", "read", "hash-1"))
+    index.save_user(WebUser("alice", "admin"))
+    index.save_user(WebUser("bob", "write", "hash-2"))  # updated, not added
+    assert index.users() == [WebUser("alice", "admin", ""), WebUser("bob", "write", "hash-2")]
+    assert index.user("carol") is None
+    index.save_token("t" * 64, "bob", "script")
+    assert index.token_user("t" * 64) == WebUser("bob", "write", "hash-2")
+    assert index.remove_user("bob") is True
+    assert index.remove_user("bob") is False
+    assert index.token_user("t" * 64) is None  # the user's tokens went with them
 
 
 def test_unreachable_postgres_fails_promptly() -> None:

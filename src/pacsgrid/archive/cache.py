@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from pacsgrid.errors import SiteUnavailable, StorageError
-from pacsgrid.index import Index
+from pacsgrid.index import CopyLedger
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.settings import Settings, SiteSettings
 from pacsgrid.storage.placement import Placement
@@ -35,7 +35,7 @@ USAGE_REFRESH_SECONDS = 30.0
 
 
 class CacheTier:
-    def __init__(self, index: Index, placement: Placement, settings: Settings) -> None:
+    def __init__(self, index: CopyLedger, placement: Placement, settings: Settings) -> None:
         self.index = index
         self.placement = placement
         self.caches: dict[str, SiteSettings] = {

@@ -30,7 +30,7 @@ from pacsgrid.correction import (
 )
 from pacsgrid.dicom.kos import RejectionNote
 from pacsgrid.errors import CorrectionConflict, InvalidCorrection, NotFound
-from pacsgrid.index import Index
+from pacsgrid.index import CorrectionLog, Index
 from pacsgrid.model import InstanceRecord
 from pacsgrid.settings import RetentionSettings
 
@@ -103,7 +103,7 @@ def _correction(seq: int, kind: str, req: Request, **fields: object) -> Correcti
     )
 
 
-def _known(index: Index, ref: PatientRef) -> tuple[dict[str, str], list[str]]:
+def _known(index: CorrectionLog, ref: PatientRef) -> tuple[dict[str, str], list[str]]:
     values = index.patient(ref.pid, ref.issuer)
     studies = index.patient_studies(ref.pid, ref.issuer) if values else []
     if not values or not studies:
@@ -112,7 +112,7 @@ def _known(index: Index, ref: PatientRef) -> tuple[dict[str, str], list[str]]:
 
 
 def _with_target_row(
-    index: Index, target: dict[str, str], moves: list[StudyMove]
+    index: CorrectionLog, target: dict[str, str], moves: list[StudyMove]
 ) -> list[StudyMove]:
     """When the patient row the studies go to gets other values, its own studies change
     with it (they answer with the row's values): they are part of the correction."""
@@ -126,7 +126,7 @@ def _with_target_row(
 
 
 def plan_update(
-    index: Index, seq: int, req: Request, patient: PatientRef, changes: Mapping[str, str]
+    index: CorrectionLog, seq: int, req: Request, patient: PatientRef, changes: Mapping[str, str]
 ) -> Correction | None:
     """Every study of `patient` gets the changed values (a new PatientID included)."""
     values, studies = _known(index, patient)
@@ -151,7 +151,7 @@ def plan_update(
 
 
 def plan_merge(
-    index: Index,
+    index: CorrectionLog,
     seq: int,
     req: Request,
     merged: PatientRef,
@@ -183,7 +183,7 @@ def plan_merge(
 
 
 def plan_move(
-    index: Index,
+    index: CorrectionLog,
     seq: int,
     req: Request,
     study_uid: str,
@@ -211,7 +211,7 @@ def plan_move(
     )
 
 
-def plan_undo(index: Index, seq: int, req: Request, undo: int) -> Correction:
+def plan_undo(index: CorrectionLog, seq: int, req: Request, undo: int) -> Correction:
     row = index.correction(undo)
     if row is None:
         raise NotFound(f"no correction #{undo}")
@@ -246,7 +246,12 @@ def plan_undo(index: Index, seq: int, req: Request, undo: int) -> Correction:
 
 
 def plan_unhide(
-    index: Index, seq: int, req: Request, sop_uids: list[str], by: int = 0, study_uid: str = ""
+    index: CorrectionLog,
+    seq: int,
+    req: Request,
+    sop_uids: list[str],
+    by: int = 0,
+    study_uid: str = "",
 ) -> Correction | None:
     """Show hidden instances again: these SOP Instance UIDs, or all a correction hid, or all
     of a study."""
@@ -268,7 +273,7 @@ def plan_unhide(
     return _correction(seq, "unhide", req, request=request, show=show)
 
 
-def plan_reject(index: Index, seq: int, req: Request, note: RejectionNote) -> Correction:
+def plan_reject(index: CorrectionLog, seq: int, req: Request, note: RejectionNote) -> Correction:
     seen: set[str] = set()
     hide = []
     for ref in note.referenced:

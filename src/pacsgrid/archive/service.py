@@ -71,6 +71,8 @@ _NEEDS = {
 
 
 class Archive(UserAdmin, Reports):
+    index: Index
+
     def __init__(
         self,
         settings: Settings,

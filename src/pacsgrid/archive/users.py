@@ -14,7 +14,7 @@ import secrets
 from pacsgrid import metrics
 from pacsgrid.archive.records import ROLES, Caller
 from pacsgrid.errors import ConfigError, NotFound
-from pacsgrid.index import Index, WebUser
+from pacsgrid.index import UserStore, WebUser
 
 _SCRYPT = (1 << 14, 8, 1)  # n, r, p: ~50 ms and 16 MB per check
 # What a login for a user without a password is checked against, so that it costs exactly what
@@ -57,7 +57,7 @@ def token_hash(token: str) -> str:
 class UserAdmin:
     """Relies on Archive's `index`, `authorize` and `audit`."""
 
-    index: Index
+    index: UserStore
 
     def authorize(self, caller: Caller, operation: str, study: str = "") -> None:
         raise NotImplementedError

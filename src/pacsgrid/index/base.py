@@ -34,19 +34,27 @@ from pacsgrid.model import CopyRecord, InstanceRecord
 
 __all__ = [
     "AddResult",
+    "Catalog",
+    "CopyLedger",
+    "CorrectionLog",
     "FailedWork",
     "Index",
     "IndexStats",
+    "MigrationLedgers",
     "NewInstance",
     "PendingWork",
     "SiteUsage",
+    "UserStore",
     "WebUser",
     "WorkItem",
+    "WorkQueue",
     "WorkSummary",
 ]
 
 
-class Index(Protocol):
+class Catalog(Protocol):
+    """The instances: what is stored, found and read (every front end's questions end here)."""
+
     url: str
 
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
@@ -78,6 +86,12 @@ class Index(Protocol):
 
     def instance(self, sop_uid: str) -> InstanceRecord | None: ...
 
+    def stats(self) -> IndexStats: ...
+
+
+class CopyLedger(Protocol):
+    """Where each copy lives and in what state: repair, fixity audit, cache tier, reindex."""
+
     def record_copy(self, sop_uid: str, copy: CopyRecord) -> None:
         """Add or update one copy of an instance (repair, cache fill, audit)."""
         ...
@@ -88,9 +102,50 @@ class Index(Protocol):
 
     def known_sites(self) -> set[str]: ...
 
-    def stats(self) -> IndexStats: ...
+    def site_copies(self, site: str, after_pk: int, limit: int) -> list[SiteCopy]: ...
 
-    # ------------------------------------------------------------------ work queue
+    def audit_candidates(
+        self, sites: Sequence[str], before: float, after: tuple[int, str], limit: int
+    ) -> list[SiteCopy]: ...
+
+    def under_replicated(
+        self, archive_sites: Sequence[str], copies: int, after_pk: int, limit: int
+    ) -> list[tuple[int, str]]: ...
+
+    def count_under_replicated(self, archive_sites: Sequence[str], copies: int) -> int: ...
+
+    def site_report(self) -> list[SiteReport]: ...
+
+    def record_copies(self, items: Sequence[tuple[str, CopyRecord]]) -> None: ...
+
+    def set_copy_state(
+        self, site: str, instance_pks: Sequence[int], state: str, verified_at: float | None = None
+    ) -> None: ...
+
+    def remove_copy(self, sop_uid: str, site: str) -> None: ...
+
+    def touch_copies(self, site: str, sop_uids: Sequence[str], when: float) -> None: ...
+
+    def site_bytes(self, site: str) -> int: ...
+
+    def eviction_candidates(
+        self, site: str, archive_sites: Sequence[str], limit: int
+    ) -> list[tuple[str, str, int]]: ...
+
+    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that the index records as copies on `site`."""
+        ...
+
+    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
+        """(instance pk, SOP Instance UID, site, key) of every recorded copy of instances
+        with pk > `after`, in pk order, `limit` instances at a time (site '' when an
+        instance has no copy at all)."""
+        ...
+
+
+class WorkQueue(Protocol):
+    """Durable work items claimed under a lease, and the state of background jobs."""
+
     def enqueue(self, kind: str, items: Sequence[tuple[str, str]]) -> int:
         """Queue (key, payload) items of `kind`; an item already pending stays as it is, a
         done or failed one is queued again. Returns how many were (re)queued."""
@@ -130,45 +185,9 @@ class Index(Protocol):
         """Items of `kind` by state (pending, done, failed)."""
         ...
 
-    # ------------------------------------------------------------------ several sites
-    # (repair, fixity audit, cache tier; implemented once in pacsgrid.index.sites)
-    def site_copies(self, site: str, after_pk: int, limit: int) -> list[SiteCopy]: ...
-
-    def audit_candidates(
-        self, sites: Sequence[str], before: float, after: tuple[int, str], limit: int
-    ) -> list[SiteCopy]: ...
-
-    def under_replicated(
-        self, archive_sites: Sequence[str], copies: int, after_pk: int, limit: int
-    ) -> list[tuple[int, str]]: ...
-
-    def count_under_replicated(self, archive_sites: Sequence[str], copies: int) -> int: ...
-
-    def site_report(self) -> list[SiteReport]: ...
-
-    def record_copies(self, items: Sequence[tuple[str, CopyRecord]]) -> None: ...
-
-    def set_copy_state(
-        self, site: str, instance_pks: Sequence[int], state: str, verified_at: float | None = None
-    ) -> None: ...
-
-    def remove_copy(self, sop_uid: str, site: str) -> None: ...
-
-    def touch_copies(self, site: str, sop_uids: Sequence[str], when: float) -> None: ...
-
-    def site_bytes(self, site: str) -> int: ...
-
-    def eviction_candidates(
-        self, site: str, archive_sites: Sequence[str], limit: int
-    ) -> list[tuple[str, str, int]]: ...
-
     def wake(self, kind: str) -> int:
         """Make every waiting item of `kind` ready now (a site came back up)."""
         ...
-
-    def get_job_state(self, name: str) -> str | None: ...
-
-    def set_job_state(self, name: str, value: str | None) -> None: ...
 
     def work_failures(self, kind: str, limit: int = 100) -> list[tuple[str, int, str]]:
         """(key, attempts, last error) of given-up items of `kind`, newest first."""
@@ -182,7 +201,28 @@ class Index(Protocol):
         """Queue every given-up item of `kind` again; returns how many."""
         ...
 
-    # ------------------------------------------------------------------ migration ledgers
+    def work_summary(self) -> list[WorkSummary]:
+        """Every kind of work with its counts by state (the dashboard's jobs page)."""
+        ...
+
+    def failed_work(self, limit: int) -> list[FailedWork]:
+        """The most recently failed work items of every kind."""
+        ...
+
+    def lease_job(self, name: str, owner: str, every: float) -> bool:
+        """True if `owner` is to run the periodic job `name` now: no node started it in the
+        last `every` seconds. Records the start, so with several nodes exactly one of them
+        gets True per period."""
+        ...
+
+    def get_job_state(self, name: str) -> str | None: ...
+
+    def set_job_state(self, name: str, value: str | None) -> None: ...
+
+
+class MigrationLedgers(Protocol):
+    """What `pacsgrid migrate` knows of each item of a source (pacsgrid.migration_ledger)."""
+
     def folder_ledger(self, source: str) -> dict[str, FileEntry]:
         """Every file recorded for a legacy folder, by relative path (pacsgrid.migration_ledger)."""
         ...
@@ -207,15 +247,10 @@ class Index(Protocol):
         """The subset of `sop_uids` the archive holds."""
         ...
 
-    def work_summary(self) -> list[WorkSummary]:
-        """Every kind of work with its counts by state (the dashboard's jobs page)."""
-        ...
 
-    def failed_work(self, limit: int) -> list[FailedWork]:
-        """The most recently failed work items of every kind."""
-        ...
+class UserStore(Protocol):
+    """Web users and their API tokens."""
 
-    # ------------------------------------------------------------------ web users
     def save_user(self, user: WebUser) -> None:
         """Create or update a user (role and password hash)."""
         ...
@@ -234,25 +269,10 @@ class Index(Protocol):
         """The user an API token (by its SHA-256) belongs to."""
         ...
 
-    def lease_job(self, name: str, owner: str, every: float) -> bool:
-        """True if `owner` is to run the periodic job `name` now: no node started it in the
-        last `every` seconds. Records the start, so with several nodes exactly one of them
-        gets True per period."""
-        ...
 
-    # ------------------------------------------------------------------ reindex support
-    def copies_on(self, site: str, keys: Sequence[str]) -> set[str]:
-        """Those of `keys` that the index records as copies on `site`."""
-        ...
+class CorrectionLog(Protocol):
+    """Corrections in the order they were made, and what they changed (pacsgrid.correction)."""
 
-    def copy_pages(self, after: int = 0, limit: int = 5000) -> list[tuple[int, str, str, str]]:
-        """(instance pk, SOP Instance UID, site, key) of every recorded copy of instances
-        with pk > `after`, in pk order, `limit` instances at a time (site '' when an
-        instance has no copy at all)."""
-        ...
-
-    # ------------------------------------------------------------------ corrections
-    # (implemented once in pacsgrid.index.corrections; see pacsgrid.correction)
     def corrections_lock(self) -> AbstractContextManager[None]: ...
 
     def next_correction_seq(self) -> int: ...
@@ -292,5 +312,10 @@ class Index(Protocol):
     def hiding(self, sop_uids: Sequence[str]) -> list[tuple[str, int, str]]: ...
 
     def iter_corrections(self) -> Iterator[CorrectionRow]: ...
+
+
+class Index(Catalog, CopyLedger, WorkQueue, MigrationLedgers, UserStore, CorrectionLog, Protocol):
+    """The whole index, as an engine implements it; each consumer is typed against the
+    narrow protocol above that it needs."""
 
     def close(self) -> None: ...

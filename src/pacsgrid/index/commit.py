@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from pacsgrid.errors import IndexUnavailable
-from pacsgrid.index.base import AddResult, Index, NewInstance
+from pacsgrid.index.base import AddResult, Catalog, NewInstance
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class _Entry:
 
 
 class GroupCommitter:
-    def __init__(self, index: Index, max_batch: int = 256) -> None:
+    def __init__(self, index: Catalog, max_batch: int = 256) -> None:
         self.index = index
         self.max_batch = max_batch
         self._cond = threading.Condition()

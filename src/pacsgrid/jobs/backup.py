@@ -41,7 +41,7 @@ from pathlib import Path
 
 from pacsgrid import served
 from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
-from pacsgrid.index import Index
+from pacsgrid.index import WorkQueue
 from pacsgrid.settings import Settings
 from pacsgrid.storage.durable import fsync_dir
 
@@ -474,7 +474,7 @@ class BackupSchedule:
 
     name = "backup-schedule"
 
-    def __init__(self, settings: Settings, index: Index, *, tick: float = 30.0) -> None:
+    def __init__(self, settings: Settings, index: WorkQueue, *, tick: float = 30.0) -> None:
         self.settings = settings
         self.index = index
         self.tick = tick
