@@ -42,6 +42,7 @@ from pathlib import Path
 from pacsgrid import served
 from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
 from pacsgrid.index import WorkQueue
+from pacsgrid.jobs.loop import repeat
 from pacsgrid.settings import Settings
 from pacsgrid.storage.durable import fsync_dir
 
@@ -479,17 +480,21 @@ class BackupSchedule:
         self.index = index
         self.tick = tick
         self.taken = 0
+        self._owner = ""
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._owner = node_name()
+        await repeat(stop, self._pass)
+
+    async def _pass(self) -> float:
+        """Take a backup if this node leases the period; returns the pause before asking
+        again."""
         every = self.settings.backup.interval * 3600.0
-        owner = node_name()
-        while not stop.is_set():
-            try:
-                if await asyncio.to_thread(self.index.lease_job, "backup", owner, every):
-                    m = await asyncio.to_thread(backup, self.settings)
-                    self.taken += 1
-                    log.info("scheduled backup done: %s", describe(m))
-            except PacsgridError as e:
-                log.error("scheduled backup failed: %s", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(every, self.tick))
+        try:
+            if await asyncio.to_thread(self.index.lease_job, "backup", self._owner, every):
+                m = await asyncio.to_thread(backup, self.settings)
+                self.taken += 1
+                log.info("scheduled backup done: %s", describe(m))
+        except PacsgridError as e:
+            log.error("scheduled backup failed: %s", e)
+        return min(every, self.tick)

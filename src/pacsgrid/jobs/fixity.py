@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
 from pacsgrid.index.sites import SiteCopy
+from pacsgrid.jobs.loop import repeat_in_thread
 from pacsgrid.jobs.rate import RateLimiter
 from pacsgrid.jobs.recover import lost, recover
 from pacsgrid.jobs.repair import Repairer
@@ -227,36 +228,28 @@ class AuditComponent:
         cfg = self.archive.settings.audit
         if cfg.interval <= 0:
             return
-        halt = threading.Event()
+        await repeat_in_thread(stop, self._pass)
 
-        async def relay() -> None:
-            await stop.wait()
-            halt.set()
-
-        relay_task = asyncio.create_task(relay())
+    def _pass(self, halt: threading.Event) -> float:
+        """Check the copies not checked for `audit.max_age_days`; returns the pause before
+        the next pass (`audit.interval`)."""
+        cfg = self.archive.settings.audit
+        progress = Progress("audit", unit="copies", bar=False, interval=60.0)
         try:
-            await asyncio.to_thread(self._loop, halt, cfg.interval, cfg.max_age_days)
-        finally:
-            relay_task.cancel()
-
-    def _loop(self, halt: threading.Event, interval: float, max_age_days: float) -> None:
-        while not halt.is_set():
-            progress = Progress("audit", unit="copies", bar=False, interval=60.0)
-            try:
-                report = self.auditor.run(
-                    halt, progress, before=time.time() - max_age_days * 86400, resume=False
+            report = self.auditor.run(
+                halt, progress, before=time.time() - cfg.max_age_days * 86400, resume=False
+            )
+            if report.checked:
+                log.info("audit: %s", progress.summary())
+            for f in report.findings:
+                log.error("audit: %s %s on %s: %s", f.problem, f.key, f.site, f.action)
+            if report.lost:
+                log.error(
+                    "audit: %d object(s) have no good copy on any site (first: %s); "
+                    "'pacsgrid audit' lists them",
+                    len(report.lost),
+                    report.lost[0],
                 )
-                if report.checked:
-                    log.info("audit: %s", progress.summary())
-                for f in report.findings:
-                    log.error("audit: %s %s on %s: %s", f.problem, f.key, f.site, f.action)
-                if report.lost:
-                    log.error(
-                        "audit: %d object(s) have no good copy on any site (first: %s); "
-                        "'pacsgrid audit' lists them",
-                        len(report.lost),
-                        report.lost[0],
-                    )
-            except PacsgridError as e:
-                log.warning("audit pass failed: %s", e)
-            halt.wait(interval)
+        except PacsgridError as e:
+            log.warning("audit pass failed: %s", e)
+        return cfg.interval

@@ -13,7 +13,6 @@ with exponential backoff (`forwarding.retry_initial` doubling up to `retry_max`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from pacsgrid.dicom.scu import AssociationRejected, connect_to
 from pacsgrid.dicom.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
 from pacsgrid.index import WorkItem
+from pacsgrid.jobs.loop import repeat
 from pacsgrid.model import InstanceRecord
 
 log = logging.getLogger("pacsgrid.forward")
@@ -53,19 +53,22 @@ class Forwarder:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("forwarding queue: %s", self.archive.index.work_counts(FORWARD))
-        while not stop.is_set():
-            items = await self._call(
-                self.archive.index.claim, FORWARD, self.owner, self.settings.batch, LEASE
-            )
-            if not items:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.poll)
-                continue
-            by_peer: dict[str, list[WorkItem]] = defaultdict(list)
-            for item in items:
-                by_peer[item.payload or item.key.rpartition(">")[2]].append(item)
-            for peer, group in by_peer.items():
-                await self.send(peer, group)
+        await repeat(stop, self._pass)
+
+    async def _pass(self) -> float:
+        """Send one batch of the queue; returns the pause before the next (none while items
+        are waiting)."""
+        items = await self._call(
+            self.archive.index.claim, FORWARD, self.owner, self.settings.batch, LEASE
+        )
+        if not items:
+            return self.settings.poll
+        by_peer: dict[str, list[WorkItem]] = defaultdict(list)
+        for item in items:
+            by_peer[item.payload or item.key.rpartition(">")[2]].append(item)
+        for peer, group in by_peer.items():
+            await self.send(peer, group)
+        return 0.0
 
     async def send(self, peer_ae: str, items: list[WorkItem]) -> None:
         peer = self.archive.settings.peer(peer_ae)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from pacsgrid.archive.records import COPY
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
+from pacsgrid.jobs.loop import repeat_in_thread
 from pacsgrid.jobs.rate import RateLimiter
 from pacsgrid.jobs.recover import lost, recover
 from pacsgrid.model import CopyRecord, InstanceRecord
@@ -349,44 +350,33 @@ class RepairComponent:
         archive.placement.on_up.append(lambda _name: self.wakeup.set())
 
     async def run(self, stop: asyncio.Event) -> None:
-        halt = threading.Event()
+        self._next_scan = time.monotonic()
+        self._progress = Progress("repair", unit="objects", bar=False, interval=10.0)
+        self._errors = 0
+        await repeat_in_thread(stop, self._pass, wakeup=self.wakeup)
 
-        async def relay() -> None:
-            await stop.wait()
-            halt.set()
-            self.wakeup.set()
-
-        relay_task = asyncio.create_task(relay())
+    def _pass(self, halt: threading.Event) -> float:
+        """Scan when due, drain the outbox, keep the caches in bounds; returns the pause
+        before the next pass (backing off while passes fail)."""
         try:
-            await asyncio.to_thread(self._loop, halt)
-        finally:
-            relay_task.cancel()
-
-    def _loop(self, halt: threading.Event) -> None:
-        interval = self.archive.settings.repair.interval
-        next_scan = time.monotonic()
-        progress = Progress("repair", unit="objects", bar=False, interval=10.0)
-        errors = 0
-        while not halt.is_set():
-            try:
-                if time.monotonic() >= next_scan:
-                    queued = self.repairer.scan(stop=halt)
-                    if queued:
-                        log.info("repair scan queued %d under-replicated object(s)", queued)
-                    next_scan = time.monotonic() + interval
-                report = self.repairer.drain(halt, progress)
-                if report.counts:
-                    log.info(
-                        "repair: %s; %.1f MB in %.1fs (totals since start: %s)",
-                        ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items())),
-                        report.bytes / 1e6,
-                        report.seconds,
-                        progress.summary(),
-                    )
-                self.archive.cache.enforce()
-                errors = 0
-            except PacsgridError as e:
-                errors += 1
-                log.warning("repair pass failed (%s); backing off", e)
-            self.wakeup.wait(min(60.0, self.poll * 2**errors))
-            self.wakeup.clear()
+            if time.monotonic() >= self._next_scan:
+                queued = self.repairer.scan(stop=halt)
+                if queued:
+                    log.info("repair scan queued %d under-replicated object(s)", queued)
+                self._next_scan = time.monotonic() + self.archive.settings.repair.interval
+            report = self.repairer.drain(halt, self._progress)
+            if report.counts:
+                log.info(
+                    "repair: %s; %.1f MB in %.1fs (totals since start: %s)",
+                    ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items())),
+                    report.bytes / 1e6,
+                    report.seconds,
+                    self._progress.summary(),
+                )
+            self.archive.cache.enforce()
+            self._errors = 0
+        except PacsgridError as e:
+            self._errors += 1
+            log.warning("repair pass failed (%s); backing off", e)
+        backoff: float = self.poll * 2**self._errors
+        return min(60.0, backoff)
