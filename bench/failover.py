@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ha_clients import StoreLoop, encoded  # noqa: E402
-from tests.conftest import Server  # noqa: E402
+from tests.peers import Server  # noqa: E402
 from tests.pg import FAST_FAIL, PgCluster, failover_url  # noqa: E402
 
 

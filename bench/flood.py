@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.conftest import Server
+    from tests.peers import Server
 
     with tempfile.TemporaryDirectory(prefix="pacsgrid-flood-") as tmp:
         server = Server(Path(tmp) / "archive", workers=args.workers).start()

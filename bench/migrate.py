@@ -9,7 +9,7 @@ The tree is written by bench.synth (deterministic CT files, explicit VR little e
 `cp -r` and the migration read it from the page cache (it was just written), and both write to
 the same filesystem, `cp` without fsync, pacsgrid with an fsync per object and per index
 commit (that is the price of "acknowledged = durable"). Orthanc, the legacy PACS of the pull,
-is Debian's package started with its own config (see tests/orthanc.py) and loaded through its
+is Debian's package started with its own config (tests/peers/orthanc.py) and loaded through its
 REST API; the pull is timed end to end (discovery, C-MOVE of every study to a running
 `pacsgrid serve`, counting), and the rate quoted is the one the command itself reports.
 """
@@ -105,8 +105,7 @@ def bench_folder(work: Path, files: int, size: int, jobs: int) -> dict[str, floa
 
 
 def bench_pull(work: Path, instances: int, size: int, parallel: list[int]) -> dict[str, float]:
-    from tests.conftest import Server, free_port
-    from tests.orthanc import Orthanc
+    from tests.peers import Orthanc, Server, free_port
 
     per_series = 25
     studies = max(1, instances // (2 * per_series))

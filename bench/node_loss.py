@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ha_clients import AssociationProbe  # noqa: E402
-from tests.conftest import Server  # noqa: E402
-from tests.haproxy import HAProxy  # noqa: E402
+from tests.peers import HAProxy, Server  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
 

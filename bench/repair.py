@@ -173,7 +173,7 @@ def bench_wiped(work: Path, objects: int, size: int, s3: bool) -> dict[str, obje
     archive = TwoSites(work)
     if s3:
         sys.path.insert(0, str(REPO))
-        from tests.seaweedfs import SeaweedFS
+        from tests.peers import SeaweedFS
 
         weed = SeaweedFS(work / "weed").start()
         archive.b_url = weed.url(weed.bucket("bench-repair"), "pacs")

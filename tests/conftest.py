@@ -1,32 +1,27 @@
 """Shared fixtures: the real `pacsgrid serve` as a subprocess, DCMTK tools, ports, corpora.
 
-Every server binds 127.0.0.1 on a port picked here; every process a test starts is stopped by
-its PID when the test ends; DCMTK runs with TCP_NODELAY=1 (Debian's build leaves Nagle on).
+Every server binds 127.0.0.1 on a free port (the launchers are in tests.peers); every process
+a test starts is stopped by its PID when the test ends; DCMTK runs with TCP_NODELAY=1
+(Debian's build leaves Nagle on).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
-from tests.seaweedfs import SeaweedFS
+from tests.peers import DCMTK_ENV, SeaweedFS, Server, StoreSCP, free_port
 
-__all__ = ["free_port"]  # tests import it from here
+# Tests import the launchers they use most from here (all of them are in tests.peers).
+__all__ = ["DCMTK_ENV", "Server", "StoreSCP", "free_port"]
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench.synth
-
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def pacsgrid_cli(
@@ -40,25 +35,6 @@ def pacsgrid_cli(
         timeout=timeout,
         cwd=cwd,
     )
-
-
-def wait_port(
-    port: int,
-    timeout: float = 30.0,
-    proc: subprocess.Popen[bytes] | None = None,
-    log: Path | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            text = log.read_text() if log and log.exists() else ""
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{text[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
 def require_tool(name: str) -> str:
@@ -133,102 +109,6 @@ def storescu_started(port: int, files: list[Path], *options: str) -> subprocess.
     )
 
 
-class Server:
-    """`pacsgrid serve` in a subprocess, on 127.0.0.1 and a free port."""
-
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        port: int | None = None,
-        workers: int = 1,
-        args: tuple[str, ...] = (),
-        config: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.workers = workers
-        self.args = args
-        self.config = config
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / f"{data_dir.name}-serve-{self.port}.log"
-
-    def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pacsgrid",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--workers",
-            str(self.workers),
-        ]
-        if self.config:
-            cmd += ["--config", str(self.config)]
-        return cmd + list(self.args)
-
-    def start(self, timeout: float = 30.0) -> Server:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
-            )
-        wait_port(self.port, timeout, self.proc, self.log)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL the server and, with several workers, every worker process too."""
-        if self.proc is None:
-            return
-        pids = _children(self.proc.pid) + [self.proc.pid]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        self.proc = None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return "127.0.0.1", self.port
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            for child in fh.read().split():
-                out += _children(int(child)) + [int(child)]
-    except OSError:
-        pass
-    return out
-
-
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[list[Server]]:
     started: list[Server] = []
@@ -249,53 +129,9 @@ def make_server(tmp_path: Path, servers: list[Server]):  # type: ignore[no-untyp
     return make
 
 
-class StoreSCP:
-    """DCMTK storescp as a C-MOVE destination, writing what it receives to a folder."""
-
-    def __init__(
-        self, out: Path, aet: str = "STORESCP", syntaxes: tuple[str, ...] = ("+xa",)
-    ) -> None:
-        self.out = out
-        self.aet = aet
-        self.port = free_port()
-        out.mkdir(parents=True, exist_ok=True)
-        self.log = out.parent / f"storescp-{self.port}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    require_tool("storescp"),
-                    "-aet",
-                    aet,
-                    "-od",
-                    str(out),
-                    *syntaxes,
-                    "+B",
-                    "-pm",
-                    "-v",
-                    str(self.port),
-                ],
-                env=DCMTK_ENV,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_port(self.port, 10, self.proc, self.log)
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-    def clear(self) -> None:
-        for p in self.files():
-            p.unlink()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(tmp_path / "storescp-out")
+    scp = StoreSCP(tmp_path / "storescp-out").start()
     yield scp
     scp.stop()
 

@@ -18,12 +18,12 @@ import pwd
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from pacsgrid.drill.patroni import PatroniCluster, _owned_dir, patroni_missing
-from tests.conftest import _children
-from tests.ports import free_port
+from pacsgrid.drill.procs import alive, children
+from tests.peers.program import free_port
+from tests.waiting import wait_until
 
 __all__ = ["FAST_FAIL", "PatroniCluster", "PgCluster", "failover_url", "patroni_missing"]
 
@@ -127,17 +127,13 @@ class PgCluster:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                [PG_BIN / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            if out.returncode == 0:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"postgres on {self.port} not ready:\n{self.text()[-3000:]}")
+        def ready() -> bool:
+            argv = [PG_BIN / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)]
+            return subprocess.run(argv, capture_output=True).returncode == 0
+
+        wait_until(
+            ready, timeout, f"postgres on {self.port} ready", seen=lambda: self.text()[-3000:]
+        )
 
     def promote(self) -> None:
         _as_postgres(PG_BIN / "pg_ctl", "-D", self.data, "-w", "promote")
@@ -145,7 +141,7 @@ class PgCluster:
     def stop(self) -> None:
         if self.pid is None:
             return
-        if _alive(self.pid):
+        if alive(self.pid):
             _as_postgres(
                 PG_BIN / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", check=False
             )
@@ -155,13 +151,11 @@ class PgCluster:
         """SIGKILL the postmaster and every backend it started (a machine that died)."""
         if self.pid is None:
             return
-        pids = _children(self.pid) + [self.pid]
+        pids = children(self.pid) + [self.pid]
         for pid in [self.pid, *pids]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "postgres processes gone")
         self.pid = None
 
     def destroy(self) -> None:
@@ -208,17 +202,3 @@ def _has_locale(name: str) -> bool:
     except OSError:
         return False
     return name.lower() in out.lower().split()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
-        return False

@@ -49,8 +49,9 @@ class Loaded:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     work = tmp_path_factory.mktemp("dcmtk")
-    scp = StoreSCP(work / "move-destination")
-    implicit_scp = StoreSCP(work / "implicit-destination", "IMPLICITSCP", ("+xi",))
+    scp = StoreSCP(work / "move-destination").start()
+    implicit = ("+xi", "+B", "-pm", "-v")
+    implicit_scp = StoreSCP(work / "implicit-destination", "IMPLICITSCP", options=implicit).start()
     peers = [a for p in PEERS for a in ("--peer", f"{p}@127.0.0.1:9")]
     server = Server(
         work / "archive",
@@ -105,7 +106,7 @@ def test_stored_objects_are_the_received_bytes(loaded: Loaded, tmp_path: Path) -
     """The archive stores exactly what storescu sent: the same files sent to DCMTK's own
     storescp in bit-preserving mode arrive with the same dataset bytes as pacsgrid stored.
     (storescu re-encodes some files while sending, so the original files can differ.)"""
-    scp = StoreSCP(tmp_path / "reference")
+    scp = StoreSCP(tmp_path / "reference").start()
     try:
         winners = [f for f in accepted() if f.path in set(loaded.model.files.values())]
         ref_run = store_with_storescu(scp.port, winners, tmp_path, aet="STORESCU")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pacsgrid.index.sqlite import SqliteIndex
-from tests.conftest import DCMTK_ENV, Server, free_port, pacsgrid_cli, require_tool, wait_port
+from tests.conftest import Server, StoreSCP, free_port, pacsgrid_cli
 from tests.corpus import CorpusFile, accepted
 from tests.dcmtk_store import store_with_storescu
-from tests.orthanc import Orthanc
+from tests.peers import Orthanc
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]
@@ -167,25 +167,6 @@ poll = 0.2
         orthanc.stop()
 
 
-class StoreSCPOn:
-    """DCMTK storescp on a given port (the forwarding peer comes up late)."""
-
-    def __init__(self, out: Path, port: int) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.out = out
-        self.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", "PEER", "-od", str(out), "+xa", str(port)],
-            env=DCMTK_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        wait_port(port, 10, self.proc)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def test_queue_survives_restarts_gives_up_visibly_and_retries(tmp_path: Path) -> None:
     peer_port = free_port()  # nothing listens there yet
     config = tmp_path / "pacsgrid.toml"
@@ -213,7 +194,7 @@ poll = 0.2
     selected = {f.sop_uid for f in ct_mr}
     assert selected and len(selected) < len(files), "the corpus slice should mix modalities"
     server = Server(tmp_path / "pg", config=config).start()
-    scp: StoreSCPOn | None = None
+    scp: StoreSCP | None = None
     try:
         assert not store_with_storescu(server.port, files, tmp_path).failed
         # The peer is down: every selected instance is tried, then given up and listed.
@@ -236,7 +217,8 @@ poll = 0.2
         # Requeued while the archive is down; delivered after a restart, once the peer is up.
         retry = pacsgrid("forward", "retry", "--config", config, "--data-dir", server.data_dir)
         assert f"queued {len(selected)}" in retry.stdout, retry.stdout + retry.stderr
-        scp = StoreSCPOn(tmp_path / "peer", peer_port)
+        # The forwarding peer comes up late, on the port the queue has been trying.
+        scp = StoreSCP(tmp_path / "peer", "PEER", port=peer_port, options=("+xa",)).start()
         server = Server(tmp_path / "pg", config=config, port=server.port).start()
         wait_until(
             lambda: len(list(scp.out.iterdir())) == len(selected),

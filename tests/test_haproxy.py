@@ -20,7 +20,7 @@ from pacsgrid.deploy import haproxy_config
 from pacsgrid.index import open_index
 from pacsgrid.jobs.backup import backups
 from tests.conftest import Server, dcmtk
-from tests.haproxy import HAProxy
+from tests.peers import HAProxy
 from tests.pg import PgCluster
 from tests.senders import Sent, send_while, sop_uid, storescu
 from tests.test_pg_cluster import check_retrievable, pacsgrid

@@ -20,7 +20,7 @@ from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.migration_ledger import DONE
 from tests.conftest import Server, free_port, pacsgrid_cli
 from tests.corpus import corpus
-from tests.orthanc import Orthanc
+from tests.peers import Orthanc
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server
-from tests.seaweedfs import SeaweedFS
+from tests.peers.seaweedfs import SeaweedFS
 from tests.test_sites import Raw, cli, records, sha, site_args, storescu, synth
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

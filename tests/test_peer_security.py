@@ -14,7 +14,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import Server, dcmtk, free_port, wait_port
+from tests.conftest import Server, dcmtk, free_port
 
 
 def echo_from(port: int, ae_title: str, source: str) -> str:
@@ -191,7 +191,7 @@ def test_a_bound_peer_is_refused_on_the_plain_port(tmp_path: Path, certs: dict[s
         config=_peer_config(tmp_path),
     ).start()
     try:
-        wait_port(tls_port)
+        server.wait_listening(tls_port, 60)
         plain = dcmtk("echoscu", "-aet", "CT1", "-aec", "PACSGRID", "127.0.0.1", server.port)
         assert plain.returncode != 0 and "Calling AE Title Not Recognized" in plain.stdout
         assert "it must call on the TLS port with its client certificate" in server.text()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.commitment_peer import Modality
-from tests.conftest import Server, StoreSCP, dcmtk, free_port, pacsgrid_cli, wait_port
+from tests.conftest import Server, StoreSCP, dcmtk, free_port, pacsgrid_cli
 from tests.corpus import UNCOMPRESSED, CorpusFile, accepted
 from tests.tls_certs import make_certificates, server_context
 from tests.waiting import wait_until
@@ -43,9 +42,9 @@ def tls_storescp(tmp_path: Path, certs: dict[str, Path], aet: str = "STORESCP") 
     return StoreSCP(
         tmp_path / f"{aet.lower()}-out",
         aet=aet,
-        syntaxes=("+xa", "+tls", str(certs["storescp.key"]), str(certs["storescp.pem"]),
-                  "+cf", str(certs["ca.pem"])),
-    )  # fmt: skip
+        options=("+xa", "+tls", str(certs["storescp.key"]), str(certs["storescp.pem"]),
+                 "+cf", str(certs["ca.pem"]), "+B", "-pm", "-v"),
+    ).start()  # fmt: skip
 
 
 def archive_tls(certs: dict[str, Path]) -> str:
@@ -174,13 +173,10 @@ def test_migrate_pull_from_a_tls_only_pacs(tmp_path: Path, certs: dict[str, Path
         # the puller offers both roles on its storage contexts (C-GET sub-operations): store
         + peer("PACSGRID", 104, allow=["echo", "find", "get", "store"])
     )
-    legacy = subprocess.Popen(
-        [sys.executable, "-m", "pacsgrid", "serve", "--config", str(legacy_cfg), "--data-dir",
-         str(tmp_path / "legacy"), "--bind", "127.0.0.1", "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # A second --port 0 leaves the legacy PACS its TLS port only (as its configuration says).
+    legacy = Server(tmp_path / "legacy", config=legacy_cfg, port=tls_port, args=("--port", "0"))
+    legacy.start()
     try:
-        wait_port(tls_port, 60, legacy)
         files = plain_files(3)
         tls = ["+tls", str(certs["modality.key"]), str(certs["modality.pem"]),
                "+cf", str(certs["ca.pem"])]  # fmt: skip
@@ -211,8 +207,7 @@ def test_migrate_pull_from_a_tls_only_pacs(tmp_path: Path, certs: dict[str, Path
         )  # fmt: skip
         assert refused.returncode != 0
     finally:
-        legacy.terminate()
-        legacy.wait(60)
+        legacy.stop()
 
 
 def test_bad_peer_tls_settings_are_one_line_naming_the_key(

@@ -384,9 +384,9 @@ def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> N
     import os
     import signal
 
+    from pacsgrid.drill.procs import children
     from pacsgrid.errors import IndexUnavailable
     from pacsgrid.index.postgres import PostgresIndex
-    from tests.pg import _children
     from tests.test_index_contract import inst
 
     cluster = PgCluster().init().start()
@@ -396,7 +396,7 @@ def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> N
         url = cluster.create_db("frozen")
         index = PostgresIndex(url, connect_timeout=1, statement_timeout=2)
         index.add_batch([inst("1.1")])
-        pids = [cluster.pid, *_children(cluster.pid)]  # the postmaster and its backends
+        pids = [cluster.pid, *children(cluster.pid)]  # the postmaster and its backends
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)

@@ -1,4 +1,4 @@
-"""S3 on a real SeaweedFS cluster (tests/seaweedfs.py: one master, three volume servers, a filer
+"""S3 on a real SeaweedFS cluster (pacsgrid.drill.seaweed: one master, three volume servers, a filer
 and its S3 gateway, replication 001): large objects go up as multipart uploads that are
 all-or-nothing and no-clobber; a volume server that dies during ingest loses no acknowledged
 instance, and retrieves keep working while it is gone."""
@@ -16,7 +16,7 @@ from bench import synth
 from pacsgrid.settings import SiteSettings
 from pacsgrid.storage.s3 import S3Site
 from tests.conftest import Server, dcmtk
-from tests.seaweedfs import SeaweedCluster
+from tests.peers.seaweedfs import SeaweedCluster
 from tests.senders import Sent, send_while, sop_uid, storescu
 from tests.test_pg_cluster import check_retrievable
 

@@ -20,7 +20,7 @@ import requests
 from bench.synth import Spec, write
 from tests.conftest import dcmtk, pacsgrid_cli
 from tests.corpus import accepted
-from tests.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from tests.peers.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from tests.web_helpers import multipart_body, start_web
 
 SECRETS = (SECRET_KEY.encode(), ACCESS_KEY.encode() + b"&", b"access_key=" + ACCESS_KEY.encode())

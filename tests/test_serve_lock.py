@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +40,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 90.0) -> None:
 
 def _spawn(server: Server) -> None:
     """Start `server` without waiting for its port (an orphan may still hold it)."""
-    with open(server.log, "ab") as log:
-        server.proc = subprocess.Popen(
-            server.command(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **server.env}
-        )
+    server.launch(server.command(), env=server.env)
 
 
 def test_workers_stop_with_a_killed_supervisor_and_never_share_the_port(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from tests import oracle
 from tests.conftest import Server, StoreSCP, dcmtk, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
-from tests.seaweedfs import SeaweedFS
+from tests.peers.seaweedfs import SeaweedFS
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
@@ -182,7 +182,7 @@ def move_studies(
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[StoreSCP]:
-    s = StoreSCP(tmp_path / "move-destination")
+    s = StoreSCP(tmp_path / "move-destination").start()
     yield s
     s.stop()
 

@@ -3,7 +3,7 @@
 Filesystem sites use a temporary folder: with the write-ahead log (objects copied into their
 records, the default for small ones), with every object staged in its own file (as large
 ones are), and without the log (every object flushed on its own); S3
-sites use a real SeaweedFS server on loopback (tests/seaweedfs.py), one fresh bucket per test.
+sites use a real SeaweedFS server on loopback (tests/peers/seaweedfs.py), one fresh bucket per test.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from pacsgrid.errors import ObjectMissing, SiteUnavailable, StorageError
 from pacsgrid.settings import DurabilitySettings, SiteSettings
 from pacsgrid.storage import StorageSite, object_key, open_site
-from tests.seaweedfs import SeaweedFS
+from tests.peers.seaweedfs import SeaweedFS
 
 KINDS = ("filesystem", "filesystem-staged", "filesystem-direct", "s3")
 _bucket_numbers = itertools.count()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Server, StoreSCP, dcmtk, free_port, wait_port
+from tests.conftest import Server, StoreSCP, dcmtk, free_port
 from tests.corpus import accepted, pixel_data
 from tests.senders import c_get, c_move
 from tests.waiting import wait_until
@@ -340,7 +340,7 @@ def _tls_server(
             *(a for p in peers for a in ("--peer", p)),
         ),
     ).start()
-    wait_port(tls_port)
+    server.wait_listening(tls_port, 60)
     server.tls_port = tls_port  # type: ignore[attr-defined]
     return server
 
@@ -455,7 +455,7 @@ def test_https(tmp_path: Path, certs: dict[str, Path]) -> None:
     port = free_port()
     server = Server(tmp_path / "https", config=cfg, args=("--http-port", str(port))).start()
     try:
-        wait_port(port)
+        server.wait_listening(port, 60)
         ctx = ssl.create_default_context(cafile=str(certs["ca.pem"]))
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx) as resp:
             assert resp.status == 200

@@ -25,7 +25,8 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from pacsgrid.dicom.accept import BalancedAcceptor, LoadBoard
-from tests.conftest import Server, _children
+from pacsgrid.drill.procs import children
+from tests.conftest import Server
 from tests.waiting import wait_until
 
 
@@ -38,7 +39,7 @@ def _workers(server: Server, n: int) -> list[int]:
         logged = {
             int(p) for p in re.findall(r"\[(\d+)\] pacsgrid\.node: worker ready", server.text())
         }
-        pids = _children(proc.pid)
+        pids = children(proc.pid)
         # `logged` also has workers that died
         return pids if len(pids) == n and set(pids) <= logged else []
 
@@ -86,7 +87,7 @@ def _board(server: Server) -> dict[int, int]:
     from the shared memory the supervisor gave it (`--worker-board FD:SLOTS:SLOT`)."""
     assert server.proc is not None
     out = {}
-    for pid in _children(server.proc.pid):
+    for pid in children(server.proc.pid):
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"--worker-board" not in argv:
             continue

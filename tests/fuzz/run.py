@@ -113,8 +113,8 @@ def sockets(sequences: int, seconds: float) -> str:
     """The socket-level fuzzer against a `pacsgrid serve` started in a scratch folder."""
     import tempfile
 
-    from tests.conftest import Server
     from tests.fuzz.sockets import fuzz
+    from tests.peers import Server
 
     with tempfile.TemporaryDirectory(prefix="pacsgrid-fuzz-") as tmp:
         server = Server(Path(tmp) / "archive", args=("--peer", "SOCKFUZZ@127.0.0.1:9")).start()

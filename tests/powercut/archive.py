@@ -25,7 +25,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from bench.synth import Spec, write
-from tests.conftest import Server
+from tests.peers import Server
 from tests.powercut.history import position
 from tests.powercut.mount import Mount
 

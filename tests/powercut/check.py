@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from tests.conftest import Server, free_port
+from tests.peers import Server, free_port
 from tests.powercut.archive import ARCHIVE_ENV, DATA, Recording, Sent
 from tests.powercut.history import History
 from tests.powercut.model import Model

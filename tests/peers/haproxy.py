@@ -6,29 +6,32 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 from pacsgrid.deploy import haproxy_config
-from tests.conftest import free_port, wait_port
+from tests.peers.program import HOST, PeerError, Program, free_port
+from tests.waiting import wait_until
 
 
-class HAProxy:
+class HAProxy(Program):
+    """HAProxy balancing DICOM over `nodes` (name, host, port), started and listening on
+    `port` when the constructor returns; `inter` is how often it checks each node."""
+
     def __init__(
         self, workdir: Path, nodes: list[tuple[str, str, int]], *, inter: str = "500ms"
     ) -> None:
         exe = shutil.which("haproxy")
         if exe is None:
-            raise RuntimeError("haproxy not found: install Debian's haproxy (scripts/test does)")
+            raise PeerError("haproxy not found: install Debian's haproxy (scripts/test does)")
         self.port = free_port()
+        super().__init__("haproxy", workdir / f"haproxy-{self.port}.log")
         self.sock = workdir / f"haproxy-{self.port}.sock"
         self.cfg = workdir / f"haproxy-{self.port}.cfg"
-        self.log = workdir / f"haproxy-{self.port}.log"
         self.cfg.write_text(
             haproxy_config(
                 nodes,
-                listen=f"127.0.0.1:{self.port}",
+                listen=f"{HOST}:{self.port}",
                 inter=inter,
                 check_timeout="1s",
                 fall=2,
@@ -36,11 +39,8 @@ class HAProxy:
                 stats_socket=str(self.sock),
             )
         )
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [exe, "-db", "-f", str(self.cfg)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_port(self.port, 10, self.proc, self.log)
+        self.launch([exe, "-db", "-f", self.cfg])
+        self.wait_listening(self.port, 30)
 
     def states(self) -> dict[str, str]:
         """Server name -> status (UP, DOWN, ...) as HAProxy sees it."""
@@ -64,21 +64,14 @@ class HAProxy:
         """Seconds until `name` is in `state`."""
         t0 = time.monotonic()
         seen: dict[str, str] = {}
-        while time.monotonic() - t0 < timeout:
+
+        def reached() -> bool:
+            nonlocal seen
             try:
                 seen = self.states()
             except OSError:  # the stats socket is not there yet
                 seen = {}
-            if seen.get(name) == state:
-                return time.monotonic() - t0
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} not {state} after {timeout}s: {seen}")
+            return seen.get(name) == state
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        wait_until(reached, timeout, f"haproxy sees {name} {state}", seen=lambda: seen)
+        return time.monotonic() - t0

