@@ -28,7 +28,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from bench.procs import DCMTK_ENV, BenchError, dcmtk_tool
+from bench.procs import BenchError, dcmtk_tool
+from tests.peers import DCMTK_ENV
 
 VERIFICATION = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"

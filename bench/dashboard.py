@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from bench.synth import FAMILY, GIVEN, study_date, uid
-from bench.web import free_port, wait
+from tests.peers import Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,33 +115,10 @@ def main() -> None:
 
     FilesystemSite("local", data / "objects").initialize()  # the (empty) site, healthy
     http = free_port()
-    log = a.work / "serve.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pacsgrid",
-            "serve",
-            "--data-dir",
-            str(data),
-            "--port",
-            str(free_port()),
-            "--bind",
-            "127.0.0.1",
-            "--workers",
-            "1",
-            "--http-port",
-            str(http),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
+    args = ("--log-level", "WARNING")
+    server = Server(data, http_port=http, args=args, log=a.work / "serve.log").start(timeout=120)
     try:
         base = f"http://127.0.0.1:{http}"
-        wait(base + "/health", proc, log, timeout=120)
         pages = [
             ("dashboard: study list", "/"),
             ("dashboard: page 200 of the study list", "/?offset=10000"),
@@ -168,8 +144,7 @@ def main() -> None:
             first, p50, p95 = timed(base + path, a.requests)
             print(f"| {label} | {first:.1f} | {p50:.1f} | {p95:.1f} |", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Processes the benchmark starts and watches: DCMTK tools, ports, CPU and memory from /proc.
+"""Processes the benchmark runs and watches: DCMTK tools, pacsgrid commands, CPU and memory
+from /proc (the servers themselves are started by the tests' launchers, tests.peers).
 
 A server's cost is measured on its whole process tree (pacsgrid's supervisor and workers,
 storescp's forked children, Orthanc's threads): CPU is utime+stime plus the CPU of children it
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Debian's DCMTK 3.6.7 leaves Nagle's algorithm on unless told otherwise (~40 ms per message).
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+import tests.peers as launchers
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -42,21 +41,11 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def dcmtk_tool(name: str) -> str:
-    """Path of a DCMTK command line tool.
-
-    pynetdicom installs console scripts with the same names (findscu, getscu, movescu...) into
-    the virtualenv, so the virtualenv's bin folder is skipped.
-    """
-    venv_bin = Path(sys.prefix, "bin").resolve()
-    dirs = [
-        d
-        for d in os.environ.get("PATH", "").split(os.pathsep)
-        if d and Path(d).resolve() != venv_bin
-    ]
-    path = shutil.which(name, path=os.pathsep.join([*dirs, "/usr/bin", "/usr/local/bin"]))
-    if path is None:
-        raise BenchError(f"{name} not found: install Debian's dcmtk (scripts/bench does)")
-    return path
+    """Path of a DCMTK command line tool (not pynetdicom's scripts of the same names)."""
+    try:
+        return launchers.dcmtk_tool(name)
+    except launchers.PeerError as e:
+        raise BenchError(str(e)) from None
 
 
 def pacsgrid_cli(
@@ -103,32 +92,6 @@ def tool_version(cmd: list[str]) -> str:
         if line.strip():
             return line.strip()
     return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(
-    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check_alive(proc, log)
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"nothing listens on port {port} after {timeout:.0f}s")
-
-
-def check_alive(proc: subprocess.Popen[bytes] | None, log: Path | None = None) -> None:
-    if proc is not None and proc.poll() is not None:
-        text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-        raise BenchError(f"{proc.args!r} exited with {proc.returncode}:\n{text}")
 
 
 # ---------------------------------------------------------------- /proc
@@ -258,38 +221,3 @@ def wait_idle(
         if now - last < threshold:
             return
         last = now
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL for the whole tree if it does not stop in time."""
-    if proc.poll() is not None:
-        return
-    pids = tree(proc.pid)
-    born = {pid: _starttime(pid) for pid in pids}
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        for pid in pids:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    # Children that outlived their parent (a worker that ignored SIGTERM) go too; the start
-    # time tells that a pid still names the same process.
-    for pid, started in born.items():
-        if pid != proc.pid and _starttime(pid) == started:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-
-
-def _starttime(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2 :].split()[19])

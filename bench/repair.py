@@ -24,8 +24,6 @@ import filecmp
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 from bench import disk, scratch
 from bench.procs import BenchError, pacsgrid_cli, pacsgrid_status
 from bench.synth import Spec, write
+from tests.peers import Server
 
 REPO = Path(__file__).resolve().parent.parent
 QUARANTINE = ".quarantine"
@@ -231,12 +230,6 @@ def bench_wiped(work: Path, objects: int, size: int, s3: bool) -> dict[str, obje
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def count_complete(index_path: Path) -> tuple[int, int]:
     import sqlite3
 
@@ -260,36 +253,8 @@ def bench_site_back(work: Path, objects: int, size: int, probe: float) -> dict[s
     opts = ["--data-dir", str(data), "--site", f"a={a.as_uri()}", "--site", f"b={b.as_uri()}"]
     opts += ["--copies", "2", "--write-quorum", "1"]
     env = {"PACSGRID_REPLICATION_PROBE_INTERVAL": str(probe)}
-    port = _free_port()
-    log = open(work / "serve.log", "ab")  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pacsgrid",
-            "serve",
-            *opts,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-    )
+    server = Server(data, args=tuple(opts[2:]), env=env, log=work / "serve.log").start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("serve did not start") from None
-                time.sleep(0.2)
         away = b.with_name("site-b-unmounted")
         b.rename(away)
         b.mkdir()
@@ -305,9 +270,7 @@ def bench_site_back(work: Path, objects: int, size: int, probe: float) -> dict[s
             total, full = count_complete(data / "index.sqlite")
         t1 = time.perf_counter()
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-        log.close()
+        server.stop(timeout=120)
     return {
         "objects_stored_during_outage": total,
         "complete_after": full,

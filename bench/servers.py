@@ -1,36 +1,23 @@
 """The servers under test, started and stopped the same way: pacsgrid, Orthanc, DCMTK storescp.
 
-Each one gets a fresh folder, a port picked here, loopback only (see bench.run for the private
+Each one gets a fresh folder, a free port, loopback only (see bench.run for the private
 network namespace that keeps Orthanc and storescp, which cannot choose their bind address,
 off every other interface), and a log file. `count()` asks the server itself how many instances
-it holds: pacsgrid's `status`, Orthanc's REST API, the files storescp wrote.
+it holds: pacsgrid's `status`, Orthanc's REST API, the files storescp wrote. Starting and
+stopping them is the tests' launchers' (tests.peers); what is the benchmark's own is here:
+the C-ECHO and the quiet CPU a server must reach before it is measured, its warm-up.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tests.peers as launchers
 from bench import clients, scratch
-from bench.procs import (
-    DCMTK_ENV,
-    BenchError,
-    check_alive,
-    dcmtk_tool,
-    free_port,
-    pacsgrid_status,
-    stop_process,
-    tree,
-    wait_idle,
-    wait_port,
-)
+from bench.procs import BenchError, pacsgrid_status, tree, wait_idle
 
 # AE titles of the benchmark's clients: every server knows them as peers.
 FIND_AE = "BENCHFIND"
@@ -51,14 +38,14 @@ class Destination:
 
 @dataclass
 class Server:
-    """Base: a server process with a data folder, a DICOM port and a log."""
+    """Base: a server program with a data folder, a DICOM port and a log."""
 
     folder: Path
     name: str = ""
     ae_title: str = ""
     services: frozenset[str] = frozenset({"store"})
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    port: int = field(default_factory=launchers.free_port)
+    program: launchers.Program | None = None
 
     @property
     def log(self) -> Path:
@@ -66,45 +53,41 @@ class Server:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None, "server not started"
-        return self.proc.pid
+        assert self.program is not None, "server not started"
+        return self.program.pid
 
-    def command(self) -> list[str]:
+    def launcher(self) -> launchers.Program:
+        """The program, configured in the (new) folder, not started yet."""
         raise NotImplementedError
 
     def env(self) -> dict[str, str] | None:
+        """What the server's environment adds (None: nothing)."""
         return None
-
-    def prepare(self) -> None:
-        """Write configuration files into the (new) folder."""
 
     def start(self, fresh: bool = True, timeout: float = 60.0) -> Server:
         if fresh:
             scratch.discard(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.prepare()
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env()
-            )
-        wait_port(self.port, timeout, self.proc, self.log)
-        self.wait_ready(timeout)
+        self.program = self.launcher()
+        try:
+            self.program.start(timeout)
+            self.wait_ready(timeout)
+        except (launchers.PeerError, AssertionError) as e:
+            raise BenchError(f"{self.name} did not start: {e}") from None
         wait_idle(self.pid)
         return self
 
     def wait_ready(self, timeout: float) -> None:
         """Until a C-ECHO succeeds (the port alone may be bound before anyone accepts)."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            check_alive(self.proc, self.log)
+        assert self.program is not None
+
+        def echo() -> bool:
             try:
-                if clients.echo(self.port, self.ae_title) == 0:
-                    return
-            except Exception as e:  # not ready yet
-                last = e
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} does not answer C-ECHO after {timeout:.0f}s: {last}")
+                return clients.echo(self.port, self.ae_title) == 0
+            except Exception:  # not ready yet
+                return False
+
+        self.program.wait_ready(echo, timeout, "answers C-ECHO")
 
     def warmed(self) -> bool:
         """Whether every process that serves associations has served one (see warm_up)."""
@@ -123,9 +106,9 @@ class Server:
         raise BenchError(f"{self.name}: some worker never took a warm-up association")
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        if self.program is not None:
+            self.program.stop(timeout=30)
+            self.program = None
 
     def count(self) -> int:
         raise NotImplementedError
@@ -150,24 +133,17 @@ class Pacsgrid(Server):
     def data_dir(self) -> Path:
         return self.folder / "data"
 
-    def command(self) -> list[str]:
-        cmd = [
-            self.python,
-            "-m",
-            "pacsgrid",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-        ]
-        for p in self.peers.values():
-            cmd += ["--peer", f"{p.ae_title}@{p.host}:{p.port}"]
-        if self.workers:
-            cmd += ["--workers", str(self.workers)]
-        return cmd
+    def launcher(self) -> launchers.Server:
+        peers = [f"{p.ae_title}@{p.host}:{p.port}" for p in self.peers.values()]
+        return launchers.Server(
+            self.data_dir,
+            port=self.port,
+            workers=self.workers,
+            args=tuple(a for p in peers for a in ("--peer", p)),
+            python=self.python,
+            env=self.env(),
+            log=self.log,
+        )
 
     def warmed(self) -> bool:
         """Every worker process has logged an accepted storage association (log lines carry
@@ -191,60 +167,31 @@ class Orthanc(Server):
     as DicomModalities."""
 
     peers: dict[str, Destination] = field(default_factory=dict)
-    http_port: int = field(default_factory=free_port)
 
     def __post_init__(self) -> None:
         self.name = self.name or "Orthanc"
         self.ae_title = "ORTHANC"
         self.services = frozenset({"store", "find", "move", "get"})
 
-    @property
-    def config(self) -> Path:
-        return self.folder / "orthanc.json"
+    def launcher(self) -> launchers.Orthanc:
+        return launchers.Orthanc(
+            self.folder,
+            aet=self.ae_title,
+            modalities={p.ae_title: (p.host, p.port) for p in self.peers.values()},
+            legacy=False,
+            dicom_port=self.port,
+            log=self.log,
+        )
 
-    def prepare(self) -> None:
-        storage = self.folder / "storage"
-        storage.mkdir(exist_ok=True)
-        cfg = {
-            "Name": "bench",
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAet": self.ae_title,
-            "DicomPort": self.port,
-            "DicomModalities": {
-                p.ae_title.lower(): [p.ae_title, p.host, p.port] for p in self.peers.values()
-            },
-            "Plugins": [],
-        }
-        self.config.write_text(json.dumps(cfg, indent=2))
-
-    def env(self) -> dict[str, str]:
-        # Orthanc's DICOM layer is DCMTK: without TCP_NODELAY=1 Debian's build leaves Nagle's
-        # algorithm on and every C-FIND answer waits ~40 ms for a delayed ACK.
-        return DCMTK_ENV
-
-    def command(self) -> list[str]:
-        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        if not Path(exe).exists():
-            raise BenchError("Orthanc not found: install Debian's orthanc (scripts/bench does)")
-        return [exe, str(self.config)]
-
-    def _get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as r:
-            return json.loads(r.read())
+    def _orthanc(self) -> launchers.Orthanc:
+        assert isinstance(self.program, launchers.Orthanc), "Orthanc not started"
+        return self.program
 
     def count(self) -> int:
-        stats = self._get("/statistics")
-        assert isinstance(stats, dict)
-        return int(stats["CountInstances"])
+        return self._orthanc().instance_count()
 
     def version(self) -> str:
-        info = self._get("/system")
-        assert isinstance(info, dict)
-        return str(info.get("Version", "?"))
+        return str(self._orthanc().get("/system").get("Version", "?"))
 
 
 @dataclass
@@ -262,17 +209,11 @@ class StoreScp(Server):
     def out(self) -> Path:
         return self.folder / "out"
 
-    def prepare(self) -> None:
-        self.out.mkdir(exist_ok=True)
-
-    def command(self) -> list[str]:
-        cmd = [dcmtk_tool("storescp"), "-aet", self.ae_title, "-od", str(self.out), "+B"]
-        if self.fork:
-            cmd.append("--fork")
-        return [*cmd, str(self.port)]
-
-    def env(self) -> dict[str, str]:
-        return DCMTK_ENV
+    def launcher(self) -> launchers.StoreSCP:
+        options = ("+B", "--fork") if self.fork else ("+B",)
+        return launchers.StoreSCP(
+            self.out, self.ae_title, port=self.port, options=options, log=self.log
+        )
 
     def files(self) -> list[Path]:
         return [p for p in self.out.rglob("*") if p.is_file()] if self.out.exists() else []

@@ -23,13 +23,9 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,103 +33,38 @@ from pathlib import Path
 
 import requests
 
+import tests.peers as launchers
 from bench.synth import Spec, write
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
 class Target:
     name: str
     base: str  # DICOMweb root
-    proc: subprocess.Popen[bytes]
-    log: Path
+    program: launchers.Program
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers (e.g. 503 from /health)
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
+        self.program.stop()
 
 
 def start_pacsgrid(work: Path, workers: int) -> Target:
-    http = free_port()
-    log = work / "pacsgrid.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pacsgrid",
-        "serve",
-        "--data-dir",
-        str(work / "data"),
-        "--port",
-        str(free_port()),
-        "--bind",
-        "127.0.0.1",
-        "--workers",
-        str(workers),
-        "--http-port",
-        str(http),
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
-    wait(f"http://127.0.0.1:{http}/health", proc, log)
-    return Target("pacsgrid", f"http://127.0.0.1:{http}/dicom-web", proc, log)
+    http = launchers.free_port()
+    args = ("--log-level", "WARNING")
+    server = launchers.Server(
+        work / "data", workers=workers, http_port=http, args=args, log=work / "pacsgrid.log"
+    )
+    return Target("pacsgrid", f"http://127.0.0.1:{http}/dicom-web", server.start())
 
 
 def start_orthanc(work: Path) -> Target:
-    exe = shutil.which("Orthanc")
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-    if exe is None or not plugin.exists():
+    if shutil.which("Orthanc") is None or not plugin.exists():
         raise SystemExit("needs Debian's orthanc and orthanc-dicomweb (apt-get install ...)")
-    http = free_port()
-    storage = work / "storage"
-    storage.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "Name": "bench",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "HttpPort": http,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (work / "orthanc.json").write_text(json.dumps(cfg))
-    log = work / "orthanc.log"
-    proc = subprocess.Popen(
-        [exe, str(work / "orthanc.json")], stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    wait(f"http://127.0.0.1:{http}/system", proc, log)
-    return Target("Orthanc", f"http://127.0.0.1:{http}/dicom-web", proc, log)
+    extra = {"Plugins": [str(plugin)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    orthanc = launchers.Orthanc(work, legacy=False, extra=extra).start()
+    return Target("Orthanc", f"http://127.0.0.1:{orthanc.http_port}/dicom-web", orthanc)
 
 
 def multipart(files: list[bytes]) -> tuple[bytes, str]:
