@@ -20,18 +20,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.procs import dcmtk_tool, free_port, stop_process, tree_cpu, wait_port
+import tests.peers as launchers
+from bench.procs import dcmtk_tool, tree_cpu
 
 _FRAME = 1024
 _TIMEOUT = 1800.0  # one store, on a loaded machine
@@ -146,50 +145,25 @@ def small_objects(folder: Path, count: int) -> list[Path]:
     return write(Spec(studies=1, series=1, instances=count, size=64), folder)
 
 
-class Server:
-    def __init__(self, data_dir: Path, src: str) -> None:
-        self.port, self.http = free_port(), free_port()
-        config = data_dir.parent / f"{data_dir.name}.toml"
-        config.write_text("[http]\nmax_upload = 17179869184\n")
-        env = {**os.environ}
-        if src:
-            env["PYTHONPATH"] = src
-        self.log = open(data_dir.parent / f"{data_dir.name}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pacsgrid",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--workers",
-                "1",
-                "--http-port",
-                str(self.http),
-                "--config",
-                str(config),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_port(self.port, 120.0, self.proc)
-        wait_port(self.http, 120.0, self.proc)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
+def server_started(data_dir: Path, src: str) -> launchers.Server:
+    """A started `pacsgrid serve` of one process with DICOM and web; `src` first on
+    PYTHONPATH when given. Uploads up to 16 GiB."""
+    config = data_dir.parent / f"{data_dir.name}.toml"
+    config.write_text("[http]\nmax_upload = 17179869184\n")
+    return launchers.Server(
+        data_dir,
+        workers=1,
+        config=config,
+        http_port=launchers.free_port(),
+        env={"PYTHONPATH": src} if src else None,
+        log=data_dir.parent / f"{data_dir.name}.log",
+    ).start(timeout=120.0)
 
 
 def storescu(port: int, files: list[Path]) -> bool:
     proc = subprocess.run(
         [dcmtk_tool("storescu"), "-aec", "PACSGRID", "127.0.0.1", str(port), *map(str, files)],
-        env={**os.environ, "TCP_NODELAY": "1"},
+        env=launchers.DCMTK_ENV,
         capture_output=True,
         text=True,
         timeout=_TIMEOUT,
@@ -226,15 +200,15 @@ def stow(port: int, path: Path) -> bool:
 
 def measure(phase: str, work: Path, src: str, files: list[Path]) -> Result:
     data_dir = work / phase
-    server = Server(data_dir, src)
+    server = server_started(data_dir, src)
     try:
-        assert server.proc.pid
-        sampler = Sampler(server.proc.pid)
-        cpu = sum(tree_cpu(server.proc.pid))
+        assert server.http_port
+        sampler = Sampler(server.pid)
+        cpu = sum(tree_cpu(server.pid))
         started = time.perf_counter()
-        ok = stow(server.http, files[0]) if phase == "stow" else storescu(server.port, files)
+        ok = stow(server.http_port, files[0]) if phase == "stow" else storescu(server.port, files)
         seconds = time.perf_counter() - started
-        cpu = sum(tree_cpu(server.proc.pid)) - cpu
+        cpu = sum(tree_cpu(server.pid)) - cpu
         rss, anon = sampler.stop()
     finally:
         server.stop()

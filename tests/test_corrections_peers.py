@@ -85,7 +85,7 @@ def load(work: Path, patients: int, scp: StoreSCP) -> Peers:
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
     work = tmp_path_factory.mktemp("corrections")
-    scp = StoreSCP(work / "move-destination")
+    scp = StoreSCP(work / "move-destination").start()
     loaded = load(work, 8, scp)
     yield loaded
     loaded.server.stop()
@@ -376,7 +376,7 @@ def test_hl7_messages_are_answered_in_order_with_reasons(peers: Peers) -> None:
 
 
 def test_merge_and_rejection_survive_deleting_the_index_and_reindex(tmp_path: Path) -> None:
-    scp = StoreSCP(tmp_path / "move-destination")
+    scp = StoreSCP(tmp_path / "move-destination").start()
     p = load(tmp_path, 3, scp)
     try:
         study_files = p.files["P0000000"]
