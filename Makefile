@@ -8,10 +8,12 @@
 # scripts/bench does the same on a machine without make.
 # `make powercut ARGS="--cuts 1000 --seed 7"`: the long power-cut run of the archive
 # (docs/powercut.md; needs root for its FUSE mount).
+# `make test` installs what the tests need, runs the linters and the whole suite; `make test-fast`
+# the same without the tests marked slow (the edit loop, docs/development.md).
 # `make fuzz ARGS="--seconds 600"` fuzzes the DICOM decoders for ten minutes per fuzzer
 # (add --sockets 2000 for PDU sequences against a server it starts); scripts/fuzz does the same.
 
-.PHONY: bench bench-smoke profile ab test powercut fuzz
+.PHONY: bench bench-smoke profile ab test test-fast powercut fuzz
 
 bench:
 	./scripts/bench $(ARGS)
@@ -27,6 +29,9 @@ ab:
 
 test:
 	./scripts/test $(ARGS)
+
+test-fast:
+	./scripts/test --fast $(ARGS)
 
 powercut:
 	bash -c '. scripts/lib.sh && apt_install libfuse2 && ensure_venv test'

@@ -75,6 +75,7 @@ def refs_of(chosen: list[CorpusFile]) -> list[tuple[str, str]]:
     return [(f.sop_class_uid, f.sop_uid) for f in chosen]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_open", [True, False], ids=["same-association", "new-association"])
 def test_stored_and_unknown_instances(tmp_path: Path, modality: Modality, keep_open: bool) -> None:
     modality.listen()
@@ -136,6 +137,7 @@ def flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_a_corrupt_copy_is_not_committed(tmp_path: Path, modality: Modality) -> None:
     extra = (
         "[replication]\ncopies = 2\nwrite_quorum = 2\n"
@@ -167,6 +169,7 @@ def test_a_corrupt_copy_is_not_committed(tmp_path: Path, modality: Modality) -> 
         server.stop()
 
 
+@pytest.mark.slow
 def test_the_request_survives_a_crash_before_its_report(tmp_path: Path, modality: Modality) -> None:
     """The modality asks and releases while its own port is not listening: the archive cannot
     report and waits to try again. It is killed (SIGKILL) and started again, the modality
@@ -197,6 +200,7 @@ def test_the_request_survives_a_crash_before_its_report(tmp_path: Path, modality
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_delivered_is_given_up_listed_and_retried(
     tmp_path: Path, modality: Modality
 ) -> None:
@@ -226,6 +230,7 @@ def test_a_report_that_cannot_be_delivered_is_given_up_listed_and_retried(
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_refused_report_is_retried(tmp_path: Path, modality: Modality) -> None:
     """The modality answers the report with a failure status: not delivered, tried again."""
     extra = "[commitment]\nretry_initial = 0.2\nretry_max = 0.5\n"
@@ -250,6 +255,7 @@ def test_a_refused_report_is_retried(tmp_path: Path, modality: Modality) -> None
         server.stop()
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_a_failure_status(tmp_path: Path, modality: Modality) -> None:
     server = Server(tmp_path / "a", config=config(tmp_path, modality)).start()
     try:

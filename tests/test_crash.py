@@ -113,6 +113,7 @@ def _wait_for(what: str, check, timeout: float = 30.0):  # type: ignore[no-untyp
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_store_is_replaced_and_its_store_indexed(tmp_path: Path) -> None:
     """SIGKILL one worker while a store waits for its index commit: the server keeps serving,
     the supervisor starts another worker and indexes the object the dead one had written (never

@@ -388,6 +388,7 @@ def test_movescu_every_study_to_storescp(loaded: Loaded) -> None:
     )
 
 
+@pytest.mark.slow
 def test_getscu_every_study(loaded: Loaded, tmp_path: Path) -> None:
     """getscu proposes a fixed list of storage SOP classes, uncompressed syntaxes first: what
     it cannot take (private classes, compressed data pydicom cannot decode) must come back as
@@ -409,6 +410,7 @@ def test_getscu_every_study(loaded: Loaded, tmp_path: Path) -> None:
     print(f"\ngetscu: {total} instances retrieved, {failed} reported as failed sub-operations")
 
 
+@pytest.mark.slow
 def test_move_to_an_implicit_only_receiver_converts(loaded: Loaded) -> None:
     """A receiver that takes only implicit VR little endian gets converted copies of what
     pydicom can convert, and failed sub-operations for the rest (e.g. JPEG without a decoder),

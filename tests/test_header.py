@@ -142,6 +142,7 @@ def datasets(draw: st.DrawFn) -> Dataset:
     return ds
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ds=datasets(), ts=st.sampled_from(sorted(SYNTAXES)))
 def test_scanner_matches_pydicom_on_generated_datasets(ds: Dataset, ts: str) -> None:
@@ -167,6 +168,7 @@ def element_ends(ds: Dataset, ts: str) -> dict[int, int]:
     return ends
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150,
     deadline=None,

@@ -32,6 +32,7 @@ def summary_numbers(stdout: str) -> dict[str, int]:
     )
 
 
+@pytest.mark.slow
 def test_import_the_corpus_with_junk(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     (junk / "deep" / "er").mkdir(parents=True)
@@ -151,6 +152,7 @@ def wait_until_stored(db: Path, n: int, timeout: float = 60) -> None:
     wait_until(stored, timeout, f"{n} instances stored")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_during_storescu_stops_cleanly(tmp_path: Path, workers: int) -> None:
     """SIGTERM with a short grace period while storescu sends: the association in progress is

@@ -155,6 +155,7 @@ def test_the_frame_really_panics_the_decoder() -> None:
     assert not isinstance(e.value, Exception), "no longer a panic: this test proves nothing"
 
 
+@pytest.mark.slow
 def test_a_panicking_decoder_fails_the_sub_operation_and_the_web_request(tmp_path: Path) -> None:
     ds = panicking_rle()
     server, base = start_web(tmp_path / "panic", extra=("--peer", "GETTER@127.0.0.1:9"))

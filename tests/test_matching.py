@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,6 +110,7 @@ def expected(rows: list[dict[str, str]], keyword: str, key: str, vr: str) -> set
     return {r["StudyInstanceUID"] for r in as_filed(rows) if matches(r[keyword], key, vr)}
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=studies(), key=keys)
 def test_study_matching_agrees_with_the_standard(
@@ -125,6 +127,7 @@ def test_study_matching_agrees_with_the_standard(
     assert got == expected(rows, keyword, value, vr)
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=studies(), wanted=st.lists(modalities.filter(bool), min_size=1, max_size=2))
 def test_modalities_in_study(rows: list[dict[str, str]], wanted: list[str]) -> None:

@@ -190,6 +190,7 @@ def test_verify_folder_finds_missing_and_mismatched(
     assert "FAIL" in md_path.read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_cli_migrate_folder_and_verify(tree: Path, tmp_path: Path) -> None:
     data = tmp_path / "cli-archive"
     cmd = [sys.executable, "-m", "pacsgrid"]
@@ -227,6 +228,7 @@ def test_cli_migrate_folder_and_verify(tree: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--every" in bad.stderr and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_every_repeats_passes_until_stopped(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "every.log"
     with open(out, "wb") as fh:
@@ -279,6 +281,7 @@ def test_pixel_digest_of_a_deflated_dataset_received_over_the_network() -> None:
     assert pixel_digest(on_the_wire, DEFLATED_LE) == from_file
 
 
+@pytest.mark.slow
 def test_retry_failed_reads_refused_files_again(tmp_path: Path) -> None:
     """docs/migration.md (migrate folder): files the archive refuses are listed with the
     reason and read again only when they change, or with --retry-failed. Here the refusal

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -52,6 +53,7 @@ OPS = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(history=OPS)
 def test_each_pass_reads_exactly_what_changed(history: list[list[tuple[str, str]]]) -> None:

@@ -69,6 +69,7 @@ def destination(tmp_path: Path, certs: dict[str, Path]) -> Iterator[StoreSCP]:
     scp.stop()
 
 
+@pytest.mark.slow
 def test_c_move_to_a_tls_destination(
     tmp_path: Path, certs: dict[str, Path], destination: StoreSCP
 ) -> None:
@@ -113,6 +114,7 @@ def test_c_move_to_a_tls_destination(
         server.stop()
 
 
+@pytest.mark.slow
 def test_forwarding_to_a_tls_peer(
     tmp_path: Path, certs: dict[str, Path], destination: StoreSCP
 ) -> None:
@@ -133,6 +135,7 @@ def test_forwarding_to_a_tls_peer(
         server.stop()
 
 
+@pytest.mark.slow
 def test_commitment_report_over_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
     """The report on a new association goes over TLS to a listener that requires the
     archive's client certificate; here the certificate is the peer's own setting."""
@@ -161,6 +164,7 @@ def test_commitment_report_over_tls(tmp_path: Path, certs: dict[str, Path]) -> N
         modality.stop()
 
 
+@pytest.mark.slow
 def test_migrate_pull_from_a_tls_only_pacs(tmp_path: Path, certs: dict[str, Path]) -> None:
     """The legacy PACS is a `pacsgrid serve` with no plain port that requires client
     certificates; `migrate pull --get` reaches it with the peer's TLS settings."""
@@ -210,6 +214,7 @@ def test_migrate_pull_from_a_tls_only_pacs(tmp_path: Path, certs: dict[str, Path
         legacy.stop()
 
 
+@pytest.mark.slow
 def test_bad_peer_tls_settings_are_one_line_naming_the_key(
     tmp_path: Path, certs: dict[str, Path]
 ) -> None:

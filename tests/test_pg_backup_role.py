@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from bench.synth import Spec, write
 from tests.conftest import pacsgrid_cli
@@ -15,6 +16,7 @@ from tests.conftest import pacsgrid_cli
 ROLE = "pacsgrid_nocreatedb"
 
 
+@pytest.mark.slow
 def test_backup_without_createdb_is_verified_by_reading_the_dump(pg_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     admin = pg_server.url()
     with psycopg.connect(admin, autocommit=True) as conn:

@@ -26,6 +26,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_study_level_query_is_served_by_an_index(pg_url: str, key: str) -> None:
     ix = open_index(pg_url)

@@ -30,6 +30,7 @@ def _fuse() -> None:
         pytest.fail(missing)
 
 
+@pytest.mark.slow
 def test_the_folders_a_new_archive_creates_survive_a_power_cut(tmp_path: Path) -> None:
     """A fresh data folder and a site folder that `serve` creates itself: their names in
     their parents must be durable (fsynced) before anything stored in them is acknowledged;

@@ -258,6 +258,7 @@ def test_get_returns_the_stored_bytes(loaded: tuple[Server, dict]) -> None:
         assert got == stored_dataset(server, sop)
 
 
+@pytest.mark.slow
 def test_move_to_a_pynetdicom_scp(loaded: tuple[Server, dict]) -> None:
     server, ctx = loaded
     winners = first_per_uid(accepted(), ctx["statuses"])

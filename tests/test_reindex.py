@@ -102,6 +102,7 @@ def drop_index(settings: Settings, pg_server: object | None) -> None:
         pg_server.create_db(name)  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_lost_index_is_rebuilt_with_the_same_answers(
     tmp_path: Path, files: list[Path], database: str, request: pytest.FixtureRequest
 ) -> None:
@@ -204,6 +205,7 @@ def test_reindex_while_the_archive_ingests(
 # ---------------------------------------------------------------- backup and restore
 
 
+@pytest.mark.slow
 def test_backup_restore_reconcile(
     tmp_path: Path, files: list[Path], database: str, request: pytest.FixtureRequest
 ) -> None:
@@ -288,6 +290,7 @@ def test_backup_schedule_runs_on_one_node_per_period(tmp_path: Path, files: list
     assert len(backups(settings.backup_dir)) == 1
 
 
+@pytest.mark.slow
 def test_a_failed_scheduled_backup_is_logged_and_taken_next_period(tmp_path: Path) -> None:
     """docs/operations.md: a scheduled backup that fails is logged as an error and tried
     again at the next period. `serve` with a backup every 1.8 s, its backup folder blocked (a
@@ -328,6 +331,7 @@ def test_a_failed_scheduled_backup_is_logged_and_taken_next_period(tmp_path: Pat
     assert "scheduled backup done" in server.text()
 
 
+@pytest.mark.slow
 def test_cli_backup_list_and_restore(tmp_path: Path, files: list[Path]) -> None:
     settings = make_settings(tmp_path)
     store(settings, files[:4])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
@@ -18,6 +19,7 @@ INSTANCES = 40
 CANCEL = 0xFE00
 
 
+@pytest.mark.slow
 def test_cancel_a_move_then_move_again(tmp_path: Path) -> None:
     spec = Spec(studies=1, series=1, instances=INSTANCES, size=64, seed="cancel")
     files = write(spec, tmp_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import requests
 
 from bench.synth import Spec, write
@@ -32,6 +33,7 @@ def _clean(what: str, text: str | bytes) -> None:
         assert secret not in data, f"{what} shows {secret!r}:\n{data[:3000]!r}"
 
 
+@pytest.mark.slow
 def test_s3_credentials_never_show(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     bucket = seaweedfs.bucket(f"secrets-{os.getpid()}")
     url = seaweedfs.url(bucket, "pacs")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -43,6 +44,7 @@ def _spawn(server: Server) -> None:
     server.launch(server.command(), env=server.env)
 
 
+@pytest.mark.slow
 def test_workers_stop_with_a_killed_supervisor_and_never_share_the_port(tmp_path: Path) -> None:
     data = tmp_path / "archive"
     grace = {"PACSGRID_DICOM_SHUTDOWN_GRACE": "60"}
@@ -87,6 +89,7 @@ def test_workers_stop_with_a_killed_supervisor_and_never_share_the_port(tmp_path
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_restore_is_refused_while_the_archive_is_served(tmp_path: Path) -> None:
     data = tmp_path / "archive"
     server = Server(data, workers=2).start()

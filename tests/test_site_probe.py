@@ -16,6 +16,8 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Server
 
 IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO = 0x8, 0x100, 0x80
@@ -50,6 +52,7 @@ class Inotify:
         os.close(self.fd)
 
 
+@pytest.mark.slow
 def test_probes_never_name_a_file_in_incoming(tmp_path: Path) -> None:
     server = Server(
         tmp_path / "archive", workers=1, env={"PACSGRID_REPLICATION_PROBE_INTERVAL": "0.5"}

@@ -261,6 +261,7 @@ def test_spill_files_past_their_bound_get_out_of_resources(tmp_path: Path) -> No
         s.stop()
 
 
+@pytest.mark.slow
 def test_killed_server_leaves_a_spill_file_that_start_up_removes(tmp_path: Path) -> None:
     cfg = tmp_path / "spill.toml"
     cfg.write_text(CONFIG)
@@ -283,6 +284,7 @@ def test_killed_server_leaves_a_spill_file_that_start_up_removes(tmp_path: Path)
         s.stop()
 
 
+@pytest.mark.slow
 def test_killed_worker_spill_file_removed_by_the_supervisor(tmp_path: Path) -> None:
     cfg = tmp_path / "spill.toml"
     cfg.write_text(CONFIG)

@@ -49,6 +49,7 @@ def a_dataset(tmp_path: Path, seed: str) -> tuple[str, bytes]:
     return p10.sop_instance_uid, data[p10.dataset_offset :]
 
 
+@pytest.mark.slow
 def test_pdata_before_the_association_request_is_aborted_not_executed(
     server: Server, tmp_path: Path
 ) -> None:
@@ -107,6 +108,7 @@ def test_a_huge_pdu_before_association_is_refused_unread(server: Server, pdu_typ
     assert echo_ok(server)
 
 
+@pytest.mark.slow
 def test_a_silent_peer_is_closed_by_the_artim_timer(server: Server) -> None:
     """A peer that connects and dribbles bytes without completing an A-ASSOCIATE-RQ is closed
     when the ARTIM timer (10 s by default) expires. Today any byte restarted the idle timer,

@@ -6,10 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from bench.synth import Spec, write
 from tests.conftest import pacsgrid_cli
 
 
+@pytest.mark.slow
 def test_duplicate_files_count_as_one_instance(tmp_path: Path) -> None:
     tree = tmp_path / "legacy"
     files = write(Spec(studies=1, series=1, instances=3, size=16, seed="dups"), tree / "a")

@@ -98,6 +98,7 @@ def test_a_nul_in_the_path_is_a_400(web: tuple[Server, str], path: str) -> None:
     assert requests.get(base + "/viewer/app.js", timeout=30).status_code == 200
 
 
+@pytest.mark.slow
 def test_stalled_request_head_is_closed(web: tuple[Server, str]) -> None:
     _, base = web
     with _raw(base) as sock:
@@ -108,6 +109,7 @@ def test_stalled_request_head_is_closed(web: tuple[Server, str]) -> None:
     assert requests.get(base + "/health", timeout=30).status_code == 200
 
 
+@pytest.mark.slow
 def test_stalled_body_gets_408(web: tuple[Server, str]) -> None:
     _, base = web
     with _raw(base) as sock:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import Server
@@ -52,6 +53,7 @@ def _hashes(base: str, token: str) -> float:
     return float(lines[0].split()[1]) if lines else 0.0
 
 
+@pytest.mark.slow
 def test_unknown_and_known_users_cost_one_scrypt(tmp_path: Path) -> None:
     server, base, token = _start(tmp_path)
     try:
@@ -66,6 +68,7 @@ def test_unknown_and_known_users_cost_one_scrypt(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_guessers_back_off_while_a_token_is_answered(tmp_path: Path) -> None:
     server, base, token = _start(
         tmp_path, PACSGRID_HTTP_LOGIN_FAILURES="3", PACSGRID_HTTP_LOGIN_BACKOFF="600"
@@ -120,6 +123,7 @@ def test_guessers_back_off_while_a_token_is_answered(tmp_path: Path) -> None:
     assert len(waits) == 1 and waits[0]["address"] == "127.0.0.1", waits
 
 
+@pytest.mark.slow
 def test_backoff_grows_and_spares_tokens(tmp_path: Path) -> None:
     server, base, token = _start(
         tmp_path, PACSGRID_HTTP_LOGIN_FAILURES="2", PACSGRID_HTTP_LOGIN_BACKOFF="5"

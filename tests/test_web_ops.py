@@ -36,6 +36,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.dcmtk
 def test_metrics_from_workers_and_web(tmp_path: Path) -> None:
     server, base = start_web(tmp_path / "m", workers=2)
@@ -70,6 +71,7 @@ def test_metrics_from_workers_and_web(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_health_follows_the_write_quorum(tmp_path: Path) -> None:
     server, base = start_web(tmp_path / "h")
     try:
@@ -178,6 +180,7 @@ _BODY = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
 )

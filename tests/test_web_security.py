@@ -101,6 +101,7 @@ def _routes(s: Secured) -> list[tuple[str, str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_every_route_needs_credentials(secured: Secured) -> None:
     routes = _routes(secured)
     assert len(routes) >= 25
@@ -184,6 +185,7 @@ def test_audit_records_allowed_and_refused(secured: Secured) -> None:
         assert identifier not in log, identifier
 
 
+@pytest.mark.slow
 def test_user_and_token_lifecycle(tmp_path: Path) -> None:
     """docs/web.md (Users, tokens and roles): users and tokens created (CLI and admin API), used,
     demoted, removed. Tokens follow a change at once; a verified password is remembered
@@ -296,6 +298,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {p.stem + p.suffix: p for p in d.iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.dcmtk
 def test_dicom_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
     server = _tls_server(tmp_path, certs, False, workers=2)
@@ -358,6 +361,7 @@ def _tls(certs: dict[str, Path], client: str | None) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.dcmtk
 def test_dicom_tls_client_certificates(tmp_path: Path, certs: dict[str, Path]) -> None:
     """docs/web.md (TLS): dicom.tls_ca checks the client certificates that are presented;
@@ -490,6 +494,7 @@ def test_dimse_actions_share_the_audit_log(tmp_path: Path) -> None:
     assert store["study"] == f.study_uid and store["address"] == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_health_can_require_credentials(tmp_path: Path) -> None:
     cfg = tmp_path / "private-health.toml"
     cfg.write_text('[http]\nauth = "on"\npublic_health = false\n')

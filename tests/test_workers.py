@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -98,6 +99,7 @@ def _board(server: Server) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow
 def test_workers_publish_the_associations_they_serve(tmp_path: Path) -> None:
     """The balance rests on the board: each worker's slot says how many associations it
     serves, from the moment it accepts one until the association's thread is gone."""
@@ -196,6 +198,7 @@ def _acceptor(sock: socket.socket, board_fd: int, slot: int, events: Any, comman
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_the_least_busy_process_takes_each_new_connection(tmp_path: Path) -> None:
     """pacsgrid.dicom.accept in two real processes on one listening socket: connections made
     one after the other are split evenly, also after the first ones are closed."""
@@ -252,6 +255,7 @@ def test_the_least_busy_process_takes_each_new_connection(tmp_path: Path) -> Non
     assert [p.exitcode for p in procs] == [0, 0]
 
 
+@pytest.mark.slow
 def test_a_stuck_worker_does_not_stop_accepting(tmp_path: Path) -> None:
     server = Server(tmp_path / "archive", workers=2).start()
     stuck = None
@@ -272,6 +276,7 @@ def test_a_stuck_worker_does_not_stop_accepting(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_associations_leave_no_open_files_behind(tmp_path: Path) -> None:
     """Every association has its own thread; what a thread opens for it (index read
     connections, above all) must not stay open after the association is gone."""
