@@ -21,6 +21,7 @@ from pacsgrid.matching import Query, parse_match
 from pacsgrid.model import Level
 from pacsgrid.settings import Overrides, load_settings
 from pacsgrid.storage import object_key
+from tests.behind_the_archive import committer_of, index_of, placement_of
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 MODALITY = Caller("MODALITY", "127.0.0.1")
@@ -80,7 +81,7 @@ def test_ingest_is_durable_and_indexed(archive: Archive) -> None:
     data = dataset("1.2.3.4.5")
     result = archive.ingest(data, EXPLICIT, MODALITY)
     assert result.outcome == "stored"
-    record = archive.index.instance("1.2.3.4.5")
+    record = index_of(archive).instance("1.2.3.4.5")
     assert record is not None
     path = objects(archive) / record.copies[0].key
     content = path.read_bytes()
@@ -102,7 +103,7 @@ def test_duplicate_keeps_the_first_by_default(archive: Archive) -> None:
     assert again.outcome == "duplicate"
     assert path.stat().st_mtime_ns == before.st_mtime_ns
     assert path.read_bytes().endswith(first)
-    assert archive.index.stats().instances == 1
+    assert index_of(archive).stats().instances == 1
 
 
 def test_duplicate_replaces_when_configured(tmp_path: Path) -> None:
@@ -114,11 +115,11 @@ def test_duplicate_replaces_when_configured(tmp_path: Path) -> None:
         a.ingest(dataset("1.9", pixels=b"\x00\x01" * 8), EXPLICIT, MODALITY)
         second = dataset("1.9", pixels=b"\x07\x07" * 8)
         assert a.ingest(second, EXPLICIT, MODALITY).outcome == "replaced"
-        record = a.index.instance("1.9")
+        record = index_of(a).instance("1.9")
         assert record is not None
-        assert a.index.stats().instances == 1
+        assert index_of(a).stats().instances == 1
         assert a.read(record).dataset.tobytes() == second
-        assert a.index.stats().series == 1
+        assert index_of(a).stats().series == 1
     finally:
         a.close()
 
@@ -143,8 +144,8 @@ def test_concurrent_stores_of_one_uid_agree_on_one_object(archive: Archive) -> N
     for t in threads:
         t.join(30)
     assert not errors
-    assert archive.index.stats().instances == 1
-    record = archive.index.instance("7.7.7")
+    assert index_of(archive).stats().instances == 1
+    record = index_of(archive).instance("7.7.7")
     assert record is not None
     stored = archive.read(record)  # verifies the SHA-256 of what is on disk
     assert stored.dataset.tobytes() in variants
@@ -161,9 +162,9 @@ def test_concurrent_stores_share_index_transactions(archive: Archive) -> None:
         t.start()
     for t in threads:
         t.join(60)
-    assert archive.index.stats().instances == 320
-    assert archive.committer.committed == 320
-    assert archive.committer.batches < archive.committer.committed  # group commit happened
+    assert index_of(archive).stats().instances == 320
+    assert committer_of(archive).committed == 320
+    assert committer_of(archive).batches < committer_of(archive).committed  # group commit happened
 
 
 def test_study_under_another_patient_is_filed_with_a_warning(
@@ -205,7 +206,7 @@ def test_invalid_input_writes_nothing(archive: Archive, data: bytes) -> None:
         archive.ingest(data, EXPLICIT, MODALITY)
     assert stored_files(archive) == []
     assert not list((objects(archive) / ".incoming").iterdir())
-    assert archive.index.stats().instances == 0
+    assert index_of(archive).stats().instances == 0
 
 
 def test_missing_uids_refused(archive: Archive) -> None:
@@ -223,11 +224,11 @@ def test_missing_uids_refused(archive: Archive) -> None:
 
 def test_no_healthy_site_means_nothing_is_acknowledged(archive: Archive) -> None:
     (objects(archive) / ".pacsgrid-site").unlink()  # as if the volume were unmounted
-    archive.placement.probe()
+    placement_of(archive).probe()
     with pytest.raises(QuorumNotMet) as e:
         archive.ingest(dataset("6.1"), EXPLICIT, MODALITY)
     assert "volume not mounted" in str(e.value)
-    assert archive.index.stats().instances == 0
+    assert index_of(archive).stats().instances == 0
 
 
 def test_a_known_site_without_its_sentinel_is_not_reinitialised(tmp_path: Path) -> None:
@@ -238,7 +239,7 @@ def test_a_known_site_without_its_sentinel_is_not_reinitialised(tmp_path: Path) 
     a = Archive(s, probe_interval=0)
     try:
         assert not sentinel.exists()
-        assert not a.placement.is_up("local")
+        assert not placement_of(a).is_up("local")
     finally:
         a.close()
 
@@ -253,12 +254,12 @@ def test_journal_indexes_what_a_crash_left_behind(archive: Archive) -> None:
     dying = IngestJournal(archive.settings.data_dir / "journal")  # another process's journal
     token = dying.begin(key, ["local"])
     meta = build_file_meta("1.2.840.10008.5.1.4.1.1.2", "8.1", EXPLICIT, "MODALITY")
-    archive.placement.sites["local"].put(key, [meta, data])
+    placement_of(archive).sites["local"].put(key, [meta, data])
     assert archive.recover().journal == 0  # its owner is alive: not touched
     os.close(token[0].fd)  # the process dies: its lock goes, its journal stays
-    assert not archive.index.has_instance("8.1")
+    assert not index_of(archive).has_instance("8.1")
     assert archive.recover().journal == 1
-    assert archive.index.has_instance("8.1")
+    assert index_of(archive).has_instance("8.1")
     assert not token[0].path.exists()
     assert archive.recover().journal == 0
 
@@ -284,7 +285,7 @@ def test_replay_never_takes_a_journal_file_being_created(archive: Archive) -> No
 
 def test_a_corrupt_copy_is_never_served(archive: Archive) -> None:
     archive.ingest(dataset("9.1"), EXPLICIT, MODALITY)
-    record = archive.index.instance("9.1")
+    record = index_of(archive).instance("9.1")
     assert record is not None
     flip_last_byte(objects(archive) / record.copies[0].key)
     with pytest.raises(NotFound, match="does not match its SHA-256"):
@@ -304,7 +305,7 @@ def test_with_verify_reads_off_reads_trust_the_storage_but_repair_does_not(
     a = Archive(settings, probe_interval=0)
     try:
         a.ingest(dataset("9.2"), EXPLICIT, MODALITY)
-        record = a.index.instance("9.2")
+        record = index_of(a).instance("9.2")
         assert record is not None
         damaged = flip_last_byte(objects(a) / record.copies[0].key)
         assert a.read(record).data == damaged  # not checked: served as stored
@@ -321,7 +322,7 @@ def test_unknown_callers_may_store_but_not_query(archive: Archive) -> None:
 
 
 def test_work_queue_leases(archive: Archive) -> None:
-    index = archive.index
+    index = index_of(archive)
     assert index.enqueue("copy", [("a", ""), ("b", "x"), ("c", "")]) == 3
     assert index.enqueue("copy", [("a", "")]) == 0  # already pending
     first = index.claim("copy", "node-1", 2, lease=60)

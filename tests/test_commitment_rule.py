@@ -26,6 +26,7 @@ from pacsgrid.archive.commitment import (
 )
 from pacsgrid.errors import AccessDenied
 from pacsgrid.settings import Overrides, load_settings, parse_site_options
+from tests.behind_the_archive import index_of, placement_of
 from tests.test_archive import dataset, flip_last_byte
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -70,7 +71,7 @@ def copy_path(a: Archive, site: str, sop: str) -> Path:
     record = a.instance(sop)
     assert record is not None
     [copy] = [c for c in record.copies if c.site == site]
-    return Path(a.placement.sites[site].root) / copy.key  # type: ignore[attr-defined]
+    return Path(placement_of(a).sites[site].root) / copy.key  # type: ignore[attr-defined]
 
 
 def test_stored_instances_are_committed_unknown_ones_are_not(two_sites: Archive) -> None:
@@ -128,7 +129,7 @@ def test_a_missing_copy_or_a_site_down_does_not_count(two_sites: Archive) -> Non
     result = two_sites.commitment.verify(refs[:1])
     assert result is not None and result.failed[0].reason == PROCESSING_FAILURE
     assert "no object" in result.failed[0].why
-    two_sites.placement.mark_down("b", "unplugged for the test")
+    placement_of(two_sites).mark_down("b", "unplugged for the test")
     result = two_sites.commitment.verify(refs[1:])
     assert result is not None and not result.committed
     assert "site b is down" in result.failed[0].why
@@ -208,10 +209,10 @@ def test_delivery_backs_off_then_gives_up(tmp_path: Path) -> None:
         assert not c.retry_later(first, None, "connection refused")
         assert c.claim("job", 10) == []  # not before its backoff
         # an item whose payload cannot be read is given up when it is claimed
-        item = a.index.enqueue_claimed(KIND, "x", "{}", "job", 60)
+        item = index_of(a).enqueue_claimed(KIND, "x", "{}", "job", 60)
         assert item is not None
-        a.index.fail(item.pk, "", retry_at=0.0)
-        a.index.wake(KIND)  # as after a restart: every waiting report is due
+        index_of(a).fail(item.pk, "", retry_at=0.0)
+        index_of(a).wake(KIND)  # as after a restart: every waiting report is due
         [again] = c.claim("job", 10)
         assert again.request.transaction_uid == "1.2.99.2" and again.attempts == 2
         assert c.retry_later(again, None, "connection refused")  # given up

@@ -30,10 +30,10 @@ from pacsgrid.archive import Archive, Caller, Match, Query
 from pacsgrid.archive.correction_plans import PatientRef
 from pacsgrid.correction import Correction, doc_key, inverse
 from pacsgrid.errors import CorrectionConflict, InvalidCorrection, NotFound, QuorumNotMet
-from pacsgrid.jobs.fixity import Auditor
-from pacsgrid.jobs.reindex import Reindexer
 from pacsgrid.model import Level
+from pacsgrid.node import auditor, reindexer
 from pacsgrid.settings import Overrides, Settings, load_settings, parse_site_options
+from tests.behind_the_archive import index_of, sites_of
 from tests.iocm import rejection_note
 
 ADMIN = Caller(user="tester", via="cli")
@@ -100,7 +100,7 @@ def by_study(files: list[Path]) -> dict[str, list[Path]]:
 def stored_digests(a: Archive) -> dict[str, str]:
     """SHA-256 of every file on every site (the bytes corrections must never touch)."""
     out = {}
-    for site in a.sites:
+    for site in sites_of(a):
         for info in site.list():
             out[f"{site.name}:{info.key}"] = hashlib.sha256(site.get(info.key)).hexdigest()
     return out
@@ -123,7 +123,7 @@ def wipe_index(a: Archive, settings: Settings, database: str) -> Archive:
 
 
 def rebuild(a: Archive) -> int:
-    report = Reindexer(a.index, a.sites, a.settings.sites, jobs=1).run()
+    report = reindexer(a, a.settings.sites, jobs=1).run()
     assert not report.unreadable and not report.conflicts, report
     return report.corrections
 
@@ -144,7 +144,7 @@ def test_document_round_trip_and_inverse(archive: Archive) -> None:
     assert set(back) == set(c.studies)
     assert sorted(back.values()).count("P0000000") == 2  # the merged patient's two studies
     assert not hide and not show
-    doc = archive.sites[0].get(doc_key(c.seq))
+    doc = sites_of(archive)[0].get(doc_key(c.seq))
     assert doc == c.to_json()  # what the site holds is what the index applied
 
 
@@ -249,14 +249,14 @@ def test_corrected_objects_are_sent_corrected_and_stored_ones_stay(archive: Arch
         old = ds.OriginalAttributesSequence[-1]
         assert old.ReasonForTheAttributeModification == "CORRECT"
         assert old.ModifiedAttributesSequence[0].PatientID == "P0000002"
-        stored = archive.sites[0].get(r.copies[0].key)
+        stored = sites_of(archive)[0].get(r.copies[0].key)
         assert hashlib.sha256(stored).hexdigest() == r.sha256  # the stored object as it was
         assert pydicom.dcmread(io.BytesIO(stored)).PixelData == ds.PixelData
     for r in other:  # studies without a correction: the stored bytes, as they are
         assert not r.corrections
-        assert archive.read(r, ADMIN).data == archive.sites[0].get(r.copies[0].key)
+        assert archive.read(r, ADMIN).data == sites_of(archive)[0].get(r.copies[0].key)
     assert stored_digests(archive) == digests
-    report = Auditor(archive).run(threading.Event())  # the fixity audit checks the originals
+    report = auditor(archive).run(threading.Event())  # the fixity audit checks the originals
     assert report.counts["ok"] == len(digests) and not report.findings
 
 
@@ -379,18 +379,20 @@ def test_a_pending_correction_is_finished_before_the_next(archive: Archive) -> N
     from pacsgrid.correction import Who
 
     req = Request(Who(user="crashed", via="cli"), "2024-01-01T00:00:00Z", "crash")
-    with archive.index.corrections_lock():
-        c = plan_merge(archive.index, 1, req, PatientRef("P0000000"), PatientRef("P0000001"), {})
+    with index_of(archive).corrections_lock():
+        c = plan_merge(
+            index_of(archive), 1, req, PatientRef("P0000000"), PatientRef("P0000001"), {}
+        )
         assert c is not None
-        archive.index.add_pending_correction(c)  # ... and the process died here
+        index_of(archive).add_pending_correction(c)  # ... and the process died here
     assert studies_of(archive, "P0000000")  # not applied yet
-    assert archive.sites[0].stat(doc_key(1)) is None
+    assert sites_of(archive)[0].stat(doc_key(1)) is None
     out = archive.corrections.update_patient(
         ADMIN, PatientRef("P0000001"), {"PatientSex": "O"}, "x"
     )
     assert out.seq == 2
     assert not studies_of(archive, "P0000000") and len(studies_of(archive, "P0000001")) == 4
-    assert archive.sites[0].get(doc_key(1)) == c.to_json()
+    assert sites_of(archive)[0].get(doc_key(1)) == c.to_json()
     assert [r.state for r in archive.corrections.recent(ADMIN)] == ["applied", "applied"]
 
 
@@ -415,7 +417,7 @@ def test_below_the_write_quorum_a_correction_waits_for_the_sites(
         assert a.corrections.recover() == 1  # as at the next start
         assert [r.state for r in a.corrections.recent(ADMIN)] == ["applied"]
         assert answers(a) != before
-        for site in a.sites:
+        for site in sites_of(a):
             assert Correction.from_json(site.get(doc_key(1))).seq == 1
     finally:
         a.close()
@@ -435,7 +437,7 @@ def test_documents_reach_a_site_that_was_down(tmp_path: Path, files: list[Path])
         (tmp_path / "site1-away").rename(tmp_path / "site1")
         a.probe()  # the site is up again: it gets what it missed
         assert a.corrections.recent(ADMIN)[0].missing == ()
-        assert a.sites[1].get(doc_key(1)) == out.correction.to_json()
+        assert sites_of(a)[1].get(doc_key(1)) == out.correction.to_json()
     finally:
         a.close()
 

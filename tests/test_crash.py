@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from bench.synth import Spec, write
+from tests.behind_the_archive import index_of
 from tests.conftest import Server, dcmtk, storescu_started
 
 ROUNDS = 10
@@ -50,7 +51,7 @@ def check_archive(data_dir: Path, acked_uids: set[str]) -> int:
     archive = Archive(load_settings(Overrides(data_dir=data_dir), environ={}), probe_interval=0)
     try:
         for uid in acked_uids:
-            record = archive.index.instance(uid)
+            record = index_of(archive).instance(uid)
             assert record is not None, f"acknowledged {uid} is not indexed"
             archive.read(record)  # raises unless a copy matches the recorded SHA-256
         visible = [
@@ -63,8 +64,8 @@ def check_archive(data_dir: Path, acked_uids: set[str]) -> int:
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path)  # complete: parses to the end
                 uid = str(ds.SOPInstanceUID)
-            assert archive.index.has_instance(uid), f"orphan object {path}"
-        assert archive.index.stats().instances == len(visible)
+            assert index_of(archive).has_instance(uid), f"orphan object {path}"
+        assert index_of(archive).stats().instances == len(visible)
         return len(visible)
     finally:
         archive.close()

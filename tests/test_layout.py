@@ -13,8 +13,12 @@ BACK_ENDS = ("pacsgrid.storage", "pacsgrid.index")
 CORE = ("archive", "index", "storage")
 # What the core may use of dicom/: the file format, never the network layer.
 DICOM_FORMAT = ("header", "part10", "coercion", "kos", "transcode")
-# The archive's collaborators, which only the archive itself and the jobs reach.
+# The archive's collaborators: private to it; pacsgrid.node hands the jobs what they need of
+# them, and tests/behind_the_archive.py lets tests look at them.
 COLLABORATORS = {"index", "sites", "placement", "cache", "committer"}
+PRIVATE = {f"_{name}" for name in COLLABORATORS}
+REPO = SRC.parent.parent
+MAY_REACH_BEHIND = (SRC / "archive", SRC / "node.py", REPO / "tests" / "behind_the_archive.py")
 
 
 def imports(path: Path) -> set[str]:
@@ -82,6 +86,37 @@ def test_front_ends_ask_the_archive_and_not_its_collaborators(front_end: str) ->
         if _reaches_into_the_archive(node)
     }
     assert not offenders, sorted(offenders)
+
+
+def _python_files() -> list[Path]:
+    return [p for top in ("src", "tests", "bench") for p in sorted((REPO / top).rglob("*.py"))]
+
+
+def test_only_the_archive_and_the_node_reach_its_private_collaborators() -> None:
+    """`x._index`, `x._placement`... of anything but `self`, outside archive/, node.py (which
+    builds the jobs) and the tests' one window on them."""
+    offenders = {
+        f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}"
+        for path in _python_files()
+        if not any(path == p or p in path.parents for p in MAY_REACH_BEHIND)
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute)
+        and node.attr in PRIVATE
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    }
+    assert not offenders, sorted(offenders)
+
+
+def test_the_archive_keeps_its_collaborators_private(tmp_path: Path) -> None:
+    from pacsgrid.archive import Archive
+    from pacsgrid.settings import Overrides, load_settings
+
+    archive = Archive(load_settings(Overrides(data_dir=tmp_path), environ={}), probe_interval=0)
+    try:
+        public = COLLABORATORS & {*vars(archive), *dir(type(archive))}
+        assert not public, sorted(public)
+    finally:
+        archive.close()
 
 
 def test_public_names_of_the_index_package_exist() -> None:

@@ -19,6 +19,7 @@ from bench import synth
 from pacsgrid.archive import Archive
 from pacsgrid.index import open_index
 from pacsgrid.settings import Overrides, load_settings
+from tests.behind_the_archive import index_of
 from tests.conftest import Server, dcmtk, free_port, pacsgrid_cli
 from tests.corpus import accepted
 from tests.dcmtk_store import store_with_storescu
@@ -52,7 +53,7 @@ def check_retrievable(data_dir: Path, url: str, sops: set[str], config: Path | N
     archive = Archive(settings, probe_interval=0)
     try:
         for sop in sorted(sops):
-            record = archive.index.instance(sop)
+            record = index_of(archive).instance(sop)
             assert record is not None, f"acknowledged instance {sop} is not indexed"
             obj = archive.read(record)  # verifies the SHA-256
             assert obj.data[128:132] == b"DICM"

@@ -20,6 +20,7 @@ from pacsgrid.index import Query, open_index
 from pacsgrid.jobs.backup import BackupSchedule, Manifest, backup, backups, restore
 from pacsgrid.jobs.reindex import Reindexer
 from pacsgrid.model import Level
+from pacsgrid.node import reindexer
 from pacsgrid.progress import Progress
 from pacsgrid.settings import Overrides, Settings, load_settings
 
@@ -70,9 +71,8 @@ def reindex(
                 stop.set()
 
     try:
-        job = Reindexer(
-            archive.index,
-            archive.sites,
+        job = reindexer(
+            archive,
             settings.sites,
             jobs=jobs,
             progress=Stopping("reindex", bar=False),

@@ -25,6 +25,7 @@ from pacsgrid.storage import object_key
 from pacsgrid.storage.filesystem import FilesystemSite
 from pacsgrid.storage.wal import SiteLog
 from pacsgrid.storage.walfile import WAL_DIR
+from tests.behind_the_archive import index_of
 from tests.test_archive import EXPLICIT, dataset
 
 MODALITY = Caller("MODALITY", "127.0.0.1")
@@ -184,7 +185,7 @@ def test_recovery_adds_only_what_the_index_lacks(tmp_path: Path) -> None:
         assert report.indexed == 0 and report.copies == 1
         record = archive.instance("7.3")
         assert record is not None and [c.site for c in record.copies] == ["local"]
-        assert archive.index.stats().instances == 4
+        assert index_of(archive).stats().instances == 4
     finally:
         archive.close()
 

@@ -21,9 +21,9 @@ from bench.synth import Spec, write
 from pacsgrid.archive import LOCAL, Archive
 from pacsgrid.errors import ConfigError
 from pacsgrid.index import Query
-from pacsgrid.jobs.fixity import Auditor
 from pacsgrid.jobs.repair import KIND, Repairer
 from pacsgrid.model import Level
+from pacsgrid.node import auditor, repairer
 from pacsgrid.settings import (
     Overrides,
     Settings,
@@ -33,6 +33,7 @@ from pacsgrid.settings import (
     parse_size,
 )
 from pacsgrid.storage import open_site
+from tests.behind_the_archive import cache_of, index_of, placement_of
 
 
 def settings(tmp_path: Path, sites: list[str], copies: int, quorum: int, **more: str) -> Settings:
@@ -127,13 +128,13 @@ def test_copies_beyond_the_quorum_are_queued_with_the_index_row(tmp_path: Path) 
     try:
         for f in files(tmp_path):
             assert archive.ingest_file(f.read_bytes(), LOCAL).outcome == "stored"
-        stats = {u.site: u.objects for u in archive.index.stats().sites}
+        stats = {u.site: u.objects for u in index_of(archive).stats().sites}
         assert sum(stats.values()) == 6  # one copy each: the quorum
-        assert archive.index.work_counts(KIND) == {"pending": 6}
-        report = Repairer(archive).drain(threading.Event())
+        assert index_of(archive).work_counts(KIND) == {"pending": 6}
+        report = repairer(archive).drain(threading.Event())
         assert report.counts == {"copied": 6}
-        assert {u.site: u.objects for u in archive.index.stats().sites} == {"a": 6, "b": 6}
-        assert archive.index.work_counts(KIND) == {"done": 6}
+        assert {u.site: u.objects for u in index_of(archive).stats().sites} == {"a": 6, "b": 6}
+        assert index_of(archive).work_counts(KIND) == {"done": 6}
     finally:
         archive.close()
 
@@ -145,19 +146,19 @@ def test_repair_waits_for_a_down_site_and_wakes_when_it_is_back(tmp_path: Path) 
     try:
         away = b.rename(tmp_path / "b-away")
         b.mkdir()
-        archive.placement.probe()
-        assert not archive.placement.is_up("b")
+        placement_of(archive).probe()
+        assert not placement_of(archive).is_up("b")
         for f in files(tmp_path, 1, 2):
             archive.ingest_file(f.read_bytes(), LOCAL)
-        repairer = Repairer(archive)
-        report = repairer.drain(threading.Event())
+        job = repairer(archive)
+        report = job.drain(threading.Event())
         assert report.counts == {"waiting": 2}
-        assert repairer.drain(threading.Event()).counts == {}  # not due yet: backing off
+        assert job.drain(threading.Event()).counts == {}  # not due yet: backing off
         b.rmdir()
         away.rename(b)
-        archive.placement.probe()  # b is up: the waiting copies are due at once
-        assert repairer.drain(threading.Event()).counts == {"copied": 2}
-        assert archive.index.count_under_replicated(["a", "b"], 2) == 0
+        placement_of(archive).probe()  # b is up: the waiting copies are due at once
+        assert job.drain(threading.Event()).counts == {"copied": 2}
+        assert index_of(archive).count_under_replicated(["a", "b"], 2) == 0
     finally:
         archive.close()
 
@@ -169,11 +170,11 @@ def test_repair_quarantines_a_foreign_object_in_its_way(tmp_path: Path) -> None:
     try:
         (f,) = files(tmp_path, 1, 1)
         archive.ingest_file(f.read_bytes(), LOCAL)
-        (record,) = archive.index.instances(Query(Level.IMAGE))
+        (record,) = index_of(archive).instances(Query(Level.IMAGE))
         key = record.copies[0].key
         (b / key).parent.mkdir(parents=True)
         (b / key).write_bytes(b"something else")
-        assert Repairer(archive).drain(threading.Event()).counts == {"copied": 1}
+        assert repairer(archive).drain(threading.Event()).counts == {"copied": 1}
         assert hashlib.sha256((b / key).read_bytes()).hexdigest() == record.sha256
         evidence = [p for p in (b / ".quarantine").rglob("*.dcm")]
         assert [p.read_bytes() for p in evidence] == [b"something else"]
@@ -197,13 +198,13 @@ def test_cache_evicts_only_copies_with_a_verified_archive_copy(tmp_path: Path) -
     try:
         for f in data:
             archive.ingest_file(f.read_bytes(), LOCAL)
-        records = archive.index.instances(Query(Level.IMAGE))
+        records = index_of(archive).instances(Query(Level.IMAGE))
         for r in records:  # cache fills whose archive copy nobody has verified
-            archive.cache.fill(r, (tmp_path / "a" / r.copies[0].key).read_bytes(), None)
+            cache_of(archive).fill(r, (tmp_path / "a" / r.copies[0].key).read_bytes(), None)
         assert len(list((tmp_path / "c").rglob("*.dcm"))) == 2  # above the high watermark...
-        assert archive.cache.evict("c") == 0  # ...but the archive copies are unverified
-        Auditor(archive).run(threading.Event(), sites=["a"])  # now they are verified
-        assert archive.cache.evict("c") == 1
+        assert cache_of(archive).evict("c") == 0  # ...but the archive copies are unverified
+        auditor(archive).run(threading.Event(), sites=["a"])  # now they are verified
+        assert cache_of(archive).evict("c") == 1
         assert len(list((tmp_path / "c").rglob("*.dcm"))) == 1
         assert len(list((tmp_path / "a").rglob("*.dcm"))) == 2  # archives never evict
     finally:
@@ -216,11 +217,11 @@ def test_audit_resumes_an_interrupted_pass(tmp_path: Path) -> None:
     try:
         for f in files(tmp_path, 2, 3):
             archive.ingest_file(f.read_bytes(), LOCAL)
-        first = Auditor(archive).run(threading.Event(), limit=5)
+        first = auditor(archive).run(threading.Event(), limit=5)
         assert first.checked == 5 and not first.resumed
-        rest = Auditor(archive).run(threading.Event())
+        rest = auditor(archive).run(threading.Event())
         assert rest.resumed and rest.checked == 12 - 5
-        fresh = Auditor(archive).run(threading.Event())
+        fresh = auditor(archive).run(threading.Event())
         assert not fresh.resumed and fresh.checked == 12  # a new pass checks everything
     finally:
         archive.close()
@@ -235,9 +236,9 @@ def test_a_scan_never_marks_the_copies_of_an_unmounted_site_missing(tmp_path: Pa
             archive.ingest_file(f.read_bytes(), LOCAL)
         b.rename(tmp_path / "b-away")
         b.mkdir()  # the empty mount point lists as empty
-        Repairer(archive).scan()
-        assert not archive.placement.is_up("b")
-        assert [(r.site, r.objects, r.missing) for r in archive.index.site_report()] == [
+        repairer(archive).scan()
+        assert not placement_of(archive).is_up("b")
+        assert [(r.site, r.objects, r.missing) for r in index_of(archive).site_report()] == [
             ("a", 2, 0),
             ("b", 2, 0),
         ]
@@ -283,13 +284,11 @@ def test_repair_targets(specs: list[tuple[str, bool]], copies: int, states: list
     )
     record = InstanceRecord("1", "2", "3", "4", "5", 1, "h", {}, copies_held)
     fake = SimpleNamespace(
-        index=None,
-        placement=placement,
         settings=SimpleNamespace(
             repair=Settings().repair, replication=SimpleNamespace(copies=copies)
         ),
     )
-    need, targets = Repairer(fake).targets(record)  # type: ignore[arg-type]
+    need, targets = Repairer(fake, None, placement).targets(record)  # type: ignore[arg-type]
     ok = {c.site for c in copies_held if c.state == "ok"}
     assert need == max(0, copies - len(ok))
     if need == 0:

@@ -12,6 +12,11 @@ Layout of a running `pacsgrid serve`:
 
 A component is anything with `name` and `async run(stop)`: it works until `stop` is set, then
 returns. `components()` lists what a node runs; a feature adds its line there.
+
+The jobs (repair, the fixity audit, forwarding, commitment reports, the backup schedule, a
+reindex) are built here, and only here, from the archive and the collaborators they need of it
+(its index, typed by the part they use, its placement, its cache tier): no front end and no job
+reaches behind the archive for them (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -25,14 +30,22 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pacsgrid.archive import FORWARD, Archive
 from pacsgrid.dicom.accept import RETIRED, LoadBoard
 from pacsgrid.dicom.server import DicomServer
 from pacsgrid.jobs.forward import Forwarder
+
+if TYPE_CHECKING:
+    from pacsgrid.jobs.fixity import Auditor
+    from pacsgrid.jobs.reindex import Reindexer
+    from pacsgrid.jobs.repair import Repairer
+    from pacsgrid.progress import Progress
+    from pacsgrid.settings import SiteSettings
 
 log = logging.getLogger("pacsgrid.node")
 
@@ -59,13 +72,17 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
     from pacsgrid.jobs.fixity import AuditComponent
     from pacsgrid.jobs.repair import RepairComponent
 
-    out: list[Component] = [RepairComponent(archive), AuditComponent(archive)]
+    index, placement = archive._index, archive._placement
+    out: list[Component] = [
+        RepairComponent(archive, index, placement, archive._cache),
+        AuditComponent(archive, index, placement),
+    ]
     if archive.settings.forward or archive.work_counts(FORWARD).get("pending"):
-        out.append(Forwarder(archive))
+        out.append(Forwarder(archive, index))
     if any("store" in p.allow for p in archive.settings.peers) or archive.commitment.pending(1):
         from pacsgrid.jobs.commitment import CommitmentReporter
 
-        out.append(CommitmentReporter(archive))  # storage commitment reports
+        out.append(CommitmentReporter(archive, index))  # storage commitment reports
     if listeners is not None and listeners.http is not None:
         from pacsgrid.web import WebComponent
 
@@ -82,8 +99,47 @@ def components(archive: Archive, listeners: Listeners | None = None) -> list[Com
     if archive.settings.backup.interval > 0:
         from pacsgrid.jobs.backup import BackupSchedule
 
-        out.append(BackupSchedule(archive.settings, archive.index))
+        out.append(BackupSchedule(archive.settings, index))
     return out
+
+
+def repairer(
+    archive: Archive, *, rate_mb: float | None = None, jobs: int | None = None
+) -> Repairer:
+    """A repair of the archive (`pacsgrid repair`; defaults from `repair.*`)."""
+    from pacsgrid.jobs.repair import Repairer
+
+    return Repairer(archive, archive._index, archive._placement, rate_mb=rate_mb, jobs=jobs)
+
+
+def auditor(archive: Archive, *, rate_mb: float = 0.0, jobs: int = 2) -> Auditor:
+    """A fixity audit of the archive's copies (`pacsgrid audit`)."""
+    from pacsgrid.jobs.fixity import Auditor
+
+    return Auditor(archive, archive._index, archive._placement, rate_mb=rate_mb, jobs=jobs)
+
+
+def adopt_site(archive: Archive, name: str) -> int:
+    """`pacsgrid sites init NAME` (see pacsgrid.jobs.repair.adopt_site)."""
+    from pacsgrid.jobs.repair import adopt_site
+
+    return adopt_site(archive._index, archive._placement, name)
+
+
+def reindexer(
+    archive: Archive,
+    site_settings: Sequence[SiteSettings],
+    *,
+    jobs: int = 2,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> Reindexer:
+    """A reindex of the archive's sites named in `site_settings` into its index."""
+    from pacsgrid.jobs.reindex import Reindexer
+
+    names = {s.name for s in site_settings}
+    sites = [s for s in archive._sites if s.name in names]
+    return Reindexer(archive._index, sites, site_settings, jobs=jobs, progress=progress, stop=stop)
 
 
 def _dicom_server(

@@ -169,7 +169,7 @@ class StorageCommitment:
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
-        self.index = archive.index
+        self.index = archive._index
 
     # ------------------------------------------------------------------ requests
     def request(
@@ -255,7 +255,7 @@ class StorageCommitment:
     def _good_copies(self, record: InstanceRecord, quorum: int) -> tuple[int, list[str]]:
         """Copies on healthy archive sites whose bytes hash to the recorded SHA-256, read one
         by one until `quorum` are found; with what disqualified the others."""
-        placement = self.archive.placement
+        placement = self.archive._placement
         good = 0
         problems: list[str] = []
         for copy in sorted(record.copies, key=lambda c: (c.state != "ok", c.site)):

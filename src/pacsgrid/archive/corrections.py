@@ -75,7 +75,7 @@ class Outcome:
 class Corrections:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
-        self.index = archive.index
+        self.index = archive._index
 
     # ------------------------------------------------------------------ requests
     def update_patient(
@@ -200,8 +200,8 @@ class Corrections:
                 c.site
                 for r in p.instances
                 for c in r.copies
-                if c.site not in self.archive.placement.sites
-                or not self.archive.placement.is_up(c.site)
+                if c.site not in self.archive._placement.sites
+                or not self.archive._placement.is_up(c.site)
             }
             if down:
                 raise CorrectionConflict(
@@ -217,7 +217,7 @@ class Corrections:
         for mark in c.purge:
             record = self.index.instance(mark.sop)
             for copy in record.copies if record is not None else ():
-                site = self.archive.placement.sites.get(copy.site)
+                site = self.archive._placement.sites.get(copy.site)
                 if site is None:
                     raise CorrectionConflict(f"site {copy.site} is not configured: cannot purge")
                 metrics.SITE_OPS.labels(site.name, "purge").inc()
@@ -292,7 +292,7 @@ class Corrections:
     def _check_free(self, seq: int) -> None:
         """The sites must not hold a correction under `seq` already: an index restored from
         an older backup would otherwise write a second history over the first."""
-        for site in self.archive.placement.write_targets():
+        for site in self.archive._placement.write_targets():
             try:
                 found = site.stat(doc_key(seq)) is not None
             except StorageError:
@@ -311,7 +311,7 @@ class Corrections:
         key = doc_key(c.seq)
         written: list[str] = []
         errors: list[str] = []
-        for site in self.archive.placement.write_targets():
+        for site in self.archive._placement.write_targets():
             metrics.SITE_OPS.labels(site.name, "put").inc()
             try:
                 result = site.put(key, [data], sha256=digest, note=note_for("correction", ""))
@@ -320,7 +320,7 @@ class Corrections:
                 written.append(site.name)
             except SiteUnavailable as e:
                 metrics.SITE_ERRORS.labels(site.name, "put").inc()
-                self.archive.placement.mark_down(site.name, str(e))
+                self.archive._placement.mark_down(site.name, str(e))
                 errors.append(str(e))
             except StorageError as e:
                 metrics.SITE_ERRORS.labels(site.name, "put").inc()
@@ -332,7 +332,7 @@ class Corrections:
                 f"archive site(s) it needs ({'; '.join(errors) or 'no healthy site'}); it "
                 "takes effect, in order, once the sites take it (at the next correction or start)"
             )
-        return [s.name for s in self.archive.placement.archive_sites() if s.name not in written]
+        return [s.name for s in self.archive._placement.archive_sites() if s.name not in written]
 
     def _roll_forward(self) -> int:
         """Finish corrections a crash (or a quorum failure) left pending, in order."""
@@ -366,7 +366,7 @@ class Corrections:
         except PacsgridError as e:
             log.warning("cannot list corrections to copy to returning sites: %s", e)
             return 0
-        sites = {s.name: s for s in self.archive.placement.archive_sites()}
+        sites = {s.name: s for s in self.archive._placement.archive_sites()}
         for row in rows:
             data = row.doc.to_json()
             left = []
@@ -375,7 +375,7 @@ class Corrections:
                 if site is None:
                     continue  # no longer configured
                 try:
-                    if not self.archive.placement.is_up(name):
+                    if not self.archive._placement.is_up(name):
                         raise SiteUnavailable(name, "down")
                     site.put(doc_key(row.seq), [data], note=note_for("correction", ""))
                     healed += 1

@@ -39,56 +39,56 @@ class SitesReport:
 
 
 class Reports:
-    """Relies on Archive's `settings`, `index`, `sites` and `placement`."""
+    """Relies on Archive's `settings`, `_index`, `_sites` and `_placement`."""
 
     settings: Settings
-    index: Index
-    sites: list[StorageSite]
-    placement: Placement
+    _index: Index
+    _sites: list[StorageSite]
+    _placement: Placement
 
     # ------------------------------------------------------------------ work queues
     def work_counts(self, kind: str) -> dict[str, int]:
         """Items of work queue `kind` by state (pending, done, failed)."""
-        return self.index.work_counts(kind)
+        return self._index.work_counts(kind)
 
     def work_failures(self, kind: str, limit: int = 100) -> list[tuple[str, int, str]]:
         """(key, attempts, last error) of given-up items of `kind`, newest first."""
-        return self.index.work_failures(kind, limit)
+        return self._index.work_failures(kind, limit)
 
     def retry_failed_work(self, kind: str) -> int:
         """Queue every given-up item of `kind` again; returns how many."""
-        return self.index.retry_failed_work(kind)
+        return self._index.retry_failed_work(kind)
 
     # ------------------------------------------------------------------ sites
     def sites_down(self) -> list[tuple[str, str]]:
         """(name, reason) of every site now marked down."""
         return [
-            (name, self.placement.state(name).reason)
-            for name in self.placement.sites
-            if not self.placement.is_up(name)
+            (name, self._placement.state(name).reason)
+            for name in self._placement.sites
+            if not self._placement.is_up(name)
         ]
 
     def lost(self, limit: int = 1000) -> list[str]:
         """SOP Instance UIDs of objects without a single good (ok) copy on any site."""
-        names = sorted(self.placement.sites)
-        return [sop for _, sop in self.index.under_replicated(names, 1, 0, limit)]
+        names = sorted(self._placement.sites)
+        return [sop for _, sop in self._index.under_replicated(names, 1, 0, limit)]
 
     def count_lost(self) -> int:
         """How many objects have no good (ok) copy on any site."""
-        return self.index.count_under_replicated(sorted(self.placement.sites), 1)
+        return self._index.count_under_replicated(sorted(self._placement.sites), 1)
 
     def site_report(self) -> SitesReport:
         """Every site's state, copies and last fixity check, and the replication summary."""
         replication = self.settings.replication
-        report = {r.site: r for r in self.index.site_report()}
-        archives = [s.name for s in self.placement.archive_sites()]
-        under = self.index.count_under_replicated(archives, replication.copies)
+        report = {r.site: r for r in self._index.site_report()}
+        archives = [s.name for s in self._placement.archive_sites()]
+        under = self._index.count_under_replicated(archives, replication.copies)
         without_good_copy = self.count_lost()
-        counts = self.index.work_counts(COPY)
+        counts = self._index.work_counts(COPY)
         capacity = {s.name: s.capacity for s in self.settings.sites}
         rows = []
-        for site in self.sites:
-            st = self.placement.state(site.name)
+        for site in self._sites:
+            st = self._placement.state(site.name)
             r = report.get(site.name) or SiteReport(site.name, 0, 0, 0, 0, None, 0)
             describe = getattr(site, "describe", None)
             status = SiteStatus(

@@ -71,7 +71,7 @@ _NEEDS = {
 
 
 class Archive(UserAdmin, Reports):
-    index: Index
+    _index: Index
 
     def __init__(
         self,
@@ -82,24 +82,24 @@ class Archive(UserAdmin, Reports):
         probe_interval: float | None = None,
     ) -> None:
         self.settings = settings
-        self.index = index or open_index(settings.database_url, settings.index)
-        self.sites = (
+        self._index = index or open_index(settings.database_url, settings.index)
+        self._sites = (
             sites
             if sites is not None
             else [open_site(s, settings.durability) for s in settings.sites]
         )
-        self.placement = Placement(
-            self.sites, settings.replication.copies, settings.replication.write_quorum
+        self._placement = Placement(
+            self._sites, settings.replication.copies, settings.replication.write_quorum
         )
         self._init_sites()
         # Checked once: isinstance on a runtime Protocol walks its attributes on every call.
         self._logged: dict[str, LoggedSite] = {
-            s.name: s for s in self.sites if isinstance(s, LoggedSite)
+            s.name: s for s in self._sites if isinstance(s, LoggedSite)
         }
-        self.cache = CacheTier(self.index, self.placement, settings)
-        self.placement.on_up.append(self._site_up)
-        self.committer = GroupCommitter(self.index)
-        self._writer = QuorumWriter(self.placement, settings.replication.write_quorum)
+        self._cache = CacheTier(self._index, self._placement, settings)
+        self._placement.on_up.append(self._site_up)
+        self._committer = GroupCommitter(self._index)
+        self._writer = QuorumWriter(self._placement, settings.replication.write_quorum)
         self.journal = IngestJournal(settings.data_dir / "journal")
         self.spill = SpillArea(
             settings.data_dir / SPILL_DIR,
@@ -107,7 +107,7 @@ class Archive(UserAdmin, Reports):
             settings.dicom.spill_max_mb << 20,
         )
         self._checkpointer = Checkpointer(
-            self.sites, self.index.sync, settings.durability.checkpoint_seconds
+            self._sites, self._index.sync, settings.durability.checkpoint_seconds
         )
         self.audit_log = AuditLog(settings.audit_log.target, settings.audit_path)
         self.commitment = StorageCommitment(self)
@@ -126,25 +126,25 @@ class Archive(UserAdmin, Reports):
     def _init_sites(self) -> None:
         """Initialise sites new to the index; a known site without its sentinel stays down
         (an unmounted volume must never be mistaken for an empty one)."""
-        known = self.index.known_sites()
-        for site in self.sites:
+        known = self._index.known_sites()
+        for site in self._sites:
             if site.name not in known:
                 try:
                     site.initialize()
-                    self.index.register_site(site.name)
+                    self._index.register_site(site.name)
                 except SiteUnavailable as e:
-                    self.placement.mark_down(site.name, str(e))
+                    self._placement.mark_down(site.name, str(e))
                     continue
-        self.placement.probe()
+        self._placement.probe()
 
     def _probe_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
-            self.placement.probe()
+            self._placement.probe()
 
     def _site_up(self, name: str) -> None:
         """A site is back: copies waiting in the outbox for it are due now."""
         try:
-            woken = self.index.wake("copy")
+            woken = self._index.wake("copy")
         except PacsgridError as e:
             log.warning("cannot wake waiting copies for %s: %s", name, e)
             return
@@ -158,12 +158,12 @@ class Archive(UserAdmin, Reports):
 
     def close(self) -> None:
         self._closed.set()
-        self.cache.flush()
+        self._cache.flush()
         self._writer.close()
         self._checkpointer.close()
-        self.committer.close()
+        self._committer.close()
         self.journal.close()
-        self.index.close()
+        self._index.close()
         self.audit_log.close()
 
     # ------------------------------------------------------------------ access control
@@ -290,7 +290,7 @@ class Archive(UserAdmin, Reports):
         if not header.sop_class_uid:
             raise InvalidDataset("missing SOPClassUID", missing_uids=True)
         replace = self.settings.dicom.on_duplicate == "replace"
-        if not replace and self.index.has_instance(header.sop_instance_uid):
+        if not replace and self._index.has_instance(header.sop_instance_uid):
             return IngestResult(
                 "duplicate",
                 header.sop_instance_uid,
@@ -330,7 +330,7 @@ class Archive(UserAdmin, Reports):
         self, header: Header, chunks: list[bytes], caller: Caller, replace: bool
     ) -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_instance_uid)
-        targets = self.placement.write_targets()
+        targets = self._placement.write_targets()
         quorum = self.settings.replication.write_quorum
         if len(targets) < quorum:
             raise QuorumNotMet(
@@ -367,7 +367,7 @@ class Archive(UserAdmin, Reports):
             )
             # A copy whose log record is held replays this row after a crash: the commit
             # need not wait for its own flush (see archive/checkpoint.py).
-            added = self.committer.commit(item, durable=not written.logged)
+            added = self._committer.commit(item, durable=not written.logged)
         finally:
             written.release()
         if marker is not None:
@@ -418,16 +418,16 @@ class Archive(UserAdmin, Reports):
         """
         self.spill.sweep()
         report = Recovery(
-            self.sites, self.index, self.journal, self.outbox, self._forward_work
+            self._sites, self._index, self.journal, self.outbox, self._forward_work
         ).run()
         self.corrections.recover()
         return report
 
     def _down_reasons(self) -> str:
         down = [
-            f"{n}: {self.placement.state(n).reason}"
-            for n in self.placement.sites
-            if not self.placement.is_up(n)
+            f"{n}: {self._placement.state(n).reason}"
+            for n in self._placement.sites
+            if not self._placement.is_up(n)
         ]
         return "; ".join(down) or "no site is down"
 
@@ -436,7 +436,7 @@ class Archive(UserAdmin, Reports):
         study = _study_of(query)
         self.authorize(caller, "find", study)
         started = time.perf_counter()
-        rows = list(self.index.find(query))
+        rows = list(self._index.find(query))
         metrics.QUERY_SECONDS.labels(metrics.service_of(caller.via)).observe(
             time.perf_counter() - started
         )
@@ -451,7 +451,7 @@ class Archive(UserAdmin, Reports):
         caller records the outcome itself once it knows it (`retrieved`)."""
         study = _study_of(query)
         self.authorize(caller, operation, study)
-        records = self.index.instances(query, visible=True)
+        records = self._index.instances(query, visible=True)
         if not study and records:
             study = records[0].study_uid
         if audit:
@@ -478,7 +478,7 @@ class Archive(UserAdmin, Reports):
         """One instance as forwarding sends it (as `locate` gives it); None when the archive
         does not hold it or a rejection hides it."""
         match = Match("SOPInstanceUID", "single", (sop_uid,))
-        found = self.index.instances(Query(Level.IMAGE, (match,)), visible=True)
+        found = self._index.instances(Query(Level.IMAGE, (match,)), visible=True)
         return found[0] if found else None
 
     def read(
@@ -531,21 +531,21 @@ class Archive(UserAdmin, Reports):
 
     def _read(self, record: InstanceRecord, use_cache: bool, verify: bool) -> StoredObject:
         errors = []
-        for site, copy in self.placement.read_order(record.copies):
+        for site, copy in self._placement.read_order(record.copies):
             try:
                 data = self.read_copy(site, copy.key)
             except StorageError as e:
                 errors.append(str(e))
                 continue
             # Even with verification off, what fills the cache tier is checked first.
-            check = verify or (use_cache and self.cache.fills_from(site.name))
+            check = verify or (use_cache and self._cache.fills_from(site.name))
             if check and hashlib.sha256(data).hexdigest() != record.sha256:
                 errors.append(str(self.corrupt_copy(site.name, copy.key)))
                 continue
             p10 = split_part10(data)
             if use_cache:
                 try:
-                    self.cache.on_read(record, copy, data)
+                    self._cache.on_read(record, copy, data)
                 except Exception:  # the cache is an optimisation: never fail a read for it
                     log.exception("cache update after reading %s failed", record.sop_uid)
             return StoredObject(data, p10.dataset_offset, p10.transfer_syntax, site.name)
@@ -562,7 +562,7 @@ class Archive(UserAdmin, Reports):
         except StorageError as e:
             metrics.SITE_ERRORS.labels(site.name, "get").inc()
             if isinstance(e, SiteUnavailable):
-                self.placement.mark_down(site.name, str(e))
+                self._placement.mark_down(site.name, str(e))
             raise
 
     def corrupt_copy(self, site: str, key: str) -> ObjectCorrupt:
@@ -581,25 +581,25 @@ class Archive(UserAdmin, Reports):
     # Thin on purpose: migrate/ keeps its state in the index through these
     # (pacsgrid.migration_ledger).
     def folder_ledger(self, source: str) -> dict[str, FileEntry]:
-        return self.index.folder_ledger(source)
+        return self._index.folder_ledger(source)
 
     def record_files(self, source: str, entries: Sequence[FileEntry]) -> None:
-        self.index.record_files(source, entries)
+        self._index.record_files(source, entries)
 
     def study_ledger(self, source: str, states: Sequence[str] = ()) -> list[StudyEntry]:
-        return self.index.study_ledger(source, states)
+        return self._index.study_ledger(source, states)
 
     def record_studies(self, source: str, entries: Sequence[StudyEntry]) -> None:
-        self.index.record_studies(source, entries)
+        self._index.record_studies(source, entries)
 
     def study_sop_uids(self, study_uid: str) -> set[str]:
-        return self.index.study_sop_uids(study_uid)
+        return self._index.study_sop_uids(study_uid)
 
     def has_instances(self, sop_uids: Sequence[str]) -> set[str]:
-        return self.index.has_instances(sop_uids)
+        return self._index.has_instances(sop_uids)
 
     def instance(self, sop_uid: str) -> InstanceRecord | None:
-        return self.index.instance(sop_uid)
+        return self._index.instance(sop_uid)
 
     # ------------------------------------------------------------------ status
     def probe(self, min_interval: float = 0.0) -> None:
@@ -608,13 +608,13 @@ class Archive(UserAdmin, Reports):
         if min_interval and now - self._last_probe < min_interval:
             return
         self._last_probe = now
-        self.placement.probe()
+        self._placement.probe()
 
     def health(self) -> Health:
         """Index reachable and enough healthy sites for the write quorum (sites re-probed at
         most every 5 seconds)."""
         try:
-            self.index.has_instance("")
+            self._index.has_instance("")
             index_ok, error = True, ""
         except PacsgridError as e:
             index_ok, error = False, str(e)
@@ -622,25 +622,25 @@ class Archive(UserAdmin, Reports):
         return Health(
             index_ok,
             error,
-            len(self.placement.write_targets()),
+            len(self._placement.write_targets()),
             self.settings.replication.write_quorum,
         )
 
     def work_summary(self) -> list[WorkSummary]:
-        return self.index.work_summary()
+        return self._index.work_summary()
 
     def failed_work(self, limit: int = 50) -> list[FailedWork]:
-        return self.index.failed_work(limit)
+        return self._index.failed_work(limit)
 
     def status(self, *, probe: bool = False) -> ArchiveStatus:
         """Index counts and every site's health and usage; `probe`: check the sites first."""
         if probe:
             self.probe(min_interval=2.0)
-        stats = self.index.stats()
+        stats = self._index.stats()
         usage = {u.site: u for u in stats.sites}
         out = []
-        for site in self.sites:
-            st = self.placement.state(site.name)
+        for site in self._sites:
+            st = self._placement.state(site.name)
             u = usage.get(site.name)
             try:
                 free = site.check().free_bytes

@@ -55,9 +55,9 @@ def token_hash(token: str) -> str:
 
 
 class UserAdmin:
-    """Relies on Archive's `index`, `authorize` and `audit`."""
+    """Relies on Archive's `_index`, `authorize` and `audit`."""
 
-    index: UserStore
+    _index: UserStore
 
     def authorize(self, caller: Caller, operation: str, study: str = "") -> None:
         raise NotImplementedError
@@ -74,40 +74,40 @@ class UserAdmin:
             raise ConfigError("--role", f"must be one of {', '.join(ROLES)}, got {role!r}")
         if not name or not name.isprintable() or ":" in name or len(name) > 64:
             raise ConfigError("user", f"invalid user name {name!r} (no ':', at most 64)")
-        existing = self.index.user(name)
+        existing = self._index.user(name)
         stored = (
             hash_password(password) if password else (existing.password_hash if existing else "")
         )
-        self.index.save_user(WebUser(name, role, stored))
+        self._index.save_user(WebUser(name, role, stored))
         self.audit(caller, "admin", "success", "", f"user {name} role {role}")
 
     def remove_user(self, caller: Caller, name: str) -> bool:
         self.authorize(caller, "admin")
-        removed = self.index.remove_user(name)
+        removed = self._index.remove_user(name)
         self.audit(caller, "admin", "success", "", f"removed user {name}: {removed}")
         return removed
 
     def users(self, caller: Caller) -> list[WebUser]:
         self.authorize(caller, "admin")
-        return self.index.users()
+        return self._index.users()
 
     def create_token(self, caller: Caller, name: str, label: str = "") -> str:
         """A new API token for user `name`; only its hash is kept, so it is shown once."""
         self.authorize(caller, "admin")
-        if self.index.user(name) is None:
+        if self._index.user(name) is None:
             raise NotFound(f"no user {name!r}")
         token = "pgt_" + secrets.token_urlsafe(32)
-        self.index.save_token(token_hash(token), name, label)
+        self._index.save_token(token_hash(token), name, label)
         self.audit(caller, "admin", "success", "", f"token for {name} ({label})")
         return token
 
     def authenticate(self, name: str, password: str) -> WebUser | None:
         """The user, if `password` is theirs. One scrypt whether or not the user exists."""
-        user = self.index.user(name)
+        user = self._index.user(name)
         if user is None or not user.password_hash:
             check_password(password, _NOBODY)  # the cost of a real check, never a match
             return None
         return user if check_password(password, user.password_hash) else None
 
     def authenticate_token(self, token: str) -> WebUser | None:
-        return self.index.token_user(token_hash(token))
+        return self._index.token_user(token_hash(token))

@@ -77,7 +77,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_reindex(args: argparse.Namespace) -> int:
-    from pacsgrid.jobs.reindex import Reindexer
+    from pacsgrid.node import reindexer
 
     settings = settings_from(args)
     setup_logging(settings, quiet=sys.stderr.isatty())
@@ -96,7 +96,7 @@ def run_reindex(args: argparse.Namespace) -> int:
         return 2
     try:
         with Progress("reindex", unit="objects") as progress:
-            job = Reindexer.of(
+            job = reindexer(
                 archive,
                 site_settings,
                 jobs=max(1, args.jobs),

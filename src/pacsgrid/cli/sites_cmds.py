@@ -13,8 +13,7 @@ from typing import Any
 
 from pacsgrid.archive import Archive, SiteRow
 from pacsgrid.cli.common import add_archive_options, human_bytes, settings_from, setup_logging
-from pacsgrid.jobs.fixity import Auditor
-from pacsgrid.jobs.repair import Repairer, adopt_site
+from pacsgrid.node import adopt_site, auditor, repairer
 from pacsgrid.progress import Progress
 
 
@@ -179,9 +178,9 @@ def run_repair(args: argparse.Namespace) -> int:
     archive = Archive(settings, probe_interval=0)
     stop = _stop_event()
     try:
-        repairer = Repairer(archive, rate_mb=args.rate, jobs=args.jobs)
+        job = repairer(archive, rate_mb=args.rate, jobs=args.jobs)
         with Progress("repair", unit="objects") as progress:
-            report = repairer.run(stop, progress, scan=not args.no_scan)
+            report = job.run(stop, progress, scan=not args.no_scan)
             elapsed = progress.summary()
         down = archive.sites_down()
     finally:
@@ -226,9 +225,9 @@ def run_audit(args: argparse.Namespace) -> int:
     stop = _stop_event()
     before = time.time() - args.older_than * 86400 if args.older_than is not None else None
     try:
-        auditor = Auditor(archive, rate_mb=args.rate)
+        audit = auditor(archive, rate_mb=args.rate)
         with Progress("audit", unit="copies") as progress:
-            report = auditor.run(
+            report = audit.run(
                 stop,
                 progress,
                 sites=args.only or None,

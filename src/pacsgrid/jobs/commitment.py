@@ -22,6 +22,7 @@ from pacsgrid.archive import Archive
 from pacsgrid.archive.commitment import KIND, PendingCommitment, owner_name
 from pacsgrid.dicom.commitment import holding, report_to_peer
 from pacsgrid.errors import PacsgridError
+from pacsgrid.index import WorkQueue
 
 log = logging.getLogger("pacsgrid.commitment")
 BATCH = 16
@@ -30,14 +31,16 @@ BATCH = 16
 class CommitmentReporter:
     name = "commitment"
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, queue: WorkQueue) -> None:
+        """`queue` is the archive's work queue (built by pacsgrid.node)."""
         self.archive = archive
+        self.queue = queue
         self.commitment = archive.commitment
         self.settings = archive.settings.commitment
         self.owner = owner_name("commitment")
 
     async def run(self, stop: asyncio.Event) -> None:
-        woken = await asyncio.to_thread(self.archive.index.wake, KIND)
+        woken = await asyncio.to_thread(self.queue.wake, KIND)
         if woken:
             log.info("%d storage commitment report(s) waiting: due now", woken)
         halt = threading.Event()  # for verifications running in threads

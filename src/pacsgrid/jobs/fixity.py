@@ -35,11 +35,12 @@ from pacsgrid.index.sites import SiteCopy
 from pacsgrid.jobs.loop import repeat_in_thread
 from pacsgrid.jobs.rate import RateLimiter
 from pacsgrid.jobs.recover import lost, recover
-from pacsgrid.jobs.repair import Repairer
+from pacsgrid.jobs.repair import CopyIndex, Repairer
 from pacsgrid.progress import Progress
 
 if TYPE_CHECKING:
     from pacsgrid.archive import Archive
+    from pacsgrid.storage.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,23 @@ class AuditReport:
 
 
 class Auditor:
-    def __init__(self, archive: Archive, *, rate_mb: float = 0.0, jobs: int = 2) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        index: CopyIndex,
+        placement: Placement,
+        *,
+        rate_mb: float = 0.0,
+        jobs: int = 2,
+    ) -> None:
+        """`archive` reads objects and lists the lost ones; `index` and `placement` are the
+        archive's own (pacsgrid.node builds an audit with them)."""
         self.archive = archive
-        self.index = archive.index
-        self.placement = archive.placement
+        self.index = index
+        self.placement = placement
         self.limiter = RateLimiter(rate_mb)
         self.jobs = jobs
-        self.repairer = Repairer(archive, rate_mb=0.0)
+        self.repairer = Repairer(archive, index, placement, rate_mb=0.0)
 
     def check(self, c: SiteCopy, report: AuditReport) -> str:
         """Check one copy; heal it if needed. Returns ok | corrupt | missing | unreachable."""
@@ -132,7 +143,8 @@ class Auditor:
                 self.index.record_copies([(c.sop_uid, copy)])
                 action, repaired = f"{what}; recreated from {good.site}", True
         except NotFound as e:
-            again = recover(self.archive, record)  # no good copy left: a kept version?
+            # No good copy left: a kept version?
+            again = recover(self.placement, self.index, record)
             if again is not None:
                 action, repaired = f"{what}; an older good version on {again.site} restored", True
             else:
@@ -201,7 +213,7 @@ class Auditor:
         out = []
         for sop in lost(self.archive):
             record = None if stop.is_set() else self.index.instance(sop)
-            if record is None or recover(self.archive, record) is None:
+            if record is None or recover(self.placement, self.index, record) is None:
                 out.append(sop)
         return out
 
@@ -219,10 +231,10 @@ class AuditComponent:
 
     name = "audit"
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, index: CopyIndex, placement: Placement) -> None:
         self.archive = archive
         cfg = archive.settings.audit
-        self.auditor = Auditor(archive, rate_mb=cfg.rate_mb, jobs=1)
+        self.auditor = Auditor(archive, index, placement, rate_mb=cfg.rate_mb, jobs=1)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.archive.settings.audit

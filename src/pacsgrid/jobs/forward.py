@@ -28,7 +28,7 @@ from pacsgrid.dicom.retrieve import pick_context, proposals_for
 from pacsgrid.dicom.scu import AssociationRejected, connect_to
 from pacsgrid.dicom.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
-from pacsgrid.index import WorkItem
+from pacsgrid.index import WorkItem, WorkQueue
 from pacsgrid.jobs.loop import repeat
 from pacsgrid.model import InstanceRecord
 
@@ -40,8 +40,10 @@ LEASE = 600.0
 class Forwarder:
     name = "forward"
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, queue: WorkQueue) -> None:
+        """`archive` reads what is sent; `queue` is its work queue (built by pacsgrid.node)."""
         self.archive = archive
+        self.queue = queue
         self.settings = archive.settings.forwarding
         self.owner = f"{socket.gethostname()}:{os.getpid()}:forward"
         self.sent = 0
@@ -52,15 +54,13 @@ class Forwarder:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("forwarding queue: %s", self.archive.index.work_counts(FORWARD))
+        log.info("forwarding queue: %s", self.queue.work_counts(FORWARD))
         await repeat(stop, self._pass)
 
     async def _pass(self) -> float:
         """Send one batch of the queue; returns the pause before the next (none while items
         are waiting)."""
-        items = await self._call(
-            self.archive.index.claim, FORWARD, self.owner, self.settings.batch, LEASE
-        )
+        items = await self._call(self.queue.claim, FORWARD, self.owner, self.settings.batch, LEASE)
         if not items:
             return self.settings.poll
         by_peer: dict[str, list[WorkItem]] = defaultdict(list)
@@ -110,7 +110,7 @@ class Forwarder:
         finally:
             await assoc.release()
             if done:
-                await self._call(self.archive.index.complete, done)
+                await self._call(self.queue.complete, done)
                 self.sent += len(done)
                 log.info("forwarded %d instance(s) to %s", len(done), peer_ae)
 
@@ -140,7 +140,7 @@ class Forwarder:
         give_up = permanent or (s.max_attempts > 0 and item.attempts >= s.max_attempts)
         delay = min(s.retry_max, s.retry_initial * 2 ** max(0, item.attempts - 1))
         retry_at = None if give_up else time.time() + delay
-        await self._call(self.archive.index.fail, item.pk, error, retry_at)
+        await self._call(self.queue.fail, item.pk, error, retry_at)
         self.failed += 1
         if give_up:
             log.error(

@@ -20,14 +20,15 @@ from pacsgrid.model import CopyRecord, InstanceRecord
 
 if TYPE_CHECKING:
     from pacsgrid.archive import Archive
+    from pacsgrid.index import CopyLedger
+    from pacsgrid.storage.placement import Placement
 
 log = logging.getLogger(__name__)
 
 
-def recover(archive: Archive, record: InstanceRecord) -> CopyRecord | None:
+def recover(placement: Placement, ledger: CopyLedger, record: InstanceRecord) -> CopyRecord | None:
     """Recover `record` from an older good version on a site holding (or having held) it;
-    the copy made good, recorded in the index, or None when no site keeps one."""
-    placement = archive.placement
+    the copy made good, recorded in `ledger`, or None when no site keeps one."""
     for copy in record.copies:
         site = placement.sites.get(copy.site)
         if site is None or not placement.is_up(site.name):
@@ -44,7 +45,7 @@ def recover(archive: Archive, record: InstanceRecord) -> CopyRecord | None:
             continue
         now = time.time()
         good = CopyRecord(site.name, copy.key, record.size, record.sha256, now, "ok", now)
-        archive.index.record_copies([(record.sop_uid, good)])
+        ledger.record_copies([(record.sop_uid, good)])
         log.warning(
             "%s on %s had no good copy: version %s, which matches the index, is current again",
             copy.key,

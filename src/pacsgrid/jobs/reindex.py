@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pacsgrid.correction import (
     DOC_PREFIX,
@@ -51,9 +50,6 @@ from pacsgrid.model import CopyRecord
 from pacsgrid.progress import Progress
 from pacsgrid.settings import SiteSettings
 from pacsgrid.storage import ObjectInfo, StorageSite, open_site
-
-if TYPE_CHECKING:
-    from pacsgrid.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +145,6 @@ class Reindexer:
         self.stop = stop or threading.Event()
         self.report = ReindexReport()
         self._pending: list[NewInstance] = []
-
-    @classmethod
-    def of(
-        cls,
-        archive: Archive,
-        site_settings: Sequence[SiteSettings],
-        *,
-        jobs: int = 2,
-        progress: Progress | None = None,
-        stop: threading.Event | None = None,
-    ) -> Reindexer:
-        """A reindex of the archive's sites named in `site_settings` into its index."""
-        names = {s.name for s in site_settings}
-        sites = [s for s in archive.sites if s.name in names]
-        return cls(archive.index, sites, site_settings, jobs=jobs, progress=progress, stop=stop)
 
     def run(self, *, reconcile: bool = False) -> ReindexReport:
         started = time.monotonic()

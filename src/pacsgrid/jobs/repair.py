@@ -30,10 +30,11 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pacsgrid.archive.records import COPY
 from pacsgrid.errors import NotFound, ObjectMissing, PacsgridError, SiteUnavailable, StorageError
+from pacsgrid.index import Catalog, CopyLedger, WorkQueue
 from pacsgrid.jobs.loop import repeat_in_thread
 from pacsgrid.jobs.rate import RateLimiter
 from pacsgrid.jobs.recover import lost, recover
@@ -43,6 +44,8 @@ from pacsgrid.storage import StorageSite
 
 if TYPE_CHECKING:
     from pacsgrid.archive import Archive
+    from pacsgrid.archive.cache import CacheTier
+    from pacsgrid.storage.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ KIND = COPY
 MAX_ATTEMPTS = 10
 BATCH = 64
 LEASE = 600.0
+
+
+class CopyIndex(Catalog, CopyLedger, WorkQueue, Protocol):
+    """What repair and the fixity audit use of the index: the instances, their copies and
+    the work queue of copies to make."""
 
 
 @dataclass
@@ -77,14 +85,18 @@ class Repairer:
     def __init__(
         self,
         archive: Archive,
+        index: CopyIndex,
+        placement: Placement,
         *,
         rate_mb: float | None = None,
         jobs: int | None = None,
         owner: str | None = None,
     ) -> None:
+        """`archive` reads objects and lists the lost ones; `index` and `placement` are the
+        archive's own (pacsgrid.node builds a repair with them)."""
         self.archive = archive
-        self.index = archive.index
-        self.placement = archive.placement
+        self.index = index
+        self.placement = placement
         cfg = archive.settings.repair
         self.limiter = RateLimiter(cfg.rate_mb if rate_mb is None else rate_mb)
         self.jobs = jobs or cfg.jobs
@@ -144,7 +156,7 @@ class Repairer:
         except NotFound as e:
             if any(c.state == "ok" and not self.placement.is_up(c.site) for c in record.copies):
                 return Outcome("waiting", reason=str(e))  # a good copy is on a site that is down
-            if recovered or recover(self.archive, record) is None:
+            if recovered or recover(self.placement, self.index, record) is None:
                 return Outcome("lost", reason=f"no good copy on any site: {e}")
             return self.replicate(sop_uid, recovered=True)  # a kept version is good again
         out = Outcome("copied")
@@ -307,24 +319,24 @@ def _key(record: InstanceRecord) -> str:
     return object_key(record.study_uid, record.series_uid, record.sop_uid)
 
 
-def adopt_site(archive: Archive, name: str) -> int:
+def adopt_site(index: CopyIndex, placement: Placement, name: str) -> int:
     """`pacsgrid sites init NAME`: take an empty (wiped or replaced) volume back into service.
 
     Writes the sentinel (refused when the volume holds data that is not ours), marks every
     copy the index recorded on the site as missing and queues those instances for repair.
     Returns how many instances were queued.
     """
-    site = archive.placement.sites.get(name)
+    site = placement.sites.get(name)
     if site is None:
         raise NotFound(f"no site named {name!r} is configured")
     site.initialize()
-    archive.index.register_site(name)
-    archive.placement.probe()
+    index.register_site(name)
+    placement.probe()
     pks: list[int] = []
     uids: list[str] = []
     after = 0
     while True:
-        batch = archive.index.site_copies(name, after, 5000)
+        batch = index.site_copies(name, after, 5000)
         if not batch:
             break
         for c in batch:
@@ -332,8 +344,8 @@ def adopt_site(archive: Archive, name: str) -> int:
                 pks.append(c.instance_pk)
                 uids.append(c.sop_uid)
         after = batch[-1].instance_pk
-    archive.index.set_copy_state(name, pks, "missing")
-    return archive.index.enqueue(KIND, [(u, "") for u in uids]) if uids else 0
+    index.set_copy_state(name, pks, "missing")
+    return index.enqueue(KIND, [(u, "") for u in uids]) if uids else 0
 
 
 class RepairComponent:
@@ -342,12 +354,20 @@ class RepairComponent:
 
     name = "repair"
 
-    def __init__(self, archive: Archive, poll: float = 1.0) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        index: CopyIndex,
+        placement: Placement,
+        cache: CacheTier,
+        poll: float = 1.0,
+    ) -> None:
         self.archive = archive
+        self.cache = cache
         self.poll = poll
         self.wakeup = threading.Event()
-        self.repairer = Repairer(archive)
-        archive.placement.on_up.append(lambda _name: self.wakeup.set())
+        self.repairer = Repairer(archive, index, placement)
+        placement.on_up.append(lambda _name: self.wakeup.set())
 
     async def run(self, stop: asyncio.Event) -> None:
         self._next_scan = time.monotonic()
@@ -373,7 +393,7 @@ class RepairComponent:
                     report.seconds,
                     self._progress.summary(),
                 )
-            self.archive.cache.enforce()
+            self.cache.enforce()
             self._errors = 0
         except PacsgridError as e:
             self._errors += 1
