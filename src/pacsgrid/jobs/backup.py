@@ -19,40 +19,39 @@ deletion.
 A restore brings the index back to the backup point; objects stored since then are on the
 sites but not in the restored index: `pacsgrid reindex --reconcile` adds them. It is refused
 while `pacsgrid serve` runs on the archive (pacsgrid.served).
+
+What is engine-specific (taking the copy, restoring it into a scratch database, restoring it)
+is in pacsgrid.index.dumps; this module names, describes, verifies, rotates and schedules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import sqlite3
-import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pacsgrid import served
-from pacsgrid.errors import ConfigError, IndexUnavailable, PacsgridError
+from pacsgrid.errors import ConfigError, PacsgridError
 from pacsgrid.index import WorkQueue
+from pacsgrid.index.dumps import (
+    BackupError,
+    IndexDumps,
+    engine_of,
+    fsync_file,
+    index_dumps,
+)
 from pacsgrid.jobs.loop import repeat
 from pacsgrid.settings import Settings
 from pacsgrid.storage.durable import fsync_dir
 
 log = logging.getLogger(__name__)
-
-TABLES = ("patient", "study", "series", "instance", "copy", "work")
-
-
-class BackupError(PacsgridError):
-    """A backup or restore did not complete; nothing was rotated away or overwritten."""
 
 
 @dataclass
@@ -76,17 +75,13 @@ class Manifest:
         path = folder / (Path(self.name).name.split(".")[0] + ".json")
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
         return path
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
         return cls(**json.loads(path.read_text()))
-
-
-def engine_of(url: str) -> str:
-    return "sqlite" if url.startswith("sqlite:") else "postgres"
 
 
 # ---------------------------------------------------------------- backup
@@ -104,11 +99,11 @@ def backup(settings: Settings, *, verify: bool | None = None, keep: int | None =
         n += 1
     started = time.monotonic()
     url = settings.database_url
-    if engine_of(url) == "sqlite":
-        manifest = _backup_sqlite(Path(url[len("sqlite:///") :]), folder, base)
-    else:
-        source = settings.backup.source or settings.index.read_database or url
-        manifest = _backup_postgres(source, folder, base)
+    dumps = _dumps(settings, engine_of(url))
+    out = folder / (base + dumps.suffix)
+    partial = out.with_name(out.name + ".partial")
+    counts, source = dumps.dump(partial)
+    manifest = _publish(partial, out, dumps.engine, counts, source)
     manifest.seconds = time.monotonic() - started
     manifest.write(folder)
     if settings.backup.verify if verify is None else verify:
@@ -126,75 +121,21 @@ def backup(settings: Settings, *, verify: bool | None = None, keep: int | None =
     return manifest
 
 
-def _backup_sqlite(db: Path, folder: Path, base: str) -> Manifest:
-    if not db.exists():
-        raise BackupError(f"no index at {db}")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".backup-") as tmp:
-        copy = Path(tmp) / "index.sqlite"
-        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-        dst = sqlite3.connect(copy)
-        try:
-            src.backup(dst)  # one step: a consistent snapshot; writers go on (WAL)
-        except sqlite3.Error as e:
-            raise BackupError(f"SQLite backup of {db} failed: {e}") from e
-        finally:
-            src.close()
-        counts = _sqlite_counts(dst)
-        dst.close()
-        out = folder / (base + ".sqlite.gz")
-        partial = out.with_suffix(".gz.partial")
-        with open(copy, "rb") as fin, gzip.open(partial, "wb", compresslevel=6) as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-        return _publish(partial, out, "sqlite", counts, str(db))
-
-
-def _backup_postgres(source: str, folder: Path, base: str) -> Manifest:
-    import psycopg
-
-    from pacsgrid.index.pg_connections import redact, with_timeouts
-
-    out = folder / (base + ".pgdump")
-    partial = out.with_suffix(".pgdump.partial")
-    dsn = with_timeouts(source, connect_timeout=10, statement_timeout=0, app="pacsgrid-backup")
-    pg_dump = _tool("pg_dump")
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()
-            assert snapshot is not None
-            counts = {
-                t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
-                for t in TABLES
-            }
-            proc = subprocess.run(
-                [
-                    pg_dump,
-                    "--format=custom",
-                    "--compress=6",
-                    "--no-owner",
-                    f"--snapshot={snapshot[0]}",
-                    f"--file={partial}",
-                    f"--dbname={dsn}",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            conn.execute("COMMIT")
-    except psycopg.Error as e:
-        partial.unlink(missing_ok=True)
-        raise BackupError(f"cannot back up {redact(source)}: {e}") from e
-    if proc.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BackupError(f"pg_dump of {redact(source)} failed: {proc.stdout.strip()[-2000:]}")
-    return _publish(partial, out, "postgres", counts, redact(source))
+def _dumps(settings: Settings, engine: str) -> IndexDumps:
+    url = settings.database_url
+    return index_dumps(
+        engine,
+        url,
+        source=settings.backup.source or settings.index.read_database or url,
+        scratch=settings.backup.scratch or url,
+    )
 
 
 def _publish(
     partial: Path, out: Path, engine: str, counts: dict[str, int], source: str
 ) -> Manifest:
     """Make a finished backup file durable under its final name; its manifest."""
-    _fsync_file(partial)
+    fsync_file(partial)
     os.replace(partial, out)
     fsync_dir(out.parent)
     return Manifest(out.name, engine, time.time(), counts, out.stat().st_size, _sha256(out), source)
@@ -210,21 +151,7 @@ def verify_backup(settings: Settings, manifest_path: Path) -> Manifest:
     path = m.path_in(folder)
     if _sha256(path) != m.sha256:
         raise BackupError(f"{path}: SHA-256 does not match its manifest (damaged file)")
-    if m.engine == "sqlite":
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".verify-") as tmp:
-            scratch = Path(tmp) / "scratch.sqlite"
-            _gunzip(path, scratch)
-            conn = sqlite3.connect(scratch)
-            try:
-                ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
-                if ok != "ok":
-                    raise BackupError(f"{path}: integrity check failed: {ok}")
-                got = _sqlite_counts(conn)
-            finally:
-                conn.close()
-        method = "restored"
-    else:
-        got, method = _verify_postgres(settings, path)
+    got, method = _dumps(settings, m.engine).check(path)
     if got != m.counts:
         raise BackupError(f"{path}: restored counts {got} differ from the backup's {m.counts}")
     m.verified = True
@@ -232,72 +159,6 @@ def verify_backup(settings: Settings, manifest_path: Path) -> Manifest:
     m.verify_method = method
     m.write(folder)
     return m
-
-
-def _verify_postgres(settings: Settings, path: Path) -> tuple[dict[str, int], str]:
-    """(row counts, how they were had): restored into a scratch database, or read from the
-    dump when the role may not create one."""
-    import psycopg
-    from psycopg.conninfo import make_conninfo
-
-    from pacsgrid.index.pg_connections import redact, with_timeouts
-
-    server = settings.backup.scratch or settings.database_url
-    admin = with_timeouts(server, connect_timeout=10, statement_timeout=0, app="pacsgrid-verify")
-    name = f"pacsgrid_verify_{os.getpid()}_{int(time.time())}"
-    try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.errors.InsufficientPrivilege:
-        log.warning(
-            "the role of %s may not create databases (no CREATEDB): the backup is verified by "
-            "reading every row of the dump instead of restoring it (set backup.scratch to a "
-            "server where it may, for a full restore test)",
-            redact(server),
-        )
-        return _dump_rows(path), "rows read"
-    except psycopg.Error as e:
-        raise BackupError(f"cannot create scratch database for verification: {e}") from e
-    try:
-        _pg_restore(path, make_conninfo(admin, dbname=name))
-        with psycopg.connect(make_conninfo(admin, dbname=name)) as conn:
-            counts = {
-                t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
-                for t in TABLES
-            }
-            return counts, "restored"
-    finally:
-        with contextlib.suppress(psycopg.Error), psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _dump_rows(path: Path) -> dict[str, int]:
-    """Row counts of the index tables in a pg_dump archive, from its data as pg_restore writes
-    it out (`COPY table (...) FROM stdin;`, a line per row, `\\.`): decompresses and reads
-    every row, with no database."""
-    counts = dict.fromkeys(TABLES, 0)
-    current: str | None = None
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            [_tool("pg_restore"), "--data-only", "--file=-", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=errors,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if current is not None:
-                if line == b"\\.\n":
-                    current = None
-                else:
-                    counts[current] += 1
-            elif line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
-                table = line.split()[1].decode().removeprefix("public.").strip('"')
-                current = table if table in counts else None
-        if proc.wait() != 0:
-            errors.seek(0)
-            text = errors.read().decode(errors="replace").strip()[-2000:]
-            raise BackupError(f"pg_restore cannot read {path}: {text}")
-    return counts
 
 
 def backups(folder: Path) -> list[Manifest]:
@@ -345,85 +206,11 @@ def restore(settings: Settings, backup_file: Path, *, force: bool = False) -> Ma
     # A server of this archive would go on writing into the index moved aside, and what it
     # acknowledged meanwhile would be missing from the restored one: refuse while it runs.
     with served.exclusive(settings.data_dir, "restore the index"):
-        if m.engine == "sqlite":
-            _restore_sqlite(backup_file, Path(url[len("sqlite:///") :]), force)
-        else:
-            _restore_postgres(backup_file, url)
+        _dumps(settings, m.engine).restore(backup_file, force=force)
     return m
 
 
-def _restore_sqlite(backup_file: Path, target: Path, force: bool) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        if not force:
-            raise BackupError(
-                f"{target} exists; restore into a new path (--database sqlite:///NEW) or "
-                "use --force to move the current index aside"
-            )
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            old = Path(str(target) + suffix)
-            if old.exists():
-                os.replace(old, Path(f"{target}.before-restore-{stamp}{suffix}"))
-    partial = target.with_name(target.name + ".restoring")
-    _gunzip(backup_file, partial)
-    _fsync_file(partial)
-    os.replace(partial, target)
-    fsync_dir(target.parent)
-
-
-def _restore_postgres(backup_file: Path, url: str) -> None:
-    import psycopg
-
-    from pacsgrid.index.pg_connections import redact, with_timeouts
-
-    dsn = with_timeouts(url, connect_timeout=10, statement_timeout=0, app="pacsgrid-restore")
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            n = conn.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
-            ).fetchone()
-    except psycopg.Error as e:
-        raise IndexUnavailable(f"cannot reach {redact(url)}: {e}") from e
-    if n and n[0]:
-        raise BackupError(
-            f"{redact(url)} is not empty ({n[0]} tables): restore into a new, empty database "
-            "(CREATE DATABASE ...) and point the database setting at it"
-        )
-    _pg_restore(backup_file, dsn)
-
-
-def _pg_restore(path: Path, dsn: str) -> None:
-    proc = subprocess.run(
-        [_tool("pg_restore"), "--no-owner", "--exit-on-error", f"--dbname={dsn}", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise BackupError(f"pg_restore of {path} failed: {proc.stdout.strip()[-2000:]}")
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/lib/postgresql/15/bin")
-    if not found:
-        raise BackupError(f"{name} not found: install PostgreSQL's client programs")
-    return found
-
-
-def _sqlite_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
-
-
-def _gunzip(src: Path, dst: Path) -> None:
-    try:
-        with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-    except (OSError, EOFError) as e:
-        raise BackupError(f"{src}: cannot decompress: {e}") from e
 
 
 def _sha256(path: Path) -> str:
@@ -432,14 +219,6 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _human(n: float) -> str:
