@@ -63,7 +63,7 @@ from tests.web_helpers import multipart_body, parse_multipart, wait_http
 
 KILLS = int(os.environ.get("PACSGRID_CRASH_KILLS", "10"))
 SEED = int(os.environ.get("PACSGRID_CRASH_SEED", "20261205"))
-PER_SENDER = 8  # instances each sender is given per round
+PER_SENDER = 6  # instances each sender is given per round
 INLINE_KB = 16  # small objects (~2 KB) go into their record, large ones (~22 KB) are staged
 SMALL, LARGE = 24, 104  # rows = columns of the synthetic CT images
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -308,7 +308,7 @@ class Rig:
         seed = f"crash-{self.variant.name}-{SEED}-{round_no}"
         out = self.work / f"round-{round_no}"
         small = write(Spec(1, 2, n // 4, SMALL, seed + "-small"), out / "small")
-        large = write(Spec(1, 1, n // 2, LARGE, seed + "-large"), out / "large")
+        large = write(Spec(1, 1, 2 * (n // 4), LARGE, seed + "-large"), out / "large")
         earlier = sorted(sop for sop, vs in self.ledger.versions.items() if vs[-1].attempted)
         fresh = [self.ledger.add(p) for pair in zip(small, large, strict=True) for p in pair]
         if not self.variant.replace:
