@@ -1,0 +1,466 @@
+"""The durable core, unit by unit and in-process: the flush helpers (storage/durable.py), the
+group commit of the index (index/commit.py), the checkpoint thread (archive/checkpoint.py) and
+the site log's bookkeeping (storage/wal.py).
+
+These are the fast tests that mutation testing (scripts/mutate) runs against each mutant of
+those modules: each one pins a rule the crash and power-cut tests rely on, and fails when the
+rule is broken. Flushes are observed by wrapping the real system calls (they still run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacsgrid.archive.checkpoint import Checkpointer
+from pacsgrid.errors import IndexUnavailable, SiteUnavailable
+from pacsgrid.index import Index, open_index
+from pacsgrid.index.base import AddResult, NewInstance
+from pacsgrid.index.commit import GroupCommitter
+from pacsgrid.storage import durable, object_key, wal
+from pacsgrid.storage.filesystem import FilesystemSite
+from pacsgrid.storage.wal import LogError, SiteLog
+from pacsgrid.storage.walfile import HEADER_SIZE, WAL_DIR, read_header
+from tests.test_index_contract import inst
+from tests.waiting import wait_until
+
+MB = 1 << 20
+
+
+# ---------------------------------------------------------------- storage/durable.py
+
+
+@pytest.fixture
+def flushed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every fsync_dir and fdatasync_path that durable.py makes, as ("dir"|"file", path)."""
+    calls: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_dir, real_file = durable.fsync_dir, durable.fdatasync_path
+
+    def fsync_dir(path: Path | str) -> None:
+        real_dir(path)
+        with lock:
+            calls.append(("dir", str(path)))
+
+    def fdatasync_path(path: Path | str) -> bool:
+        found = real_file(path)
+        with lock:
+            calls.append(("file", str(path)))
+        return found
+
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable, "fdatasync_path", fdatasync_path)
+    return calls
+
+
+def test_mkdir_durable_flushes_the_parent_of_every_folder_it_makes(
+    tmp_path: Path, flushed: list[tuple[str, str]]
+) -> None:
+    durable.mkdir_durable(tmp_path / "a" / "b" / "c")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert flushed == [
+        ("dir", str(tmp_path)),
+        ("dir", str(tmp_path / "a")),
+        ("dir", str(tmp_path / "a" / "b")),
+    ]
+    flushed.clear()
+    durable.mkdir_durable(tmp_path / "a" / "b")  # made by someone else: flush its parent anyway
+    assert flushed == [("dir", str(tmp_path / "a"))]
+
+
+def test_fsync_dir_and_fdatasync_path(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    durable.fsync_dir(tmp_path)
+    assert durable.fdatasync_path(f) is True
+    assert durable.fdatasync_path(tmp_path / "gone") is False
+    with pytest.raises(FileNotFoundError):
+        durable.fsync_dir(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError):
+        durable.fsync_dir(f)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_flush_all_flushes_each_file_and_folder_once_and_skips_what_is_gone(
+    tmp_path: Path, flushed: list[tuple[str, str]], n: int
+) -> None:
+    files = []
+    for i in range(n):
+        (tmp_path / f"d{i}").mkdir()
+        files.append(str(tmp_path / f"d{i}" / "f"))
+        Path(files[-1]).write_bytes(b"x")
+    gone_file, gone_dir = str(tmp_path / "nofile"), str(tmp_path / "nodir")
+    folders = [str(Path(f).parent) for f in files]
+    durable.flush_all([*files, *files, gone_file], [*folders, gone_dir, *folders])
+    assert sorted(c for c in flushed if c[0] == "file") == sorted(
+        ("file", f) for f in [*files, gone_file]
+    )
+    assert sorted(c for c in flushed if c[0] == "dir") == sorted(("dir", d) for d in folders)
+    flushed.clear()
+    durable.flush_all(files[:1], folders[:1])  # two at most: one after the other
+    assert flushed == [("file", files[0]), ("dir", folders[0])]
+
+
+def test_flush_all_with_a_single_folder(tmp_path: Path, flushed: list[tuple[str, str]]) -> None:
+    durable.flush_all([], [str(tmp_path)])
+    durable.flush_all([], [str(tmp_path / "gone")])
+    assert flushed == [("dir", str(tmp_path))]
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_partial_writes_are_continued_to_the_last_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    """writev and pwritev may write less than asked: the helpers go on where they stopped."""
+    chunks = [b"abcde", b"", b"fgh", b"ijklmnopq", b"r"]
+    real_writev, real_pwritev = os.writev, os.pwritev
+
+    def short_writev(fd: int, bufs: Sequence[Any]) -> int:
+        data = b"".join(bytes(b) for b in bufs)[:step]
+        return real_writev(fd, [data])
+
+    def short_pwritev(fd: int, bufs: Sequence[Any], offset: int) -> int:
+        data = b"".join(bytes(b) for b in bufs)[:step]
+        return real_pwritev(fd, [data], offset)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    fd = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT)
+    try:
+        durable.write_all(fd, chunks)
+        durable.write_all(fd, [])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "w").read_bytes() == b"".join(chunks)
+    fd = os.open(tmp_path / "p", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"0" * 30)
+        durable.pwrite_all(fd, chunks, 4)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "p").read_bytes() == b"0000" + b"".join(chunks) + b"0" * 8
+
+
+# ---------------------------------------------------------------- index/commit.py
+
+
+class RecordingIndex:
+    """A real SQLite index that records each batch (its SOP UIDs and durability), can hold a
+    batch until released, and can refuse batches holding a given SOP Instance UID."""
+
+    def __init__(self, index: Index, refuse: str = "", error: type[Exception] = ValueError):
+        self.index = index
+        self.refuse = refuse
+        self.error = error
+        self.batches: list[tuple[list[str], bool]] = []
+        self.entered = threading.Event()
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
+        self.batches.append(([i.sop_uid for i in items], durable))
+        self.entered.set()
+        self.hold.wait(60)
+        if any(i.sop_uid == self.refuse for i in items):
+            raise self.error(f"refused {self.refuse}")
+        return self.index.add_batch(items, durable=durable)
+
+
+@pytest.fixture
+def sqlite_index(tmp_path: Path) -> Iterator[Index]:
+    ix = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    yield ix
+    ix.close()
+
+
+def test_a_lone_commit_is_its_own_batch(sqlite_index: Index) -> None:
+    rec = RecordingIndex(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    assert gc.commit(inst("1.1"), durable=False).outcome == "stored"
+    assert gc.commit(inst("1.2")).outcome == "stored"
+    assert rec.batches == [(["1.1"], False), (["1.2"], True)]
+    assert (gc.batches, gc.committed) == (2, 2)
+    assert sqlite_index.has_instance("1.1") and sqlite_index.has_instance("1.2")
+    gc.close()
+
+
+def _commit_while_held(
+    gc: GroupCommitter, rec: RecordingIndex, sops: list[str], durables: list[bool]
+) -> dict[str, Any]:
+    """Commit `sops` from one thread each while the first batch is held in the index; return
+    each one's result or error."""
+    out: dict[str, Any] = {}
+
+    def one(sop: str, dur: bool) -> None:
+        try:
+            out[sop] = gc.commit(inst(sop), durable=dur)
+        except Exception as e:
+            out[sop] = e
+
+    rec.hold.clear()
+    first = threading.Thread(target=one, args=(sops[0], durables[0]))
+    first.start()
+    assert rec.entered.wait(60)
+    others = [
+        threading.Thread(target=one, args=(s, d))
+        for s, d in zip(sops[1:], durables[1:], strict=True)
+    ]
+    for t in others:
+        t.start()
+    wait_until(lambda: len(gc._queue) == len(others), 60, "the others queued behind the leader")
+    rec.hold.set()
+    for t in [first, *others]:
+        t.join(60)
+    return out
+
+
+def test_writers_that_arrive_during_a_commit_share_the_next_batch(sqlite_index: Index) -> None:
+    rec = RecordingIndex(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=3)  # type: ignore[arg-type]
+    sops = ["2.0", "2.1", "2.2", "2.3", "2.4"]
+    out = _commit_while_held(gc, rec, sops, [False, False, True, False, False])
+    assert all(isinstance(r, AddResult) and r.outcome == "stored" for r in out.values()), out
+    assert rec.batches[0] == (["2.0"], False)
+    # the four queued: at most max_batch per batch, in arrival order; one durable item makes
+    # its whole batch durable
+    queued = [s for b, _ in rec.batches[1:] for s in b]
+    assert sorted(queued) == sops[1:] and [len(b) for b, _ in rec.batches[1:]] == [3, 1]
+    for batch, dur in rec.batches[1:]:
+        assert dur == ("2.2" in batch)
+    assert (gc.batches, gc.committed) == (3, 5)
+
+
+@pytest.mark.parametrize("error", [ValueError, IndexUnavailable])
+def test_a_failing_batch_is_retried_one_by_one(sqlite_index: Index, error: type[Exception]) -> None:
+    rec = RecordingIndex(sqlite_index, refuse="3.2", error=error)
+    gc = GroupCommitter(rec, max_batch=8)  # type: ignore[arg-type]
+    out = _commit_while_held(gc, rec, ["3.0", "3.1", "3.2", "3.3"], [True] * 4)
+    assert isinstance(out["3.2"], IndexUnavailable)
+    if error is IndexUnavailable:
+        assert str(out["3.2"]) == "refused 3.2"  # passed on as it is
+    else:
+        assert "index commit failed: ValueError: refused 3.2" in str(out["3.2"])
+    for sop in ("3.0", "3.1", "3.3"):
+        assert isinstance(out[sop], AddResult), out
+        assert sqlite_index.has_instance(sop)
+    assert not sqlite_index.has_instance("3.2")
+    assert rec.batches[1] == (["3.1", "3.2", "3.3"], True)  # then one by one
+    assert [b for b, _ in rec.batches[2:]] == [["3.1"], ["3.2"], ["3.3"]]
+    assert (gc.batches, gc.committed) == (3, 3)
+
+
+# ---------------------------------------------------------------- archive/checkpoint.py
+
+
+def _logged_site(tmp_path: Path, name: str = "fs") -> FilesystemSite:
+    site = FilesystemSite(name, tmp_path / name, log_segment_bytes=MB)
+    site.initialize()
+    return site
+
+
+def _put(site: FilesystemSite, i: int, size: int = 1000) -> str:
+    key = object_key("1.2", "1.2.3", f"1.2.3.{i}")
+    site.put(key, [b"DICM", bytes([i % 256]) * size])
+    return key
+
+
+def test_a_checkpoint_flushes_the_index_then_frees_the_log(tmp_path: Path) -> None:
+    sites = [_logged_site(tmp_path, "a"), _logged_site(tmp_path, "b")]
+    syncs: list[int] = []
+    cp = Checkpointer(sites, lambda: syncs.append(1), interval=3600)
+    assert cp.run(max_age=3600) is True and cp.checkpoints == 0  # nothing written yet
+    _put(sites[0], 1)
+    assert cp.run(max_age=3600) is True and cp.checkpoints == 0  # too young: left alone
+    assert sites[0].log_pending() and syncs == []
+    assert cp.run(max_age=None) is True
+    assert cp.checkpoints == 1 and syncs == [1] and not sites[0].log_pending()
+    _put(sites[0], 2)
+    _put(sites[1], 3)
+    assert cp.run(max_age=None) is True and cp.checkpoints == 3 and syncs == [1, 1, 1]
+    cp.close()
+
+
+def test_a_failed_checkpoint_keeps_the_log_and_is_retried(tmp_path: Path) -> None:
+    site = _logged_site(tmp_path)
+    broken = [True]
+
+    def sync() -> None:
+        if broken[0]:
+            raise OSError(5, "Input/output error")
+
+    cp = Checkpointer([site], sync, interval=3600)
+    _put(site, 1)
+    assert cp.run(max_age=None) is False and cp.checkpoints == 0
+    assert site.log_pending()
+    broken[0] = False
+    assert cp.run(max_age=None) is True and cp.checkpoints == 1
+    assert not site.log_pending()
+    cp.close()
+
+
+def test_the_thread_checkpoints_by_age_and_a_clean_stop_checkpoints_the_rest(
+    tmp_path: Path,
+) -> None:
+    site = _logged_site(tmp_path)
+    cp = Checkpointer([site], lambda: None, interval=0.5)
+    assert cp._thread is None
+    _put(site, 1)
+    cp.started_writing()
+    assert cp._thread is not None and cp._thread.is_alive()
+    wait_until(lambda: not site.log_pending(), 60, "a checkpoint by age")
+    assert cp.checkpoints >= 1
+    cp.close()
+    assert not cp._thread.is_alive()
+    # a clean stop with records pending: they are checkpointed, the log closed
+    site2 = _logged_site(tmp_path, "b")
+    cp2 = Checkpointer([site2], lambda: None, interval=3600)
+    cp2.warm()
+    _put(site2, 2)
+    cp2.close()
+    assert not site2.log_pending() and cp2.checkpoints == 1
+    assert site2._log is not None and site2._log._segments == []
+
+
+def test_a_full_segment_wakes_the_checkpoint_at_once(tmp_path: Path) -> None:
+    site = _logged_site(tmp_path)
+    cp = Checkpointer([site], lambda: None, interval=3600)
+    keys = [_put(site, i, 100_000) for i in range(12)]  # more than one 1 MB segment
+    wait_until(lambda: cp.checkpoints >= 1, 60, "the checkpoint of the full segment")
+    assert cp._thread is not None
+    assert all((site.root / k).exists() for k in keys)
+    cp.close()
+
+
+def test_only_logged_sites_are_checkpointed(tmp_path: Path) -> None:
+    site = _logged_site(tmp_path)
+    cp = Checkpointer([site, object()], lambda: None, interval=3600)  # type: ignore[list-item]
+    assert cp.sites == [site]
+    cp.close()
+
+
+# ---------------------------------------------------------------- storage/wal.py
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_records_that_do_not_fit_are_refused_and_a_full_segment_rotates(tmp_path: Path) -> None:
+    rotated: list[int] = []
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB, on_rotate=lambda: rotated.append(1))
+    assert log.segment_bytes == MB and log.max_record == MB - HEADER_SIZE
+    with pytest.raises(ValueError):
+        log.append("k", [b"x" * MB], _sha(b"x" * MB), replace=False)
+    body = b"y" * 300_000
+    receipts = [log.append(f"k{i}", [body], _sha(body), replace=False) for i in range(4)]
+    assert rotated == [1]  # the fourth did not fit the first segment
+    assert receipts[3].segment is not receipts[0].segment
+    assert receipts[0].segment.rotated and not receipts[3].segment.rotated
+    for r in receipts:
+        log.wait(r)
+    assert log.ready() == []  # its writers have not released their records
+    for r in receipts[:3]:
+        r.release()
+        r.release()  # twice changes nothing
+    assert log.ready() == [receipts[0].segment]
+    assert receipts[0].segment.pending == 0 and log.records == 4
+
+
+def test_a_tiny_segment_size_is_raised_to_a_megabyte(tmp_path: Path) -> None:
+    assert SiteLog(tmp_path, segment_bytes=1000).segment_bytes == MB
+
+
+def test_a_failed_flush_fails_every_writer_of_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    r1 = log.append("k1", [b"a"], _sha(b"a"), replace=False)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        if fd == r1.segment.fd:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(LogError):
+        log.wait(r1)
+    assert r1.segment.failed and r1.segment.durable < r1.segment.appended
+    monkeypatch.setattr(os, "fdatasync", real)
+    r2 = log.append("k2", [b"b"], _sha(b"b"), replace=False)
+    assert r2.segment is not r1.segment  # a failed segment takes no more records
+    log.wait(r2)
+
+
+def test_a_staged_record_waits_for_the_flush_of_the_staging_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs: list[str] = []
+    real = wal.fsync_dir
+    monkeypatch.setattr(wal, "fsync_dir", lambda p: (dirs.append(str(p)), real(p))[1])
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    log.warm()
+    dirs.clear()
+    r = log.append("k", [], _sha(b"big"), replace=False, staged=True)
+    assert r.staged.endswith(".obj") and r.segment.staged == [r.staged]
+    fd = log.stage_open(r)
+    os.write(fd, b"big")
+    os.close(fd)
+    log.staged(r)
+    assert r.stage_gen == 1
+    log.wait(r)
+    assert dirs == [str(log.stage_dir)]
+    plain = log.append("k2", [b"x"], _sha(b"x"), replace=False)
+    log.wait(plain)
+    assert dirs == [str(log.stage_dir)]  # nothing new was staged: no flush of the folder
+
+
+def test_retired_segments_become_the_spare_then_free_and_a_clean_stop_keeps_few(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / WAL_DIR
+    log = SiteLog(directory, segment_bytes=MB, keep_free=1)
+    log.warm()
+    assert log._current is not None and log._spare is not None
+    first = log.append("k", [b"x"], _sha(b"x"), replace=False)
+    log.wait(first)
+    first.release()
+    log.rotate_now()
+    assert log.ready() == [first.segment]
+    spare = log._spare
+    log.retire(first.segment)  # there is a spare already: the segment is freed
+    assert log._spare is spare and first.segment.fd == -1
+    assert log.has_records() is False
+    log.close()
+    segs = sorted(directory.glob("*.seg"))
+    assert len(segs) == 1  # keep_free: the others were removed
+    fd = os.open(segs[0], os.O_RDONLY)
+    try:
+        assert read_header(fd)[0] == 0  # free
+    finally:
+        os.close(fd)
+
+
+def test_rotate_if_older_ends_only_an_old_segment_with_records(tmp_path: Path) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    log.warm()
+    log.rotate_if_older(0)
+    assert log._current is not None  # empty: kept
+    r = log.append("k", [b"x"], _sha(b"x"), replace=False)
+    log.rotate_if_older(3600)
+    assert log._current is r.segment
+    log.rotate_if_older(0)
+    assert log._current is None and r.segment.rotated
+
+
+def test_a_site_without_its_sentinel_creates_no_segment(tmp_path: Path) -> None:
+    site = _logged_site(tmp_path)
+    (site.root / ".pacsgrid-site").unlink()
+    with pytest.raises(SiteUnavailable):
+        site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM"])
