@@ -12,8 +12,10 @@
 # the same without the tests marked slow (the edit loop, docs/development.md).
 # `make fuzz ARGS="--seconds 600"` fuzzes the DICOM decoders for ten minutes per fuzzer
 # (add --sockets 2000 for PDU sequences against a server it starts); scripts/fuzz does the same.
+# `make mutate ARGS="--module wal"`: mutation testing of one module of the durable core
+# (scripts/mutate; CPU heavy, at the lowest priority; not part of the test suite).
 
-.PHONY: bench bench-smoke profile ab test test-fast powercut fuzz
+.PHONY: bench bench-smoke profile ab test test-fast powercut fuzz mutate
 
 bench:
 	./scripts/bench $(ARGS)
@@ -39,3 +41,6 @@ powercut:
 
 fuzz:
 	./scripts/fuzz $(ARGS)
+
+mutate:
+	./scripts/mutate $(ARGS)
