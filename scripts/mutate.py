@@ -19,6 +19,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,17 @@ MODULES = {
     ),
     "recovery": Module(
         "src/pacsgrid/archive/recovery.py",
-        ("tests/test_site_log.py", "tests/test_durable_core.py"),
+        ("tests/test_site_log.py", "tests/test_archive.py", "tests/test_durable_core.py"),
     ),
     "checkpoint": Module(
         "src/pacsgrid/archive/checkpoint.py",
-        ("tests/test_site_log.py", "tests/test_durable_core.py"),
+        ("tests/test_site_log.py", "tests/test_archive.py", "tests/test_durable_core.py"),
     ),
-    "commit": Module("src/pacsgrid/index/commit.py", ("tests/test_durable_core.py",)),
+    "commit": Module(
+        "src/pacsgrid/index/commit.py", ("tests/test_archive.py", "tests/test_durable_core.py")
+    ),
     "header": Module(
-        "src/pacsgrid/dicom/header.py", ("tests/test_header.py", "tests/test_ingest_validation.py")
+        "src/pacsgrid/dicom/header.py", ("tests/test_header.py", "tests/test_archive.py")
     ),
     "query": Module(
         "src/pacsgrid/index/query.py", ("tests/test_matching.py", "tests/test_index_contract.py")
@@ -90,8 +93,9 @@ def scratch(name: str) -> Path:
     return REPO / "build" / "mutate" / name
 
 
-def prepare(name: str, module: Module) -> Path:
-    """A fresh copy of the tracked sources and tests, with the module's mutmut settings."""
+def prepare(name: str, module: Module, without: Sequence[str] = ()) -> Path:
+    """A fresh copy of the tracked sources and tests, with the module's mutmut settings
+    (`without`: test files to leave out, to see what the others alone kill)."""
     work = scratch(name)
     if work.exists():
         shutil.rmtree(work)
@@ -106,7 +110,13 @@ def prepare(name: str, module: Module) -> Path:
         dest = work / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest)
-    tests = ", ".join(f'"{t}"' for t in module.tests if (REPO / t.split("::")[0]).exists())
+    tests = ", ".join(
+        f'"{t}"'
+        for t in module.tests
+        if (REPO / t.split("::")[0]).exists() and t.split("::")[0] not in without
+    )
+    if not tests:
+        raise SystemExit(f"{name}: no tests left to run (mutmut would run the whole suite)")
     with open(work / "pyproject.toml", "a") as fh:
         fh.write(
             "\n[tool.mutmut]\n"
@@ -115,6 +125,9 @@ def prepare(name: str, module: Module) -> Path:
             f'pytest_add_cli_args_test_selection = [{tests}, "-k", "{DESELECT}"]\n'
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
             "use_git_change_detection = false\n"
+            # a mutant that makes a loop endless is killed by the time-out: keep it short
+            "timeout_multiplier = 3.0\n"
+            "timeout_constant = 10.0\n"
         )
     return work
 
@@ -166,7 +179,10 @@ def main() -> None:
     ap.add_argument("--results", action="store_true", help="report the last run again")
     ap.add_argument("--show", action="store_true", help="print each survivor's diff")
     ap.add_argument("--list", action="store_true", help="list the modules and their tests")
-    ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument(
+        "--without", action="append", default=[], help="leave this test file out (repeatable)"
+    )
     a = ap.parse_args()
     if a.list or not a.module:
         for name, m in MODULES.items():
@@ -174,7 +190,7 @@ def main() -> None:
         return
     module = MODULES[a.module]
     if not a.results:
-        work = prepare(a.module, module)
+        work = prepare(a.module, module, a.without)
         subprocess.run(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(a.max_children)]
             + list(module.only),
