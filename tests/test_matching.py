@@ -9,6 +9,7 @@ here calls pacsgrid's own normalisation.
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacsgrid.index import NewInstance
+from pacsgrid.index.query import POSTGRES, SQLITE, Dialect, column_for, compile_where
 from pacsgrid.index.sqlite import SqliteIndex
 from pacsgrid.matching import Query, parse_match
 from pacsgrid.model import CopyRecord, Level
@@ -235,3 +237,119 @@ def test_patients_without_an_id_are_one_per_name_as_documented() -> None:
         index.close()
     assert sorted(p["PatientName"] for p in patients) == ["DOE^JANE", "DOE^JOHN"]
     assert sorted(p["NumberOfPatientRelatedStudies"] for p in patients) == ["1", "3"]
+
+
+# ------------------------------------------ the SQL of both engines, evaluated by one of them
+#
+# The conditions compile_where writes for PostgreSQL (LIKE with escapes, strpos, %s) are run in
+# SQLite with LIKE made case-sensitive, as PostgreSQL's is: the patterns, ranges and lists of
+# both dialects are checked against the oracle without a PostgreSQL server. SQLite and
+# PostgreSQL agree on what LIKE with ESCAPE '\\', strpos/instr and text comparison mean.
+
+
+def run_where(dialect: Dialect, keyword: str, key: str, stored: list[str]) -> set[int]:
+    """Indexes of the `stored` values (as the index keeps them) that the compiled key selects."""
+    m = parse_match(keyword, key)
+    if m is None:
+        return set(range(len(stored)))
+    target = column_for(keyword)
+    assert target is not None
+    alias, column = target[0].split(".")
+    where, params = compile_where(Query(Level.STUDY, (m,)), dialect)
+    if dialect is POSTGRES:
+        assert "?" not in where and "instr(" not in where
+        where = where.replace("%s", "?").replace("strpos(", "instr(")
+    con = sqlite3.connect(":memory:")
+    try:
+        con.execute("PRAGMA case_sensitive_like = ON")
+        con.execute(f"CREATE TABLE t (n INTEGER, {column} TEXT)")
+        con.executemany("INSERT INTO t VALUES (?, ?)", list(enumerate(stored)))
+        sql = f"SELECT n FROM t AS {alias} WHERE {where}"
+        return {n for (n,) in con.execute(sql, params)}
+    finally:
+        con.close()
+
+
+# ids without "postgres": scripts/mutate leaves tests of that name out (they need a server)
+both = pytest.mark.parametrize("dialect", [SQLITE, POSTGRES], ids=["glob", "like"])
+# As the index keeps a name for matching (upper case, no trailing delimiters): see below.
+stored_names = st.lists(st.text(alphabet="AB%_\\[]*?.", max_size=4), min_size=1, max_size=6)
+
+
+@both
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(stored=stored_names, key=st.text(alphabet="Ab%_\\[]*?.", max_size=4))
+def test_wildcard_patterns_of_both_dialects(dialect: Dialect, stored: list[str], key: str) -> None:
+    """Wild cards (PS3.4 C.2.2.2.4) against values holding LIKE's and GLOB's own special
+    characters (% _ \\ [ ]), which must match only themselves. A person name: a backslash in
+    its key is a character, not a list, and case does not matter."""
+    got = run_where(dialect, "ReferringPhysicianName", key, stored)
+    want = {i for i, v in enumerate(stored) if matches(v, key, "PN")}
+    assert got == want
+
+
+@both
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    stored=st.lists(st.text(alphabet="Ab%_*?", max_size=3), min_size=1, max_size=6),
+    key=st.lists(st.text(alphabet="Ab%_*?", min_size=1, max_size=3), min_size=1, max_size=3),
+)
+def test_lists_with_and_without_wildcards_of_both_dialects(
+    dialect: Dialect, stored: list[str], key: list[str]
+) -> None:
+    joined = "\\".join(key)
+    got = run_where(dialect, "AccessionNumber", joined, stored)
+    assert got == {i for i, v in enumerate(stored) if matches(v, joined, "SH")}
+
+
+TIMES = [
+    "",
+    "0959",
+    "10",
+    "1000",
+    "100000.5",
+    "1030",
+    "103000",
+    "103000.999999",
+    "103001",
+    "1059",
+    "105959",
+    "105959.999999",
+    "110000",
+    "23",
+    "235959.999999",
+]
+TIME_BOUNDS = ["", "10", "1030", "103000", "103000.5", "1059", "105959.9", "23", "2359"]
+DATES = ["", "19991231", "20200101", "20200615", "20201231", "20210101"]
+
+
+@both
+def test_time_ranges_and_values_of_both_dialects(dialect: Dialect) -> None:
+    """Every range of these bounds and every single time, against every time stored. An upper
+    bound covers its whole last unit (docs/matching.md): "10" is up to 10:59:59.999999, "1030"
+    up to 10:30:59.999999, "105959.9" up to 10:59:59.999999."""
+    keys = [f"{low}-{high}" for low in TIME_BOUNDS for high in TIME_BOUNDS] + TIME_BOUNDS
+    for key in keys:
+        got = run_where(dialect, "StudyTime", key, TIMES)
+        assert got == {i for i, v in enumerate(TIMES) if matches(v, key, "TM")}, key
+
+
+@both
+def test_date_ranges_and_lists_of_both_dialects(dialect: Dialect) -> None:
+    keys = [f"{low}-{high}" for low in DATES for high in DATES] + DATES
+    keys += ["\\".join(DATES[1:3]), "\\".join(DATES[2:5]), "20200101\\*"]
+    for key in keys:
+        got = run_where(dialect, "StudyDate", key, DATES)
+        assert got == {i for i, v in enumerate(DATES) if matches(v, key, "DA")}, key
+
+
+@both
+def test_uid_lists_and_sop_classes_in_study_of_both_dialects(dialect: Dialect) -> None:
+    uids = ["1.2.3", "1.2.30", "1.2.3.4", "1.2"]
+    assert run_where(dialect, "StudyInstanceUID", "1.2.3", uids) == {0}
+    assert run_where(dialect, "StudyInstanceUID", "1.2.3\\1.2\\9", uids) == {0, 3}
+    # stored as the index keeps them: "\\" around and between the classes of a study
+    classes = ["\\1.2.3\\", "\\1.2.30\\1.2.4\\", "\\1.2\\1.2.3.4\\", ""]
+    assert run_where(dialect, "SOPClassesInStudy", "1.2.3", classes) == {0}
+    assert run_where(dialect, "SOPClassesInStudy", "1.2.4\\1.2", classes) == {1, 2}
+    assert run_where(dialect, "SOPClassesInStudy", "9.9", classes) == set()
