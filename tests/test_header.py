@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import mmap
+import struct
+import tempfile
 import warnings
 import zlib
 
@@ -15,7 +18,14 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from pacsgrid.dicom.header import scan
+from pacsgrid.dicom.header import (
+    UNDEFINED,
+    ScanError,
+    _decode,
+    _scan_with_pydicom,
+    _walk,
+    scan,
+)
 from pacsgrid.dicom.part10 import build_file_meta, split_part10
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.model import ATTRIBUTES
@@ -154,6 +164,171 @@ def test_scanner_matches_pydicom_on_generated_datasets(ds: Dataset, ts: str) -> 
         warnings.simplefilter("ignore")
         again = pydicom.filereader.read_dataset(io.BytesIO(body), implicit, little)
     assert header.values == expected_values(again)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ds=datasets(),
+    ts=st.sampled_from(sorted(t for t in SYNTAXES if not t.endswith(".99"))),
+    before=st.integers(0, 5),
+    mapped=st.booleans(),
+)
+def test_the_pydicom_path_reads_what_the_scanner_reads(
+    ds: Dataset, ts: str, before: int, mapped: bool
+) -> None:
+    """The lenient path scan() falls back to (an element the scanner does not know) yields the
+    same values, from bytes in memory or from a mapped spill file, read from an offset."""
+    raw = b"\xee" * before + encode(ds, ts)
+    implicit, little = SYNTAXES[ts]
+    fast = scan(raw, ts, before).values
+    if mapped:
+        with tempfile.TemporaryFile() as fh:
+            fh.write(raw)
+            fh.flush()
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                values, pix_off, pix_len = _scan_with_pydicom(buf, implicit, little, before)
+    else:
+        values, pix_off, pix_len = _scan_with_pydicom(raw, implicit, little, before)
+    assert values == fast
+    assert (pix_off, pix_len) == (-1, -1)
+
+
+@pytest.mark.parametrize("f", accepted(), ids=lambda f: str(f.path.name))
+def test_the_pydicom_path_matches_pydicom_on_the_corpus(f) -> None:  # type: ignore[no-untyped-def]
+    data = f.path.read_bytes()
+    p10 = split_part10(data)
+    implicit, little = SYNTAXES.get(p10.transfer_syntax, (False, True))
+    if p10.transfer_syntax == "1.2.840.10008.1.2.1.99":
+        pytest.skip("deflated: scan() inflates before either path")
+    values, _, _ = _scan_with_pydicom(data, implicit, little, p10.dataset_offset)
+    assert values == scan(data[p10.dataset_offset :], p10.transfer_syntax).values
+
+
+def fast_path(data: bytes, ts: str, start: int = 0) -> tuple[dict[str, str], int, int]:
+    """The scanner alone, without the fallback: a ScanError fails the test."""
+    implicit, little = SYNTAXES.get(ts, (False, True))
+    raw, pix_off, pix_len = _walk(data, implicit, little, start)
+    return _decode(raw, little), pix_off, pix_len
+
+
+@pytest.mark.parametrize("f", accepted(), ids=lambda f: str(f.path.name))
+def test_the_scanner_alone_reads_the_corpus_and_finds_the_pixel_data(f) -> None:  # type: ignore[no-untyped-def]
+    """Every accepted file is read by the scanner itself (sequences and items of undefined
+    length, encapsulated fragments), not handed to pydicom; the pixel data it points at are
+    the bytes pydicom reads as PixelData (the items of encapsulated pixel data)."""
+    data = f.path.read_bytes()
+    p10 = split_part10(data)
+    if p10.transfer_syntax == "1.2.840.10008.1.2.1.99":
+        data = zlib.decompress(data[p10.dataset_offset :], -zlib.MAX_WBITS)
+        start = 0
+    else:
+        start = p10.dataset_offset
+    values, pix_off, pix_len = fast_path(data, p10.transfer_syntax, start)
+    assert values == scan(f.path.read_bytes()[p10.dataset_offset :], p10.transfer_syntax).values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(f.path, force=True)
+    if "PixelData" not in ds:
+        assert (pix_off, pix_len) == (-1, -1)
+        return
+    pixels = ds.PixelData
+    encapsulated = pix_len == UNDEFINED
+    assert encapsulated == (p10.transfer_syntax not in SYNTAXES)
+    assert data[pix_off : pix_off + len(pixels)] == pixels
+    if encapsulated:  # the sequence delimiter follows the last fragment
+        assert data[pix_off + len(pixels) : pix_off + len(pixels) + 8] == bytes.fromhex(
+            "feffdde000000000"
+        )
+    else:
+        assert pix_len == len(pixels)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ds=datasets(), ts=st.sampled_from(sorted(t for t in SYNTAXES if not t.endswith(".99"))))
+def test_the_scanner_alone_reads_generated_datasets(ds: Dataset, ts: str) -> None:
+    """Sequences and items as pydicom writes them (undefined lengths) and pixel data: the
+    scanner reads them itself, and points at the pixel data's value."""
+    raw = encode(ds, ts)
+    values, pix_off, pix_len = fast_path(raw, ts)
+    assert values == scan(raw, ts).values
+    if "PixelData" in ds:
+        assert raw[pix_off : pix_off + pix_len] == ds.PixelData
+    else:
+        assert (pix_off, pix_len) == (-1, -1)
+
+
+def _explicit(group: int, elem: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    """One explicit VR little endian element, written by hand (`length`: declared length)."""
+    n = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"UN", b"SQ"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, n) + value
+    return struct.pack("<HH2sH", group, elem, vr, n) + value
+
+
+def _item(group: int, elem: int, value: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHI", group, elem, len(value) if length is None else length) + value
+
+
+FRAGMENTS = _item(0xFFFE, 0xE000, b"") + _item(0xFFFE, 0xE000, b"\x01\x02\x03\x04")
+SEQ_DELIMITER = _item(0xFFFE, 0xE0DD, b"")
+
+
+def _uids() -> bytes:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.3", "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.5", "1.2.3.4.5.6"
+    return encode(ds, "1.2.840.10008.1.2.1")
+
+
+def test_undefined_lengths_the_scanner_walks_itself() -> None:
+    """PS3.5 7.5 and 6.2.2: an undefined-length UN (an implicit VR sequence inside an explicit
+    dataset), undefined-length OB and OW values (fragments) and encapsulated pixel data: the
+    scanner walks each to its delimiter and finds the pixel data after them."""
+    implicit_item = _item(
+        0xFFFE, 0xE000, _item(0x0008, 0x0100, b"ABCD") + _item(0xFFFE, 0xE00D, b""), UNDEFINED
+    )
+    data = (
+        _uids()
+        + _explicit(0x0029, 0x1010, b"UN", implicit_item + SEQ_DELIMITER, UNDEFINED)
+        + _explicit(0x0029, 0x1020, b"OB", FRAGMENTS + SEQ_DELIMITER, UNDEFINED)
+        + _explicit(0x0029, 0x1030, b"OW", FRAGMENTS + SEQ_DELIMITER, UNDEFINED)
+    )
+    pixels_at = len(data) + 12
+    data += _explicit(0x7FE0, 0x0010, b"OB", FRAGMENTS + SEQ_DELIMITER, UNDEFINED)
+    values, pix_off, pix_len = fast_path(data, "1.2.840.10008.1.2.4.50")
+    assert values["SOPInstanceUID"] == "1.2.3.4" and values["SeriesInstanceUID"] == "1.2.3.4.5.6"
+    assert (pix_off, pix_len) == (pixels_at, UNDEFINED)
+
+
+def test_fragments_that_are_not_items_go_to_pydicom_and_cut_ones_are_refused() -> None:
+    base = _uids()
+    pixel = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEFINED)
+    not_item = _item(0xFFFE, 0xE00D, b"\x01\x02\x03\x04")  # an item end where a fragment must be
+    with pytest.raises(ScanError, match=r"^bad fragment in encapsulated pixel data$"):
+        _walk(base + pixel + FRAGMENTS + not_item + SEQ_DELIMITER, False, True)
+    undefined_fragment = _item(0xFFFE, 0xE000, b"", UNDEFINED)
+    with pytest.raises(ScanError, match=r"^bad fragment in encapsulated pixel data$"):
+        _walk(base + pixel + undefined_fragment + SEQ_DELIMITER, False, True)
+    cut = _item(0xFFFE, 0xE000, b"\x01\x02", 4)  # declares 4 bytes, 2 remain
+    with pytest.raises(
+        InvalidDataset, match=r"^truncated: a pixel data fragment runs past the end$"
+    ):
+        _walk(base + pixel + cut, False, True)
+    # the last fragment ends exactly at the end: no delimiter follows
+    with pytest.raises(
+        InvalidDataset,
+        match=r"^truncated: encapsulated pixel data runs past the end of its container$",
+    ):
+        _walk(base + pixel + FRAGMENTS, False, True)
+
+
+@pytest.mark.parametrize("padding", [1, 7, 8, 9, 1000, (1 << 20) + 3])
+def test_zero_padding_after_the_last_element_is_ignored(padding: int) -> None:
+    data = _uids()
+    values, _, _ = fast_path(data + b"\0" * padding, "1.2.840.10008.1.2.1")
+    assert values == fast_path(data, "1.2.840.10008.1.2.1")[0]
+    with pytest.raises(InvalidDataset):
+        scan(data + b"\0" * padding + b"\1", "1.2.840.10008.1.2.1")
 
 
 def element_ends(ds: Dataset, ts: str) -> dict[int, int]:
