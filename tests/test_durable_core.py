@@ -9,7 +9,9 @@ rule is broken. Flushes are observed by wrapping the real system calls (they sti
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,7 +28,7 @@ from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.storage import durable, object_key, wal
 from pacsgrid.storage.filesystem import FilesystemSite
 from pacsgrid.storage.wal import LogError, SiteLog
-from pacsgrid.storage.walfile import HEADER_SIZE, WAL_DIR, read_header
+from pacsgrid.storage.walfile import HEADER_SIZE, WAL_DIR, read_header, record_size
 from tests.test_index_contract import inst
 from tests.waiting import wait_until
 
@@ -111,6 +113,42 @@ def test_flush_all_with_a_single_folder(tmp_path: Path, flushed: list[tuple[str,
     durable.flush_all([], [str(tmp_path)])
     durable.flush_all([], [str(tmp_path / "gone")])
     assert flushed == [("dir", str(tmp_path))]
+
+
+@pytest.mark.parametrize("n_files, n_folders", [(3, 0), (3, 1), (4, 4)])
+def test_flush_all_has_the_flushes_of_three_or_more_in_flight_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_files: int, n_folders: int
+) -> None:
+    """Three flushes or more go out together (the device merges them); two or fewer are made
+    one after the other in the caller's thread, without a pool. Each wrapped flush waits until
+    all the files' flushes are in progress: made one by one, the first would wait in vain."""
+    real_file, real_dir = durable.fdatasync_path, durable.fsync_dir
+    together = threading.Barrier(n_files, timeout=20)
+    threads: set[int] = set()
+
+    def fdatasync_path(path: Path | str) -> bool:
+        threads.add(threading.get_ident())
+        together.wait()
+        return real_file(path)
+
+    def fsync_dir(path: Path | str) -> None:
+        threads.add(threading.get_ident())
+        real_dir(path)
+
+    monkeypatch.setattr(durable, "fdatasync_path", fdatasync_path)
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
+    files = [tmp_path / f"f{i}" for i in range(n_files)]
+    folders = [tmp_path / f"d{i}" for i in range(n_folders)]
+    for f in files:
+        f.write_bytes(b"x")
+    for d in folders:
+        d.mkdir()
+    durable.flush_all([str(f) for f in files], [str(d) for d in folders])
+    assert threading.get_ident() not in threads and len(threads) >= n_files
+    threads.clear()
+    together = threading.Barrier(1)
+    durable.flush_all([str(files[0])], [str(tmp_path)])  # two: no pool
+    assert threads == {threading.get_ident()}
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 1000])
@@ -236,23 +274,34 @@ def test_writers_that_arrive_during_a_commit_share_the_next_batch(sqlite_index: 
     assert (gc.batches, gc.committed) == (3, 5)
 
 
+@pytest.mark.parametrize("queued", [["3.1", "3.2", "3.3"], ["3.1", "3.2"]], ids=["3", "2"])
 @pytest.mark.parametrize("error", [ValueError, IndexUnavailable])
-def test_a_failing_batch_is_retried_one_by_one(sqlite_index: Index, error: type[Exception]) -> None:
+def test_a_failing_batch_is_retried_one_by_one(
+    sqlite_index: Index, error: type[Exception], queued: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that fails (even one of two) is retried item by item: only the bad item fails.
+    An unexpected error is logged with its traceback and the SOP Instance UID; an
+    IndexUnavailable (the index is down: the caller reports it) is not."""
     rec = RecordingIndex(sqlite_index, refuse="3.2", error=error)
     gc = GroupCommitter(rec, max_batch=8)  # type: ignore[arg-type]
-    out = _commit_while_held(gc, rec, ["3.0", "3.1", "3.2", "3.3"], [True] * 4)
+    with caplog.at_level(logging.ERROR, logger="pacsgrid.index.commit"):
+        out = _commit_while_held(gc, rec, ["3.0", *queued], [True] * (1 + len(queued)))
     assert isinstance(out["3.2"], IndexUnavailable)
     if error is IndexUnavailable:
         assert str(out["3.2"]) == "refused 3.2"  # passed on as it is
+        assert caplog.records == []
     else:
         assert "index commit failed: ValueError: refused 3.2" in str(out["3.2"])
-    for sop in ("3.0", "3.1", "3.3"):
+        assert [r.getMessage() for r in caplog.records] == ["index commit failed for 3.2"]
+        assert caplog.records[0].exc_info is not None
+    good = ["3.0"] + [s for s in queued if s != "3.2"]
+    for sop in good:
         assert isinstance(out[sop], AddResult), out
         assert sqlite_index.has_instance(sop)
     assert not sqlite_index.has_instance("3.2")
-    assert rec.batches[1] == (["3.1", "3.2", "3.3"], True)  # then one by one
-    assert [b for b, _ in rec.batches[2:]] == [["3.1"], ["3.2"], ["3.3"]]
-    assert (gc.batches, gc.committed) == (3, 3)
+    assert rec.batches[1] == (queued, True)  # then one by one
+    assert [b for b, _ in rec.batches[2:]] == [[s] for s in queued]
+    assert (gc.batches, gc.committed) == (len(good), len(good))
 
 
 # ---------------------------------------------------------------- archive/checkpoint.py
@@ -372,6 +421,120 @@ def test_records_that_do_not_fit_are_refused_and_a_full_segment_rotates(tmp_path
     assert receipts[0].segment.pending == 0 and log.records == 4
 
 
+def test_a_record_of_exactly_the_room_left_fits(tmp_path: Path) -> None:
+    """The largest record (max_record) is taken, and a record that fills what is left of the
+    segment to the last byte goes into it; one byte more starts the next segment."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    whole = log.max_record - record_size(b"k", b"", 0)
+    assert record_size(b"k", b"", whole) == log.max_record
+    big = log.append("k", [b"z" * whole], _sha(b"z" * whole), replace=False)
+    assert big.segment.tail == big.segment.size
+    first = log.append("k", [b"a" * 1000], _sha(b"a" * 1000), replace=False)
+    assert first.segment is not big.segment
+    rest = first.segment.size - first.segment.tail - record_size(b"k", b"", 0)
+    fill = log.append("k", [b"b" * rest], _sha(b"b" * rest), replace=False)
+    assert fill.segment is first.segment and fill.segment.tail == fill.segment.size
+    after = log.append("k", [b"c"], _sha(b"c"), replace=False)
+    assert after.segment is not first.segment
+    for r in (big, first, fill, after):
+        log.wait(r)
+
+
+def test_each_wait_flushes_once_with_or_without_a_group_wait(tmp_path: Path) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB, group_wait=0.01)
+    for i in range(3):
+        r = log.append(f"k{i}", [b"x"], _sha(b"x"), replace=False)
+        log.wait(r)
+        log.wait(r)  # durable already: no second flush
+        assert r.segment.durable == r.segment.appended and log.flushes == i + 1
+
+
+def test_a_deleted_segment_fails_its_writers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment whose file is gone (the site wiped under the server) is no durable record:
+    the flush fails with the reason logged, and the writer gets EIO."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    r = log.append("k", [b"x"], _sha(b"x"), replace=False)
+    r.segment.path.unlink()
+    with (
+        caplog.at_level(logging.ERROR, logger="pacsgrid.storage.wal"),
+        pytest.raises(LogError) as e,
+    ):
+        log.wait(r)
+    assert e.value.errno == errno.EIO
+    assert str(e.value) == f"[Errno 5] flush of {r.segment.path.name} failed"
+    assert [m.getMessage() for m in caplog.records] == [
+        f"flush of log segment {r.segment.path} failed: [Errno 2] segment was deleted (site wiped?)"
+    ]
+
+
+def test_a_failed_flush_of_the_staging_folder_fails_the_segments_with_staged_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The names of staged files are durable only through the flush of the staging folder:
+    when it fails, every writer of the group fails and no segment holding a staged record is
+    trusted again."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    real = wal.fsync_dir
+
+    def failing(path: Path | str) -> None:
+        if Path(path) == log.stage_dir:
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    earlier = log.append("e", [], _sha(b"big"), replace=False, staged=True)
+    os.close(log.stage_open(earlier))
+    log.staged(earlier)
+    log.wait(earlier)  # durable, in a segment that is then rotated out
+    log.rotate_now()
+    plain = log.append("p", [b"x"], _sha(b"x"), replace=False)
+    r = log.append("k", [], _sha(b"big"), replace=False, staged=True)
+    fd = log.stage_open(r)
+    os.close(fd)
+    log.staged(r)
+    monkeypatch.setattr(wal, "fsync_dir", failing)
+    with caplog.at_level(logging.ERROR, logger="pacsgrid.storage.wal"), pytest.raises(LogError):
+        log.wait(r)
+    assert [m.getMessage() for m in caplog.records] == [
+        f"flush of {log.stage_dir} failed: [Errno 5] Input/output error"
+    ]
+    assert r.segment.failed and r.segment is plain.segment
+    assert earlier.segment is not r.segment and earlier.segment.failed  # holds staged names
+    with pytest.raises(LogError):
+        log.wait(plain)  # its record shared the failed flush
+    monkeypatch.setattr(wal, "fsync_dir", real)
+    again = log.append("p2", [b"y"], _sha(b"y"), replace=False)
+    assert again.segment is not r.segment
+    log.wait(again)
+
+
+def test_every_staged_record_waits_for_its_own_flush_of_the_staging_folder(
+    tmp_path: Path, dirs: list[str]
+) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for i in (1, 2, 3):
+        r = log.append(f"k{i}", [], _sha(b"big"), replace=False, staged=True)
+        os.close(log.stage_open(r))
+        assert (os.stat(log.stage_dir / r.staged).st_mode & 0o777) == 0o644 & ~umask
+        log.staged(r)
+        assert r.stage_gen == i
+        log.wait(r)
+        assert dirs.count(str(log.stage_dir)) == i
+
+
+def test_a_released_record_leaves_its_file_and_folders_to_the_checkpoint(tmp_path: Path) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    r = log.append("k", [b"x"], _sha(b"x"), replace=False)
+    log.wait(r)
+    log.note_written(r, "/site/a/b/obj", ["/site/a/b"])
+    log.release(r.segment, "/site/a/c/obj", ["/site/a/c", "/site/a"])
+    assert r.segment.written == ["/site/a/b/obj", "/site/a/c/obj"]
+    assert r.segment.folders == {"/site/a/b", "/site/a/c", "/site/a"}
+
+
 def test_a_tiny_segment_size_is_raised_to_a_megabyte(tmp_path: Path) -> None:
     assert SiteLog(tmp_path, segment_bytes=1000).segment_bytes == MB
 
@@ -398,12 +561,18 @@ def test_a_failed_flush_fails_every_writer_of_the_segment(
     log.wait(r2)
 
 
-def test_a_staged_record_waits_for_the_flush_of_the_staging_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dirs: list[str] = []
+@pytest.fixture
+def dirs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every folder the site log flushes (the real flush still runs)."""
+    flushed: list[str] = []
     real = wal.fsync_dir
-    monkeypatch.setattr(wal, "fsync_dir", lambda p: (dirs.append(str(p)), real(p))[1])
+    monkeypatch.setattr(wal, "fsync_dir", lambda p: (flushed.append(str(p)), real(p))[1])
+    return flushed
+
+
+def test_a_staged_record_waits_for_the_flush_of_the_staging_folder(
+    tmp_path: Path, dirs: list[str]
+) -> None:
     log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
     log.warm()
     dirs.clear()
