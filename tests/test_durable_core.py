@@ -404,7 +404,7 @@ def test_records_that_do_not_fit_are_refused_and_a_full_segment_rotates(tmp_path
     rotated: list[int] = []
     log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB, on_rotate=lambda: rotated.append(1))
     assert log.segment_bytes == MB and log.max_record == MB - HEADER_SIZE
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^record of \d+ bytes does not fit a segment$"):
         log.append("k", [b"x" * MB], _sha(b"x" * MB), replace=False)
     body = b"y" * 300_000
     receipts = [log.append(f"k{i}", [body], _sha(body), replace=False) for i in range(4)]
@@ -533,6 +533,66 @@ def test_a_released_record_leaves_its_file_and_folders_to_the_checkpoint(tmp_pat
     log.release(r.segment, "/site/a/c/obj", ["/site/a/c", "/site/a"])
     assert r.segment.written == ["/site/a/b/obj", "/site/a/c/obj"]
     assert r.segment.folders == {"/site/a/b", "/site/a/c", "/site/a"}
+
+
+def test_a_failed_append_fails_its_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    first = log.append("k1", [b"a"], _sha(b"a"), replace=False)
+    real = os.pwritev
+
+    def full(fd: int, bufs: Sequence[Any], offset: int) -> int:
+        if fd == first.segment.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(LogError) as e:
+        log.append("k2", [b"b"], _sha(b"b"), replace=False)
+    assert e.value.errno == errno.ENOSPC
+    assert (
+        str(e.value) == f"[Errno 28] append to {first.segment.path.name}: No space left on device"
+    )
+    assert first.segment.failed
+    second = log.append("k3", [b"c"], _sha(b"c"), replace=False)
+    assert second.segment is not first.segment  # a failed segment takes no more records
+    log.wait(second)
+
+
+def test_a_writer_that_waited_for_another_flush_returns_only_once_its_record_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B appends while A's flush runs (that flush does not cover B's record): B waits for it,
+    then leads a flush of its own; it never returns before its record is durable."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    a = log.append("a", [b"a"], _sha(b"a"), replace=False)
+    real = os.fdatasync
+    inside, go = threading.Event(), threading.Event()
+
+    def held(fd: int) -> None:
+        if not go.is_set():
+            inside.set()
+            assert go.wait(60)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    leader = threading.Thread(target=log.wait, args=(a,))
+    leader.start()
+    assert inside.wait(60)
+    b = log.append("b", [b"b"], _sha(b"b"), replace=False)
+    done: list[tuple[int, int]] = []
+
+    def wait_b() -> None:
+        log.wait(b)
+        done.append((b.segment.durable, b.segment.appended))
+
+    writer = threading.Thread(target=wait_b)
+    writer.start()
+    wait_until(lambda: log._waiting == 2, 60, "B waiting behind A's flush")
+    go.set()
+    leader.join(60)
+    writer.join(60)
+    assert done and done[0][0] >= done[0][1] == b.segment.appended
+    assert log.flushes == 2
 
 
 def test_a_tiny_segment_size_is_raised_to_a_megabyte(tmp_path: Path) -> None:
