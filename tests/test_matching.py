@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacsgrid.index import NewInstance
-from pacsgrid.index.query import POSTGRES, SQLITE, Dialect, column_for, compile_where
+from pacsgrid.index.sql_matching import POSTGRES, SQLITE, Dialect, column_for, compile_where
 from pacsgrid.index.sqlite import SqliteIndex
-from pacsgrid.matching import Query, parse_match
-from pacsgrid.model import CopyRecord, Level
+from pacsgrid.matching import Match, Query, parse_match
+from pacsgrid.model import BY_KEYWORD, CopyRecord, Level
 from tests.oracle import matches, person_name
 
 ALPHABET = "ABCab*?[]%_\\^ .é"
@@ -252,9 +252,11 @@ def run_where(dialect: Dialect, keyword: str, key: str, stored: list[str]) -> se
     m = parse_match(keyword, key)
     if m is None:
         return set(range(len(stored)))
-    target = column_for(keyword)
-    assert target is not None
-    alias, column = target[0].split(".")
+    # the table is named from the catalogue, not from column_for: its names are under test
+    attr = BY_KEYWORD.get(keyword)
+    column = attr.column + ("_norm" if attr.vr == "PN" else "") if attr else "sop_classes"
+    alias = "st"
+    assert column_for(keyword) == (f"st.{column}", Level.STUDY)
     where, params = compile_where(Query(Level.STUDY, (m,)), dialect)
     if dialect is POSTGRES:
         assert "?" not in where and "instr(" not in where
@@ -353,3 +355,39 @@ def test_uid_lists_and_sop_classes_in_study_of_both_dialects(dialect: Dialect) -
     assert run_where(dialect, "SOPClassesInStudy", "1.2.3", classes) == {0}
     assert run_where(dialect, "SOPClassesInStudy", "1.2.4\\1.2", classes) == {1, 2}
     assert run_where(dialect, "SOPClassesInStudy", "9.9", classes) == set()
+
+
+def test_keys_that_cannot_restrict_the_match_leave_the_others_in_force() -> None:
+    """A key the index has no column for, a key below the query level (PS3.4 C.4.1.2.1) and
+    the computed keys come before the one that selects: it still selects."""
+    rows = [
+        {
+            "StudyInstanceUID": f"1.6.{i}",
+            "SeriesInstanceUID": f"1.6.{i}.1",
+            "SOPInstanceUID": f"1.6.{i}.1.1",
+            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+            "PatientID": "P",
+            "AccessionNumber": f"A{i}",
+            "Modality": "CT",
+            "SeriesNumber": "1",
+        }
+        for i in range(3)
+    ]
+    keys = [
+        Match("Manufacturer", "single", ("nobody",)),
+        Match("SeriesNumber", "single", ("99",)),
+        Match("ModalitiesInStudy", "single", ("CT",)),
+        Match("SOPClassesInStudy", "single", ("1.2.840.10008.5.1.4.1.1.2",)),
+        Match("AccessionNumber", "single", ("A1",)),
+    ]
+    index = load(rows)
+    try:
+        got = {r["StudyInstanceUID"] for r in index.find(Query(Level.STUDY, tuple(keys)))}
+        for i in range(len(keys)):  # every key that restricts, alone after the others
+            alone = keys[:i] + [keys[-1]]
+            assert {
+                r["StudyInstanceUID"] for r in index.find(Query(Level.STUDY, tuple(alone)))
+            } == {"1.6.1"}
+    finally:
+        index.close()
+    assert got == {"1.6.1"}
