@@ -37,6 +37,18 @@ MODULES = {
     "wal": Module(
         "src/pacsgrid/storage/wal.py",
         ("tests/test_site_log.py", "tests/test_durable_core.py"),
+        # the write path: a record appended, staged, flushed (by one leader for all) and
+        # released; not segment reuse, retirement or clean-up
+        (
+            "*ǁSiteLogǁappend*",
+            "*ǁSiteLogǁstage_open*",
+            "*ǁSiteLogǁstaged*",
+            "*ǁSiteLogǁwait*",
+            "*ǁSiteLogǁ_lead_flush*",
+            "*ǁSiteLogǁrelease*",
+            "*ǁSiteLogǁnote_written*",
+            "*ǁReceiptǁrelease*",
+        ),
     ),
     "walfile": Module(
         "src/pacsgrid/storage/walfile.py",
@@ -78,10 +90,23 @@ MODULES = {
         "src/pacsgrid/index/commit.py", ("tests/test_archive.py", "tests/test_durable_core.py")
     ),
     "header": Module(
-        "src/pacsgrid/dicom/header.py", ("tests/test_header.py", "tests/test_archive.py")
+        "src/pacsgrid/dicom/header.py",
+        ("tests/test_header.py", "tests/test_archive.py"),
+        # the walk that checks the element structure and finds the pixel data, and the
+        # pydicom fallback; not the decoding of the values (character sets)
+        (
+            "*x__walk__*",
+            "*x__element_header__*",
+            "*x__zeros_to_end__*",
+            "*ǁ_Walkerǁ*",
+            "*x__scan_with_pydicom__*",
+            "*x__touch__*",
+            "*x_scan__*",
+        ),
     ),
-    "query": Module(
-        "src/pacsgrid/index/query.py", ("tests/test_matching.py", "tests/test_index_contract.py")
+    "sql_matching": Module(
+        "src/pacsgrid/index/sql_matching.py",
+        ("tests/test_matching.py", "tests/test_index_contract.py"),
     ),
 }
 
