@@ -146,8 +146,8 @@ def store_one_at_a_time(
     to its response, then a pause of `gap` seconds so that the server is idle when the next
     arrives (what one modality sending now and then sees). The first `warmup` are sent the
     same way and not counted. The files are read (and split into meta and dataset) first."""
-    from pacsgrid.dicom.part10 import split_part10
     from pacsgrid.dicom.scu import connect
+    from pacsgrid.dicomfile.part10 import split_part10
 
     instances = []
     for path in files:

@@ -10,8 +10,8 @@ import threading
 import time
 
 from bench import synth
-from pacsgrid.dicom.part10 import split_part10
 from pacsgrid.dicom.scu import connect
+from pacsgrid.dicomfile.part10 import split_part10
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

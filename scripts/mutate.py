@@ -90,7 +90,7 @@ MODULES = {
         "src/pacsgrid/index/commit.py", ("tests/test_archive.py", "tests/test_durable_core.py")
     ),
     "header": Module(
-        "src/pacsgrid/dicom/header.py",
+        "src/pacsgrid/dicomfile/header.py",
         ("tests/test_header.py", "tests/test_archive.py"),
         # the walk that checks the element structure and finds the pixel data, and the
         # pydicom fallback; not the decoding of the values (character sets)

@@ -15,7 +15,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from pacsgrid.archive import Archive, Caller
-from pacsgrid.dicom.part10 import build_file_meta
+from pacsgrid.dicomfile.part10 import build_file_meta
 from pacsgrid.errors import InvalidDataset, NotFound, QuorumNotMet
 from pacsgrid.matching import Query, parse_match
 from pacsgrid.model import Level

@@ -18,7 +18,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from pacsgrid.dicom.header import (
+from pacsgrid.dicomfile.header import (
     UNDEFINED,
     ScanError,
     _decode,
@@ -26,7 +26,7 @@ from pacsgrid.dicom.header import (
     _walk,
     scan,
 )
-from pacsgrid.dicom.part10 import build_file_meta, split_part10
+from pacsgrid.dicomfile.part10 import build_file_meta, split_part10
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.model import ATTRIBUTES
 from tests.corpus import accepted, corpus

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage as SC
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from pacsgrid.dicom import dimse
-from pacsgrid.dicom.part10 import build_file_meta
+from pacsgrid.dicomfile.part10 import build_file_meta
 from tests.conftest import Server, dcmtk, pacsgrid_cli
 from tests.test_bad_input import index_count, store_raw
 from tests.web_helpers import start_web

@@ -11,8 +11,9 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "pacsgrid"
 FRONT_ENDS = ("dicom", "web", "migrate", "hl7", "cli")
 BACK_ENDS = ("pacsgrid.storage", "pacsgrid.index")
 CORE = ("archive", "index", "storage")
-# What the core may use of dicom/: the file format, never the network layer.
-DICOM_FORMAT = ("header", "part10", "coercion", "kos", "transcode")
+# DICOM files without networking (pacsgrid.dicomfile): the core may use it, and it uses
+# nothing above it.
+FILE_FORMAT = "dicomfile"
 # The archive's collaborators: private to it; pacsgrid.node hands the jobs what they need of
 # them, and tests/behind_the_archive.py lets tests look at them.
 COLLABORATORS = {"index", "sites", "placement", "cache", "committer"}
@@ -49,11 +50,7 @@ def test_front_ends_do_not_import_storage_or_index(front_end: str) -> None:
 def _front_or_job(name: str) -> bool:
     if name.startswith(("pacsgrid.jobs", "pacsgrid.node", "pacsgrid.served")):
         return True
-    if any(name.startswith(f"pacsgrid.{f}") for f in FRONT_ENDS if f != "dicom"):
-        return True
-    return name.startswith("pacsgrid.dicom") and name not in {
-        f"pacsgrid.dicom.{m}" for m in DICOM_FORMAT
-    }
+    return any(name == f"pacsgrid.{f}" or name.startswith(f"pacsgrid.{f}.") for f in FRONT_ENDS)
 
 
 @pytest.mark.parametrize("core", CORE)
@@ -63,6 +60,19 @@ def test_the_core_imports_no_front_end_and_no_job(core: str) -> None:
         for path in (SRC / core).rglob("*.py")
         for name in imports(path)
         if _front_or_job(name)
+    }
+    assert not offenders, sorted(offenders)
+
+
+def test_dicom_files_need_no_network_no_archive_and_no_index() -> None:
+    """pacsgrid.dicomfile reads and writes DICOM files; the network layer, the archive and the
+    index are built on it, never the other way round."""
+    above = ("pacsgrid.archive", "pacsgrid.index", "pacsgrid.storage", "pacsgrid.node")
+    offenders = {
+        f"{path.relative_to(SRC)} imports {name}"
+        for path in (SRC / FILE_FORMAT).rglob("*.py")
+        for name in imports(path)
+        if _front_or_job(name) or name.startswith(above)
     }
     assert not offenders, sorted(offenders)
 

@@ -268,8 +268,8 @@ def test_pixel_digest_of_a_deflated_dataset_received_over_the_network() -> None:
     archived file (it reported every deflated instance as a mismatch)."""
     import pydicom.data
 
-    from pacsgrid.dicom.header import DEFLATED_LE
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.header import DEFLATED_LE
+    from pacsgrid.dicomfile.part10 import split_part10
     from pacsgrid.migrate.verify import pixel_digest
 
     raw = Path(pydicom.data.get_testdata_file("image_dfl.dcm")).read_bytes()

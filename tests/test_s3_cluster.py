@@ -175,6 +175,6 @@ def _study(path: Path) -> str:
 def _dataset(part10: bytes) -> bytes:
     """The dataset of a Part 10 file (what was sent and what came back, without the file
     meta header a receiver writes its own way)."""
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.part10 import split_part10
 
     return part10[split_part10(part10).dataset_offset :]

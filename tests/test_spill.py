@@ -21,9 +21,10 @@ import pytest
 import requests
 
 from pacsgrid.archive.spool import SpillArea, Spool
-from pacsgrid.dicom import dimse, header, pdu
-from pacsgrid.dicom.header import scan
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicom import dimse, pdu
+from pacsgrid.dicomfile import header
+from pacsgrid.dicomfile.header import scan
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset
 from tests.conftest import Server, dcmtk, getscu_study
 from tests.synthetic import uid

@@ -42,7 +42,7 @@ def a_dataset(tmp_path: Path, seed: str) -> tuple[str, bytes]:
     """(SOP Instance UID, dataset bytes in explicit VR little endian) of a new instance."""
     (path,) = write(Spec(studies=1, series=1, instances=1, size=8, seed=seed), tmp_path)
     data = path.read_bytes()
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.part10 import split_part10
 
     p10 = split_part10(data)
     assert p10.transfer_syntax == EXPLICIT

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Sequence
 
 from pacsgrid.dicom import dimse, pdu
-from pacsgrid.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from pacsgrid.dicomfile.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

@@ -2,8 +2,8 @@
 the errors that decoder documents. Anything else it raises is a crash: a bug to fix, and its
 input becomes a file under tests/fuzz/crashes/<fuzzer>/ that `tests/test_fuzz.py` replays.
 
-    header  pacsgrid.dicom.header.scan (the first byte picks the transfer syntax)
-    part10  pacsgrid.dicom.part10.split_part10, then scan of the dataset it finds
+    header  pacsgrid.dicomfile.header.scan (the first byte picks the transfer syntax)
+    part10  pacsgrid.dicomfile.part10.split_part10, then scan of the dataset it finds
     pdu     pacsgrid.dicom.pdu decoders (the first byte picks A-ASSOCIATE-RQ/AC/RJ or PDVs)
     dimse   pacsgrid.dicom.dimse.decode_command
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pacsgrid.dicom import dimse, pdu
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, scan
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, scan
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset
 
 SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED_LE)

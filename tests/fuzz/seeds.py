@@ -52,7 +52,7 @@ def _nested_datasets() -> Iterator[tuple[int, bytes]]:
 
 
 def seeds(fuzzer: str) -> Iterator[bytes]:
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.part10 import split_part10
     from pacsgrid.errors import InvalidDataset
 
     if fuzzer in ("header", "part10"):

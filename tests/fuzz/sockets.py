@@ -294,7 +294,7 @@ def check(port: int, outcome: Outcome) -> None:
             await getter.release()
         return got
 
-    from pacsgrid.dicom.header import scan
+    from pacsgrid.dicomfile.header import scan
 
     got = asyncio.run(go())
     for uid, data in outcome.acknowledged.items():

@@ -28,7 +28,7 @@ from pacsgrid.correction import (
     patient_values,
     unique,
 )
-from pacsgrid.dicom.kos import RejectionNote
+from pacsgrid.dicomfile.kos import RejectionNote
 from pacsgrid.errors import CorrectionConflict, InvalidCorrection, NotFound
 from pacsgrid.index import CorrectionLog, Index
 from pacsgrid.model import InstanceRecord

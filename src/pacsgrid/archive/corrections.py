@@ -42,7 +42,7 @@ from pacsgrid.archive.correction_plans import (
 from pacsgrid.archive.records import Caller
 from pacsgrid.archive.recovery import note_for
 from pacsgrid.correction import Correction, Who, doc_key
-from pacsgrid.dicom.kos import rejection_note
+from pacsgrid.dicomfile.kos import rejection_note
 from pacsgrid.errors import (
     CorrectionConflict,
     InvalidDataset,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pacsgrid import metrics
 from pacsgrid.archive.recovery import header_of
-from pacsgrid.dicom.header import Header
+from pacsgrid.dicomfile.header import Header
 from pacsgrid.errors import InvalidDataset, SiteUnavailable, StorageError
 from pacsgrid.model import CopyRecord
 from pacsgrid.storage import PutResult, StorageSite

@@ -29,8 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pacsgrid.dicom.header import Header, scan
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.header import Header, scan
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, ObjectMissing, StorageError
 from pacsgrid.index import Index, NewInstance
 from pacsgrid.journal import IngestJournal

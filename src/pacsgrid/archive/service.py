@@ -32,9 +32,9 @@ from pacsgrid.archive.reports import Reports
 from pacsgrid.archive.spool import SPILL_DIR, SpillArea, Spool
 from pacsgrid.archive.users import UserAdmin
 from pacsgrid.correction import KEY_OBJECT_SELECTION
-from pacsgrid.dicom.coercion import CoercionError, coerce
-from pacsgrid.dicom.header import Header, scan
-from pacsgrid.dicom.part10 import build_file_meta, split_part10
+from pacsgrid.dicomfile.coercion import CoercionError, coerce
+from pacsgrid.dicomfile.header import Header, scan
+from pacsgrid.dicomfile.part10 import build_file_meta, split_part10
 from pacsgrid.errors import (
     AccessDenied,
     InvalidDataset,
@@ -499,7 +499,7 @@ class Archive(UserAdmin, Reports):
 
         A record `locate` or `outgoing` marked as corrected is read as stored (and checked
         against the stored object's SHA-256), then re-encoded with its corrected values
-        (pacsgrid.dicom.coercion); every other object is returned as stored.
+        (pacsgrid.dicomfile.coercion); every other object is returned as stored.
         """
         service = metrics.service_of(caller.via if caller else "dimse")
         started = time.perf_counter()

@@ -41,9 +41,9 @@ from pacsgrid.dicom import dimse, pdu
 from pacsgrid.dicom.association import AcceptedContext, Association, AssociationAborted
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.fsm import State
-from pacsgrid.dicom.header import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from pacsgrid.dicom.scu import AssociationRejected, connect_to
 from pacsgrid.dicom.status import comment, n_failure_status
+from pacsgrid.dicomfile.header import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from pacsgrid.errors import PacsgridError, PeerUnreachable
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 
-from pacsgrid.dicom.header import EXPLICIT_BE, IMPLICIT_LE, LONG_VRS, _encodings, decode_value
+from pacsgrid.dicomfile.header import EXPLICIT_BE, IMPLICIT_LE, LONG_VRS, _encodings, decode_value
 from pacsgrid.errors import InvalidDataset
 from pacsgrid.matching import Match, Query, parse_match
 from pacsgrid.model import BY_KEYWORD, BY_TAG, COMPUTED, UNIQUE_KEY, Level

@@ -25,8 +25,8 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from pacsgrid.dicom import pdu
 from pacsgrid.dicom.association import AcceptedContext
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
-from pacsgrid.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from pacsgrid.dicomfile.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from pacsgrid.model import Level
 
 log = logging.getLogger("pacsgrid.dicom")

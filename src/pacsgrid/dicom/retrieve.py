@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from pacsgrid.dicom import dimse
 from pacsgrid.dicom.association import AcceptedContext, Association, AssociationAborted
-from pacsgrid.dicom.header import EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
 from pacsgrid.dicom.identifier import failed_uids_identifier
 from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect_to
-from pacsgrid.dicom.transcode import TranscodeError, transcode
+from pacsgrid.dicomfile.header import EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
+from pacsgrid.dicomfile.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
 from pacsgrid.model import InstanceRecord
 from pacsgrid.settings import PeerSettings

@@ -27,7 +27,7 @@ from pacsgrid.dicom.association import (
 )
 from pacsgrid.dicom.dimse import Message
 from pacsgrid.dicom.fsm import Event, State
-from pacsgrid.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from pacsgrid.dicomfile.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from pacsgrid.settings import PeerSettings
 from pacsgrid.tls import client_context
 

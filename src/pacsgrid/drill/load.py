@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.part10 import split_part10
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

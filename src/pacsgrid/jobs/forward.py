@@ -26,7 +26,7 @@ from pacsgrid.dicom import dimse
 from pacsgrid.dicom.association import AssociationAborted
 from pacsgrid.dicom.retrieve import pick_context, proposals_for
 from pacsgrid.dicom.scu import AssociationRejected, connect_to
-from pacsgrid.dicom.transcode import TranscodeError, transcode
+from pacsgrid.dicomfile.transcode import TranscodeError, transcode
 from pacsgrid.errors import PacsgridError
 from pacsgrid.index import WorkItem, WorkQueue
 from pacsgrid.jobs.loop import repeat

@@ -42,8 +42,8 @@ from pacsgrid.correction import (
     doc_key,
     seq_of_key,
 )
-from pacsgrid.dicom.header import scan
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.header import scan
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, StorageError
 from pacsgrid.index import AddResult, Index, NewInstance
 from pacsgrid.model import CopyRecord

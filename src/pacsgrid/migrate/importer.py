@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pacsgrid.archive import Archive, Caller, IngestResult
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, PacsgridError
 from pacsgrid.progress import Progress
 

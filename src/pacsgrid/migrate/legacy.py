@@ -17,9 +17,9 @@ from types import TracebackType
 from pacsgrid.dicom import dimse
 from pacsgrid.dicom.association import AcceptedContext, AssociationAborted
 from pacsgrid.dicom.dimse import Message
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from pacsgrid.dicom.identifier import QUERY_RETRIEVE_LEVEL, encode_elements
 from pacsgrid.dicom.scu import AssociationRejected, ClientAssociation, connect, connect_to
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 from pacsgrid.errors import PacsgridError
 from pacsgrid.model import BY_KEYWORD, COMPUTED, Level
 from pacsgrid.settings import PeerSettings

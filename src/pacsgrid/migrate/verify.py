@@ -38,8 +38,8 @@ from typing import Any
 
 from pacsgrid.archive import Archive
 from pacsgrid.dicom import dimse
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, IMPLICIT_LE, scan
-from pacsgrid.dicom.part10 import split_part10
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, IMPLICIT_LE, scan
+from pacsgrid.dicomfile.part10 import split_part10
 from pacsgrid.errors import InvalidDataset, PacsgridError
 from pacsgrid.migrate.discover import discover
 from pacsgrid.migrate.importer import NotDicom, classify, iter_files, run_parallel

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pacsgrid.dicom.transcode import pixel_array
+from pacsgrid.dicomfile.transcode import pixel_array
 
 
 class RenderError(Exception):

@@ -208,8 +208,8 @@ class _WrongStudy(Exception):
 def _check_study(part: bytes | Spool, want_study: str) -> str:
     """The SOP class of a part; raise _WrongStudy if it belongs to another study than the
     request path names (header read only, nothing stored)."""
-    from pacsgrid.dicom.header import scan
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.header import scan
+    from pacsgrid.dicomfile.part10 import split_part10
 
     try:
         data = part.contents() if isinstance(part, Spool) else part
@@ -225,7 +225,7 @@ def _check_study(part: bytes | Spool, want_study: str) -> str:
 
 
 def _sop_of(part: bytes | Spool) -> str:
-    from pacsgrid.dicom.part10 import split_part10
+    from pacsgrid.dicomfile.part10 import split_part10
 
     try:
         return split_part10(part.contents() if isinstance(part, Spool) else part).sop_instance_uid

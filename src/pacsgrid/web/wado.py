@@ -24,9 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from pacsgrid.archive import Match, Query, StoredObject
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, UNCOMPRESSED
-from pacsgrid.dicom.part10 import build_file_meta
-from pacsgrid.dicom.transcode import TranscodeError, pixel_array, transcode
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, UNCOMPRESSED
+from pacsgrid.dicomfile.part10 import build_file_meta
+from pacsgrid.dicomfile.transcode import TranscodeError, pixel_array, transcode
 from pacsgrid.model import InstanceRecord, Level
 from pacsgrid.web import multipart, validate
 from pacsgrid.web.auth import requires

@@ -4,7 +4,7 @@ A Key Object Selection Document (SOP Class 1.2.840.10008.5.1.4.1.1.88.59, PS3.3 
 document title (ConceptNameCodeSequence) is one of the rejection codes of scheme DCM
 (pacsgrid.correction.REJECTION_CODES) asks the archive to hide every instance its Current
 Requested Procedure Evidence Sequence references. Such documents are small; this reads one with
-pydicom (every other object is only scanned, see pacsgrid.dicom.header).
+pydicom (every other object is only scanned, see pacsgrid.dicomfile.header).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from pacsgrid.correction import KEY_OBJECT_SELECTION, REJECTION_CODES
-from pacsgrid.dicom.coercion import CoercionError, parse
+from pacsgrid.dicomfile.coercion import CoercionError, parse
 from pacsgrid.errors import InvalidDataset
 
 

@@ -26,7 +26,13 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, UNCOMPRESSED
+from pacsgrid.dicomfile.header import (
+    DEFLATED_LE,
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    UNCOMPRESSED,
+)
 
 
 class TranscodeError(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pacsgrid.dicom.header import _VRS, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, LONG_VRS, Buffer
+from pacsgrid.dicomfile.header import _VRS, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, LONG_VRS, Buffer
 from pacsgrid.errors import InvalidDataset
 
 IMPLEMENTATION_CLASS_UID = "2.25.84055614190599736228397704164628813299"

@@ -24,7 +24,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from pacsgrid.dicom.header import DEFLATED_LE, EXPLICIT_BE, IMPLICIT_LE
+from pacsgrid.dicomfile.header import DEFLATED_LE, EXPLICIT_BE, IMPLICIT_LE
 
 UTF8 = "ISO_IR 192"
 
