@@ -65,6 +65,13 @@ class Catalog(Protocol):
         that is not safe (a database that can fail over) commit durably anyway."""
         ...
 
+    @property
+    def concurrent_batches(self) -> int:
+        """How many `add_batch` calls may usefully run at once, from as many threads (the
+        group committer leads that many batches at a time): 1 on SQLite, whose writers
+        take turns; one per write connection on PostgreSQL."""
+        ...
+
     def sync(self) -> None:
         """Make every commit made so far durable (a checkpoint of the site logs)."""
         ...

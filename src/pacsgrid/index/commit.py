@@ -7,6 +7,11 @@ leader is done, one of them leads the next batch with everything that queued up 
 meantime. So one association pays one database fsync per instance with no hand-off to another
 thread, and N busy associations pay one fsync per batch.
 
+An index that can commit several batches at once (`Index.concurrent_batches`: PostgreSQL, one
+per write connection) gets that many leaders: a store that arrives while one batch commits
+starts the next at once instead of waiting a whole commit (PostgreSQL flushes its WAL for
+concurrent commits together). SQLite has one.
+
 If a batch fails, its items are retried one by one, so a single bad row cannot fail the
 stores that happened to share its transaction.
 
@@ -40,9 +45,10 @@ class GroupCommitter:
     def __init__(self, index: Catalog, max_batch: int = 256) -> None:
         self.index = index
         self.max_batch = max_batch
+        self.max_leaders = max(1, index.concurrent_batches)
         self._cond = threading.Condition()
         self._queue: list[_Entry] = []
-        self._leading = False
+        self._leading = 0
         self.batches = 0
         self.committed = 0
 
@@ -54,8 +60,8 @@ class GroupCommitter:
             while True:
                 if entry.done:
                     break
-                if not self._leading:
-                    self._leading = True
+                if self._leading < self.max_leaders and self._queue:
+                    self._leading += 1
                     batch = self._queue[: self.max_batch]
                     del self._queue[: len(batch)]
                     self._cond.release()
@@ -63,7 +69,7 @@ class GroupCommitter:
                         self._commit(batch)
                     finally:
                         self._cond.acquire()
-                        self._leading = False
+                        self._leading -= 1
                         self._cond.notify_all()
                     continue
                 self._cond.wait()

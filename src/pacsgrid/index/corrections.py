@@ -269,13 +269,6 @@ class CorrectionQueries(SqlBase):
                 (p,),
             )
 
-    def _hidden_on_arrival(self, db: Any, sop_uid: str, study_pk: int, patient_pk: int) -> None:
-        """Ingest: an instance a rejection note named before it arrived stays hidden."""
-        if self._x(
-            db, "SELECT 1 FROM hidden_instance WHERE sop_uid = ? LIMIT 1", (sop_uid,)
-        ).fetchone():
-            self._recount(db, {study_pk}, {patient_pk})
-
     def record_source(self, source: str, outcome: str) -> None:
         """Remember that `source` (an HL7 message) was answered `outcome` without a correction
         (nothing to change): a second copy of it is answered the same, not acted on."""

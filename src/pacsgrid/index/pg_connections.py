@@ -187,7 +187,12 @@ def clean_params(params: Sequence[Any]) -> Sequence[Any]:
     leaves in a value become U+241E (the same mapping on every write and lookup)."""
     if not any(isinstance(p, str) and "\x00" in p for p in params):
         return params
-    return [p.replace("\x00", "\u241e") if isinstance(p, str) else p for p in params]
+    return [clean_text(p) if isinstance(p, str) else p for p in params]
+
+
+def clean_text(value: str) -> str:
+    """One text value as PostgreSQL stores it (see clean_params)."""
+    return value.replace("\x00", "\u241e")
 
 
 def connection_problem(e: BaseException) -> bool:

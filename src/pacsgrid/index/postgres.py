@@ -29,11 +29,12 @@ other's rows instead of waiting for them or taking them twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import psycopg
@@ -41,9 +42,12 @@ from psycopg import errors as pgerr
 
 from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index.base import AddResult, NewInstance
+from pacsgrid.index.changes import Change, Delete, Insert, Update, combined
+from pacsgrid.index.filing import Lookups
 from pacsgrid.index.pg_connections import (
     ReadPool,
     clean_params,
+    clean_text,
     connection_problem,
     deadline,
     first_line,
@@ -67,11 +71,23 @@ RETRYABLE = (
 STANDBY_RETRY = 30.0  # seconds the primary answers reads after the standby failed
 MIGRATION_LOCK = 0x7061637367726964  # "pacsgrid": one node upgrades the schema at a time
 CORRECTIONS_LOCK = 0x7061637363727274  # one correction at a time (index/corrections.py)
+# Write connections per process: batches of ingest commit on whichever is free (the group
+# committer runs that many at once), every other write on the first.
+WRITE_CONNECTIONS = 2
+
+
+class _Writer:
+    """A write connection (None until first used, or after it broke) and its lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: psycopg.Connection[Any] | None = None
 
 
 class PostgresIndex(SqlIndex):
     dialect = POSTGRES
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+    concurrent_batches = WRITE_CONNECTIONS  # batches of ingest commit on any free one
 
     def __init__(
         self,
@@ -101,8 +117,7 @@ class PostgresIndex(SqlIndex):
         except psycopg.ProgrammingError as e:
             raise IndexUnavailable(f"invalid PostgreSQL conninfo: {e}") from None
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._writer: psycopg.Connection[Any] | None = None
+        self._writers = [_Writer() for _ in range(WRITE_CONNECTIONS)]
         self._all_conns: set[psycopg.Connection[Any]] = set()
         self._conns_lock = threading.Lock()
         self._closed = False
@@ -160,18 +175,45 @@ class PostgresIndex(SqlIndex):
         with suppress(Exception):
             conn.close()
 
-    def _writer_conn(self) -> psycopg.Connection[Any]:
-        """The write connection (caller holds self._lock); reconnects when it is broken."""
-        if self._writer is not None and self._writer.closed:
-            self._drop_writer()
-        if self._writer is None:
-            self._writer = self._connect(self._dsn)
-            self.reconnects += 1
-        return self._writer
+    @contextmanager
+    def _writer(self, any_free: bool) -> Iterator[_Writer]:
+        """A write connection for one transaction: the first one, or (`any_free`, batches
+        of ingest) whichever is free, so that concurrent batches share PostgreSQL's WAL
+        flushes instead of queueing for one connection."""
+        if any_free:
+            for w in self._writers:
+                if w.lock.acquire(blocking=False):
+                    try:
+                        yield w
+                    finally:
+                        w.lock.release()
+                    return
+        w = self._writers[0]
+        with w.lock:
+            yield w
 
-    def _drop_writer(self) -> None:
-        self._discard(self._writer)
-        self._writer = None
+    def _writer_conn(self, w: _Writer) -> psycopg.Connection[Any]:
+        """The connection of `w` (its lock is held); reconnects when it is broken."""
+        if w.conn is not None and w.conn.closed:
+            self._drop_writer(w)
+        if w.conn is None:
+            conn = self._connect(self._dsn)
+            try:
+                # Filing's statements are prepared (psycopg does so after 5 runs) and every
+                # lookup in them is by a unique key: plan them once. Left to itself,
+                # PostgreSQL plans the lookup again for every batch (array parameters), at a
+                # cost several times that of running it.
+                conn.execute("SET plan_cache_mode = force_generic_plan")
+            except psycopg.Error as e:
+                self._discard(conn)
+                raise IndexUnavailable(f"index {self.url}: {first_line(e)}") from e
+            w.conn = conn
+            self.reconnects += 1
+        return w.conn
+
+    def _drop_writer(self, w: _Writer) -> None:
+        self._discard(w.conn)
+        w.conn = None
 
     def _pool(self) -> ReadPool:
         reading = getattr(self._local, "reading", False) and self._standby is not None
@@ -235,8 +277,8 @@ class PostgresIndex(SqlIndex):
     @contextmanager
     def _tx(self, durable: bool = True) -> Iterator[psycopg.Connection[Any]]:
         """One write transaction on the write connection (no retry: see `_run`)."""
-        with self._lock:
-            conn = self._writer_conn()
+        with self._writer(any_free=False) as w:
+            conn = self._writer_conn(w)
             migrating = self._migrating
             try:
                 with deadline(conn, 0 if migrating else self._deadline_s), conn.transaction():
@@ -246,16 +288,22 @@ class PostgresIndex(SqlIndex):
                     yield conn
             except psycopg.Error as e:
                 if connection_problem(e):
-                    self._drop_writer()
+                    self._drop_writer(w)
                 raise IndexUnavailable(f"index {self.url}: {first_line(e)}") from e
 
-    def _run(self, fn: Any, *args: Any) -> Any:
-        """Run fn(conn, *args) in a write transaction, retrying when that is safe."""
+    def _run(self, fn: Any, *args: Any, pipeline: bool = False) -> Any:
+        """Run fn(conn, *args) in a write transaction, retrying when that is safe.
+
+        `pipeline`: in psycopg's pipeline mode, BEGIN goes out with fn's first statements
+        and COMMIT with its last ones, so the transaction costs only the round trips fn
+        waits for (fn reads results at most where it needs them). The COMMIT is then sent
+        with the writes: a connection lost while they are under way leaves the outcome
+        unknown, and that is reported, never retried."""
         last: Exception | None = None
         for attempt in range(5):
-            with self._lock:
+            with self._writer(any_free=pipeline) as w:
                 try:
-                    conn = self._writer_conn()
+                    conn = self._writer_conn(w)
                 except IndexUnavailable as e:
                     last = e
                     if attempt == 0:
@@ -263,7 +311,7 @@ class PostgresIndex(SqlIndex):
                     raise
                 committing = False
                 try:
-                    with deadline(conn, self._deadline_s):
+                    with deadline(conn, self._deadline_s), self._pipeline(conn, pipeline):
                         conn.execute("BEGIN")
                         result = fn(conn, *args)
                         committing = True
@@ -273,7 +321,7 @@ class PostgresIndex(SqlIndex):
                     last = e
                     broken = connection_problem(e)
                     if broken:
-                        self._drop_writer()
+                        self._drop_writer(w)
                     else:
                         with suppress(psycopg.Error):
                             conn.execute("ROLLBACK")
@@ -295,14 +343,61 @@ class PostgresIndex(SqlIndex):
     def _x(self, db: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         return db.execute(self._sql(sql), clean_params(params))
 
+    @staticmethod
+    def _pipeline(conn: psycopg.Connection[Any], on: bool) -> AbstractContextManager[Any]:
+        return conn.pipeline() if on and psycopg.Pipeline.is_supported() else nullcontext()
+
     # ------------------------------------------------------------------ writes with retry
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
         # Always a durable commit: an asynchronous one could be lost in a failover to the
         # standby while this node keeps running, and no log replay would bring it back.
-        def body(db: Any) -> list[AddResult]:
-            return [self._add_one(db, item) for item in items]
+        # Two round trips per batch (index/filing.py): BEGIN with the lookups, then the
+        # writes with COMMIT.
+        return list(self._run(self._file, items, pipeline=True))
 
-        return list(self._run(body))
+    # ------------------------------------------------------------------ filing hooks
+    # Two nodes filing into one study take turns instead of overwriting its
+    # ModalitiesInStudy (rows locked in primary key order: no deadlock between batches).
+    STUDY_LOCK = " FOR UPDATE OF st"
+
+    def _text_key(self, value: str) -> str:
+        return clean_text(value)
+
+    def _where_in(self, column: str, values: Sequence[str]) -> tuple[str, list[Any]]:
+        # One array parameter: the statement's text is the same for every batch size, so
+        # psycopg prepares it once.
+        return f"{column} = ANY(?)", [list(values)]
+
+    def _look_up(self, db: Any, lookups: Lookups) -> tuple[list[list[Any]], dict[str, list[int]]]:
+        """Step 1 as one statement: each lookup's rows as a JSON array of objects, and the
+        fresh keys drawn from the tables' sequences (BIGSERIAL names them <table>_pk_seq;
+        a key drawn and not used is a gap)."""
+        parts: list[str] = []
+        params: list[Any] = []
+        for sql, p in lookups.queries(self.STUDY_LOCK, self._where_in):
+            parts.append(f"(SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t)")
+            params += p
+        need = lookups.new_rows_at_most()
+        n = len(parts)
+        for table, k in need.items():
+            parts.append(f"ARRAY(SELECT nextval('{table}_pk_seq') FROM generate_series(1, ?))")
+            params.append(k)
+        row = db.execute(self._sql("SELECT " + ", ".join(parts)), clean_params(params)).fetchone()
+        found = [[list(obj.values()) for obj in rows] for rows in row[:n]]
+        return found, {table: list(pks) for table, pks in zip(need, row[n:], strict=True)}
+
+    def _write(self, db: Any, changes: Sequence[Change]) -> None:
+        """Step 2 as one statement (index/changes.py), after the deletes of replaced
+        instances (one statement may not delete a SOP Instance UID and insert it again)."""
+        rest: list[Insert | Update] = []
+        for c in changes:
+            if isinstance(c, Delete):
+                db.cursor().executemany(self._sql(c.statement()), c.rows)
+            else:
+                rest.append(c)
+        if rest:
+            sql, params = combined([_clean(c) for c in rest])
+            db.execute(self._sql(sql), params)
 
     # ------------------------------------------------------------------ reads (standby)
     def find(self, query: Query) -> Iterator[dict[str, str]]:
@@ -340,8 +435,15 @@ class PostgresIndex(SqlIndex):
         for conn in conns:
             with suppress(Exception):
                 conn.close()
-        self._writer = None
+        for w in self._writers:
+            w.conn = None
         self._primary.clear()
         if self._standby is not None:
             self._standby.clear()
         self._local = threading.local()
+
+
+def _clean(change: Insert | Update) -> Insert | Update:
+    """`change` with its text as PostgreSQL stores it (clean_params)."""
+    rows = [clean_params(r) for r in change.rows]
+    return dataclasses.replace(change, rows=rows)

@@ -4,11 +4,8 @@ Queries are written once with `?` placeholders; an engine whose driver wants `%s
 `dialect = POSTGRES` and `_sql()` rewrites them. Engines supply connections, transactions and
 the DDL type names; everything DICOM-specific lives here.
 
-Hierarchy rules (real-world untidiness is stored, never refused):
-- a study belongs to the patient it was first stored under; a later instance of the same
-  study with another PatientID is filed in that study, with a warning;
-- likewise a series stays in the study it was first stored in.
-Patient, study and series attributes are those of the first instance stored.
+Filing instances into the hierarchy (its rules, and how a batch costs two round trips) is
+in pacsgrid.index.filing.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from pacsgrid.index.base import (
     SiteUsage,
 )
 from pacsgrid.index.corrections import CorrectionQueries
+from pacsgrid.index.filing import COPY_UPSERT, FilingQueries, copy_row
 from pacsgrid.index.ledger_queries import LedgerQueries
 from pacsgrid.index.schema import MIGRATIONS, TRACKING_TABLE, Types
 from pacsgrid.index.sites import SiteQueries
@@ -34,8 +32,6 @@ from pacsgrid.index.sql_matching import (
     SQLITE,
     Query,
     compile_where,
-    normalize_stored,
-    pn_norm,
 )
 from pacsgrid.index.users import UserQueries
 from pacsgrid.index.work import WorkQueries
@@ -61,12 +57,15 @@ VISIBLE = {
 }
 
 
-class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQueries):
+class SqlIndex(
+    FilingQueries, WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQueries
+):
     """Shared implementation; engines provide `_all`, `_one` and `_tx` (see SqlBase).
 
-    Here: filing instances (add_batch), queries (find, instances, stats). In the mixins: the
-    work queue (index/work.py), copies on sites (index/sites.py), migration ledgers
-    (index/ledger_queries.py), web users (index/users.py), corrections (index/corrections.py)."""
+    Here: queries (find, instances, stats). In the mixins: filing instances (add_batch,
+    index/filing.py), the work queue (index/work.py), copies on sites (index/sites.py),
+    migration ledgers (index/ledger_queries.py), web users (index/users.py), corrections
+    (index/corrections.py)."""
 
     def _apply_migrations(self, types: Types) -> None:
         """Bring the schema up to date (see pacsgrid.index.schema); idempotent."""
@@ -92,186 +91,24 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQ
                 )
 
     # ------------------------------------------------------------------ writes
+    concurrent_batches = 1
+
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
         with self._tx(durable=durable) as db:
-            return [self._add_one(db, item) for item in items]
+            return self._file(db, items)
+
+    def _recount_hidden(self, db: Any, studies: set[int], patients: set[int]) -> None:
+        self._recount(db, studies, patients)  # an arriving instance a rejection note hid
 
     def sync(self) -> None:
         with self._tx(durable=True) as db:
             self._x(db, "UPDATE checkpoint_mark SET at = ? WHERE id = 1", (time.time(),))
 
-    def _add_one(self, db: Any, item: NewInstance) -> AddResult:
-        v = item.values
-        now = time.time()
-        row = self._x(
-            db, "SELECT pk, sha256 FROM instance WHERE sop_uid = ?", (item.sop_uid,)
-        ).fetchone()
-        if row is not None:
-            if not item.replace:
-                for c in item.copies:
-                    if c.sha256 == row[1]:
-                        self._insert_copy(db, row[0], c, ignore=True)
-                return AddResult("duplicate", existing_sha256=row[1])
-            self._remove_instance(db, row[0])
-        warnings: list[str] = []
-
-        study = self._x(
-            db, "SELECT pk, patient_pk FROM study WHERE study_uid = ?", (v["StudyInstanceUID"],)
-        ).fetchone()
-        new_study = study is None
-        if study is None:
-            patient_pk = self._patient_pk(db, v)
-            study_pk = self._insert(
-                db, "study", Level.STUDY, v, {"patient_pk": patient_pk, "updated_at": now}
-            )
-        else:
-            study_pk, patient_pk = study
-            pid = self._x(
-                db, "SELECT patient_id FROM patient WHERE pk = ?", (patient_pk,)
-            ).fetchone()[0]
-            if pid != v.get("PatientID", ""):
-                # No PatientID values here: warnings reach the ordinary log.
-                warnings.append(
-                    f"study {v['StudyInstanceUID']} is stored under another PatientID than "
-                    f"instance {item.sop_uid} gives; the instance is filed in the existing study"
-                )
-
-        series = self._x(
-            db, "SELECT pk, study_pk FROM series WHERE series_uid = ?", (v["SeriesInstanceUID"],)
-        ).fetchone()
-        new_series = series is None
-        if series is None:
-            series_pk = self._insert(db, "series", Level.SERIES, v, {"study_pk": study_pk})
-        else:
-            series_pk = series[0]
-            if series[1] != study_pk:
-                warnings.append(
-                    f"series {v['SeriesInstanceUID']} belongs to another study; "
-                    f"instance {item.sop_uid} is filed in that series"
-                )
-                study_pk = series[1]
-                patient_pk = self._x(
-                    db, "SELECT patient_pk FROM study WHERE pk = ?", (study_pk,)
-                ).fetchone()[0]
-                new_study = False
-
-        instance_pk = self._insert(
-            db,
-            "instance",
-            Level.IMAGE,
-            v,
-            {
-                "series_pk": series_pk,
-                "transfer_syntax": item.transfer_syntax,
-                "size": item.size,
-                "sha256": item.sha256,
-                "stored_at": now,
-                "source_ae": item.source_ae,
-            },
-        )
-        for c in item.copies:
-            self._insert_copy(db, instance_pk, c, ignore=False)
-        for kind, key, payload in item.work:
-            self._enqueue(db, kind, key, payload, now)
-
-        self._x(
-            db, "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?", (series_pk,)
-        )
-        study_row = self._x(
-            db, "SELECT modalities, sop_classes FROM study WHERE pk = ?", (study_pk,)
-        ).fetchone()
-        modalities = _add_to_set(study_row[0], v.get("Modality", ""))
-        if modalities != study_row[0]:
-            self._x(
-                db,
-                "INSERT INTO study_modality (study_pk, modality) VALUES (?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (study_pk, v["Modality"]),
-            )
-        sop_classes = _add_to_set(study_row[1], v.get("SOPClassUID", ""))
-        self._x(
-            db,
-            "UPDATE study SET num_instances = num_instances + 1, num_series = num_series"
-            " + ?, modalities = ?, sop_classes = ?, updated_at = ? WHERE pk = ?",
-            (int(new_series), modalities, sop_classes, now, study_pk),
-        )
-        self._x(
-            db,
-            "UPDATE patient SET num_instances = num_instances + 1, num_series = "
-            "num_series + ?, num_studies = num_studies + ? WHERE pk = ?",
-            (int(new_series), int(new_study), patient_pk),
-        )
-        self._hidden_on_arrival(db, item.sop_uid, study_pk, patient_pk)
-        return AddResult("replaced" if row is not None else "stored", tuple(warnings))
-
-    def _patient_pk(self, db: Any, v: dict[str, str]) -> int:
-        pid = v.get("PatientID", "")
-        key = (
-            f"{pid}\x00{v.get('IssuerOfPatientID', '')}"
-            if pid
-            else f"\x00{pn_norm(v.get('PatientName', ''))}"
-        )
-        row = self._x(db, "SELECT pk FROM patient WHERE patient_key = ?", (key,)).fetchone()
-        if row is not None:
-            return int(row[0])
-        return self._insert(db, "patient", Level.PATIENT, v, {"patient_key": key})
-
-    def _insert(
-        self, db: Any, table: str, level: Level, v: dict[str, str], extra: dict[str, Any]
-    ) -> int:
-        cols: dict[str, Any] = dict(extra)
-        for a in ATTRIBUTES:
-            if a.level is level:
-                value = normalize_stored(a.vr, v.get(a.keyword, ""))
-                cols[a.column] = value
-                if a.vr == "PN":
-                    cols[a.column + "_norm"] = pn_norm(value)
-        names = ", ".join(cols)
-        marks = ", ".join("?" * len(cols))
-        cur = self._x(
-            db, f"INSERT INTO {table} ({names}) VALUES ({marks}) RETURNING pk", list(cols.values())
-        )
-        return int(cur.fetchone()[0])
-
-    def _insert_copy(self, db: Any, instance_pk: int, c: CopyRecord, *, ignore: bool) -> None:
-        conflict = (
-            "DO NOTHING"
-            if ignore
-            else (
-                "DO UPDATE SET key = excluded.key, size = excluded.size, sha256 = excluded.sha256, "
-                "stored_at = excluded.stored_at, state = excluded.state, "
-                "verified_at = excluded.verified_at"
-            )
-        )
-        self._x(
-            db,
-            "INSERT INTO copy (instance_pk, site, key, size, sha256, stored_at, state, "
-            f"verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_pk, site) "
-            f"{conflict}",
-            (instance_pk, c.site, c.key, c.size, c.sha256, c.stored_at, c.state, c.verified_at),
-        )
-
-    def _remove_instance(self, db: Any, instance_pk: int) -> None:
-        """Drop an instance row (replace policy) and keep the counters right."""
-        (series_pk,) = self._x(
-            db, "SELECT series_pk FROM instance WHERE pk = ?", (instance_pk,)
-        ).fetchone()
-        (study_pk,) = self._x(
-            db, "SELECT study_pk FROM series WHERE pk = ?", (series_pk,)
-        ).fetchone()
-        (patient_pk,) = self._x(
-            db, "SELECT patient_pk FROM study WHERE pk = ?", (study_pk,)
-        ).fetchone()
-        self._x(db, "DELETE FROM copy WHERE instance_pk = ?", (instance_pk,))
-        self._x(db, "DELETE FROM instance WHERE pk = ?", (instance_pk,))
-        for table, pk in (("series", series_pk), ("study", study_pk), ("patient", patient_pk)):
-            self._x(db, f"UPDATE {table} SET num_instances = num_instances - 1 WHERE pk = ?", (pk,))
-
     def record_copy(self, sop_uid: str, copy: CopyRecord) -> None:
         with self._tx() as db:
             row = self._x(db, "SELECT pk FROM instance WHERE sop_uid = ?", (sop_uid,)).fetchone()
             if row is not None:
-                self._insert_copy(db, row[0], copy, ignore=False)
+                self._x(db, COPY_UPSERT, copy_row(row[0], copy))
 
     def register_site(self, name: str) -> bool:
         with self._tx() as db:
@@ -445,10 +282,3 @@ class SqlIndex(WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQ
         ]
         patients, studies, series, instances, size = (int(c) for c in counts)
         return IndexStats(patients, studies, series, instances, size, tuple(sites))
-
-
-def _add_to_set(stored: str, value: str) -> str:
-    """Add `value` to a set kept as '\\A\\B\\' (empty string for the empty set)."""
-    if not value or f"\\{value}\\" in stored:
-        return stored
-    return (stored or "\\") + value + "\\"

@@ -11,22 +11,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pacsgrid.index.changes import Insert
 from pacsgrid.index.records import FailedWork, PendingWork, WorkItem, WorkSummary
 from pacsgrid.index.sql_base import SqlBase
+
+WORK_COLUMNS = ("kind", "key", "payload", "created_at", "updated_at")
+# An item already pending stays as it is; a done or failed one is queued again.
+ENQUEUE_CONFLICT = (
+    "ON CONFLICT (kind, key) DO UPDATE SET state = 'pending', payload = excluded.payload, "
+    "attempts = 0, not_before = 0, claimed_by = NULL, claimed_until = NULL, last_error = '', "
+    "updated_at = excluded.updated_at WHERE work.state <> 'pending'"
+)
+ENQUEUE = Insert("work", WORK_COLUMNS, [], ENQUEUE_CONFLICT).statement()
 
 
 class WorkQueries(SqlBase):
     # ------------------------------------------------------------------ work queue
     def _enqueue(self, db: Any, kind: str, key: str, payload: str, now: float) -> int:
-        cur = self._x(
-            db,
-            "INSERT INTO work (kind, key, payload, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET "
-            "state = 'pending', payload = excluded.payload, attempts = 0, not_before = 0, "
-            "claimed_by = NULL, claimed_until = NULL, last_error = '', "
-            "updated_at = excluded.updated_at WHERE work.state <> 'pending'",
-            (kind, key, payload, now, now),
-        )
+        cur = self._x(db, ENQUEUE, (kind, key, payload, now, now))
         return max(0, int(cur.rowcount))
 
     def enqueue(self, kind: str, items: Sequence[tuple[str, str]]) -> int:
