@@ -30,20 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.synth import FAMILY, GIVEN, study_date, uid  # noqa: E402
 from pacsgrid.index import Index, Query, open_index, parse_match  # noqa: E402
-from pacsgrid.model import ATTRIBUTES, Level  # noqa: E402
+from pacsgrid.index.filing import attribute_columns  # noqa: E402
+from pacsgrid.model import Level  # noqa: E402
 
 SERIES_PER_STUDY = 2
 CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def columns(level: Level) -> list[str]:
-    out = []
-    for a in ATTRIBUTES:
-        if a.level is level:
-            out.append(a.column)
-            if a.vr == "PN":
-                out.append(a.column + "_norm")
-    return out
 
 
 def name_of(p: int) -> str:
@@ -142,12 +133,12 @@ def rows(
         for pk in range(1, n + 1):
             yield (pk, "local", f"k/{pk}.dcm", 525000, f"{pk:064x}", 0.0, "ok", None)
 
-    pcols = ["pk", "patient_key", *columns(Level.PATIENT)]
+    pcols = ["pk", "patient_key", *attribute_columns(Level.PATIENT)]
     pcols += ["num_studies", "num_series", "num_instances"]
-    scols = ["pk", "patient_pk", *columns(Level.STUDY)]
+    scols = ["pk", "patient_pk", *attribute_columns(Level.STUDY)]
     scols += ["modalities", "sop_classes", "num_series", "num_instances", "updated_at"]
-    secols = ["pk", "study_pk", *columns(Level.SERIES), "num_instances"]
-    icols = ["pk", "series_pk", *columns(Level.IMAGE)]
+    secols = ["pk", "study_pk", *attribute_columns(Level.SERIES), "num_instances"]
+    icols = ["pk", "series_pk", *attribute_columns(Level.IMAGE)]
     icols += ["transfer_syntax", "size", "sha256", "stored_at", "source_ae"]
     ccols = ["instance_pk", "site", "key", "size", "sha256", "stored_at", "state", "verified_at"]
     return {

@@ -3,11 +3,13 @@ same files with `cat > /dev/null` in the same run.
 
     python -m bench.reindex                   # 10,000 synthetic CT objects (64x64), both engines
     python -m bench.reindex --objects 2000 --engines sqlite
+    python -m bench.reindex --rounds 5        # both engines 5 times, in alternating order: medians
 
 The objects are written once into a filesystem site under --workdir (kept for later runs).
 `cat` runs before and after the reindexes (the first may read from disk, the second from the
 page cache; both are reported). Reindex uses `pacsgrid.jobs.reindex.Reindexer`, exactly what
-`pacsgrid reindex` runs, with one reader process per core.
+`pacsgrid reindex` runs, with one reader process per core. PostgreSQL is a server started
+here (tests.pg) with fsync on, as in production; each round reindexes into a fresh database.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,40 +86,57 @@ def main() -> None:
     )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--engines", default="sqlite,postgres")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, engines in alternating order")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     site_root = a.workdir / "site"
     s = populate(site_root, a.objects)
     cat1, size = cat_seconds(site_root)
     n = sum(1 for _ in site_root.rglob("*.dcm"))
-    results = []
-    if "sqlite" in a.engines:
-        db = a.workdir / "index.sqlite"
-        for p in a.workdir.glob("index.sqlite*"):
-            p.unlink()
-        secs, indexed = reindex_once(f"sqlite:///{db}", s, a.jobs)
-        results.append(("SQLite", secs, indexed))
-    if "postgres" in a.engines:
+    engines = [e for e in ("sqlite", "postgres") if e in a.engines]
+    seconds: dict[str, list[float]] = {e: [] for e in engines}
+    cluster = None
+    if "postgres" in engines:
         from tests.pg import PgCluster
 
-        cluster = PgCluster().init().start()
-        try:
-            secs, indexed = reindex_once(cluster.create_db("reindex"), s, a.jobs)
-            results.append(("PostgreSQL", secs, indexed))
-        finally:
+        cluster = PgCluster(fsync=True).init().start()  # fsync on, as in production
+    try:
+        for rnd in range(a.rounds):
+            for engine in engines[rnd % len(engines) :] + engines[: rnd % len(engines)]:
+                if engine == "sqlite":
+                    for p in a.workdir.glob("index.sqlite*"):
+                        p.unlink()
+                    url = f"sqlite:///{a.workdir / 'index.sqlite'}"
+                else:
+                    assert cluster is not None
+                    url = cluster.create_db("reindex")
+                secs, indexed = reindex_once(url, s, a.jobs)
+                assert indexed == n, f"{engine}: indexed {indexed} of {n}"
+                seconds[engine].append(secs)
+                print(f"round {rnd + 1} {engine}: {n / secs:.0f} objects/s", flush=True)
+    finally:
+        if cluster is not None:
             cluster.destroy()
     cat2, _ = cat_seconds(site_root)
-    print(f"{n} objects, {size / 1e6:.0f} MB, {a.jobs} reader processes")
+    print(f"{n} objects, {size / 1e6:.0f} MB, {a.jobs} reader processes, {a.rounds} round(s)")
     print("| what | seconds | objects/s | MB/s |")
     print("|---|---|---|---|")
     print(f"| cat > /dev/null (first) | {cat1:.2f} | {n / cat1:.0f} | {size / 1e6 / cat1:.0f} |")
     print(f"| cat > /dev/null (again) | {cat2:.2f} | {n / cat2:.0f} | {size / 1e6 / cat2:.0f} |")
-    for label, secs, indexed in results:
-        assert indexed == n, f"{label}: indexed {indexed} of {n}"
+    rates = {}
+    for engine, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL (fsync on)")):
+        if engine not in seconds:
+            continue
+        secs = statistics.median(seconds[engine])
+        rates[engine] = n / secs
+        spread = f" ({n / max(seconds[engine]):.0f}-{n / min(seconds[engine]):.0f})"
         print(
-            f"| reindex into {label} | {secs:.2f} | {n / secs:.0f} | {size / 1e6 / secs:.0f} |"
+            f"| reindex into {label}, median | {secs:.2f} | {n / secs:.0f}"
+            f"{spread if a.rounds > 1 else ''} | {size / 1e6 / secs:.0f} |"
             f" cat was {secs / min(cat1, cat2):.1f}x faster"
         )
+    if len(rates) == 2:
+        print(f"PostgreSQL / SQLite: {rates['postgres'] / rates['sqlite']:.2f}x (medians)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ INGEST_METRICS: tuple[tuple[str, str, int], ...] = (
     ("instances/s", "instances_per_s", 0),
     ("MB/s", "mb_per_s", 1),
     ("CPU s per 1,000 instances", "cpu_s_per_1000", 2),
+    ("index server CPU s per 1,000 instances", "db_cpu_s_per_1000", 2),
     ("peak RSS (MB)", "peak_rss_mb", 0),
 )
 
@@ -87,6 +88,7 @@ def _summary(meta: dict[str, object]) -> list[str]:
 
 
 Metric = tuple[str, str, int]  # label, metric key, decimals
+MINE = ("pacsgrid", "pacsgrid-pg")  # the index on SQLite and on PostgreSQL
 ExtraRow = Callable[[str, list[str]], tuple[str, list[str]]]  # scenario, servers -> row
 
 
@@ -103,21 +105,24 @@ def _metric_table(
     extra: ExtraRow | None = None,
     columns: tuple[str, ...] = SERVERS,
 ) -> list[str]:
-    """One row per (scenario, metric), one column per server, then pacsgrid's ratios."""
+    """One row per (scenario, metric), one column per server, then pacsgrid's ratios (and
+    that of pacsgrid-pg, its index on PostgreSQL, to pacsgrid on SQLite)."""
     servers = _servers(t, phase, columns)
-    ratios = [o for o in servers if o != "pacsgrid" and "pacsgrid" in servers]
+    ratios = [("pacsgrid", o) for o in servers if o not in MINE and "pacsgrid" in servers]
+    if set(MINE) <= set(servers):
+        ratios.append(MINE[::-1])
     out = [*intro, ""]
     out.append(
         f"| {first} | metric | "
         + " | ".join(servers)
-        + "".join(f" | pacsgrid/{o}" for o in ratios)
+        + "".join(f" | {a}/{b}" for a, b in ratios)
         + " |"
     )
     out.append("|" + "---|" * (2 + len(servers) + len(ratios)))
     for sc in t.scenarios(phase):
         for label, metric, digits in metrics:
             cells = [t.cell(phase, sc, s, metric, digits) for s in servers]
-            cells += [t.ratio(phase, sc, metric, o) for o in ratios]
+            cells += [t.ratio(phase, sc, metric, b, mine=a) for a, b in ratios]
             out.append(f"| {sc} | {label} | " + " | ".join(cells) + " |")
         if extra is not None:
             label, cells = extra(sc, servers)
@@ -133,6 +138,9 @@ def _ingest(t: Table) -> list[str]:
         "and MB/s (file bytes) over the wall time of all storescu processes; CPU = user+system "
         "seconds of the server's whole process tree (children included) during the ingest; "
         "peak RSS = highest sum over the tree. Each measurement starts a fresh, empty server. "
+        "pacsgrid-pg is the same pacsgrid with its index on a PostgreSQL server of its own "
+        "on the same machine (fsync on, every index commit flushed: see docs/postgresql.md); "
+        "its CPU column counts pacsgrid only, the next row PostgreSQL's server. "
         "pacsgrid fsyncs every object and commits its index before answering; Orthanc runs "
         'with its defaults ("SyncStorageArea": true); storescp writes files, no fsync, no index.',
     ]

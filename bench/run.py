@@ -60,6 +60,7 @@ from bench.servers import (
     Destination,
     Orthanc,
     Pacsgrid,
+    PacsgridPg,
     Server,
     StoreScp,
 )
@@ -67,7 +68,8 @@ from bench.synth import StudyInfo, studies
 from pacsgrid.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("pacsgrid", "orthanc", "storescp")
+# pacsgrid-pg: pacsgrid with its index on a PostgreSQL server of its own (fsync on).
+KINDS = ("pacsgrid", "pacsgrid-pg", "orthanc", "storescp")
 PHASES = ("disk", "ingest", "latency", "repair", "migrate", "find", "retrieve")  # run in this order
 
 
@@ -157,6 +159,8 @@ class Runner:
         srv: Server
         if kind == "pacsgrid":
             srv = Pacsgrid(folder, peers=peers or {}, workers=self.args.pacsgrid_workers)
+        elif kind == "pacsgrid-pg":
+            srv = PacsgridPg(folder, peers=peers or {}, workers=self.args.pacsgrid_workers)
         elif kind == "orthanc":
             srv = Orthanc(folder, peers=peers or {})
         else:
@@ -458,7 +462,11 @@ def ingest_sample(
     warm = warmup.files
     srv.warm_up(warm, logs / "warmup")
     os.sync()  # no dirty pages of the previous measurement
-    with Sampler(srv.pid) as sampler:
+    index_pid = srv.index_server_pid()
+    with (
+        Sampler(srv.pid) as sampler,
+        Sampler(index_pid) if index_pid else contextlib.nullcontext() as index_sampler,
+    ):
         run = clients.storescu(
             srv.port, srv.ae_title, ds.files, assoc, logs / f"{srv.name}-ingest", timeout
         )
@@ -474,6 +482,8 @@ def ingest_sample(
         stored=stored,
         expected=sent,
     )
+    if index_sampler is not None:  # the index's own server (PostgreSQL)
+        s.metrics["db_cpu_s_per_1000"] = index_sampler.usage().cpu_seconds / n * 1000
     problems = []
     if not run.ok:
         problems.append(run.failures())
@@ -512,7 +522,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--servers",
         default=",".join(KINDS),
-        help="comma-separated subset of pacsgrid,orthanc,storescp",
+        help=f"comma-separated subset of {','.join(KINDS)}",
     )
     ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="cache and scratch")

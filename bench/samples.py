@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 class Sample:
     phase: str  # disk | ingest | load | find | retrieve | repair | migrate | latency
     scenario: str  # e.g. "64x64, 4 assoc", "PatientID", "C-MOVE", "64x64 cp -r", "512x512"
-    server: str  # pacsgrid | Orthanc | storescp | disk | cp -r + sync
+    server: str  # pacsgrid | pacsgrid-pg | Orthanc | storescp | disk | cp -r + sync
     round: int
     metrics: dict[str, float] = field(default_factory=dict)
     ok: bool = True
@@ -36,7 +36,7 @@ class Sample:
         return Sample(**json.loads(line))
 
 
-SERVERS = ("pacsgrid", "Orthanc", "storescp")
+SERVERS = ("pacsgrid", "pacsgrid-pg", "Orthanc", "storescp")
 CP_SYNC = "cp -r + sync"  # the reference of the repair and migrate phases
 
 
@@ -88,8 +88,10 @@ class Table:
         ok = self.passed.get((phase, scenario, server), [])
         return f"{sum(ok)}/{len(ok)} rounds" if ok else "-"
 
-    def ratio(self, phase: str, scenario: str, metric: str, other: str) -> str:
-        a = self.median(phase, scenario, "pacsgrid", metric)
+    def ratio(
+        self, phase: str, scenario: str, metric: str, other: str, mine: str = "pacsgrid"
+    ) -> str:
+        a = self.median(phase, scenario, mine, metric)
         b = self.median(phase, scenario, other, metric)
         if a is None or b is None or b == 0:
             return "-"

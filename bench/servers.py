@@ -10,10 +10,14 @@ the C-ECHO and the quiet CPU a server must reach before it is measured, its warm
 
 from __future__ import annotations
 
+import hashlib
+import stat
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tests.peers as launchers
 from bench import clients, scratch
@@ -113,6 +117,10 @@ class Server:
     def count(self) -> int:
         raise NotImplementedError
 
+    def index_server_pid(self) -> int | None:
+        """The process (tree) of a database server the server's index lives in, if any."""
+        return None
+
     def wipe(self) -> None:
         scratch.discard(self.folder)
         self.log.unlink(missing_ok=True)
@@ -158,6 +166,78 @@ class Pacsgrid(Server):
     def count(self) -> int:
         status = pacsgrid_status("--data-dir", self.data_dir, env=self.env(), python=self.python)
         return int(status["index"]["instances"])
+
+
+@dataclass
+class PacsgridPg(Pacsgrid):
+    """pacsgrid with its index on PostgreSQL: a PostgreSQL server of its own (tests.pg, on
+    127.0.0.1 and a free port) with `fsync` on, as in production. It starts before pacsgrid
+    and stops after it; `wipe` removes it. Its folder is named after the server's (the
+    postgres user may not enter that one), so that --resume finds it again."""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or "pacsgrid-pg"
+        super().__post_init__()
+        self._cluster: Any = None
+
+    @property
+    def cluster_root(self) -> Path:
+        """Next to the server's folder, or in the temporary folder when the postgres user
+        cannot get there (a root-only folder above it)."""
+        parent = self.folder.resolve().parent
+        above = [p for p in (parent, *parent.parents) if p.exists()]
+        if all(p.stat().st_mode & stat.S_IXOTH for p in above):
+            return parent / f"{self.folder.name}-postgres"
+        digest = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"pacsgrid-bench-pg-{digest}"
+
+    @property
+    def database(self) -> str:
+        assert self._cluster is not None, "PostgreSQL not started"
+        return f"host=127.0.0.1 port={self._cluster.port} user=postgres dbname=pacs"
+
+    def start(self, fresh: bool = True, timeout: float = 60.0) -> Server:
+        from tests.pg import PgCluster
+
+        if fresh:
+            self._drop_cluster()
+        if self._cluster is None and (self.cluster_root / "data").exists():
+            self._cluster = PgCluster.reopen(self.cluster_root)
+        if self._cluster is None:
+            self._cluster = PgCluster(self.cluster_root, fsync=True).init().start()
+            self._cluster.create_db("pacs")
+        elif self._cluster.pid is None:
+            self._cluster.start()
+        return super().start(fresh, timeout)
+
+    def launcher(self) -> launchers.Server:
+        program = super().launcher()
+        program.args = (*program.args, "--database", self.database)
+        return program
+
+    def stop(self) -> None:
+        super().stop()
+        if self._cluster is not None:
+            self._cluster.stop()
+
+    def wipe(self) -> None:
+        super().wipe()
+        self._drop_cluster()
+
+    def _drop_cluster(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+        scratch.discard(self.cluster_root)
+
+    def count(self) -> int:
+        status = pacsgrid_status(
+            "--data-dir", self.data_dir, "--database", self.database, python=self.python
+        )
+        return int(status["index"]["instances"])
+
+    def index_server_pid(self) -> int | None:
+        return None if self._cluster is None else self._cluster.pid
 
 
 @dataclass

@@ -53,12 +53,30 @@ def _as_postgres(*cmd: str | Path, check: bool = True, timeout: float = 120) -> 
 class PgCluster:
     """One PostgreSQL server (a primary, or a streaming replica of one)."""
 
-    def __init__(self, root: Path | None = None, port: int | None = None) -> None:
-        self.root = root or _owned_dir("pacsgrid-pg-")
+    def __init__(
+        self, root: Path | None = None, port: int | None = None, *, fsync: bool = False
+    ) -> None:
+        """`root`: a folder of the postgres user's that holds (or will hold) the cluster."""
+        if root is None:
+            root = _owned_dir("pacsgrid-pg-")
+        elif not root.exists():  # a folder of the postgres user's where the caller wants it
+            root.mkdir(mode=0o700)
+            if os.getuid() == 0:
+                pw = pwd.getpwnam("postgres")
+                os.chown(root, pw.pw_uid, pw.pw_gid)
+        self.root = root
+        self.fsync = fsync
         self.data = self.root / "data"
         self.port = port or free_port()
         self.log = self.root / "server.log"
         self.pid: int | None = None
+
+    @classmethod
+    def reopen(cls, root: Path) -> PgCluster:
+        """The cluster made earlier in `root` (not running), on the port it was given."""
+        conf = (root / "data" / "postgresql.auto.conf").read_text()
+        ports = [line.split("=")[1] for line in conf.splitlines() if line.startswith("port =")]
+        return cls(root, int(ports[-1]))
 
     # ------------------------------------------------------------------ lifecycle
     def init(self) -> PgCluster:
@@ -86,11 +104,12 @@ class PgCluster:
             "wal_keep_size = 256MB",
             "hot_standby = on",
             "shared_buffers = 128MB",
-            # The tests measure behaviour, not a disk: commits still go through the WAL.
             "synchronous_commit = on",
-            "fsync = off",
-            "full_page_writes = off",
         ]
+        if not self.fsync:
+            # The tests measure behaviour, not a disk: commits still go through the WAL.
+            # Benchmarks ask for fsync, as in production.
+            conf += ["fsync = off", "full_page_writes = off"]
         with open(self.data / "postgresql.auto.conf", "a") as fh:
             fh.write("\n".join(conf) + "\n")
 

@@ -23,6 +23,7 @@ from bench.goals import goal_status, previous_results
 from bench.report import render
 from bench.run import Runner, parse, rotate
 from bench.samples import CP_SYNC, Sample, Table, percentile
+from bench.servers import PacsgridPg
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.dcmtk]
@@ -50,22 +51,22 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
 
     by = {(s.phase, s.scenario, s.server): s for s in samples}
     for scenario in ("64x64, 1 assoc", "64x64, 4 assoc", "128x128, 1 assoc", "128x128, 4 assoc"):
-        for server in ("pacsgrid", "Orthanc", "storescp"):
+        for server in ("pacsgrid", "pacsgrid-pg", "Orthanc", "storescp"):
             m = by[("ingest", scenario, server)].metrics
             assert m["stored"] == m["expected"] > 0, (scenario, server)
             assert m["cpu_s_per_1000"] >= 0 and m["peak_rss_mb"] > 0
     for kind in ("PatientID", "PatientName wildcard", "StudyDate range"):
-        for server in ("pacsgrid", "Orthanc"):
+        for server in ("pacsgrid", "pacsgrid-pg", "Orthanc"):
             m = by[("find", kind, server)].metrics
             assert m["wrong_answers"] == 0 and m["queries"] > 0, (kind, server)
             assert m["responses_per_query"] >= 1
     for op in ("C-MOVE", "C-GET"):
-        for server in ("pacsgrid", "Orthanc"):
+        for server in ("pacsgrid", "pacsgrid-pg", "Orthanc"):
             m = by[("retrieve", op, server)].metrics
             assert m["received"] == m["expected"] == 6, (op, server)
     for scenario in ("64x64 cp -r", "64x64 write+fsync", "128x128 cp -r", "128x128 write+fsync"):
         assert by[("disk", scenario, "disk")].metrics["instances_per_s"] > 0
-    for server in ("pacsgrid", "Orthanc", "storescp"):
+    for server in ("pacsgrid", "pacsgrid-pg", "Orthanc", "storescp"):
         m = by[("latency", "64x64, one at a time", server)].metrics
         assert m["timed"] == SMOKE.latency_instances and m["stored"] == m["expected"] == 21
         assert 0 < m["p50_ms"] <= m["p95_ms"] <= m["max_ms"], server
@@ -85,7 +86,12 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
 
     md = result.with_suffix(".md").read_text()
     assert "Deleted at once for lack of disk space: none." in md
-    assert "| pacsgrid/Orthanc | pacsgrid/storescp |" in md
+    assert "| pacsgrid/Orthanc | pacsgrid/storescp | pacsgrid-pg/pacsgrid |" in md
+    # pacsgrid-pg: the index on its own PostgreSQL server, whose CPU is counted apart.
+    assert by[("ingest", "64x64, 4 assoc", "pacsgrid-pg")].metrics["db_cpu_s_per_1000"] > 0
+    assert "PostgreSQL index: instances/s >= 0.9x the SQLite index" in md
+    ingest_pg = PacsgridPg(tmp_path / "work" / "run-smoke" / "ingest-pacsgrid-pg")
+    assert not ingest_pg.cluster_root.exists()  # removed with the measurement
     for heading in ("At a glance", "Goals", "Latency of one C-STORE on an idle archive"):
         assert f"## {heading}" in md
     assert "## Repair of a wiped folder site, against cp -r + sync" in md
@@ -107,7 +113,13 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert "round 1" not in again.stderr and "loaded the" not in again.stderr
+    assert "reusing the loaded pacsgrid-pg archive" in again.stderr  # its PostgreSQL too
     assert "none has it yet" not in result.with_suffix(".md").read_text()  # the first run's
+    # The loaded archive's PostgreSQL is kept for --resume (outside tmp_path: the postgres
+    # user cannot enter it); the test removes it.
+    kept = PacsgridPg(tmp_path / "work" / "run-smoke" / "qr-pacsgrid-pg").cluster_root
+    assert (kept / "data").is_dir()
+    shutil.rmtree(kept)
 
 
 def test_rotation_puts_every_server_in_every_position() -> None:
@@ -198,7 +210,7 @@ def test_phases_are_selectable_and_counted(tmp_path: Path) -> None:
     )
     assert args.phases == ["repair", "latency"]
     # repair: pacsgrid and cp -r + sync per copy dataset; latency: one per server.
-    assert Runner(args, SMOKE, {}).total() == 2 * (2 * len(SMOKE.copy_sets) + 3)
+    assert Runner(args, SMOKE, {}).total() == 2 * (2 * len(SMOKE.copy_sets) + 4)
     only_dicom = parse(
         ["--plan", "smoke", "--phases", "migrate,latency", "--servers", "orthanc"]
         + ["--work", str(tmp_path / "orthanc-only")]
