@@ -8,6 +8,7 @@ as one batch (under other UIDs and patients), and compares everything the index 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from pathlib import Path
@@ -323,3 +324,68 @@ def test_postgres_commits_a_batch_while_another_waits(pg_url: str, tmp_path: Pat
         assert GroupCommitter(lite).max_leaders == 1
     finally:
         lite.close()
+
+
+# ---------------------------------------------------------------- totals without a scan
+
+
+def sized(item: NewInstance, size: int) -> NewInstance:
+    return dataclasses.replace(item, size=size)
+
+
+def test_totals_follow_new_duplicate_and_replaced_instances(index: Index) -> None:
+    """The index's totals (`status`, the dashboard) come from counters filing keeps: they
+    stay exact through duplicates and replaced instances of another size, in one batch and
+    across batches."""
+    index.add_batch([sized(inst("1.1", series="9.1"), 100), sized(inst("1.2", series="9.2"), 300)])
+    index.add_batch(
+        [
+            sized(inst("1.1", series="9.1", sites=("b",)), 999),  # a duplicate: not counted
+            sized(inst("1.2", series="9.1", replace=True), 50),  # replaced, into another series
+            sized(inst("1.3", series="9.2"), 7),
+            sized(inst("1.3", series="9.2", replace=True), 8),  # replaced in the same batch
+        ]
+    )
+    stats = index.stats()
+    assert (stats.series, stats.instances, stats.bytes) == (2, 3, 100 + 50 + 8)
+    assert {s.site: s.objects for s in stats.sites} == {"a": 3, "b": 1}
+
+
+def test_status_reads_no_instance_and_copies_from_an_index_only(tmp_path: Path) -> None:
+    """On 10 million instances, counting instances and summing their sizes took minutes:
+    the totals add up series, and usage per site is read from the copies' index alone."""
+    from pacsgrid.index.sql import SITE_USAGE, STATS_COUNTS
+
+    ix = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    try:
+        ix.add_batch([inst("1.1")])
+        counts = " ".join(str(r[-1]) for r in ix._all(f"EXPLAIN QUERY PLAN {STATS_COUNTS}"))  # type: ignore[attr-defined]
+        usage = " ".join(str(r[-1]) for r in ix._all(f"EXPLAIN QUERY PLAN {SITE_USAGE}"))  # type: ignore[attr-defined]
+    finally:
+        ix.close()
+    # Instances only by key: those a rejection hides (index/corrections.py).
+    assert "SCAN instance" not in counts and "copy" not in counts, counts
+    assert "COVERING INDEX copy_site_idx" in usage, usage
+
+
+def test_an_older_index_gets_its_series_sizes(tmp_path: Path) -> None:
+    """Upgrading an index made before the series counted their bytes fills them in."""
+    import sqlite3
+
+    db = tmp_path / "index.sqlite"
+    ix = open_index(f"sqlite:///{db}")
+    ix.add_batch([sized(inst("1.1", series="9.1"), 100), sized(inst("1.2", series="9.1"), 20)])
+    ix.add_batch([sized(inst("1.3", series="9.2"), 3)])
+    ix.close()
+    with sqlite3.connect(db) as conn:  # as an older pacsgrid left it
+        conn.execute("DELETE FROM schema_migrations WHERE name = '0006_totals'")
+        conn.execute("DROP INDEX copy_site_idx")
+        conn.execute("CREATE INDEX copy_site_idx ON copy(site, state)")
+        conn.execute("ALTER TABLE series DROP COLUMN size")
+    ix = open_index(f"sqlite:///{db}")
+    try:
+        assert ix.stats().bytes == 123
+        ix.add_batch([sized(inst("1.4", series="9.2"), 1000)])
+        assert ix.stats().bytes == 1123
+    finally:
+        ix.close()

@@ -29,6 +29,7 @@ _TYPES = {
     "num_instances": "integer",
     "num_series": "integer",
     "num_studies": "integer",
+    "size": "bigint",
     "modalities": "text",
     "sop_classes": "text",
     "updated_at": "double precision",

@@ -85,7 +85,7 @@ def attribute_columns(level: Level) -> list[str]:
     return out
 
 
-def _attribute_values(level: Level, v: dict[str, str]) -> list[str]:
+def attribute_values(level: Level, v: dict[str, str]) -> list[str]:
     out = []
     for a in ATTRIBUTES:
         if a.level is level:
@@ -106,7 +106,7 @@ _LEAD = {
 _TRAIL = {
     "patient": ["num_studies", "num_series", "num_instances"],
     "study": ["modalities", "sop_classes", "num_series", "num_instances", "updated_at"],
-    "series": ["num_instances"],
+    "series": ["num_instances", "size"],
     "instance": ["transfer_syntax", "size", "sha256", "stored_at", "source_ae"],
 }
 _LEVEL = {
@@ -147,6 +147,7 @@ class _Indexed:
     series_pk: int
     study_pk: int
     patient_pk: int
+    size: int
 
 
 class Lookups:
@@ -173,7 +174,7 @@ class Lookups:
         hidden_in, hidden = where_in("sop_uid", self.sops)
         return [
             (
-                "SELECT i.pk, i.sop_uid, i.sha256, i.series_pk, se.study_pk, st.patient_pk "
+                "SELECT i.pk, i.sop_uid, i.sha256, i.series_pk, se.study_pk, st.patient_pk, i.size "
                 "FROM instance i JOIN series se ON se.pk = i.series_pk "
                 f"JOIN study st ON st.pk = se.study_pk WHERE {sop_in}",
                 sops,
@@ -223,7 +224,9 @@ class Planner:
         self.hidden = {key(r[0]) for r in hidden}
         # Studies and patients to count again: an instance filed into them stays hidden.
         self.recount: tuple[set[int], set[int]] = (set(), set())
-        self.indexed = {key(r[1]): _Indexed(int(r[0]), r[2], r[3], r[4], r[5]) for r in inst}
+        self.indexed = {
+            key(r[1]): _Indexed(int(r[0]), r[2], r[3], r[4], r[5], int(r[6])) for r in inst
+        }
         self.series = {key(r[1]): _Node(int(r[0]), parent=int(r[2])) for r in series}
         self.studies: dict[str, _Node] = {}
         self.study_pk: dict[int, _Node] = {}
@@ -233,8 +236,8 @@ class Planner:
         self.patients = {key(r[1]): _Node(int(r[0]), patient_id=r[2]) for r in patients}
         self.new: dict[str, list[_Node]] = defaultdict(list)  # new rows by table
         self.instances: Rows = []
-        # Counter changes by (table, pk): instances, series, studies.
-        self.counts: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+        # Counter changes by (table, pk): instances, series, studies, bytes (series only).
+        self.counts: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.removed: Rows = []
         self.copies: dict[tuple[int, str], Sequence[Any]] = {}  # the last one of a site wins
         self.copies_if_absent: Rows = []
@@ -257,6 +260,7 @@ class Planner:
                 ("patient", old.patient_pk),
             ):
                 self.counts[(table, pk)][0] -= 1
+            self.counts[("series", old.series_pk)][3] -= old.size
         warnings: list[str] = []
 
         study = self.studies.get(self.key(v["StudyInstanceUID"]))
@@ -290,7 +294,7 @@ class Planner:
             [
                 pk,
                 series.pk,
-                *_attribute_values(Level.IMAGE, v),
+                *attribute_values(Level.IMAGE, v),
                 item.transfer_syntax,
                 item.size,
                 item.sha256,
@@ -311,7 +315,7 @@ class Planner:
         if self.key(item.sop_uid) in self.hidden:
             self.recount[0].add(study.pk)
             self.recount[1].add(study.parent)
-        self._count("series", series.pk, 1)
+        self._count("series", series.pk, 1, size=item.size)
         self._count("study", study.pk, 1, int(new_series))
         self._count("patient", study.parent, 1, int(new_series), int(new_study))
         return AddResult("replaced" if old is not None else "stored", tuple(warnings))
@@ -331,17 +335,24 @@ class Planner:
         """A new row of `table` (its leading column: the patient key, or the parent)."""
         pk = next(self.fresh[table])
         lead: Any = key if table == "patient" else parent
-        node = _Node(pk, parent, patient_id, row=[pk, lead, *_attribute_values(_LEVEL[table], v)])
+        node = _Node(pk, parent, patient_id, row=[pk, lead, *attribute_values(_LEVEL[table], v)])
         self.new[table].append(node)
         return node
 
     def _count(
-        self, table: str, pk: int, instances: int, series: int = 0, studies: int = 0
+        self,
+        table: str,
+        pk: int,
+        instances: int,
+        series: int = 0,
+        studies: int = 0,
+        size: int = 0,
     ) -> None:
         c = self.counts[(table, pk)]
         c[0] += instances
         c[1] += series
         c[2] += studies
+        c[3] += size
 
     # ------------------------------------------------------------------ the writes
     def writes(self) -> list[Change]:
@@ -379,11 +390,11 @@ class Planner:
         study_rows: Rows = []
         filed_rows: Rows = []
         patient_rows: Rows = []
-        for (table, pk), (n_inst, n_series, n_studies) in sorted(self.counts.items()):
+        for (table, pk), (n_inst, n_series, n_studies, n_bytes) in sorted(self.counts.items()):
             if (table, pk) in new_pks:
                 continue
-            if table == "series" and n_inst:
-                series_rows.append((n_inst, pk))
+            if table == "series" and (n_inst or n_bytes):
+                series_rows.append((n_inst, n_bytes, pk))
             elif table == "study":
                 filed = self.study_pk.get(pk)
                 if filed is not None and filed.filed:
@@ -395,7 +406,7 @@ class Planner:
             elif table == "patient" and (n_inst or n_series or n_studies):
                 patient_rows.append((n_inst, n_series, n_studies, pk))
         out += [
-            Update("series", ("num_instances",), (), series_rows),
+            Update("series", ("num_instances", "size"), (), series_rows),
             Update(
                 "study",
                 ("num_instances", "num_series"),
@@ -408,12 +419,12 @@ class Planner:
         return [c for c in out if c.rows]
 
     def _trailer(self, table: str, node: _Node) -> list[Any]:
-        n_inst, n_series, n_studies = self.counts.get((table, node.pk), (0, 0, 0))
+        n_inst, n_series, n_studies, n_bytes = self.counts.get((table, node.pk), (0, 0, 0, 0))
         if table == "patient":
             return [n_studies, n_series, n_inst]
         if table == "study":
             return [node.modalities, node.sop_classes, n_series, n_inst, self.now]
-        return [n_inst]
+        return [n_inst, n_bytes]
 
 
 # ---------------------------------------------------------------- the mixin

@@ -300,6 +300,22 @@ def corrections(t: Types) -> list[str]:
     ]
 
 
+def totals(t: Types) -> list[str]:
+    """What `status` and the dashboard total without reading every instance (on 10 million
+    instances that read took minutes):
+    - `series.size`, the bytes of a series' instances, kept by filing like `num_instances`:
+      the index's totals add up series (hundreds of thousands of rows) instead;
+    - the copies' (site, state) index also holds their size, so that usage per site is read
+      from the index alone."""
+    return [
+        "ALTER TABLE series ADD COLUMN size BIGINT NOT NULL DEFAULT 0",
+        "UPDATE series SET size = (SELECT coalesce(sum(i.size), 0) FROM instance i "
+        "WHERE i.series_pk = series.pk)",
+        "DROP INDEX copy_site_idx",
+        "CREATE INDEX copy_site_idx ON copy(site, state, size)",
+    ]
+
+
 # Append new migrations at the end; never edit or reorder applied ones.
 MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0001_core", core),
@@ -310,6 +326,7 @@ MIGRATIONS: list[tuple[str, Callable[[Types], list[str]]]] = [
     ("0003_scale", scale),
     ("0004_checkpoint_mark", checkpoint_mark),
     ("0005_corrections", corrections),
+    ("0006_totals", totals),
 ]
 
 TRACKING_TABLE = (

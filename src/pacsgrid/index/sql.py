@@ -57,6 +57,22 @@ VISIBLE = {
 }
 
 
+# The index's totals from the counters filing keeps (no instance is read), and usage per site
+# from the copies' (site, state, size) index alone (schema: 0006_totals).
+STATS_COUNTS = (
+    "SELECT (SELECT count(*) FROM patient), (SELECT count(*) FROM study), "
+    "(SELECT count(*) FROM series), (SELECT coalesce(sum(num_instances), 0) FROM series) + "
+    # num_instances counts what is visible: add the instances a rejection hides.
+    "(SELECT count(*) FROM instance WHERE sop_uid IN (SELECT sop_uid FROM hidden_instance)), "
+    "(SELECT coalesce(sum(size), 0) FROM series)"
+)
+SITE_USAGE = (
+    "SELECT site, count(*), coalesce(sum(size), 0), "
+    "coalesce(sum(CASE WHEN state <> 'ok' THEN 1 ELSE 0 END), 0) "
+    "FROM copy GROUP BY site ORDER BY site"
+)
+
+
 class SqlIndex(
     FilingQueries, WorkQueries, SiteQueries, LedgerQueries, UserQueries, CorrectionQueries
 ):
@@ -267,18 +283,7 @@ class SqlIndex(
         return out
 
     def stats(self) -> IndexStats:
-        counts = self._one(
-            "SELECT (SELECT count(*) FROM patient), (SELECT count(*) FROM study), "
-            "(SELECT count(*) FROM series), (SELECT count(*) FROM instance), "
-            "(SELECT coalesce(sum(size), 0) FROM instance)"
-        )
-        sites = [
-            SiteUsage(r[0], int(r[1]), int(r[2]), int(r[3]))
-            for r in self._all(
-                "SELECT site, count(*), coalesce(sum(size), 0), "
-                "coalesce(sum(CASE WHEN state <> 'ok' THEN 1 ELSE 0 END), 0) "
-                "FROM copy GROUP BY site ORDER BY site"
-            )
-        ]
+        counts = self._one(STATS_COUNTS)
+        sites = [SiteUsage(r[0], int(r[1]), int(r[2]), int(r[3])) for r in self._all(SITE_USAGE)]
         patients, studies, series, instances, size = (int(c) for c in counts)
         return IndexStats(patients, studies, series, instances, size, tuple(sites))
