@@ -227,3 +227,37 @@ def test_jobs_and_failures_pages_show_the_work_queue(tmp_path: Path) -> None:
         assert _metric(metrics, "pacsgrid_work_items", kind="repair", state="pending") == 6
     finally:
         server.stop()
+
+
+def test_a_costly_total_is_refreshed_in_proportion_to_its_cost() -> None:
+    """On a large index the totals take seconds to compute: an expired value is not
+    recomputed (in the background) until COST_FACTOR times that cost has passed, so that
+    an open dashboard does not scan the index back to back."""
+    import asyncio
+    import time
+
+    from pacsgrid.web.context import COST_FACTOR, WebContext
+
+    calls: list[int] = []
+
+    def total() -> int:
+        calls.append(1)
+        return len(calls)
+
+    async def run() -> tuple[int, int, int]:
+        ctx = WebContext(archive=None)  # type: ignore[arg-type]  # cached() needs none
+        try:
+            age = 6.0  # seconds since the value was computed: past the ttl of 5
+            ctx._values["totals"] = (time.monotonic() - age, 0)
+            ctx._cost["totals"] = age / COST_FACTOR * 2  # it cost more than age/COST_FACTOR
+            kept = await ctx.cached("totals", 5.0, total)
+            ctx._cost["totals"] = 0.001  # cheap: refreshed once expired
+            stale = await ctx.cached("totals", 5.0, total)
+            await asyncio.gather(*ctx._tasks)
+            fresh = await ctx.cached("totals", 5.0, total)
+            return kept, stale, fresh
+        finally:
+            ctx.executor.shutdown()
+
+    assert asyncio.run(run()) == (0, 0, 1)
+    assert len(calls) == 1
