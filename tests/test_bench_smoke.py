@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,38 @@ def test_ab_takes_the_durability_scenarios(tmp_path: Path, scenario: str) -> Non
     assert (f"| {CP_SYNC} | " in text) == (scenario != "latency")
     assert "Failed checks: none" in text
     assert not (tmp_path / "work" / "run-ab" / "a").exists()  # the archives went too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_scale_loads_an_index_and_every_answer_is_right(engine: str) -> None:
+    """bench.scale on a small index: the bulk load gives what filing would (every C-FIND
+    answer is checked against the generated rows: no wrong answer), every page answers,
+    `status` counts the instances, the ingests store every file; the work folder is
+    removed afterwards."""
+    # Not tmp_path: the postgres user must be able to enter the folder of its cluster.
+    work = Path(tempfile.mkdtemp(prefix="pacsgrid-scale-test-"))
+    work.chmod(0o755)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.scale", "--instances", "4000", "--engine", engine]
+            + ["--queries", "10", "--requests", "2", "--ingest-rounds", "1"]
+            + ["--work", str(work)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        out = proc.stdout
+        assert f"{engine}: 4,000 instances" in out
+        assert "| `pacsgrid status` (4,000 instances) |" in out
+        finds = [line for line in out.splitlines() if line.startswith("| C-FIND ")]
+        assert len(finds) == 3
+        for line in finds:
+            assert line.rstrip().endswith("| 0 |"), line  # no wrong answer
+        assert out.count("| dashboard: ") == 7 and out.count("| QIDO-RS: ") == 4
+        assert "| ingest 64x64, 4 associations" in out
+        assert not (work / engine).exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
