@@ -336,3 +336,13 @@ def test_work_queue_leases(archive: Archive) -> None:
     index.fail(first[1].pk, "gave up", retry_at=None)
     assert index.work_counts("copy")["failed"] == 1
     assert index.enqueue("copy", [("a", "")]) == 1  # done items can be queued again
+
+
+def test_a_claim_reads_only_the_items_it_takes(archive: Archive) -> None:
+    """With millions of items queued, sorting them all took seconds inside the write
+    transaction that stores wait for: a claim follows work_ready_idx."""
+    from pacsgrid.index.work import READY
+
+    rows = index_of(archive)._all(f"EXPLAIN QUERY PLAN {READY}", ("copy", 0, 0, 1))  # type: ignore[attr-defined]
+    plan = " ".join(str(r[-1]) for r in rows)
+    assert "work_ready_idx" in plan and "TEMP B-TREE" not in plan, plan

@@ -327,6 +327,15 @@ def test_work_queue_lifecycle(index: Index) -> None:
     assert index.work_counts("copy")["pending"] == 1
 
 
+def test_work_is_claimed_in_the_order_it_became_ready(index: Index) -> None:
+    """Items never tried first, as queued; then retries, by the end of their backoff."""
+    index.enqueue("copy", [(k, "") for k in "abcd"])
+    a, b = index.claim("copy", "n", 2, lease=60)
+    index.fail_many([(a.pk, "site down", time.time() - 1), (b.pk, "site down", time.time() - 2)])
+    taken = [[w.key for w in index.claim("copy", "n", n, lease=60)] for n in (2, 1, 1, 1)]
+    assert taken == [["c", "d"], ["b"], ["a"], []]
+
+
 def test_work_queued_with_the_instance(index: Index) -> None:
     index.add_batch([inst("1.1", work=(("copy", "1.1>b", ""),))])
     [w] = index.claim("copy", "n", 5, lease=30)

@@ -160,7 +160,9 @@ class WorkQueue(Protocol):
 
     def claim(self, kind: str, owner: str, limit: int, lease: float) -> list[WorkItem]:
         """Up to `limit` ready items of `kind`, leased to `owner` for `lease` seconds; no
-        other owner gets them while the lease runs (SKIP LOCKED on PostgreSQL)."""
+        other owner gets them while the lease runs (SKIP LOCKED on PostgreSQL). Items are
+        claimed in the order they became ready: items never tried first, in the order they
+        were queued, then retries by the end of their backoff."""
         ...
 
     def enqueue_claimed(
@@ -186,6 +188,15 @@ class WorkQueue(Protocol):
         """Record a failed attempt: retry after `retry_at` (epoch seconds), or give up
         (state 'failed', listed for the operator) when `retry_at` is None. `payload`
         replaces the item's payload (what the attempt learnt, for the next one)."""
+        ...
+
+    def fail_many(
+        self,
+        failures: Sequence[tuple[int, str, float | None]],
+        *,
+        payload: str | None = None,
+    ) -> None:
+        """`fail` for many items (pk, error, retry_at) in one transaction."""
         ...
 
     def work_counts(self, kind: str) -> dict[str, int]:

@@ -23,6 +23,14 @@ ENQUEUE_CONFLICT = (
     "updated_at = excluded.updated_at WHERE work.state <> 'pending'"
 )
 ENQUEUE = Insert("work", WORK_COLUMNS, [], ENQUEUE_CONFLICT).statement()
+# The next ready items of a kind (kind, now, now, limit): in the order of work_ready_idx
+# (ready since, then queued), so that a claim reads `limit` index entries. Ordered by pk
+# alone, every claim sorted all ready items: with millions queued (a repair after a site
+# lost its objects) that took seconds, inside the write transaction that stores wait for.
+READY = (
+    "SELECT pk FROM work WHERE kind = ? AND state = 'pending' AND not_before <= ? AND "
+    "(claimed_until IS NULL OR claimed_until < ?) ORDER BY not_before, pk LIMIT ?"
+)
 
 
 class WorkQueries(SqlBase):
@@ -74,9 +82,7 @@ class WorkQueries(SqlBase):
             rows = self._x(
                 db,
                 "UPDATE work SET claimed_by = ?, claimed_until = ?, attempts = attempts + 1, "
-                "updated_at = ? WHERE pk IN (SELECT pk FROM work WHERE kind = ? AND "
-                "state = 'pending' AND not_before <= ? AND (claimed_until IS NULL OR "
-                f"claimed_until < ?) ORDER BY pk LIMIT ?{self.CLAIM_LOCK}) "
+                f"updated_at = ? WHERE pk IN ({READY}{self.CLAIM_LOCK}) "
                 "RETURNING pk, kind, key, payload, attempts",
                 (owner, now + lease, now, kind, now, now, int(limit)),
             ).fetchall()
@@ -100,15 +106,30 @@ class WorkQueries(SqlBase):
     def fail(
         self, pk: int, error: str, retry_at: float | None, *, payload: str | None = None
     ) -> None:
-        state = "failed" if retry_at is None else "pending"
+        self.fail_many([(pk, error, retry_at)], payload=payload)
+
+    def fail_many(
+        self,
+        failures: Sequence[tuple[int, str, float | None]],
+        *,
+        payload: str | None = None,
+    ) -> None:
+        if not failures:
+            return
+        now = time.time()
+        rows = [
+            ("failed" if at is None else "pending", at or 0, error[:2000], payload, now, pk)
+            for pk, error, at in failures
+        ]
         with self._tx() as db:
-            self._x(
-                db,
-                "UPDATE work SET state = ?, not_before = ?, claimed_by = NULL, "
-                "claimed_until = NULL, last_error = ?, payload = COALESCE(?, payload), "
-                "updated_at = ? WHERE pk = ?",
-                (state, retry_at or 0, error[:2000], payload, time.time(), pk),
-            )
+            for row in rows:
+                self._x(
+                    db,
+                    "UPDATE work SET state = ?, not_before = ?, claimed_by = NULL, "
+                    "claimed_until = NULL, last_error = ?, payload = COALESCE(?, payload), "
+                    "updated_at = ? WHERE pk = ?",
+                    row,
+                )
 
     def work_counts(self, kind: str) -> dict[str, int]:
         rows = self._all("SELECT state, count(*) FROM work WHERE kind = ? GROUP BY state", (kind,))

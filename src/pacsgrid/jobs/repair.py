@@ -261,6 +261,9 @@ class Repairer:
                 records = [r for o in outcomes for r in o.records]
                 self.index.record_copies(records)  # before completing: never lose a copy
                 done = []
+                # One transaction for the batch's failures: one per item, a site that lost
+                # its objects made thousands of commits a minute that ingest waited behind.
+                failed: list[tuple[int, str, float | None]] = []
                 now = time.time()
                 for item, o in zip(items, outcomes, strict=True):
                     report.counts[o.state] += 1
@@ -271,15 +274,16 @@ class Repairer:
                         done.append(item.pk)
                     elif o.state == "waiting":
                         pause = min(self.retry_max, 5.0 * 2 ** min(item.attempts, 12))
-                        self.index.fail(item.pk, o.reason, now + pause)
+                        failed.append((item.pk, o.reason, now + pause))
                     elif o.state == "lost":  # retrying cannot help; each scan queues it again
-                        self.index.fail(item.pk, o.reason, None)
+                        failed.append((item.pk, o.reason, None))
                     elif item.attempts >= MAX_ATTEMPTS:
-                        self.index.fail(item.pk, o.reason, None)
+                        failed.append((item.pk, o.reason, None))
                         log.error("repair of %s given up: %s", item.key, o.reason)
                     else:
                         pause = min(self.retry_max, 5.0 * 2 ** min(item.attempts, 12))
-                        self.index.fail(item.pk, o.reason, now + pause)
+                        failed.append((item.pk, o.reason, now + pause))
+                self.index.fail_many(failed)
                 self.index.complete(done)
         report.seconds += time.monotonic() - started
         return report
