@@ -201,6 +201,10 @@ class RecordingIndex:
         self.hold = threading.Event()
         self.hold.set()
 
+    @property
+    def concurrent_batches(self) -> int:
+        return self.index.concurrent_batches
+
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
         self.batches.append(([i.sop_uid for i in items], durable))
         self.entered.set()

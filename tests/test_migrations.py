@@ -33,6 +33,7 @@ PINNED = {
             "bc6952d2a2f1f25d39003cef259482dbf6aca0a652c6ea1f829e79e84159270a"
         ),
         "0005_corrections": "df63ff924a57348a12d5fca03d95d34ea84215ea2de2c04cb9bfd83b4a5d047b",
+        "0006_totals": "268ba913c8b09c01ff908f60bbcdc9620e1733c10386192a99eed53d9902fe1b",
     },
     "postgres": {
         "0001_core": "c48dcdd94fe3c3760e1c6357b4b5f13ccd5fd9aa6bee6e3e1146428ed084a72c",
@@ -47,6 +48,7 @@ PINNED = {
             "424c5a52ca04d6545eb8b9618a97481678f7fb9de56fe68fee14a626c609f768"
         ),
         "0005_corrections": "5bf2202c8f36a96d2a2a3e72829903b9d1b011a324b364f35ce6d92a23e46356",
+        "0006_totals": "268ba913c8b09c01ff908f60bbcdc9620e1733c10386192a99eed53d9902fe1b",
     },
 }
 ENGINES = {"sqlite": schema.SQLITE_TYPES, "postgres": schema.POSTGRES_TYPES}
