@@ -223,6 +223,19 @@ def test_the_scanner_alone_reads_the_corpus_and_finds_the_pixel_data(f) -> None:
         start = 0
     else:
         start = p10.dataset_offset
+    implicit, _ = SYNTAXES.get(p10.transfer_syntax, (False, True))
+    if not implicit and not data[start + 4 : start + 6].isalpha():
+        # Written in implicit VR although its transfer syntax says explicit (pydicom's
+        # SC_rgb_jpeg.dcm): the scanner refuses the mismatch and the fallback, like pydicom,
+        # reads it as it was written. That is the only case the fast path may leave to it.
+        with pytest.raises(ScanError, match="unknown VR"):
+            fast_path(data, p10.transfer_syntax, start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(f.path, force=True)
+        got = scan(f.path.read_bytes()[p10.dataset_offset :], p10.transfer_syntax).values
+        assert got["SOPInstanceUID"] == str(ds.SOPInstanceUID)
+        return
     values, pix_off, pix_len = fast_path(data, p10.transfer_syntax, start)
     assert values == scan(f.path.read_bytes()[p10.dataset_offset :], p10.transfer_syntax).values
     with warnings.catch_warnings():
