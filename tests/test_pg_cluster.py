@@ -379,6 +379,51 @@ def test_reads_use_the_standby_and_fall_back(tmp_path: Path) -> None:
         primary.destroy()
 
 
+def test_reads_move_to_another_host_when_their_server_dies(tmp_path: Path) -> None:
+    """With a multi-host index.read_database, the read connections may sit on the server that
+    dies while another host of that conninfo is up (after a failover the two servers have
+    swapped roles; the drill's step 8). A read must then be answered through a fresh read
+    connection to the host that is up, not sent to the primary's conninfo, whose server is
+    the dead one."""
+    from pacsgrid.index import Query
+    from pacsgrid.index.postgres import PostgresIndex
+    from pacsgrid.model import Level
+    from tests.test_index_contract import inst
+
+    primary = PgCluster().init().start()
+    replica: PgCluster | None = None
+    try:
+        url = primary.create_db("pacs")
+        replica = primary.replica().start()
+        open_index(url).close()
+        # The read conninfo names the primary first: its connections go there, as they did in
+        # the drill once the standby had been down.
+        read_url = (
+            f"host=127.0.0.1,127.0.0.1 port={primary.port},{replica.port} user=postgres "
+            "dbname=pacs target_session_attrs=any"
+        )
+        index = PostgresIndex(url, read_url=read_url, connect_timeout=2)
+        index.add_batch([inst("1.1")])
+
+        def on_replica() -> bool:
+            assert replica is not None
+            with psycopg.connect(replica.url("pacs")) as conn:
+                if conn.execute("SELECT to_regclass('instance')").fetchone() == (None,):
+                    return False  # the schema has not replayed yet
+                row = conn.execute("SELECT count(*) FROM instance").fetchone()
+            return row is not None and row[0] == 1
+
+        wait_until(on_replica, 60, "the row replayed on the standby")
+        assert [r["SOPInstanceUID"] for r in index.find(Query(Level.IMAGE))] == ["1.1"]
+        primary.kill()
+        assert [r["SOPInstanceUID"] for r in index.find(Query(Level.IMAGE))] == ["1.1"]
+        index.close()
+    finally:
+        if replica is not None:
+            replica.destroy()
+        primary.destroy()
+
+
 def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> None:
     """A primary that hangs (SIGSTOP: connections stay open, nothing answers) must not hang
     ingest: the commit fails within the bounded timeouts, and works again once it is back."""

@@ -229,9 +229,16 @@ class PostgresIndex(SqlIndex):
 
     def _read(self, sql: str, params: Sequence[Any], *, many: bool) -> Any:
         """A read on a pooled connection: on a broken connection, once more on a fresh one
-        (reads are idempotent); a failing standby falls back to the primary."""
+        (reads are idempotent); a failing standby falls back to the primary.
+
+        A broken standby connection is first replaced by a fresh one before the primary is
+        asked: with a multi-host `index.read_database`, the pooled connections may be on a
+        server that has just died while another one of its hosts is up (after a failover,
+        the old standby is the primary and vice versa). Only when a fresh connection fails
+        too is the standby left alone for STANDBY_RETRY seconds."""
         last: Exception | None = None
-        for attempt in range(3):
+        fresh_standby = False
+        for attempt in range(4):
             pool = self._pool()
             conn: psycopg.Connection[Any] | None = None
             try:
@@ -250,6 +257,10 @@ class PostgresIndex(SqlIndex):
                     raise IndexUnavailable(f"index query failed: {first_line(e)}") from e
                 pool.discard(conn)
             if pool is self._standby:
+                if not fresh_standby and isinstance(last, psycopg.Error):
+                    fresh_standby = True
+                    pool.clear()  # its idle connections are likely on the same dead server
+                    continue
                 if time.monotonic() >= self._standby_down_until:
                     log.warning(
                         "standby cannot answer (%s); the primary answers queries for the "
