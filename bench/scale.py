@@ -49,14 +49,15 @@ from typing import Any
 from pydicom import dcmread
 
 from bench import clients
-from bench.procs import free_port, tree_cpu
+from bench.procs import tree_cpu
 from bench.synth import GIVEN, Spec, write
-from bench.web import wait
 from pacsgrid.index import open_index
 from pacsgrid.index.filing import COLUMNS, attribute_values, patient_key
 from pacsgrid.index.pg_connections import clean_text
 from pacsgrid.model import Level
 from pacsgrid.storage.filesystem import FilesystemSite
+from tests.peers import free_port
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_DAY = datetime.date(2021, 1, 1)
@@ -448,12 +449,21 @@ class Serve:
         cmd += ["--peer", "BENCHFIND@127.0.0.1:9"]  # C-FIND is for known peers only
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.http}"
-        wait(self.base + "/health", self.proc, log, timeout=300)
+        wait_until(self._healthy, 300, f"{self.base}/health answers (log: {log})", every=0.5)
         deadline = time.monotonic() + 300
         while not self._echoes():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no C-ECHO answer: see {log}")
             time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"pacsgrid serve exited ({self.proc.returncode}): see {self.log}")
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def _echoes(self) -> bool:
         try:
