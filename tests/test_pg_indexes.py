@@ -92,3 +92,45 @@ def test_read_connections_are_bounded(pg_url: str) -> None:
         assert 1 <= peak <= 3 + 1  # the pool, plus the write connection
     finally:
         ix.close()
+
+
+def test_a_deadlock_is_a_failed_transaction_on_a_sound_connection(pg_url: str) -> None:
+    """Two transactions that lock two rows in opposite orders: PostgreSQL aborts one with
+    'deadlock detected'. psycopg calls that an OperationalError, as it does a lost connection,
+    but nothing of the transaction was committed and its connection still works, so the index
+    runs the transaction again instead of reporting a COMMIT with an unknown outcome (a
+    `pacsgrid import` on PostgreSQL failed a file that way)."""
+    import threading
+
+    from pacsgrid.index.pg_connections import connection_problem
+
+    with psycopg.connect(pg_url, autocommit=True) as setup:
+        setup.execute("CREATE TABLE t (k int PRIMARY KEY)")
+        setup.execute("INSERT INTO t VALUES (1), (2)")
+    first_locked, second_locked = threading.Event(), threading.Event()
+    errors: list[psycopg.Error] = []
+
+    def lock(first: int, second: int, mine: threading.Event, theirs: threading.Event) -> None:
+        with psycopg.connect(pg_url) as conn:
+            try:
+                conn.execute("SELECT k FROM t WHERE k = %s FOR UPDATE", (first,))
+                mine.set()
+                assert theirs.wait(30)
+                conn.execute("SELECT k FROM t WHERE k = %s FOR UPDATE", (second,))
+                conn.commit()
+            except psycopg.Error as e:
+                errors.append(e)
+                conn.rollback()
+                assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is sound
+
+    threads = [
+        threading.Thread(target=lock, args=(1, 2, first_locked, second_locked)),
+        threading.Thread(target=lock, args=(2, 1, second_locked, first_locked)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [type(e) for e in errors] == [psycopg.errors.DeadlockDetected]
+    assert isinstance(errors[0], psycopg.OperationalError)
+    assert not connection_problem(errors[0])

@@ -197,7 +197,13 @@ def clean_text(value: str) -> str:
 
 def connection_problem(e: BaseException) -> bool:
     """True when the connection itself is unusable (server gone, read-only after a demotion,
-    admin shutdown), as opposed to an error in one statement."""
+    admin shutdown), as opposed to an error in one statement.
+
+    A deadlock, a serialization failure or a lock not available are OperationalErrors to
+    psycopg but not connection problems: the server aborted the transaction (nothing of it
+    was committed) and the connection is fine, so the transaction can simply run again."""
+    if isinstance(e, pgerr.DeadlockDetected | pgerr.SerializationFailure | pgerr.LockNotAvailable):
+        return False
     if isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     return isinstance(
