@@ -214,7 +214,10 @@ def test_node_killed_during_storescu(
         else:
             assert done[pid] == by_node[pid], (pid, done, by_node)
     taken = backups(tmp_path / "backups")
-    assert len(taken) == sum(done.values()) >= 3
+    # A file for every backup logged as done, and none without a lease: the killed node may
+    # have published the file of its last lease and died before logging it.
+    assert sum(done.values()) <= len(taken) <= sum(by_node.values())
+    assert len(taken) >= 3
     print(
         f"\ntwo nodes: {len(acked)} acknowledged, the node serving association "
         f"{kill_at} killed mid-run, {sum(len(s.stored) for s in after)} stored via the "
