@@ -62,6 +62,13 @@ def dcmtk(
     return proc
 
 
+def move_study(port: int, study: str, dest: str = "STORESCP") -> subprocess.CompletedProcess[str]:
+    """DCMTK movescu asks the archive (AE PACSGRID on `port`) to send one study to `dest`."""
+    return dcmtk("movescu", "-v", "-S", "-aet", "MOVESCU", "-aec", "PACSGRID", "-aem", dest,
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                 "127.0.0.1", port)  # fmt: skip
+
+
 def getscu_study(
     port: int, study_uid: str, out: Path, *, check: bool = False
 ) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from bench import synth
-from tests.conftest import Server, StoreSCP, dcmtk, free_port, pacsgrid_cli
+from tests.conftest import Server, StoreSCP, dcmtk, free_port, move_study, pacsgrid_cli
 from tests.iocm import Mllp, adt, rejection_note
 from tests.web_helpers import multipart_body, parse_multipart, wait_http
 
@@ -129,23 +129,7 @@ def getscu(p: Peers, level: str, keys: dict[str, str], name: str) -> dict[str, P
 
 def movescu(p: Peers, study: str) -> dict[str, Path]:
     p.scp.clear()
-    proc = dcmtk(
-        "movescu",
-        "-v",
-        "-S",
-        "-aet",
-        "MOVESCU",
-        "-aec",
-        "PACSGRID",
-        "-aem",
-        "STORESCP",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={study}",
-        "127.0.0.1",
-        p.server.port,
-    )
+    proc = move_study(p.server.port, study)
     assert "Received Final Move Response (Success)" in proc.stdout, proc.stdout
     return {str(read(f).SOPInstanceUID): f for f in p.scp.files()}
 

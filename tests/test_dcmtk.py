@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests import oracle
-from tests.conftest import Server, StoreSCP, dcmtk, getscu_study
+from tests.conftest import Server, StoreSCP, dcmtk, getscu_study, move_study
 from tests.corpus import accepted, dataset_bytes, pixel_data
 from tests.dcmtk_store import StoreRun, store_with_storescu
 
@@ -358,23 +358,7 @@ def test_movescu_every_study_to_storescp(loaded: Loaded) -> None:
     total = same = 0
     for study in sorted(loaded.model.studies):
         loaded.scp.clear()
-        proc = dcmtk(
-            "movescu",
-            "-v",
-            "-S",
-            "-aet",
-            "MOVESCU",
-            "-aec",
-            "PACSGRID",
-            "-aem",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study}",
-            "127.0.0.1",
-            loaded.server.port,
-        )
+        proc = move_study(loaded.server.port, study)
         assert proc.returncode == 0, proc.stdout
         assert "Received Final Move Response (Success)" in proc.stdout, proc.stdout
         got = received(loaded.scp.out)
