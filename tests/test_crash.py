@@ -349,7 +349,7 @@ class Rig:
                 jobs.append(lambda s=share: _send_stow(self.base, s, self.ledger))
         acks_before = self.ledger.acks
         after = self.rng.randint(1, len(versions) // 2)
-        delay = self.rng.uniform(0.0, 0.05)
+        delay = self.rng.uniform(0.0, 0.02)
         threads = [threading.Thread(target=job, daemon=True) for job in jobs]
         for t in threads:
             t.start()
@@ -359,9 +359,20 @@ class Rig:
             ),
             180,
             f"{after} acknowledgement(s) in round {round_no}",
+            every=0.001,  # a round of small STOW-RS requests can be over within milliseconds
             seen=lambda: self.server.text()[-2000:] if self.server else "",
         )
         time.sleep(delay)  # the random moment (not a wait for anything)
+        # Then the first moment a store is under way, while the senders still send: on a fast
+        # machine the random delay alone could fall between two stores (or after the last)
+        # in every round, and the kills would miss the write path.
+        give_up = time.monotonic() + 10
+        while (
+            time.monotonic() < give_up
+            and any(t.is_alive() for t in threads)
+            and not any(x.attempted and not x.acked for x in versions)
+        ):
+            time.sleep(0.001)
         if v.kill == "worker":
             victim = self._worker_of(aets[0])
             os.kill(victim, signal.SIGKILL)
