@@ -134,15 +134,15 @@ def test_a_silent_peer_is_closed_by_the_artim_timer(server: Server) -> None:
 
 def test_an_absurd_maximum_pdu_size_is_rejected_at_association(server: Server) -> None:
     """A requestor accepting PDUs of 7 bytes asks for a PDU per byte of every dataset (a
-    2 MB C-GET ran for minutes at a full core): rejected at association."""
-    ae = AE(ae_title="GETTER")
-    ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSGRID", max_pdu=7)
-    try:
-        assert assoc.is_rejected, "an association with a 7-byte maximum PDU was accepted"
-    finally:
-        if assoc.is_established:
-            assoc.abort()
+    2 MB C-GET ran for minutes at a full core): rejected at association, with an
+    A-ASSOCIATE-RJ (permanent, ACSE) read off the wire, and one log line saying why."""
+    with RawPeer(server.port) as peer:
+        peer.send(associate_rq("GETTER", [(VERIFICATION, [IMPLICIT])], 7))
+        answer = peer.recv_pdu()
+    tail = server.text()[-2000:]
+    assert answer is not None, f"the server closed without answering; its log ends:\n{tail}"
+    assert answer.type == pdu.A_ASSOCIATE_RJ, f"{answer}; the server log ends:\n{tail}"
+    assert answer.body[1:3] == bytes((pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE)), answer
     assert "accepts PDUs of at most 7 bytes" in server.text()
 
 
