@@ -41,8 +41,10 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -197,6 +199,16 @@ def _wake(assoc: Any) -> None:
     which pynetdicom would otherwise leave waiting for a response until its DIMSE timeout."""
     assoc.abort()
     assoc.dimse.msg_queue.put((None, None))
+
+
+def _stacks(threads: list[threading.Thread]) -> str:
+    """Where each sender still running is stuck (for the failure message)."""
+    frames = sys._current_frames()
+    return "\n".join(
+        f"{t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+        for t in threads
+        if t.is_alive() and t.ident in frames
+    )
 
 
 def _send_storescu(port: int, aet: str, versions: list[Version], ledger: Ledger) -> None:
@@ -379,12 +391,20 @@ class Rig:
         else:
             self.server.kill()
         self.kills += 1
-        for aet, assoc in list(opened.items()):
-            if v.kill != "worker" or self._worker_of(aet) == victim:
-                _wake(assoc)
-        for t in threads:
-            t.join(240)
-            assert not t.is_alive(), "a sender did not end after the kill"
+        # A sender whose association was accepted just before the kill registers it only
+        # once `associate()` returns, after the first pass: wake newcomers until all end.
+        woken: set[str] = set()
+        deadline = time.monotonic() + 240
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            for aet, assoc in list(opened.items()):
+                if aet not in woken and (v.kill != "worker" or self._worker_of(aet) == victim):
+                    woken.add(aet)
+                    _wake(assoc)
+            for t in threads:
+                t.join(0.05)
+        assert not any(t.is_alive() for t in threads), (
+            "a sender did not end after the kill:\n" + _stacks(threads)
+        )
         if v.kill == "worker":
             wait_until(
                 lambda: re.search(
