@@ -2,6 +2,7 @@
 
     python -m bench.profile                 # 1 and 4 associations, full-size 64x64 dataset
     python -m bench.profile --assoc 4 --rate 200
+    python -m bench.profile --index postgresql  # the index on a PostgreSQL server of its own
 
 pacsgrid runs as `pacsgrid serve` with its defaults (supervisor + one worker per core);
 `py-spy record --subprocesses --nonblocking` samples every process of the tree while DCMTK
@@ -21,6 +22,7 @@ what it calls. Results: bench/results/<date>-profile.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import linecache
 import os
@@ -38,7 +40,7 @@ from bench import clients, scratch
 from bench.datasets import FULL, SMOKE, Plan, folder_name
 from bench.procs import BenchError, Sampler, Usage
 from bench.report import machine_info, versions
-from bench.servers import Pacsgrid
+from bench.servers import Pacsgrid, PacsgridPg
 from bench.synth import write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +53,7 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("storage: write the object file", r"storage/filesystem\.py:_write_all$"),
     ("storage: create, fdatasync, link the file", r"storage/filesystem\.py:"),
     ("ingest journal (marker files)", r"pacsgrid/journal\.py:"),
-    ("index: SQLite commit (group commit)", r"pacsgrid/index/"),
+    ("index: commit (group commit)", r"pacsgrid/index/"),
     ("header scan (indexed attributes)", r"dicomfile/header\.py:"),
     ("file meta (Part 10 header)", r"dicomfile/part10\.py:"),
     ("SHA-256 and copy bookkeeping", r"pacsgrid/archive\.py:_write_copies$"),
@@ -133,6 +135,7 @@ class Profile:
     usage: Usage
     rate: int
     samples: list[tuple[list[Frame], int]]
+    index_usage: Usage | None = None  # the PostgreSQL server's tree, when it has one
 
     @property
     def total(self) -> int:
@@ -169,8 +172,10 @@ def record(
     rate: int,
     py_spy: str,
     mode: str,
+    index: str = "sqlite",
 ) -> Profile:
-    srv = Pacsgrid(work / f"server-{mode}-{assoc}")
+    kind = PacsgridPg if index == "postgresql" else Pacsgrid
+    srv = kind(work / f"server-{mode}-{assoc}")
     out = work / f"{mode}-{assoc}assoc.txt"
     srv.start()
     try:
@@ -188,9 +193,12 @@ def record(
         if spy.poll() is not None:
             err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
             raise BenchError(f"py-spy could not attach: {err.strip()[-500:]}")
-        with Sampler(srv.pid) as sampler:
+        index_pid = srv.index_server_pid()
+        sampler_of_index = Sampler(index_pid) if index_pid else None
+        with Sampler(srv.pid) as sampler, sampler_of_index or contextlib.nullcontext():
             run = clients.storescu(srv.port, srv.ae_title, files, assoc, work / "logs", 900)
         usage = sampler.usage()
+        index_cpu = sampler_of_index.usage() if sampler_of_index else None
         spy.send_signal(signal.SIGINT)
         try:
             spy.wait(60)
@@ -206,7 +214,8 @@ def record(
     if not out.exists():
         raise BenchError("py-spy wrote no profile")
     samples = parse_collapsed(out.read_text())
-    return Profile(f"64x64, {assoc} assoc", mode, len(files), run.seconds, usage, rate, samples)
+    label = f"64x64, {assoc} assoc" + (", PostgreSQL index" if index == "postgresql" else "")
+    return Profile(label, mode, len(files), run.seconds, usage, rate, samples, index_cpu)
 
 
 def source(where: str, line: int) -> str:
@@ -237,15 +246,20 @@ def render(profiles: list[Profile], meta: dict[str, object], top: int = 15) -> s
         "inflates wall time, and CPU per instance too, though less).",
         "",
         "| run | mode | wall s | instances/s | user CPU ms/instance | system CPU ms/instance "
-        "| sampled ms/instance |",
-        "|---|---|---|---|---|---|---|",
+        "| sampled ms/instance | index server CPU ms/instance |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in profiles:
         lines.append(
             f"| {p.label} | {p.mode} | {p.seconds:.1f} | {p.instances / p.seconds:.0f} | "
             f"{p.usage.user_seconds * 1000 / p.instances:.2f} | "
             f"{p.usage.system_seconds * 1000 / p.instances:.2f} | "
-            f"{p.ms_per_instance(p.total):.2f} |"
+            f"{p.ms_per_instance(p.total):.2f} | "
+            + (
+                f"{p.index_usage.cpu_seconds * 1000 / p.instances:.2f} |"
+                if p.index_usage
+                else "- |"
+            )
         )
     for mode in MODES:
         group = [p for p in profiles if p.mode == mode]
@@ -301,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assoc", default="1,4", help="association counts (default 1,4)")
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--plan", choices=("full", "smoke"), default="full")
+    ap.add_argument(
+        "--index",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="where the index lives (postgresql: a server of its own, fsync on)",
+    )
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
@@ -338,7 +358,7 @@ def _profile(args: argparse.Namespace, plan: Plan, py_spy: str) -> int:
     try:
         for mode in MODES:
             for n in [int(x) for x in args.assoc.split(",") if x.strip()]:
-                p = record(work, files, warmup, n, args.rate, py_spy, mode)
+                p = record(work, files, warmup, n, args.rate, py_spy, mode, args.index)
                 print(
                     f"{mode} {p.label}: {p.instances / p.seconds:.0f} instances/s, "
                     f"{p.usage.cpu_seconds * 1000 / p.instances:.2f} ms CPU per instance, "
@@ -351,7 +371,9 @@ def _profile(args: argparse.Namespace, plan: Plan, py_spy: str) -> int:
         return 1
     meta["machine"] = machine_info(args.work)
     meta["versions"] = versions(sys.executable)
-    name = meta["date"] if plan.name == "full" else f"{meta['date']}-{plan.name}"
+    name = str(meta["date"]) if plan.name == "full" else f"{meta['date']}-{plan.name}"
+    if args.index == "postgresql":
+        name += "-pg"
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{name}-profile.md"
     out.write_text(render(profiles, meta))

@@ -424,6 +424,32 @@ def test_reads_move_to_another_host_when_their_server_dies(tmp_path: Path) -> No
         primary.destroy()
 
 
+def test_a_shorter_deadline_armed_after_a_longer_one_still_fires_on_time() -> None:
+    """The statement watchdog sleeps until its soonest deadline and is woken only for a
+    sooner one: a short deadline armed while it sleeps for a long one must wake it (the
+    short one's socket is shut down, the long one's is not)."""
+    import socket
+
+    from pacsgrid.index.pg_connections import _Watchdog
+
+    dog = _Watchdog()
+    long_a, long_b = socket.socketpair()
+    short_a, short_b = socket.socketpair()
+    try:
+        dog.arm(long_a.fileno(), 3600)
+        wait_until(lambda: dog._sleeps_until > 0, 30, "the watchdog asleep on the long deadline")
+        token = dog.arm(short_a.fileno(), 0.2)
+        short_b.settimeout(60)
+        assert short_b.recv(1) == b"", "the short deadline's connection was not shut down"
+        dog.disarm(token)
+        long_b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            long_b.recv(1)  # still open: nothing to read, no end of file
+    finally:
+        for s in (long_a, long_b, short_a, short_b):
+            s.close()
+
+
 def test_frozen_primary_fails_stores_promptly_then_recovers(tmp_path: Path) -> None:
     """A primary that hangs (SIGSTOP: connections stay open, nothing answers) must not hang
     ingest: the commit fails within the bounded timeouts, and works again once it is back."""
