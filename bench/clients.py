@@ -243,8 +243,10 @@ def find_batch(
     warmup: int = 5,
 ) -> FindRun:
     """Run every query at STUDY level on one association; time each from request to final
-    response. The first `warmup` queries are sent first and not counted (the server process
-    that took the association may not have answered a query yet)."""
+    response (the client decodes the answers after the clock stops, so that the time is the
+    server's and the transport's, not pydicom's). The first `warmup` queries are sent first
+    and not counted (the server process that took the association may not have answered a
+    query yet)."""
     from pacsgrid.dicom import dimse
     from pacsgrid.dicom.scu import connect
 
@@ -264,18 +266,19 @@ def find_batch(
                 raise BenchError(f"{called_ae} refused Study Root C-FIND from BENCHFIND")
             for n, keys in enumerate([*queries[:warmup], *queries]):
                 identifier = study_identifier(keys, ctx.transfer_syntax)
-                uids: list[str] = []
+                datasets: list[bytes] = []
                 status = -1
                 t0 = time.perf_counter()
                 async for rsp in assoc.c_find(ctx.id, identifier):
                     status = int(rsp.command.get(dimse.STATUS, -1))
                     if rsp.dataset:
-                        uids.append(_study_uid(rsp.dataset, ctx.transfer_syntax))
+                        datasets.append(bytes(rsp.dataset))
+                took = time.perf_counter() - t0  # the answers are decoded after the clock
                 out.sent += 1
                 if n < min(warmup, len(queries)):
                     continue
-                out.latencies.append(time.perf_counter() - t0)
-                out.answers.append(uids)
+                out.latencies.append(took)
+                out.answers.append([_study_uid(d, ctx.transfer_syntax) for d in datasets])
                 out.statuses.append(status)
         finally:
             await assoc.release()
