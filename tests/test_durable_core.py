@@ -28,7 +28,16 @@ from pacsgrid.index.commit import GroupCommitter
 from pacsgrid.storage import durable, object_key, wal
 from pacsgrid.storage.filesystem import FilesystemSite
 from pacsgrid.storage.wal import LogError, SiteLog
-from pacsgrid.storage.walfile import HEADER_SIZE, WAL_DIR, read_header, record_size
+from pacsgrid.storage.walfile import (
+    HEADER_SIZE,
+    NAME_WIDTH,
+    REC,
+    WAL_DIR,
+    DeadSegment,
+    dead_segments,
+    read_header,
+    record_size,
+)
 from tests.test_index_contract import inst
 from tests.waiting import wait_until
 
@@ -278,6 +287,67 @@ def test_writers_that_arrive_during_a_commit_share_the_next_batch(sqlite_index: 
     assert (gc.batches, gc.committed) == (3, 5)
 
 
+class _SleepyCondition(threading.Condition):
+    """A condition variable that leaves the thread named `sleeper` asleep in `wait` until
+    `wake` is set, whatever is notified meanwhile: the waiter a busy machine does not
+    schedule before another writer arrives, made certain."""
+
+    def __init__(self, sleeper: str) -> None:
+        super().__init__()
+        self.sleeper = sleeper
+        self.asleep = threading.Event()
+        self.wake = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread().name != self.sleeper or self.wake.is_set():
+            return super().wait(timeout)
+        self.asleep.set()
+        self.release()
+        try:
+            return self.wake.wait(60)
+        finally:
+            self.acquire()
+
+
+def test_a_leader_whose_item_is_not_in_its_batch_leads_again(sqlite_index: Index) -> None:
+    """A writer that finds a full batch of others waiting commits theirs first, then leads
+    again until its own item is committed. B queues behind A's batch and does not wake when
+    A is done; C arrives, commits B's batch (max_batch=1), then its own."""
+    rec = RecordingIndex(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=1)  # type: ignore[arg-type]
+    cond = _SleepyCondition("4.1")
+    gc._cond = cond
+    out: dict[str, Any] = {}
+
+    def one(sop: str) -> None:
+        try:
+            out[sop] = gc.commit(inst(sop))
+        except Exception as e:  # an AssertionError too: C returning with no result
+            out[sop] = e
+
+    rec.hold.clear()
+    a = threading.Thread(target=one, args=("4.0",), name="4.0", daemon=True)
+    b = threading.Thread(target=one, args=("4.1",), name="4.1", daemon=True)
+    try:
+        a.start()
+        assert rec.entered.wait(60)
+        b.start()
+        assert cond.asleep.wait(60)  # B queued behind A's batch
+        rec.hold.set()
+        a.join(60)
+        assert not a.is_alive() and [e.item.sop_uid for e in gc._queue] == ["4.1"]
+        one("4.2")  # C, while B sleeps on
+    finally:
+        rec.hold.set()
+        cond.wake.set()
+    b.join(60)
+    assert not b.is_alive()
+    assert all(isinstance(r, AddResult) and r.outcome == "stored" for r in out.values()), out
+    assert sorted(out) == ["4.0", "4.1", "4.2"]
+    assert [batch for batch, _ in rec.batches] == [["4.0"], ["4.1"], ["4.2"]]
+    assert (gc.batches, gc.committed) == (3, 3)
+
+
 @pytest.mark.parametrize("queued", [["3.1", "3.2", "3.3"], ["3.1", "3.2"]], ids=["3", "2"])
 @pytest.mark.parametrize("error", [ValueError, IndexUnavailable])
 def test_a_failing_batch_is_retried_one_by_one(
@@ -442,6 +512,101 @@ def test_a_record_of_exactly_the_room_left_fits(tmp_path: Path) -> None:
     assert after.segment is not first.segment
     for r in (big, first, fill, after):
         log.wait(r)
+
+
+def _die(log: SiteLog) -> list[DeadSegment]:
+    """The process dies (its segments' files close, their locks go): what recovery finds."""
+    for seg in log._segments:
+        os.close(seg.fd)
+    return dead_segments(log.directory)
+
+
+def test_records_that_fill_a_segment_to_the_last_byte_are_recovered(tmp_path: Path) -> None:
+    """A record's padding is written up to the record's end and no further. Recovery trusts
+    only a segment file of the size its header gives, so a byte written past the end of a
+    segment by its last record would lose every record in it. Two segments here end with a
+    record (padded) that fills them to the last byte: one with a key, a note and the object;
+    one staged."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    size = log.max_record - REC.size - len(b"inline") - len(b"its note") - 3
+    assert record_size(b"inline", b"its note", size) == log.max_record  # 3 bytes of padding
+    body = b"i" * size
+    full = log.append("inline", [body], _sha(body), replace=False, note="its note")
+    assert full.segment.tail == full.segment.size
+    staged_size = record_size(b"staged", b"n", 0, b"x" * NAME_WIDTH)
+    assert staged_size > REC.size + len(b"staged") + len(b"n") + NAME_WIDTH  # padded
+    rest = log.max_record - staged_size
+    filler = b"f" * (rest - REC.size - 1 - 2)
+    assert record_size(b"f", b"", len(filler)) == rest
+    first = log.append("f", [filler], _sha(filler), replace=False)
+    assert first.segment is not full.segment
+    big = b"the staged object"
+    last = log.append("staged", [], _sha(big), replace=False, note="n", staged=True)
+    assert last.segment is first.segment and last.segment.tail == last.segment.size
+    fd = log.stage_open(last)
+    os.write(fd, big)
+    os.close(fd)
+    log.staged(last)
+    for r in (full, first, last):
+        log.wait(r)
+    dead = _die(log)
+    found = {}
+    for d in dead:
+        for r in d.records():
+            obj = d.object_of(r)
+            found[r.key] = (obj and _sha(obj), r.note)
+        d.close()
+    assert found == {
+        "inline": (_sha(body), "its note"),
+        "f": (_sha(filler), ""),
+        "staged": (_sha(big), "n"),
+    }
+    assert [os.stat(s.path).st_size for s in (full.segment, last.segment)] == [MB, MB]
+
+
+def test_a_note_is_kept_to_its_first_4096_bytes(tmp_path: Path) -> None:
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    note = "".join(chr(ord("a") + i % 26) for i in range(5000))
+    r = log.append("k", [b"x"], _sha(b"x"), replace=False, note=note)
+    log.wait(r)
+    assert r.segment.tail == HEADER_SIZE + record_size(b"k", note[:4096].encode(), 1)
+    dead = _die(log)
+    assert [rec.note for d in dead for rec in d.records()] == [note[:4096]]
+    for d in dead:
+        d.close()
+
+
+def test_a_reused_segment_gives_back_only_its_new_records(tmp_path: Path) -> None:
+    """A segment is reused as it is, not cleared: new records of other sizes are written over
+    the old ones (their padding lies on old bytes), and an old record follows the last new
+    one. Recovery replays exactly the new records: the old one carries the segment's
+    previous nonce and ends the scan; padding is never read."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    body = b"\xff" * 1000
+    step = record_size(b"old0", b"", len(body))
+    olds = [log.append(f"old{i}", [body], _sha(body), replace=False) for i in range(4)]
+    for r in olds:
+        log.wait(r)
+        r.release()
+    seg = olds[0].segment
+    log.rotate_now()
+    assert log.ready() == [seg]
+    log.retire(seg)  # the spare now: a new nonce, the old records still in it
+    a_body, b_body = b"a" * (step - 8 - REC.size - 1 - 3), b"b" * (step + 8 - REC.size - 1 - 3)
+    a = log.append("a", [a_body], _sha(a_body), replace=False)
+    b = log.append("b", [b_body], _sha(b_body), replace=False)
+    assert a.segment.path == seg.path and a.segment.nonce != seg.nonce
+    assert b.segment.tail == HEADER_SIZE + 2 * step  # where the third old record starts
+    log.wait(b)
+    raw = seg.path.read_bytes()
+    assert raw[HEADER_SIZE + 2 * step + REC.size :].startswith(b"old2")
+    dead = _die(log)
+    assert [(r.key, r.payload) for d in dead for r in d.records()] == [
+        ("a", a_body),
+        ("b", b_body),
+    ]
+    for d in dead:
+        d.close()
 
 
 def test_each_wait_flushes_once_with_or_without_a_group_wait(tmp_path: Path) -> None:
