@@ -348,6 +348,54 @@ def test_a_leader_whose_item_is_not_in_its_batch_leads_again(sqlite_index: Index
     assert (gc.batches, gc.committed) == (3, 3)
 
 
+class _TwoAtOnce(RecordingIndex):
+    """As if the index committed two batches at once (PostgreSQL, two write connections);
+    SQLite commits them one after the other."""
+
+    @property
+    def concurrent_batches(self) -> int:
+        return 2
+
+
+def test_an_index_that_commits_two_batches_at_once_gets_two_leaders_never_three(
+    sqlite_index: Index,
+) -> None:
+    """Two batches are committed at once and a third writer queues, also after a batch has
+    ended: a leader that ends gives back exactly its own place."""
+    rec = _TwoAtOnce(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    assert gc.max_leaders == 2
+    assert gc.commit(inst("5.0")).outcome == "stored"
+    out: dict[str, Any] = {}
+
+    def one(sop: str) -> None:
+        try:
+            out[sop] = gc.commit(inst(sop))
+        except Exception as e:
+            out[sop] = e
+
+    def settled() -> bool:  # 5.3 waits in the queue, or leads a third batch
+        with gc._cond:
+            return bool(gc._queue) or len(rec.batches) == 4
+
+    sops = ["5.1", "5.2", "5.3"]
+    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in sops]
+    rec.hold.clear()
+    try:
+        for n, t in enumerate(threads[:2], start=2):
+            t.start()
+            wait_until(lambda n=n: len(rec.batches) == n, 60, f"{n - 1} batches being committed")
+        threads[2].start()
+        wait_until(settled, 60, "the third writer queued or leading")
+        assert [e.item.sop_uid for e in gc._queue] == ["5.3"] and len(rec.batches) == 3
+    finally:
+        rec.hold.set()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(r, AddResult) and r.outcome == "stored" for r in out.values()), out
+    assert [batch for batch, _ in rec.batches] == [["5.0"], ["5.1"], ["5.2"], ["5.3"]]
+
+
 @pytest.mark.parametrize("queued", [["3.1", "3.2", "3.3"], ["3.1", "3.2"]], ids=["3", "2"])
 @pytest.mark.parametrize("error", [ValueError, IndexUnavailable])
 def test_a_failing_batch_is_retried_one_by_one(
