@@ -313,6 +313,48 @@ def test_undefined_lengths_the_scanner_walks_itself() -> None:
     assert (pix_off, pix_len) == (pixels_at, UNDEFINED)
 
 
+def _code_item(implicit: bool) -> bytes:
+    """An item holding a Code Value (0008,0100) "T1", explicit or implicit VR."""
+    if implicit:
+        return _item(0xFFFE, 0xE000, _item(0x0008, 0x0100, b"T1"))
+    return _item(0xFFFE, 0xE000, _explicit(0x0008, 0x0100, b"SH", b"T1"))
+
+
+@pytest.mark.parametrize("vr", [b"SQ", b"UN"])
+def test_a_sequence_without_its_delimiter_ends_with_its_item(vr: bytes) -> None:
+    """PS3.5 7.5.2: a sequence of undefined length ends with its own delimiter, inside the
+    item that holds it. One whose delimiter is missing runs past the end of that item (of
+    defined length): the dataset is truncated there and refused, the sequence named, whatever
+    follows the item (the next top-level element, or a stray delimiter of the outer sequence
+    that would close it). An undefined-length UN holds an implicit VR sequence (6.2.2)."""
+    if vr == b"SQ":  # Scheduled Protocol Code Sequence
+        tag, inner_item = (0x0040, 0x0008), _code_item(False)
+    else:  # a private element
+        tag, inner_item = (0x0029, 0x1010), _code_item(True)
+    inner = _explicit(*tag, vr, inner_item, UNDEFINED)
+    requested = _explicit(0x0040, 0x1001, b"SH", b"RP1 ")  # Requested Procedure ID
+
+    def dataset(item_value: bytes, stray_delimiter: bool) -> bytes:
+        item = _item(0xFFFE, 0xE000, item_value)
+        outer = item + (SEQ_DELIMITER if stray_delimiter else b"")
+        # Request Attributes Sequence (0040,0275), defined length
+        return _uids() + _explicit(0x0040, 0x0275, b"SQ", outer) + requested
+
+    ts = "1.2.840.10008.1.2.1"
+    whole = dataset(inner + SEQ_DELIMITER, False)
+    assert scan(whole, ts).values == {
+        "SOPClassUID": "1.2.3",
+        "SOPInstanceUID": "1.2.3.4",
+        "StudyInstanceUID": "1.2.3.4.5",
+        "SeriesInstanceUID": "1.2.3.4.5.6",
+    }
+    name = f"({tag[0]:04X},{tag[1]:04X})"
+    for stray_delimiter in (False, True):
+        with pytest.raises(InvalidDataset) as e:
+            scan(dataset(inner, stray_delimiter), ts)
+        assert e.value.reason == f"truncated: sequence {name} runs past the end of its container"
+
+
 def test_fragments_that_are_not_items_go_to_pydicom_and_cut_ones_are_refused() -> None:
     base = _uids()
     pixel = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEFINED)
