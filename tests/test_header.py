@@ -204,6 +204,117 @@ def test_the_pydicom_path_matches_pydicom_on_the_corpus(f) -> None:  # type: ign
     assert values == scan(data[p10.dataset_offset :], p10.transfer_syntax).values
 
 
+def fallback(data: bytes, mapped: bool, start: int = 0) -> tuple[dict[str, str], int, int]:
+    """The pydicom path, on bytes in memory or on a mapped spill file holding them."""
+    if not mapped:
+        return _scan_with_pydicom(data, False, True, start)
+    with tempfile.TemporaryFile() as fh:
+        fh.write(data)
+        fh.flush()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _scan_with_pydicom(buf, False, True, start)
+
+
+UIDS = {
+    "SOPClassUID": "1.2.3",
+    "SOPInstanceUID": "1.2.3.4",
+    "StudyInstanceUID": "1.2.3.4.5",
+    "SeriesInstanceUID": "1.2.3.4.5.6",
+}
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["bytes", "mapped"])
+def test_the_pydicom_path_reads_values_in_every_shape_pydicom_gives_them(mapped: bool) -> None:
+    """pydicom returns bytes for an OB value and for a UN value of 64 KiB or more (a smaller
+    UN takes the VR of the data dictionary), a list for a multi-valued CS, IS, DA or TM (the
+    first value is kept, as the scanner keeps it), and None for an empty number. Only
+    trailing padding is removed, as the scanner removes it. Explicit VR little endian,
+    written by hand, read from an offset."""
+    elements = [
+        (0x0008, 0x0016, b"UI", b"1.2.3\0"),
+        (0x0008, 0x0018, b"UI", b"1.2.3.4\0"),
+        (0x0008, 0x0020, b"DA", b"20240102\\20240103 "),  # StudyDate
+        (0x0008, 0x0030, b"TM", b"101500\\1200"),  # StudyTime
+        (0x0008, 0x0050, b"SH", b"ACX\0"),  # AccessionNumber
+        (0x0008, 0x0060, b"CS", b" CT \\MR "),  # Modality
+        (0x0008, 0x0090, b"PN", b"\0Roe^J"),  # ReferringPhysicianName
+        (0x0008, 0x1030, b"UN", b"T\xeate\0" + b" " * 0xFFFF),  # StudyDescription
+        (0x0010, 0x0010, b"UN", b"Doe^Jane"),  # PatientName
+        (0x0010, 0x0020, b"OB", b"ABX \0\0"),  # PatientID
+        (0x0010, 0x0040, b"CS", b""),  # PatientSex
+        (0x0018, 0x0015, b"CS", b"\\CHEST "),  # BodyPartExamined
+        (0x0020, 0x000D, b"UI", b"1.2.3.4.5\0"),
+        (0x0020, 0x000E, b"UI", b"1.2.3.4.5.6\0"),
+        (0x0020, 0x0011, b"IS", b" 7 \\8 "),  # SeriesNumber
+        (0x0020, 0x0013, b"IS", b""),  # InstanceNumber
+        (0x0028, 0x0008, b"IS", b"\\3"),  # NumberOfFrames
+        (0x0028, 0x0010, b"US", b""),  # Rows
+        (0x0028, 0x0011, b"UN", b"\x00\x02"),  # Columns: US 512
+    ]
+    data = b"\xee" * 3 + b"".join(_explicit(*e) for e in elements)
+    assert fallback(data, mapped, 3) == (
+        {
+            **UIDS,
+            "StudyDate": "20240102",
+            "StudyTime": "101500",
+            "AccessionNumber": "ACX",
+            "Modality": "CT",
+            "ReferringPhysicianName": "\x00Roe^J",
+            "StudyDescription": "T\u00eate",
+            "PatientName": "Doe^Jane",
+            "PatientID": "ABX",
+            "PatientSex": "",
+            "BodyPartExamined": "",
+            "SeriesNumber": "7",
+            "InstanceNumber": "",
+            "NumberOfFrames": "",
+            "Rows": "",
+            "Columns": "512",
+        },
+        -1,
+        -1,
+    )
+
+
+BIG = (1 << 20) + 2  # more than the pydicom path reads of a mapped dataset: skipped, not read
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["bytes", "mapped"])
+def test_the_pydicom_path_skips_large_values_and_refuses_what_does_not_convert(
+    mapped: bool,
+) -> None:
+    """A value larger than a megabyte in a mapped dataset is skipped unread (it is only
+    sought past), the elements after it are read; a value further on that pydicom cannot
+    convert (a US of three bytes, in a sequence item) refuses the dataset."""
+    base = _explicit(0x0008, 0x0016, b"UI", b"1.2.3\0") + _explicit(
+        0x0008, 0x0018, b"UI", b"1.2.3.4\0"
+    )
+    large = _explicit(0x0019, 0x1010, b"OB", b"\x5a" * BIG)
+    after = (
+        _explicit(0x0020, 0x000D, b"UI", b"1.2.3.4.5\0")
+        + _explicit(0x0020, 0x000E, b"UI", b"1.2.3.4.5.6\0")
+        + _explicit(0x0020, 0x0011, b"IS", b"7 ")
+        + _explicit(0x0028, 0x0010, b"US", b"\x00\x02")
+    )
+    assert fallback(base + large + after, mapped) == (
+        {**UIDS, "SeriesNumber": "7", "Rows": "512"},
+        -1,
+        -1,
+    )
+    bad_item = _item(0xFFFE, 0xE000, _explicit(0x0028, 0x0002, b"US", b"\x01\x02\x03"))
+    broken = base + large + after + _explicit(0x0040, 0x0275, b"SQ", bad_item)
+    with pytest.raises(InvalidDataset, match=r"^not a parseable DICOM dataset: BytesLength"):
+        fallback(broken, mapped)
+
+
+def test_the_pydicom_path_refuses_a_skipped_value_cut_by_the_end() -> None:
+    """A large value the mapped dataset holds less of than its length declares: seeking past
+    it runs off the end, and the dataset is refused."""
+    cut = _uids() + _explicit(0x0029, 0x1010, b"OB", b"\x5a" * 100, BIG)
+    with pytest.raises(InvalidDataset, match=r"^not a parseable DICOM dataset: ValueError: "):
+        fallback(cut, True)
+
+
 def fast_path(data: bytes, ts: str, start: int = 0) -> tuple[dict[str, str], int, int]:
     """The scanner alone, without the fallback: a ScanError fails the test."""
     implicit, little = SYNTAXES.get(ts, (False, True))
