@@ -307,12 +307,44 @@ def test_the_pydicom_path_skips_large_values_and_refuses_what_does_not_convert(
         fallback(broken, mapped)
 
 
-def test_the_pydicom_path_refuses_a_skipped_value_cut_by_the_end() -> None:
-    """A large value the mapped dataset holds less of than its length declares: seeking past
-    it runs off the end, and the dataset is refused."""
+@pytest.mark.parametrize("mapped", [False, True], ids=["bytes", "mapped"])
+def test_the_pydicom_path_refuses_a_large_value_cut_by_the_end(mapped: bool) -> None:
+    """A large value the dataset holds less of than its length declares: in a mapped dataset
+    it is skipped, and seeking past it runs off the end; in memory it is read, too short."""
     cut = _uids() + _explicit(0x0029, 0x1010, b"OB", b"\x5a" * 100, BIG)
-    with pytest.raises(InvalidDataset, match=r"^not a parseable DICOM dataset: ValueError: "):
-        fallback(cut, True)
+    with pytest.raises(InvalidDataset) as e:
+        fallback(cut, mapped)
+    if mapped:
+        assert e.value.reason.startswith("not a parseable DICOM dataset: ValueError: ")
+    else:
+        assert e.value.reason == f"truncated: element (0029,1010) declares {BIG} bytes, 100 remain"
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["bytes", "mapped"])
+def test_a_value_cut_short_is_refused_on_the_pydicom_path(mapped: bool) -> None:
+    """pydicom reads a value cut by the end of the dataset, or of the sequence holding it,
+    short and says nothing: the pydicom path refuses it, as the scanner does. scan() hands
+    these datasets to it for a tag out of order (Modality after the series UID)."""
+    base = _uids() + _explicit(0x0008, 0x0060, b"CS", b"CT")
+    with pytest.raises(ScanError, match=r"^tags out of order"):
+        _walk(base, False, True)
+    whole = base + _explicit(0x0040, 0x1001, b"SH", b"RP1 ")
+    assert fallback(whole, mapped) == ({**UIDS, "Modality": "CT"}, -1, -1)
+    assert scan(whole, "1.2.840.10008.1.2.1").values == {**UIDS, "Modality": "CT"}
+    item = _item(0xFFFE, 0xE000, _explicit(0x0008, 0x0100, b"SH", b"T1", 6))
+    for data, reason in [
+        (whole[:-1], "truncated: element (0040,1001) declares 4 bytes, 3 remain"),
+        (
+            base + _explicit(0x0040, 0x0275, b"SQ", item),
+            "truncated: element (0008,0100) declares 6 bytes, 2 remain",
+        ),
+    ]:
+        with pytest.raises(InvalidDataset) as e:
+            fallback(data, mapped)
+        assert e.value.reason == reason
+        with pytest.raises(InvalidDataset) as e:
+            scan(data, "1.2.840.10008.1.2.1")
+        assert e.value.reason == reason
 
 
 def fast_path(data: bytes, ts: str, start: int = 0) -> tuple[dict[str, str], int, int]:

@@ -421,6 +421,7 @@ def _scan_with_pydicom(
                 ds = read_dataset(cast(BinaryIO, buf), implicit, little, defer_size=_DEFER)
             else:
                 ds = read_dataset(io.BytesIO(memoryview(buf)[start:]), implicit, little)
+            _touch(ds)
             values: dict[str, str] = {}
             for tag, attr in BY_TAG.items():
                 if tag not in ds:
@@ -439,21 +440,30 @@ def _scan_with_pydicom(
                     values[attr.keyword] = str(next(iter(v), "")).strip()
                 else:
                     values[attr.keyword] = str(v).rstrip("\x00 ").strip()
-            _touch(ds)
+    except InvalidDataset:
+        raise
     except Exception as e:  # pydicom raises many types for bad input
         raise InvalidDataset(f"not a parseable DICOM dataset: {type(e).__name__}: {e}") from None
     return values, -1, -1
 
 
 def _touch(ds: Dataset) -> None:
-    """Convert every element, so that truncation anywhere surfaces as an error here. A value
-    pydicom skipped (deferred) was sought past within the dataset: it is there, unread."""
+    """Convert every element, so that a value that does not convert surfaces as an error here,
+    and check that every value holds the bytes its length declares: pydicom reads a value cut
+    by the end of the dataset (or of the sequence holding it) short, without a word. A value
+    pydicom skipped (deferred) was sought past: in a mapped dataset, seeking past its end
+    fails."""
     for tag in sorted(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-            continue
+        if isinstance(raw, RawDataElement):
+            if raw.value is None and raw.length:
+                continue
+            held = len(raw.value or b"")
+            if raw.length != UNDEFINED and held < raw.length:
+                raise InvalidDataset(
+                    f"truncated: element {_name(tag)} declares {raw.length} bytes, {held} remain"
+                )
         value = ds[tag].value
         if isinstance(value, Sequence):
             for item in value:
-                for _elem in item.iterall():
-                    pass
+                _touch(item)
