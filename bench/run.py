@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -351,7 +352,7 @@ class Runner:
                     kind,
                     name,
                     rnd,
-                    lambda srv=srv, kind=kind: self._find(srv, kind, queries[kind], rnd),
+                    functools.partial(self._find, srv, kind, queries[kind], rnd),
                 )
 
     def _find(self, srv: Server, kind: str, queries: list[FindQuery], rnd: int) -> Sample:
@@ -398,7 +399,7 @@ class Runner:
                     op,
                     name,
                     rnd,
-                    lambda srv=srv, dest=dest, op=op: self._retrieve(srv, dest, op, ds, study, rnd),
+                    functools.partial(self._retrieve, srv, dest, op, ds, study, rnd),
                 )
 
     def _retrieve(

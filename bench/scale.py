@@ -49,7 +49,7 @@ from typing import Any
 from pydicom import dcmread
 
 from bench import clients
-from bench.procs import tree_cpu
+from bench.procs import BenchError, tree_cpu
 from bench.synth import GIVEN, Spec, write
 from pacsgrid.index import open_index
 from pacsgrid.index.filing import COLUMNS, attribute_values, patient_key
@@ -350,6 +350,7 @@ class Loader:
     # ------------------------------------------------------------------ per engine
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
+        db: Any
         if self.engine == "sqlite":
             db = sqlite3.connect(self.url.removeprefix("sqlite:///"), isolation_level=None)
             db.execute("PRAGMA synchronous = OFF")
@@ -384,7 +385,9 @@ class Loader:
         else:
             db.commit()
 
-    def _rows(self, db: Any, table: str, cols: Sequence[str], rows: list[list[Any]]) -> None:
+    def _rows(
+        self, db: Any, table: str, cols: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
         if self.engine == "sqlite":
             marks = ", ".join("?" * len(cols))
             db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", rows)
@@ -416,6 +419,7 @@ class Loader:
 
     def _analyze(self) -> None:
         t0 = time.monotonic()
+        db: Any
         if self.engine == "sqlite":
             db = sqlite3.connect(self.url.removeprefix("sqlite:///"), isolation_level=None)
             db.execute("ANALYZE")
@@ -468,7 +472,7 @@ class Serve:
     def _echoes(self) -> bool:
         try:
             return clients.echo(self.port, "PACSGRID", timeout=30) == 0
-        except (OSError, TimeoutError, clients.BenchError):
+        except (OSError, TimeoutError, BenchError):
             return False
 
     def settle(self, others: Sequence[int]) -> None:

@@ -38,7 +38,7 @@ def pg_available() -> bool:
     return (PG_BIN / "initdb").exists() and shutil.which("runuser") is not None
 
 
-def _as_postgres(*cmd: str | Path, check: bool = True, timeout: float = 120) -> str:
+def _as_postgres(*cmd: str | Path | int, check: bool = True, timeout: float = 120) -> str:
     argv = ["runuser", "-u", "postgres", "--", *map(str, cmd)]
     if os.getuid() != 0:  # already some user (a developer's machine): run directly
         argv = list(map(str, cmd))
@@ -147,7 +147,7 @@ class PgCluster:
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
-            argv = [PG_BIN / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)]
+            argv = [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)]
             return subprocess.run(argv, capture_output=True).returncode == 0
 
         wait_until(
