@@ -393,12 +393,20 @@ class Rig:
         self.kills += 1
         # A sender whose association was accepted just before the kill registers it only
         # once `associate()` returns, after the first pass: wake newcomers until all end.
-        woken: set[str] = set()
+        # In a worker kill, only the victim's associations are woken, once their worker is
+        # known from its log (an association no worker logged as accepted is asked about
+        # again on the next pass; its sender ends by itself if none ever does).
+        seen: set[str] = set()
         deadline = time.monotonic() + 240
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             for aet, assoc in list(opened.items()):
-                if aet not in woken and (v.kill != "worker" or self._worker_of(aet) == victim):
-                    woken.add(aet)
+                if aet in seen:
+                    continue
+                worker = self._accepted_by(aet) if v.kill == "worker" else None
+                if v.kill == "worker" and worker is None:
+                    continue
+                seen.add(aet)
+                if v.kill != "worker" or worker == victim:
                     _wake(assoc)
             for t in threads:
                 t.join(0.05)
@@ -419,6 +427,12 @@ class Rig:
             self.start()
         self.cut_off += sum(1 for x in versions if x.attempted and not x.acked)
         return {x.study for x in versions}
+
+    def _accepted_by(self, aet: str) -> int | None:
+        """The worker whose log says it accepted `aet`'s association, if it says so yet."""
+        pattern = rf"\[(\d+)\] pacsgrid\.dicom: association from {aet}@\S+ accepted"
+        found = re.search(pattern, self.server.text() if self.server else "")
+        return int(found[1]) if found else None
 
     def _worker_of(self, aet: str) -> int:
         pattern = rf"\[(\d+)\] pacsgrid\.dicom: association from {aet}@\S+ accepted"

@@ -424,7 +424,7 @@ def test_reads_move_to_another_host_when_their_server_dies(tmp_path: Path) -> No
         primary.destroy()
 
 
-def test_a_shorter_deadline_armed_after_a_longer_one_still_fires_on_time() -> None:
+def test_a_shorter_deadline_armed_after_a_longer_one_still_fires() -> None:
     """The statement watchdog sleeps until its soonest deadline and is woken only for a
     sooner one: a short deadline armed while it sleeps for a long one must wake it (the
     short one's socket is shut down, the long one's is not)."""
@@ -435,8 +435,9 @@ def test_a_shorter_deadline_armed_after_a_longer_one_still_fires_on_time() -> No
     dog = _Watchdog()
     long_a, long_b = socket.socketpair()
     short_a, short_b = socket.socketpair()
+    long_token = 0
     try:
-        dog.arm(long_a.fileno(), 3600)
+        long_token = dog.arm(long_a.fileno(), 3600)
         wait_until(lambda: dog._sleeps_until > 0, 30, "the watchdog asleep on the long deadline")
         token = dog.arm(short_a.fileno(), 0.2)
         short_b.settimeout(60)
@@ -446,6 +447,7 @@ def test_a_shorter_deadline_armed_after_a_longer_one_still_fires_on_time() -> No
         with pytest.raises(BlockingIOError):
             long_b.recv(1)  # still open: nothing to read, no end of file
     finally:
+        dog.disarm(long_token)  # before its socket is closed and the descriptor reused
         for s in (long_a, long_b, short_a, short_b):
             s.close()
 
