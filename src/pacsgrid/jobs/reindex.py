@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pacsgrid.correction import (
@@ -55,6 +55,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64  # objects per task handed to a reader process
 COMMIT_BATCH = 250  # instances per index transaction
+
+
+@dataclass
+class _Committed:
+    """A batch the committer filed: each item's outcome (None: refused), and the refusals."""
+
+    items: list[NewInstance]
+    results: list[AddResult | None]
+    refused: list[tuple[str, str, str]]
 
 
 @dataclass
@@ -145,6 +154,10 @@ class Reindexer:
         self.stop = stop or threading.Event()
         self.report = ReindexReport()
         self._pending: list[NewInstance] = []
+        # One batch commits in a thread of its own while the next one is read: on
+        # PostgreSQL the commit is a wait on the server, which the readers can fill.
+        self._committer: ThreadPoolExecutor | None = None
+        self._committing: Future[_Committed] | None = None
 
     def run(self, *, reconcile: bool = False) -> ReindexReport:
         started = time.monotonic()
@@ -171,14 +184,19 @@ class Reindexer:
         )
         if pool is None:
             _init_reader(self.site_settings)
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="reindex-commit")
         try:
-            for site in self.sites:
-                if site.name in order and not self.stop.is_set():
-                    self._index_site(site.name, order[site.name], pool)
+            try:
+                for site in self.sites:
+                    if site.name in order and not self.stop.is_set():
+                        self._index_site(site.name, order[site.name], pool)
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+            self._flush(wait=True)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._flush()
+            self._committer.shutdown(wait=True)
+            self._committer = None
         if not self.stop.is_set():
             self._replay_corrections()
         self.report.interrupted = self.stop.is_set()
@@ -218,7 +236,7 @@ class Reindexer:
                 inflight.append(pool.submit(read_objects, name, chunk))
         while inflight:
             self._take(name, inflight.popleft().result())
-        self._flush()
+        self._flush(wait=True)
 
     def _take(self, site: str, results: list[ReadResult]) -> None:
         for r in results:
@@ -231,18 +249,35 @@ class Reindexer:
             if len(self._pending) >= COMMIT_BATCH:
                 self._flush()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        items, self._pending = self._pending, []
+    def _flush(self, *, wait: bool = False) -> None:
+        """Hand the pending items to the committer once the batch before them is done (one
+        batch in flight keeps the filing order and bounds memory); `wait`: and wait for it."""
+        if self._pending:
+            items, self._pending = self._pending, []
+            self._collect()
+            if self._committer is None:
+                self._account(self._commit(items))
+            else:
+                self._committing = self._committer.submit(self._commit, items)
+        if wait:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the batch in flight, if any, and count its outcome (raises its error)."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            self._account(committing.result())
+
+    def _commit(self, items: list[NewInstance]) -> _Committed:
+        """Commit `items` (in the committer's thread)."""
         results: list[AddResult | None]
+        refused: list[tuple[str, str, str]] = []
         try:
             results = list(self.index.add_batch(items))
         except Exception as batch_error:
             # One bad row must not cost the batch: commit one by one and report the refusals;
             # if every one fails, the index itself is the problem: stop (a rerun resumes).
             results = []
-            refused: list[tuple[str, str, str]] = []
             for item in items:
                 try:
                     results.extend(self.index.add_batch([item]))
@@ -252,10 +287,14 @@ class Reindexer:
                     refused.append((c.site, c.key, f"index refused it: {e}"))
             if len(refused) == len(items):
                 raise batch_error
-            self.report.unreadable.extend(refused)
-            for _ in refused:
-                self.progress.advance("refused")
-        for item, res in zip(items, results, strict=True):
+        return _Committed(items, results, refused)
+
+    def _account(self, done: _Committed) -> None:
+        """Report and progress for a committed batch (in the reindex's own thread)."""
+        self.report.unreadable.extend(done.refused)
+        for _ in done.refused:
+            self.progress.advance("refused")
+        for item, res in zip(done.items, done.results, strict=True):
             copy = item.copies[0]
             if res is None:
                 continue
