@@ -529,6 +529,250 @@ def test_zero_padding_after_the_last_element_is_ignored(padding: int) -> None:
         scan(data + b"\0" * padding + b"\1", "1.2.840.10008.1.2.1")
 
 
+ITEM_DELIMITER = _item(0xFFFE, 0xE00D, b"")
+EXPLICIT = "1.2.840.10008.1.2.1"
+CODE = _explicit(0x0008, 0x0100, b"SH", b"T1")  # Code Value, 10 bytes
+REQUESTED = _explicit(0x0040, 0x1001, b"SH", b"RP1 ")  # Requested Procedure ID, 12 bytes
+
+
+def _request(value: bytes, length: int | None = None) -> bytes:
+    """Request Attributes Sequence (0040,0275), explicit VR, defined length, after the UIDs
+    and before the Requested Procedure ID (0040,1001)."""
+    return _uids() + _explicit(0x0040, 0x0275, b"SQ", value, length) + REQUESTED
+
+
+def _implicit_uids() -> bytes:
+    """The four UIDs in implicit VR little endian, written by hand."""
+    return b"".join(
+        _item(g, e, v)
+        for g, e, v in [
+            (0x0008, 0x0016, b"1.2.3\0"),
+            (0x0008, 0x0018, b"1.2.3.4\0"),
+            (0x0020, 0x000D, b"1.2.3.4.5\0"),
+            (0x0020, 0x000E, b"1.2.3.4.5.6\0"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        pytest.param(
+            # PS3.5 7.5.1: an item holds at most what its sequence holds; this one declares
+            # 22 bytes (its Code Value and the Requested Procedure ID after the sequence) in
+            # a sequence of 18 (its own header and the Code Value).
+            _request(_item(0xFFFE, 0xE000, CODE, 22)),
+            "truncated: an item of (0040,0275) declares 22 bytes, 10 remain in its container",
+            id="item-longer-than-its-sequence",
+        ),
+        pytest.param(
+            _request(CODE),  # a sequence holds items, nothing else
+            "sequence (0040,0275) holds (0008,0100) where an item must be",
+            id="element-where-an-item-must-be",
+        ),
+        pytest.param(
+            # a sequence delimiter has no place in a sequence of defined length (7.5.2); the
+            # scanner lets it pass, but still checks what follows it
+            _request(SEQ_DELIMITER + CODE),
+            "sequence (0040,0275) holds (0008,0100) where an item must be",
+            id="element-after-a-stray-sequence-delimiter",
+        ),
+        pytest.param(
+            # the first item (10 bytes) holds a Code Value that declares 6 bytes, 2 remain
+            # in it; the next item of the same sequence is whole
+            _request(
+                _item(0xFFFE, 0xE000, _explicit(0x0008, 0x0100, b"SH", b"T1", 6))
+                + _item(0xFFFE, 0xE000, CODE)
+            ),
+            "truncated: element (0008,0100) in a sequence item declares 6 bytes, 2 remain "
+            "in the item",
+            id="element-longer-than-its-item",
+        ),
+        pytest.param(
+            _request(_item(0xFFFE, 0xE000, CODE + b"\x01\x02\x03")),  # 3 bytes: no element
+            "truncated: 3 byte(s) after the last element",
+            id="bytes-after-the-last-element-of-an-item",
+        ),
+        pytest.param(
+            # an item of undefined length ends with its delimiter (7.5.2), here missing: the
+            # sequence (defined length) ends after the Code Value
+            _request(_item(0xFFFE, 0xE000, CODE, UNDEFINED)),
+            "truncated: an item runs past the end of its container",
+            id="item-without-its-delimiter",
+        ),
+        pytest.param(
+            # a sequence of defined length in an item: Scheduled Protocol Code Sequence
+            # (0040,0008) holding a Code Value where an item must be
+            _request(_item(0xFFFE, 0xE000, _explicit(0x0040, 0x0008, b"SQ", CODE))),
+            "sequence (0040,0008) holds (0008,0100) where an item must be",
+            id="nested-sequence-holding-an-element",
+        ),
+        pytest.param(
+            _uids() + _explicit(0x0040, 0x1001, b"SH", b"RP", 4),
+            "truncated: element (0040,1001) declares 4 bytes, 2 remain",
+            id="last-element-cut",
+        ),
+        pytest.param(
+            _uids() + b"\x01\x02\x03",
+            "truncated: 3 byte(s) after the last element",
+            id="bytes-after-the-last-element",
+        ),
+        pytest.param(
+            _uids() + struct.pack("<HH2sH", 0x0040, 0x0275, b"SQ", 0) + b"\0\0",
+            f"truncated: the element header at offset {len(_uids())} is cut off",
+            id="long-element-header-cut",
+        ),
+    ],
+)
+def test_the_scanner_refuses_a_structure_that_does_not_add_up(data: bytes, reason: str) -> None:
+    """What the scanner itself refuses, and why (each reason written out by hand): items,
+    elements and headers that run past their container, and what is not an item where an
+    item must be. These never reach pydicom, which lets some of them pass."""
+    with pytest.raises(InvalidDataset) as e:
+        scan(data, EXPLICIT)
+    assert e.value.reason == reason
+    assert not e.value.missing_uids
+
+
+def test_an_implicit_vr_sequence_is_known_by_its_tag() -> None:
+    """Implicit VR: the scanner takes the VR of an element it does not index from the data
+    dictionary (PS3.5 7.1.3, annex A), and checks a sequence's items as in explicit VR:
+    Request Attributes Sequence (0040,0275), defined length, holding a Code Value where an
+    item must be."""
+    data = _implicit_uids() + _item(0x0040, 0x0275, _item(0x0008, 0x0100, b"T1"))
+    with pytest.raises(InvalidDataset) as e:
+        scan(data, "1.2.840.10008.1.2")
+    assert e.value.reason == "sequence (0040,0275) holds (0008,0100) where an item must be"
+
+
+def test_garbage_after_the_elements_is_named_with_its_offset() -> None:
+    """Bytes that are not an element after a whole one: their offset is counted from the
+    start of the dataset, not of the buffer."""
+    data = b"\xee" * 3 + _uids() + b"\x01" * 8  # tag (0101,0101), VR "\x01\x01"
+    with pytest.raises(InvalidDataset) as e:
+        scan(data, EXPLICIT, 3)
+    assert e.value.reason == (
+        f"not an element at offset {len(_uids())}, after (0020,000E) (a length that does not "
+        "add up, or garbage)"
+    )
+
+
+def test_empty_values_at_the_very_end_are_whole() -> None:
+    """An element of zero length ends the dataset with its header (PS3.5 7.1.2): 8 bytes for
+    a short VR, 12 for SQ; a sequence of defined length may hold no item, or an empty one."""
+    for last in (
+        _explicit(0x0040, 0x1001, b"SH", b""),
+        _explicit(0x0040, 0x0275, b"SQ", b""),
+        _explicit(0x0040, 0x0275, b"SQ", _item(0xFFFE, 0xE000, b"")),
+    ):
+        assert fast_path(_uids() + last, EXPLICIT) == (UIDS, -1, -1)
+
+
+def test_a_repeated_element_is_left_to_pydicom() -> None:
+    """PS3.5 7.1: an element occurs at most once, in ascending tag order. The scanner does not
+    read a dataset that repeats one (it hands it to pydicom, which decides)."""
+    data = _uids() + REQUESTED + REQUESTED
+    with pytest.raises(ScanError, match=rf"^tags out of order at offset {len(_uids()) + 12}$"):
+        _walk(data, False, True)
+
+
+@pytest.mark.parametrize("padding", [8, 9, 1000])
+def test_zero_padding_after_an_implicit_vr_dataset_is_ignored(padding: int) -> None:
+    """In implicit VR, eight zero bytes read as an element (0000,0000) of length 0, out of
+    order: zero padding to the end is still padding, read by the scanner itself; a nonzero
+    byte after it makes it not padding, and the scanner does not end there."""
+    data = _implicit_uids()
+    implicit = "1.2.840.10008.1.2"
+    assert fast_path(data + b"\0" * padding, implicit) == (UIDS, -1, -1)
+    with pytest.raises(ScanError, match=rf"^tags out of order at offset {len(data)}$"):
+        _walk(data + b"\0" * padding + b"\1", True, True)
+
+
+def test_a_dataset_in_implicit_vr_under_an_explicit_syntax_is_read_by_pydicom() -> None:
+    """A dataset written in implicit VR although its transfer syntax says explicit (as some
+    writers do): its first element has no VR where one must be, so the scanner hands it to
+    pydicom, which reads it as it was written, from the offset the dataset starts at."""
+    data = _implicit_uids()
+    with pytest.raises(ScanError, match=r"^unknown VR b'\\x06\\x00' at offset 0$"):
+        _walk(data, False, True)
+    assert scan(b"\xee" * 3 + data, EXPLICIT, 3).values == UIDS
+
+
+def _big(group: int, elem: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    """One explicit VR big endian element, written by hand (PS3.5 7.3)."""
+    n = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"UN", b"SQ"):
+        return struct.pack(">HH2sHI", group, elem, vr, 0, n) + value
+    return struct.pack(">HH2sH", group, elem, vr, n) + value
+
+
+def test_undefined_lengths_in_big_endian() -> None:
+    """Explicit VR big endian (retired, still received): every tag and length, item headers
+    and delimiters included, is big endian; an undefined length is FFFFFFFFH (PS3.5 7.5)."""
+    item_header = struct.pack(">HHI", 0xFFFE, 0xE000, UNDEFINED)
+    delimiters = struct.pack(">HHI", 0xFFFE, 0xE00D, 0) + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)
+    data = (
+        _big(0x0008, 0x0016, b"UI", b"1.2.3\0")
+        + _big(0x0008, 0x0018, b"UI", b"1.2.3.4\0")
+        + _big(0x0020, 0x000D, b"UI", b"1.2.3.4.5\0")
+        + _big(0x0020, 0x000E, b"UI", b"1.2.3.4.5.6\0")
+        + _big(
+            0x0040,
+            0x0275,
+            b"SQ",
+            item_header + _big(0x0008, 0x0100, b"SH", b"T1") + delimiters,
+            UNDEFINED,
+        )
+        + _big(0x0040, 0x1001, b"SH", b"RP1 ")
+    )
+    pixels_at = len(data) + 12
+    data += _big(0x7FE0, 0x0010, b"OW", b"\x01\x02\x03\x04")
+    assert fast_path(data, "1.2.840.10008.1.2.2") == (UIDS, pixels_at, 4)
+
+
+def _nested(depth: int, undefined: bool) -> bytes:
+    """`depth` Content Sequences (0040,A730), each in the one item of the one before."""
+    inner = b""
+    for _ in range(depth):
+        if undefined:
+            item = _item(0xFFFE, 0xE000, inner + ITEM_DELIMITER, UNDEFINED)
+            inner = _explicit(0x0040, 0xA730, b"SQ", item + SEQ_DELIMITER, UNDEFINED)
+        else:
+            inner = _explicit(0x0040, 0xA730, b"SQ", _item(0xFFFE, 0xE000, inner))
+    return _uids() + inner
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_sequences_nest_at_most_64_deep(undefined: bool) -> None:
+    """The scanner reads sequences nested 64 deep (the top-level one is the first) and refuses
+    deeper ones: a bound on the recursion, far above real objects."""
+    assert fast_path(_nested(64, undefined), EXPLICIT) == (UIDS, -1, -1)
+    with pytest.raises(InvalidDataset) as e:
+        scan(_nested(65, undefined), EXPLICIT)
+    assert e.value.reason == "sequences nested deeper than 64"
+
+
+def test_scan_reads_from_an_offset_in_memory_or_in_a_view() -> None:
+    """The pixel data's place is counted from the start of the dataset (the value of
+    PixelData: after its 12-byte header), whether the dataset is given as bytes from an
+    offset or as a view; the header carries the transfer syntax it was read in."""
+    pixels = _explicit(0x7FE0, 0x0010, b"OW", b"\x01\x02\x03\x04")
+    data = _uids() + pixels
+    for buf, start in ((b"\xee" * 5 + data, 5), (memoryview(data), 0)):
+        header = scan(buf, EXPLICIT, start)
+        assert header.values == UIDS
+        assert (header.pixel_offset, header.pixel_length) == (len(_uids()) + 12, 4)
+        assert header.transfer_syntax == EXPLICIT
+    header = scan(memoryview(b"\xee" * 5 + data), EXPLICIT, 5)
+    assert (header.values, header.pixel_offset) == (UIDS, len(_uids()) + 12)
+
+
+def test_a_deflated_dataset_that_does_not_inflate_is_refused() -> None:
+    with pytest.raises(InvalidDataset) as e:
+        scan(b"\xff" * 16, "1.2.840.10008.1.2.1.99")
+    assert e.value.reason.startswith("deflated dataset does not inflate: ")
+
+
 def element_ends(ds: Dataset, ts: str) -> dict[int, int]:
     """Where each top-level element of `ds` ends in its encoding (offset -> tag), found by
     encoding the first k elements with pydicom: a cut at one of these offsets leaves a
@@ -610,7 +854,7 @@ def test_missing_uids_are_named() -> None:
     with pytest.raises(InvalidDataset) as e:
         scan(encode(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.1")
     assert e.value.missing_uids
-    assert "SOPInstanceUID" in e.value.reason and "StudyInstanceUID" in e.value.reason
+    assert e.value.reason == "missing SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID"
 
 
 def test_file_meta_round_trip() -> None:
