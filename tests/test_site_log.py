@@ -264,10 +264,12 @@ def test_orphaned_staged_files_are_swept_by_their_segment_nonce(tmp_path: Path) 
     stage = site.root / WAL_DIR / "data"
     (live,) = stage.glob("*.obj")
     stem = live.name.split("-")[0]
-    orphan = stage / f"{stem}-{'0' * 15}1-000000000099.obj"  # the segment's previous use
+    orphan = stage / f"{stem}-{'0' * 15}a-000000000099.obj"  # the segment's previous use
     orphan.write_bytes(b"left by a writer that died")
+    young = stage / f"{stem}-{'0' * 15}b-000000000100.obj"  # too young to judge
+    young.write_bytes(b"maybe read with a header being rewritten")
     old = 3600.0
     for p in (live, orphan):
         os.utime(p, (p.stat().st_atime - old, p.stat().st_mtime - old))
     assert sweep_staged(site.root / WAL_DIR) == 1
-    assert live.exists() and not orphan.exists()
+    assert live.exists() and young.exists() and not orphan.exists()
