@@ -126,6 +126,24 @@ def test_flush_all_with_a_single_folder(tmp_path: Path, flushed: list[tuple[str,
     assert flushed == [("dir", str(tmp_path))]
 
 
+def test_a_checkpoint_flushes_each_logged_file_and_its_folder(
+    tmp_path: Path, flushed: list[tuple[str, str]]
+) -> None:
+    """A logged write is not flushed before `put` returns: the checkpoint must flush its file
+    and the folder holding its name (inline or staged) before the log lets its record go."""
+    site = FilesystemSite("fs", tmp_path / "site", log_segment_bytes=4 * MB, inline_max=1024)
+    site.initialize()
+    small, large = object_key("1.2", "1.2.3", "1.2.3.1"), object_key("1.2", "1.2.4", "1.2.4.1")
+    site.put(small, [b"DICM", b"s" * 100])
+    site.put(large, [b"DICM", b"l" * 5000])
+    flushed.clear()
+    assert site.checkpoint(lambda: None) == 2
+    for key in (small, large):
+        path = site.root / key
+        assert ("file", str(path)) in flushed
+        assert ("dir", str(path.parent)) in flushed
+
+
 @pytest.mark.parametrize("n_files, n_folders", [(3, 0), (3, 1), (4, 4)])
 def test_flush_all_has_the_flushes_of_three_or_more_in_flight_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_files: int, n_folders: int
