@@ -255,10 +255,8 @@ class Reindexer:
         if self._pending:
             items, self._pending = self._pending, []
             self._collect()
-            if self._committer is None:
-                self._account(self._commit(items))
-            else:
-                self._committing = self._committer.submit(self._commit, items)
+            assert self._committer is not None  # run() holds one while anything is read
+            self._committing = self._committer.submit(self._commit, items)
         if wait:
             self._collect()
 
