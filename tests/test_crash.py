@@ -195,10 +195,13 @@ def _send_dimse(
 
 
 def _wake(assoc: Any) -> None:
-    """The process at the other end was killed: abort the association and wake its sender,
-    which pynetdicom would otherwise leave waiting for a response until its DIMSE timeout."""
-    assoc.abort()
-    assoc.dimse.msg_queue.put((None, None))
+    """The process at the other end was killed: hand the sender the empty response that its
+    DIMSE timeout would give it 60 s later (pynetdicom does not wake a sender whose connection
+    closes). Never abort from this thread: pynetdicom 3.0's reactor can then end with its
+    `_is_paused` flag down while the sender, past its `is_established` check, waits for that
+    flag forever. The sender's own thread aborts when it finds no response."""
+    if assoc.dimse.msg_queue.empty():
+        assoc.dimse.msg_queue.put((None, None))
 
 
 def _stacks(threads: list[threading.Thread]) -> str:
@@ -391,22 +394,16 @@ class Rig:
         else:
             self.server.kill()
         self.kills += 1
-        # A sender whose association was accepted just before the kill registers it only
-        # once `associate()` returns, after the first pass: wake newcomers until all end.
-        # In a worker kill, only the victim's associations are woken, once their worker is
-        # known from its log (an association no worker logged as accepted is asked about
-        # again on the next pass; its sender ends by itself if none ever does).
-        seen: set[str] = set()
+        # Wake the dead associations on every pass until their senders end: a sender whose
+        # association was accepted just before the kill registers it only once `associate()`
+        # returns, and a sender handed an empty response may start one more store before its
+        # reactor has seen the connection close. In a worker kill, only the victim's
+        # associations are woken, once their worker is known from its log (a sender whose
+        # association no worker logged ends by itself, at its DIMSE timeout).
         deadline = time.monotonic() + 240
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             for aet, assoc in list(opened.items()):
-                if aet in seen:
-                    continue
-                worker = self._accepted_by(aet) if v.kill == "worker" else None
-                if v.kill == "worker" and worker is None:
-                    continue
-                seen.add(aet)
-                if v.kill != "worker" or worker == victim:
+                if v.kill != "worker" or self._accepted_by(aet) == victim:
                     _wake(assoc)
             for t in threads:
                 t.join(0.05)
