@@ -8,6 +8,9 @@ mutants (a child process imports the unmutated package), and would take minutes 
 
     scripts/mutate --module wal             # run, then print the kill rate and the survivors
     scripts/mutate --module wal --results   # print them again from the last run
+    scripts/mutate --module wal --mutant 'pacsgrid.storage.wal.*ǁappend__mutmut_1*'
+                                            # only these mutants (names or patterns, as the
+                                            # results print them): does a new test kill them?
     scripts/mutate --list                   # the modules and their tests
 
 It is CPU heavy: scripts/mutate runs under `nice -n 19 ionice -c 3`.
@@ -204,6 +207,12 @@ def main() -> None:
     ap.add_argument("--results", action="store_true", help="report the last run again")
     ap.add_argument("--show", action="store_true", help="print each survivor's diff")
     ap.add_argument("--list", action="store_true", help="list the modules and their tests")
+    ap.add_argument(
+        "--mutant",
+        action="append",
+        default=[],
+        help="run only this mutant (a name or pattern from the results; repeatable)",
+    )
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument(
         "--without", action="append", default=[], help="leave this test file out (repeatable)"
@@ -218,7 +227,7 @@ def main() -> None:
         work = prepare(a.module, module, a.without)
         subprocess.run(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(a.max_children)]
-            + list(module.only),
+            + (a.mutant or list(module.only)),
             cwd=work,
             check=False,
         )
