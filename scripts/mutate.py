@@ -59,7 +59,12 @@ MODULES = {
     ),
     "filesystem": Module(
         "src/pacsgrid/storage/filesystem.py",
-        ("tests/test_site_log.py", "tests/test_durable_core.py", "tests/test_storage_contract.py"),
+        (
+            "tests/test_site_log.py",
+            "tests/test_durable_core.py",
+            "tests/test_storage_contract.py",
+            "tests/test_folder_site.py",
+        ),
         # the write path and the checkpoint, not listing, quarantine or health probes
         (
             "*ǁput*",

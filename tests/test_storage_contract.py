@@ -2,13 +2,18 @@
 
 Filesystem sites use a temporary folder: with the write-ahead log (objects copied into their
 records, the default for small ones), with every object staged in its own file (as large
-ones are), and without the log (every object flushed on its own); S3
-sites use a real SeaweedFS server on loopback (tests/peers/seaweedfs.py), one fresh bucket per test.
+ones are), and without the log (every object flushed on its own); the "-named" kinds are the
+same on a filesystem without O_TMPFILE (NFS, SMB: the files are written under a temp name in
+.incoming), which the local disk is made to be by refusing O_TMPFILE with EOPNOTSUPP, as those
+filesystems do. S3 sites use a real SeaweedFS server on loopback (tests/peers/seaweedfs.py),
+one fresh bucket per test.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +26,14 @@ from pacsgrid.settings import DurabilitySettings, SiteSettings
 from pacsgrid.storage import StorageSite, object_key, open_site
 from tests.peers.seaweedfs import SeaweedFS
 
-KINDS = ("filesystem", "filesystem-staged", "filesystem-direct", "s3")
+KINDS = (
+    "filesystem",
+    "filesystem-staged",
+    "filesystem-direct",
+    "filesystem-named",
+    "filesystem-named-direct",
+    "s3",
+)
 _bucket_numbers = itertools.count()
 
 
@@ -37,14 +49,32 @@ class Kit:
     remove_sentinel: Callable[[], None]
 
 
+def refuse_o_tmpfile(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make the filesystem one without O_TMPFILE (NFS, SMB): open() with O_TMPFILE fails with
+    EOPNOTSUPP, as it does there. Returns the folders it was refused for."""
+    real_open = os.open
+    refused: list[object] = []
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(path)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    return refused
+
+
 @pytest.fixture(params=KINDS)
 def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kit]:
     if request.param.startswith("filesystem"):
         root = tmp_path / "site"
         durability = DurabilitySettings(
-            log=request.param != "filesystem-direct",
+            log=not request.param.endswith("-direct"),
             inline_kb=0 if request.param == "filesystem-staged" else 128,
         )
+        if "-named" in request.param:
+            refuse_o_tmpfile(request.getfixturevalue("monkeypatch"))
 
         def make_fs(role: str = "archive", fresh: bool = False, name: str = "fs") -> StorageSite:
             path = tmp_path / f"site-{next(_bucket_numbers)}" if fresh else root
@@ -126,10 +156,10 @@ def test_large_object_from_views(kit: Kit) -> None:
 
 def test_put_never_clobbers_unless_replace(kit: Kit) -> None:
     site = _site(kit)
-    assert site.put(KEY, [b"first"]).created
-    assert not site.put(KEY, [b"second"]).created
+    assert site.put(KEY, [b"first"]).created is True
+    assert site.put(KEY, [b"second"]).created is False
     assert site.get(KEY) == b"first"
-    assert site.put(KEY, [b"third"], replace=True).created
+    assert site.put(KEY, [b"third"], replace=True).created is True
     assert site.get(KEY) == b"third"
 
 
@@ -257,7 +287,7 @@ def test_writes_after_a_wipe_recreate_folders(kit: Kit) -> None:
     else:
         kit.raw_write(KEY, b"")  # S3 has no folders; overwrite then remove via quarantine
         site.quarantine(KEY, "wipe")
-    assert site.put(KEY, [b"again"]).created
+    assert site.put(KEY, [b"again"]).created is True
     assert site.get(KEY) == b"again"
 
 
@@ -284,23 +314,11 @@ def test_filesystem_without_o_tmpfile_writes_named_temp_files(
 ) -> None:
     """Where the filesystem refuses O_TMPFILE (NFS, SMB), the site falls back to a named temp
     file in .incoming, once and for good, and leaves nothing behind there."""
-    import errno
-    import os
-
     from pacsgrid.storage.filesystem import FilesystemSite
-
-    real_open = os.open
-    refused = []
-
-    def no_tmpfile(path: object, flags: int, *args: object, **kwargs: object) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            refused.append(path)
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     site = FilesystemSite("nfs", tmp_path / "site")
     site.initialize()
-    monkeypatch.setattr(os, "open", no_tmpfile)
+    refused = refuse_o_tmpfile(monkeypatch)
     for n in range(3):
         key = object_key("1.2", "1.2.3", f"1.2.3.{n}")
         assert site.put(key, [b"DICM", bytes([n])]).created

@@ -1,0 +1,214 @@
+"""A folder site's write path (storage/filesystem.py) beyond the storage contract: what each
+kind of write flushes, sites without O_TMPFILE (NFS, SMB) and sites that span mounts, a folder
+removed under the site while a write is on its way, `put(hold=True)`, `restore`, and the
+errors the site reports.
+
+Everything is real files in a temporary folder; flushes are observed by wrapping the real
+system calls (they still run). What the local disk cannot be made to do is produced by failing
+one system call the way the real filesystem or a concurrent process would, and each test that
+does so says which: O_TMPFILE refused with EOPNOTSUPP (NFS, SMB), the link of an unnamed file
+refused with EXDEV, a folder removed by another process at the moment of the link. A site
+whose log lies on another filesystem than its objects is real: its `.wal` is a symlink into
+/dev/shm.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pacsgrid.storage import object_key
+from pacsgrid.storage.filesystem import INCOMING, FilesystemSite
+from pacsgrid.storage.walfile import WAL_DIR
+from tests.test_storage_contract import refuse_o_tmpfile
+
+MB = 1 << 20
+STUDY, SERIES = "1.2", "1.2.3"
+KEY = object_key(STUDY, SERIES, "1.2.3.1")
+KEY2 = object_key(STUDY, SERIES, "1.2.3.2")
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str  # "fdatasync", "fsync" or "link"
+    path: str  # what was flushed (its name at the time) or linked to
+    ino: int = 0  # the inode flushed
+
+
+class Calls(list[Call]):
+    def synced_dirs(self) -> list[str]:
+        return [c.path for c in self if c.name == "fsync" and Path(c.path).is_dir()]
+
+    def data_flush_of(self, path: Path) -> int:
+        """Where the data of the file now at `path` was flushed (the file may have had no
+        name, or another one, at the time)."""
+        ino = path.stat().st_ino
+        found = [i for i, c in enumerate(self) if c.name == "fdatasync" and c.ino == ino]
+        assert found, f"the data of {path} was never flushed"
+        return found[0]
+
+    def dir_sync(self, folder: Path) -> int:
+        found = [i for i, c in enumerate(self) if c.name == "fsync" and c.path == str(folder)]
+        assert found, f"{folder} was never flushed"
+        return found[-1]
+
+    def outside(self, directory: Path) -> list[Call]:
+        """The flushes of anything but `directory` and what it holds."""
+        inside = (str(directory), str(directory) + os.sep)
+        return [c for c in self if c.name != "link" and not c.path.startswith(inside)]
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Every fsync, fdatasync and link the process makes (they still run), in order."""
+    seen = Calls()
+    lock = threading.Lock()
+    real_fsync, real_fdatasync, real_link = os.fsync, os.fdatasync, os.link
+
+    def record(name: str, fd: int) -> None:
+        call = Call(name, os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino)
+        with lock:
+            seen.append(call)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        record("fsync", fd)
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        record("fdatasync", fd)
+
+    def link(src: str, dst: str, *args: object, **kw: object) -> None:
+        dir_fd = kw.get("dst_dir_fd")
+        where = os.readlink(f"/proc/self/fd/{dir_fd}") if isinstance(dir_fd, int) else ""
+        with lock:
+            seen.append(Call("link", os.path.join(where, str(dst))))
+        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "link", link)
+    return seen
+
+
+def _site(tmp_path: Path, *, log: bool = True, inline_max: int = 128 << 10) -> FilesystemSite:
+    site = FilesystemSite(
+        "fs", tmp_path / "site", log=log, inline_max=inline_max, log_segment_bytes=4 * MB
+    )
+    site.initialize()
+    return site
+
+
+def _incoming(site: FilesystemSite) -> list[Path]:
+    return list((site.root / INCOMING).iterdir())
+
+
+@pytest.fixture(params=[True, False], ids=["o_tmpfile", "named"])
+def tmpfile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The test runs twice: on the local disk, and on a filesystem without O_TMPFILE."""
+    if not request.param:
+        refuse_o_tmpfile(monkeypatch)
+    return bool(request.param)
+
+
+# ---------------------------------------------------------------- what a write flushes
+
+
+def test_a_write_without_the_log_flushes_its_data_its_name_and_the_folders_it_made(
+    tmp_path: Path, calls: Calls, tmpfile: bool
+) -> None:
+    """With the log off, `put` returns only once the object is durable on its own: its data
+    flushed before it gets its name, the folder holding the name flushed after, and the
+    entries of the folders it made (study and series) flushed too."""
+    site = _site(tmp_path, log=False)
+    calls.clear()
+    assert site.put(KEY, [b"DICM", b"x" * 100]).created is True
+    path = site.root / KEY
+    assert calls.data_flush_of(path) < calls.dir_sync(path.parent)
+    assert calls.dir_sync(site.root) < calls.dir_sync(path.parent)  # the study's entry
+    assert calls.dir_sync(site.root / STUDY) < calls.dir_sync(path.parent)  # the series'
+    # In a folder that exists, only the new name is flushed (and the data).
+    calls.clear()
+    assert site.put(KEY2, [b"DICM", b"y" * 100]).created is True
+    assert calls.data_flush_of(site.root / KEY2) < calls.dir_sync(path.parent)
+    assert calls.synced_dirs() == [str(path.parent)]
+    # A write that keeps the object already there links nothing and flushes no folder.
+    calls.clear()
+    assert site.put(KEY, [b"DICM", b"z"]).created is False
+    assert calls.synced_dirs() == []
+    assert (site.root / KEY).read_bytes() == b"DICM" + b"x" * 100
+    # Readable by all, written by the archive only, executable by none (whatever the umask
+    # takes away).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((site.root / KEY).stat().st_mode) == 0o644 & ~umask
+
+
+@pytest.mark.parametrize("size", [100, 5000], ids=["inline", "staged"])
+def test_a_logged_write_flushes_nothing_outside_the_log(
+    tmp_path: Path, calls: Calls, tmpfile: bool, size: int
+) -> None:
+    """A logged write is durable by its record (and a staged object by its file in the log's
+    staging folder): the object's own file and folders are left to the checkpoint, so that a
+    group of writes costs one flush, not two each."""
+    site = _site(tmp_path, inline_max=1024)
+    site.put(object_key("9.9", "9.9.9", "9.9.9.9"), [b"DICM", b"w" * size])  # makes the log
+    calls.clear()
+    assert site.put(KEY, [b"DICM", b"x" * size]).created is True
+    assert site.put(KEY2, [b"DICM", b"y" * size], replace=True).created is True
+    assert site.put(KEY, [b"DICM", b"z" * size]).created is False
+    assert calls.outside(site.root / WAL_DIR) == []
+    assert (site.root / KEY).read_bytes() == b"DICM" + b"x" * size
+
+
+# ---------------------------------------------------------------- EXDEV on an unnamed file's link
+
+
+def _refuse_linking_unnamed_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The link of an unnamed file (through /proc/self/fd) fails with EXDEV, as it does where
+    the kernel will not follow that link (the local disk here always does). Returns the
+    attempts."""
+    real_link = os.link
+    refused: list[str] = []
+
+    def link(src: str, dst: str, *args: object, **kw: object) -> None:
+        if str(src).startswith("/proc/self/fd/"):
+            refused.append(str(dst))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    return refused
+
+
+@pytest.mark.parametrize("replace_first", [True, False], ids=["replace-first", "new-first"])
+@pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
+def test_an_unnamed_file_that_cannot_be_linked_falls_back_to_temp_names(
+    tmp_path: Path, calls: Calls, monkeypatch: pytest.MonkeyPatch, log: bool, replace_first: bool
+) -> None:
+    """Where an unnamed file cannot be linked into place (EXDEV), the object is written under a
+    temp name instead, with the same rules (no-clobber unless replace) and the same flushes,
+    and the site does not try unnamed files again."""
+    site = _site(tmp_path, log=log)
+    site.put(KEY, [b"DICM", b"x"])  # the log and the folders exist
+    refused = _refuse_linking_unnamed_files(monkeypatch)
+    writes = [(KEY, b"z", True, True), (KEY2, b"y", False, True), (KEY2, b"w", False, False)]
+    if not replace_first:
+        writes = writes[1:] + writes[:1]
+    for n, (key, data, replace, created) in enumerate(writes):
+        calls.clear()
+        assert site.put(key, [b"DICM", data], replace=replace).created is created
+        if n == 0 and log:
+            assert calls.outside(site.root / WAL_DIR) == []
+        elif n == 0:
+            assert calls.data_flush_of(site.root / key) < calls.dir_sync(site.root / STUDY / SERIES)
+    assert (site.root / KEY).read_bytes() == b"DICMz"
+    assert (site.root / KEY2).read_bytes() == b"DICMy"
+    assert len(refused) == 1
+    assert _incoming(site) == []
