@@ -212,3 +212,66 @@ def test_an_unnamed_file_that_cannot_be_linked_falls_back_to_temp_names(
     assert (site.root / KEY2).read_bytes() == b"DICMy"
     assert len(refused) == 1
     assert _incoming(site) == []
+
+
+# ---------------------------------------------------------------- put(hold=True), notes, restore
+
+
+def test_a_held_write_keeps_its_record_from_the_checkpoint_until_released(
+    tmp_path: Path,
+) -> None:
+    """Ingest holds a write's receipt until the index has the instance: until then no
+    checkpoint may let the log drop the record."""
+    site = _site(tmp_path)
+    held = site.put(KEY, [b"DICM", b"x"], hold=True)
+    assert held.created is True and held.receipt is not None
+    assert site.checkpoint(lambda: None) == 0
+    assert site.log_pending()
+    held.release()
+    assert site.checkpoint(lambda: None) == 1
+    kept = site.put(KEY, [b"DICM", b"y"], hold=True)
+    assert kept.created is False and kept.receipt is not None
+    kept.release()
+    assert site.put(KEY2, [b"DICM", b"x"]).receipt is None
+
+
+def test_a_logged_write_keeps_its_note_in_its_record(tmp_path: Path) -> None:
+    """Recovery tells from a record's note who stored the object."""
+    site = _site(tmp_path)
+    site.put(KEY, [b"DICM", b"x"], note='{"via": "test"}')
+    site.put(KEY2, [b"DICM", b"y"])
+    log = site._site_log()
+    assert log is not None
+    for seg in log._segments:  # the process dies: its segments' locks go
+        os.close(seg.fd)
+    dead = site.dead_log()
+    assert [(r.key, r.note) for d in dead for r in d.records()] == [
+        (KEY, '{"via": "test"}'),
+        (KEY2, ""),
+    ]
+    for d in dead:
+        d.close()
+
+
+def test_restore_makes_the_missing_folders_and_replaces(
+    tmp_path: Path, calls: Calls, tmpfile: bool
+) -> None:
+    """Recovery rewrites a file a crash left missing (with its folders) or torn, durably."""
+    site = _site(tmp_path)
+    site.restore(KEY, b"DICM-restored")
+    assert (site.root / KEY).read_bytes() == b"DICM-restored"
+    assert calls.data_flush_of(site.root / KEY) < calls.dir_sync(site.root / STUDY / SERIES)
+    site.restore(KEY, b"DICM-again")
+    assert (site.root / KEY).read_bytes() == b"DICM-again"
+    assert _incoming(site) == []
+
+
+def test_each_write_links_its_file_once(tmp_path: Path, calls: Calls, tmpfile: bool) -> None:
+    """A write links its file into place once: a second try is only for a folder removed
+    under the site."""
+    for log in (True, False):
+        site = _site(tmp_path / str(log), log=log)
+        site.put(KEY, [b"DICM", b"x"])
+        calls.clear()
+        assert site.put(KEY2, [b"DICM", b"x"]).created is True
+        assert len([c for c in calls if c.name == "link"]) == 1
