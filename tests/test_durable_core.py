@@ -144,6 +144,27 @@ def test_a_checkpoint_flushes_each_logged_file_and_its_folder(
         assert ("dir", str(path.parent)) in flushed
 
 
+def test_recovery_flushes_each_object_and_every_folder_up_to_the_root(
+    tmp_path: Path, flushed: list[tuple[str, str]]
+) -> None:
+    """After a process died before its checkpoint, the files of its records may be in the page
+    cache only: recovery flushes each one and every folder on the way to it, the root too."""
+    site = FilesystemSite("fs", tmp_path / "site", log_segment_bytes=4 * MB)
+    site.initialize()
+    keys = [object_key("1.2", "1.2.3", "1.2.3.1"), object_key("1.3", "1.3.4", "1.3.4.1")]
+    for key in keys:
+        site.put(key, [b"DICM", b"x" * 100])
+    flushed.clear()
+    site.flush_objects(keys)
+    root = site.root
+    assert sorted(c for c in flushed if c[0] == "file") == sorted(
+        ("file", str(root / k)) for k in keys
+    )
+    assert sorted(d for kind, d in flushed if kind == "dir") == sorted(
+        str(d) for d in (root, root / "1.2", root / "1.2/1.2.3", root / "1.3", root / "1.3/1.3.4")
+    )
+
+
 @pytest.mark.parametrize("n_files, n_folders", [(3, 0), (3, 1), (4, 4)])
 def test_flush_all_has_the_flushes_of_three_or_more_in_flight_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_files: int, n_folders: int
