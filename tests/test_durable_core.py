@@ -508,6 +508,8 @@ def test_a_failed_checkpoint_keeps_the_log_and_is_retried(tmp_path: Path) -> Non
 
     cp = Checkpointer([site], sync, interval=3600)
     _put(site, 1)
+    with pytest.raises(SiteUnavailable, match=r"^site 'fs': checkpoint: Input/output error \("):
+        site.checkpoint(sync)
     assert cp.run(max_age=None) is False and cp.checkpoints == 0
     assert site.log_pending()
     broken[0] = False

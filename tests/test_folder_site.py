@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pacsgrid.errors import SiteUnavailable, StorageError
 from pacsgrid.storage import object_key
+from pacsgrid.storage.base import SENTINEL
 from pacsgrid.storage.filesystem import INCOMING, FilesystemSite
 from pacsgrid.storage.walfile import WAL_DIR
 from tests.test_storage_contract import refuse_o_tmpfile
@@ -275,3 +280,183 @@ def test_each_write_links_its_file_once(tmp_path: Path, calls: Calls, tmpfile: b
         calls.clear()
         assert site.put(KEY2, [b"DICM", b"x"]).created is True
         assert len([c for c in calls if c.name == "link"]) == 1
+
+
+# ---------------------------------------------------------------- sites that span mounts
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than tmp_path (a tmpfs): links across fail with EXDEV."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to span")
+    where = Path(tempfile.mkdtemp(dir=shm, prefix="pacsgrid-test-"))
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_log_on_another_filesystem_copies_staged_objects(
+    tmp_path: Path, other_filesystem: Path
+) -> None:
+    """A staged object is linked from the log's staging folder into place; where the log lies
+    on another filesystem (a `.wal` mounted or linked elsewhere), the link fails with EXDEV
+    and the object is written into place as a copy, with the same rules: no-clobber unless
+    replace."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / WAL_DIR).symlink_to(other_filesystem)
+    site = _site(tmp_path, inline_max=1024)
+    big = [b"DICM", b"x" * 5000]
+    assert site.put(KEY, big).created is True
+    assert site.put(KEY, [b"DICM", b"y" * 5000]).created is False
+    assert (site.root / KEY).read_bytes() == b"".join(big)
+    assert site.put(KEY, [b"DICM", b"z" * 5000], replace=True).created is True
+    assert (site.root / KEY).read_bytes() == b"DICM" + b"z" * 5000
+    assert (site.root / KEY).stat().st_nlink == 1  # a copy, not a link to the staged file
+    assert site.checkpoint(lambda: None) == 2
+
+
+# ---------------------------------------------------------------- a folder removed under the site
+
+
+def test_a_write_into_a_removed_folder_makes_it_again_and_flushes_it(
+    tmp_path: Path, calls: Calls, tmpfile: bool
+) -> None:
+    """The site remembers the folders it made; when one was removed behind its back (a wiped
+    site being rebuilt), the link fails, and the write makes the folders again, flushes their
+    entries and its own name before it returns (log off)."""
+    site = _site(tmp_path, log=False)
+    site.put(KEY, [b"DICM", b"x"])
+    shutil.rmtree(site.root / STUDY)
+    calls.clear()
+    assert site.put(KEY2, [b"DICM", b"y"]).created is True
+    series = site.root / STUDY / SERIES
+    assert calls.data_flush_of(site.root / KEY2) < calls.dir_sync(series)
+    assert calls.dir_sync(site.root) < calls.dir_sync(series)
+    assert calls.dir_sync(site.root / STUDY) < calls.dir_sync(series)
+    assert _incoming(site) == []
+
+
+def test_a_logged_write_into_a_removed_folder_leaves_its_folder_to_the_checkpoint(
+    tmp_path: Path, calls: Calls, tmpfile: bool
+) -> None:
+    """With the log on, the folders made again and the new name are flushed by the next
+    checkpoint, not by the write."""
+    site = _site(tmp_path)
+    site.put(KEY, [b"DICM", b"x"])
+    site.checkpoint(lambda: None)
+    shutil.rmtree(site.root / STUDY)
+    calls.clear()
+    assert site.put(KEY2, [b"DICM", b"y"]).created is True
+    assert calls.outside(site.root / WAL_DIR) == []
+    calls.clear()
+    assert site.checkpoint(lambda: None) == 1
+    assert calls.data_flush_of(site.root / KEY2) >= 0
+    for folder in (site.root, site.root / STUDY, site.root / STUDY / SERIES):
+        calls.dir_sync(folder)
+
+
+@pytest.mark.parametrize("size", [100, 5000], ids=["inline", "staged"])
+@pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
+def test_a_folder_removed_again_at_the_link_fails_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool, log: bool, size: int
+) -> None:
+    """The write makes a removed folder again once; when the folder is gone again at the link,
+    the write fails with a storage error (the caller tries another site), not in a loop. The
+    removal at the moment of the link stands for another process wiping the site then (the
+    objects' folders and the temp files in .incoming)."""
+    site = _site(tmp_path, log=log, inline_max=1024)
+    real_link = os.link
+
+    def link(src: str, dst: str, *args: object, **kw: object) -> None:
+        shutil.rmtree(site.root / STUDY, ignore_errors=True)
+        for tmp in _incoming(site):
+            tmp.unlink()
+        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(StorageError, match=r"write 1\.2/1\.2\.3/1\.2\.3\.1\.dcm: "):
+        site.put(KEY, [b"DICM", b"x" * size])
+    assert _incoming(site) == []
+
+
+@pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
+def test_a_replace_into_a_removed_folder_still_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool, log: bool
+) -> None:
+    """A replace whose folder was removed under it makes the folder again and still replaces:
+    here another writer stores the same key in the folder made again just before the
+    replace's own link, as a concurrent process would (the removal and that write happen at
+    the moment of the link)."""
+    site = _site(tmp_path, log=log)
+    site.put(KEY, [b"DICM", b"old"])
+    real_link, real_rename = os.link, os.rename
+    done: list[str] = []
+
+    def interfere(dst: object, kw: dict[str, object]) -> None:
+        if kw.get("dst_dir_fd") is None and not str(dst).startswith(str(site.root / STUDY)):
+            return  # not a move into the objects' folders
+        if not done:
+            shutil.rmtree(site.root / STUDY)
+            done.append("removed")
+        elif len(done) == 1 and (site.root / STUDY / SERIES).is_dir():
+            (site.root / KEY).write_bytes(b"DICM-other")
+            done.append("raced")
+
+    def link(src: str, dst: str, *args: object, **kw: object) -> None:
+        interfere(dst, kw)
+        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    def rename(src: str, dst: str, *args: object, **kw: object) -> None:
+        interfere(dst, kw)
+        real_rename(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "rename", rename)
+    assert site.put(KEY, [b"DICM", b"new"], replace=True).created is True
+    assert (site.root / KEY).read_bytes() == b"DICMnew"
+    assert done == ["removed", "raced"]
+    assert _incoming(site) == []
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _a_file_where_the_series_folder_goes(site: FilesystemSite) -> None:
+    (site.root / STUDY).mkdir()
+    (site.root / STUDY / SERIES).write_bytes(b"not a folder")
+
+
+@pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
+def test_a_failed_write_is_a_storage_error_and_leaves_no_temp_file(
+    tmp_path: Path, tmpfile: bool, log: bool
+) -> None:
+    site = _site(tmp_path, log=log)
+    _a_file_where_the_series_folder_goes(site)
+    with pytest.raises(StorageError, match=r"site 'fs': write 1\.2/1\.2\.3/1\.2\.3\.1\.dcm: "):
+        site.put(KEY, [b"DICM", b"x"])
+    assert _incoming(site) == []
+
+
+def test_restore_and_flush_objects_fail_with_a_storage_error(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    _a_file_where_the_series_folder_goes(site)
+    with pytest.raises(StorageError, match=r"site 'fs': restore 1\.2/1\.2\.3/1\.2\.3\.1\.dcm: "):
+        site.restore(KEY, b"DICM")
+    with pytest.raises(StorageError, match=r"site 'fs': flush recovered objects: "):
+        site.flush_objects([KEY])
+    assert _incoming(site) == []
+
+
+def test_no_folder_is_made_on_a_mount_point_without_the_sentinel(tmp_path: Path) -> None:
+    """A site whose sentinel is gone (the volume not mounted, its mount point left) takes no
+    write that would create folders there."""
+    site = _site(tmp_path, log=False)
+    (site.root / SENTINEL).unlink()
+    with pytest.raises(
+        SiteUnavailable,
+        match=r"^site 'fs': \.pacsgrid-site missing in .*site \(hint: is the volume mounted\?\)$",
+    ):
+        site.put(KEY, [b"DICM", b"x"])
+    assert not (site.root / STUDY).exists()

@@ -97,7 +97,11 @@ def test_a_wiped_site_fails_the_flush_instead_of_trusting_a_deleted_log(tmp_path
     site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM"])
     for seg in _segments(site.root):
         seg.unlink()  # the volume was wiped under the running process
-    with pytest.raises(SiteUnavailable):
+    with pytest.raises(
+        SiteUnavailable,
+        match=r"^site 'fs': write 1\.2/1\.2\.3/1\.2\.3\.2\.dcm: log: .+ "
+        r"\(hint: check the mount and the disk\)$",
+    ):
         site.put(object_key("1.2", "1.2.3", "1.2.3.2"), [b"DICM"])
 
 
