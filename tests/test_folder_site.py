@@ -357,6 +357,32 @@ def test_a_logged_write_into_a_removed_folder_leaves_its_folder_to_the_checkpoin
         calls.dir_sync(folder)
 
 
+@pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
+def test_a_removed_folder_on_a_site_that_refuses_unnamed_links_falls_back_to_temp_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log: bool
+) -> None:
+    """The first link finds the folder gone (removed behind the site's back: its descriptor
+    cannot be opened), the second, once the folder is made again, is refused with EXDEV: the
+    write falls back to a temp name as a refusal of the first would, instead of failing."""
+    site = _site(tmp_path, log=log)
+    site.put(KEY, [b"DICM", b"x"])
+    shutil.rmtree(site.root / STUDY)
+    real_link = os.link
+    unnamed: list[str] = []
+
+    def link(src: str, dst: str, *args: object, **kw: object) -> None:
+        if str(src).startswith("/proc/self/fd/"):
+            unnamed.append(str(dst))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    assert site.put(KEY2, [b"DICM", b"y"]).created is True
+    assert (site.root / KEY2).read_bytes() == b"DICMy"
+    assert len(unnamed) == 1
+    assert _incoming(site) == []
+
+
 @pytest.mark.parametrize("size", [100, 5000], ids=["inline", "staged"])
 @pytest.mark.parametrize("log", [True, False], ids=["logged", "direct"])
 def test_a_folder_removed_again_at_the_link_fails_the_write(

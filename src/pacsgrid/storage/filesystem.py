@@ -321,13 +321,15 @@ class FilesystemSite:
             except FileNotFoundError:
                 if not make_dirs:
                     raise
+                # The folder went away since we made it: once more, and an EXDEV of this
+                # second link falls back to temp names as the first one's would.
                 self._forget_dir(path.parent)
                 self._ensure_dir(path.parent, durable=True)
                 return PutResult(_link_fd(fd, path, replace, sync=True))
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                self._tmpfile = False  # the site spans mounts: fall back to temp names
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            self._tmpfile = False  # the site spans mounts: fall back to temp names
         finally:
             os.close(fd)
         return PutResult(self._write_named(path, chunks, replace, sync=True, make_dirs=make_dirs))
