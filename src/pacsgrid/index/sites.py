@@ -64,12 +64,16 @@ class SiteQueries(SqlBase):
         )
 
     # ------------------------------------------------------------------ reading copies
+    # The pages below bound both sides of the join by the cursor (and the cursor's OR by a
+    # plain range): PostgreSQL merges the two primary keys, and with only the copy side
+    # bounded it read the instances from the first one up to the cursor on every page, so
+    # a pass over 10 million copies took hours (1.1 s per page half-way through).
     def site_copies(self, site: str, after_pk: int, limit: int) -> list[SiteCopy]:
         """Copies recorded on `site`, in instance order after `after_pk` (any state)."""
         rows = self._all(
             f"SELECT {self._COPY_COLUMNS} FROM copy c JOIN instance i ON i.pk = c.instance_pk "
-            "WHERE c.site = ? AND c.instance_pk > ? ORDER BY c.instance_pk LIMIT ?",
-            (site, after_pk, int(limit)),
+            "WHERE c.site = ? AND c.instance_pk > ? AND i.pk > ? ORDER BY c.instance_pk LIMIT ?",
+            (site, after_pk, after_pk, int(limit)),
         )
         return [self._site_copy(r) for r in rows]
 
@@ -84,9 +88,10 @@ class SiteQueries(SqlBase):
             f"SELECT {self._COPY_COLUMNS} FROM copy c JOIN instance i ON i.pk = c.instance_pk "
             f"WHERE c.site IN ({marks(len(sites))}) AND c.state = 'ok' "
             "AND (c.verified_at IS NULL OR c.verified_at < ?) "
+            "AND c.instance_pk >= ? AND i.pk >= ? "
             "AND (c.instance_pk > ? OR (c.instance_pk = ? AND c.site > ?)) "
             "ORDER BY c.instance_pk, c.site LIMIT ?",
-            (*sites, before, after[0], after[0], after[1], int(limit)),
+            (*sites, before, after[0], after[0], after[0], after[0], after[1], int(limit)),
         )
         return [self._site_copy(r) for r in rows]
 
