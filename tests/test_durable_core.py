@@ -498,7 +498,9 @@ def test_a_checkpoint_flushes_the_index_then_frees_the_log(tmp_path: Path) -> No
     cp.close()
 
 
-def test_a_failed_checkpoint_keeps_the_log_and_is_retried(tmp_path: Path) -> None:
+def test_a_failed_checkpoint_keeps_the_log_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     site = _logged_site(tmp_path)
     broken = [True]
 
@@ -510,7 +512,12 @@ def test_a_failed_checkpoint_keeps_the_log_and_is_retried(tmp_path: Path) -> Non
     _put(site, 1)
     with pytest.raises(SiteUnavailable, match=r"^site 'fs': checkpoint: Input/output error \("):
         site.checkpoint(sync)
-    assert cp.run(max_age=None) is False and cp.checkpoints == 0
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.checkpoint"):
+        assert cp.run(max_age=None) is False and cp.checkpoints == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "checkpoint of site fs failed (retried): site 'fs': checkpoint: Input/output error"
+        " (hint: check the mount, permissions and the disk)"
+    ]
     assert site.log_pending()
     broken[0] = False
     assert cp.run(max_age=None) is True and cp.checkpoints == 1
@@ -548,6 +555,99 @@ def test_a_full_segment_wakes_the_checkpoint_at_once(tmp_path: Path) -> None:
     wait_until(lambda: cp.checkpoints >= 1, 60, "the checkpoint of the full segment")
     assert cp._thread is not None
     assert all((site.root / k).exists() for k in keys)
+    cp.close()
+
+
+class _Ticks(threading.Event):
+    """The checkpoint thread's wake-up event, recording each wait's time-out and returning at
+    once; after `stop` waits it closes the checkpointer, so `_loop` runs in the test."""
+
+    def __init__(self, cp: Checkpointer, stop: int) -> None:
+        super().__init__()
+        self.cp, self.stop, self.waits = cp, stop, list[float]()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(timeout)
+        if len(self.waits) >= self.stop:
+            self.cp._closed.set()
+        return True
+
+
+def test_the_checkpoint_backs_off_while_it_fails_and_checkpoints_only_old_segments(
+    tmp_path: Path,
+) -> None:
+    site = _logged_site(tmp_path)
+    for i in range(12):  # more than one 1 MB segment: one is finished, ready to checkpoint
+        _put(site, i, 100_000)
+    fails = [7]
+
+    def sync() -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(5, "Input/output error")
+
+    cp = Checkpointer([site], sync, interval=3600)
+    _put(site, 99)  # a record in the current segment, which is young
+    ticks = _Ticks(cp, stop=9)
+    cp._due = ticks
+    cp._loop()
+    # waits of half the interval, at most 5 s, doubled after each failure up to 32 times,
+    # and back to 5 s after a checkpoint that succeeds
+    assert ticks.waits == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 160.0, 160.0, 5.0]
+    assert fails == [0] and cp.checkpoints == 1
+    # the young segment is left to a later checkpoint (or the clean stop)
+    assert site.log_pending()
+    cp.close()
+    assert not site.log_pending() and cp.checkpoints == 2
+    # a short interval: waits of half of it
+    site2 = _logged_site(tmp_path, "b")
+    cp2 = Checkpointer([site2], lambda: None, interval=4)
+    ticks2 = _Ticks(cp2, stop=1)
+    cp2._due = ticks2
+    cp2._loop()
+    assert ticks2.waits == [2.0]
+    cp2.close()
+
+
+def test_the_checkpoint_thread_is_started_once_and_never_after_a_stop(tmp_path: Path) -> None:
+    site = _logged_site(tmp_path)
+    cp = Checkpointer([site], lambda: None, interval=3600)
+    cp.warm()
+    thread = cp._thread
+    assert thread is not None and thread.is_alive()
+    # named in thread dumps, and a daemon: a process that dies without a clean stop exits
+    assert thread.name == "checkpoint" and thread.daemon
+    cp.warm()
+    cp.started_writing()
+    assert cp._thread is thread
+    cp.close()
+    assert not thread.is_alive()
+    cp.warm()
+    assert cp._thread is thread and not thread.is_alive()
+    cp2 = Checkpointer([_logged_site(tmp_path, "b")], lambda: None, interval=3600)
+    cp2.close()
+    cp2.warm()
+    cp2.started_writing()
+    assert cp2._thread is None
+
+
+def test_a_log_that_cannot_be_prepared_is_logged_and_checkpointing_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = _logged_site(tmp_path)
+    wal_dir = site.root / WAL_DIR
+    wal_dir.rmdir()
+    wal_dir.write_bytes(b"")  # a file where the log's folder should be
+    cp = Checkpointer([site], lambda: None, interval=3600)
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.checkpoint"):
+        cp.warm()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot prepare the log of site fs: site 'fs': prepare the log: Not a directory"
+    ]
+    assert cp._thread is not None and cp._thread.is_alive()
+    wal_dir.unlink()
+    wal_dir.mkdir()
     cp.close()
 
 
