@@ -8,18 +8,27 @@ files by hand here, and by the power-cut filesystem in tests/powercut/ for the w
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from pacsgrid.archive import Archive, Caller
+from pacsgrid.archive.recovery import Recovery, RecoveryReport, header_of, note_for
+from pacsgrid.correction import doc_key
+from pacsgrid.dicomfile.header import Header
+from pacsgrid.dicomfile.part10 import build_file_meta
 from pacsgrid.errors import SiteUnavailable
+from pacsgrid.index import Index, NewInstance, open_index
+from pacsgrid.journal import IngestJournal
+from pacsgrid.model import CopyRecord
 from pacsgrid.settings import Overrides, load_settings
 from pacsgrid.storage import object_key
 from pacsgrid.storage.filesystem import FilesystemSite
@@ -208,6 +217,217 @@ def test_a_replace_in_the_log_wins_over_the_older_object(tmp_path: Path) -> None
     assert [(r.payload, r.replace) for r in recs] == [(b"DICMold", False), (b"DICMnew", True)]
     for d in dead:
         d.close()
+
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _p10(sop: str, name: str) -> bytes:
+    return build_file_meta(CT, sop, EXPLICIT) + dataset(sop, name=name)
+
+
+class _Replay:
+    """Recovery by a new process of what a dead one left in a site's log, into a real index;
+    the work it queues for each instance is recorded."""
+
+    def __init__(self, tmp_path: Path, site: FilesystemSite) -> None:
+        self.root = site.root
+        self.index: Index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+        self.journal = IngestJournal(tmp_path / "journal")
+        self.outbox: list[tuple[str, int]] = []
+        self.forwards: list[tuple[str, str, str]] = []
+
+    def die(self, site: FilesystemSite) -> None:
+        assert site._log is not None
+        for seg in site._log._segments:
+            os.close(seg.fd)
+
+    def _out(self, sop: str, n: int) -> tuple[tuple[str, str, str], ...]:
+        self.outbox.append((sop, n))
+        return (("copy", f"{sop}>b", ""),)
+
+    def _fwd(self, h: Header, via: str, ae: str) -> tuple[tuple[str, str, str], ...]:
+        self.forwards.append((h.sop_instance_uid, via, ae))
+        return ()
+
+    def run(self, role: str = "archive") -> RecoveryReport:
+        site = FilesystemSite("fs", self.root, role=role)
+        return Recovery([site], self.index, self.journal, self._out, self._fwd).run()
+
+    def know(self, body: bytes, key: str, stored_at: float) -> None:
+        h = header_of(body)
+        sha = hashlib.sha256(body).hexdigest()
+        copy = CopyRecord("fs", key, len(body), sha, stored_at)
+        self.index.add_batch(
+            [NewInstance(dict(h.values), h.transfer_syntax, len(body), sha, (copy,), "", True)]
+        )
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_recovery_replays_the_newest_replace_and_indexes_it_with_its_writer(
+    tmp_path: Path,
+) -> None:
+    """Per key the newest `replace` is the object the file must hold, whatever the order the
+    records were read in; the index gets it with its copy as the log wrote it, and the work of
+    its writer's forwarding rules (the note says who wrote it)."""
+    site = _site(tmp_path)
+    replay = _Replay(tmp_path, site)
+    key = object_key("1.2.3", "1.2.3.4", "7.1")
+    bodies = [_p10("7.1", n) for n in ("A^A", "B^B", "C^C", "D^D")]
+    site.put(key, [bodies[0]], note=note_for("dimse", "MODALITY"))
+    for body in bodies[1:]:
+        site.put(key, [body], replace=True, note=note_for("dimse", "MODALITY"))
+    (site.root / key).write_bytes(bodies[0])  # the renames did not reach the disk
+    replay.die(site)
+    dead = FilesystemSite("fs", site.root).dead_log()
+    records = {r.sha256: r.time_ns for d in dead for r in d.records()}
+    for d in dead:
+        d.close()
+    before = time.time()
+    report = replay.run()
+    assert (report.records, report.rewritten, report.indexed, report.copies) == (4, 1, 1, 0)
+    assert (site.root / key).read_bytes() == bodies[3]
+    known = replay.index.instance("7.1")
+    assert known is not None and known.sha256 == _sha(bodies[3])
+    assert known.attributes["PatientName"] == "D^D"
+    (copy,) = known.copies
+    assert (copy.site, copy.key, copy.size, copy.state) == ("fs", key, len(bodies[3]), "ok")
+    assert copy.stored_at == records[_sha(bodies[3])] / 1e9
+    assert copy.verified_at is not None and copy.verified_at >= before
+    assert replay.outbox == [("7.1", 1)] and replay.forwards == [("7.1", "dimse", "MODALITY")]
+    assert replay.index.has_instance("7.1")
+    # the log's older object, known to the index before it: the replace wins there too
+    site2 = _site(tmp_path / "2")
+    replay2 = _Replay(tmp_path / "2", site2)
+    replay2.know(bodies[0], key, time.time() - 3600)
+    site2.put(key, [bodies[1]], replace=True)  # no note: nothing known of its writer
+    replay2.die(site2)
+    report = replay2.run()
+    assert (report.rewritten, report.indexed, report.copies) == (0, 1, 0)
+    known = replay2.index.instance("7.1")
+    assert known is not None and known.sha256 == _sha(bodies[1])
+    assert replay2.forwards == [("7.1", "", "")]
+
+
+def test_recovery_leaves_a_replace_the_index_recorded_after_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process whose log was checkpointed replaced the object again after the dead one's
+    record: the file keeps the index's object; one that differs from it is reported."""
+    key = object_key("1.2.3", "1.2.3.4", "7.2")
+    old, logged, later = (_p10("7.2", n) for n in ("A^A", "B^B", "C^C"))
+    for holds, errors in ((later, []), (old, [f"recovery: {key} on fs differs from the index"])):
+        folder = tmp_path / str(len(errors))
+        site = _site(folder)
+        replay = _Replay(folder, site)
+        site.put(key, [logged], replace=True)
+        replay.know(later, key, time.time() + 60)
+        (site.root / key).write_bytes(holds)
+        replay.die(site)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="pacsgrid.archive.recovery"):
+            report = replay.run()
+        assert [r.getMessage() for r in caplog.records] == errors
+        assert (report.records, report.rewritten, report.indexed, report.copies) == (1, 0, 0, 0)
+        assert (site.root / key).read_bytes() == holds
+        known = replay.index.instance("7.2")
+        assert known is not None and known.sha256 == _sha(later)
+        replay.index.close()
+
+
+def test_recovery_leaves_an_object_the_index_knows_from_another_writer(tmp_path: Path) -> None:
+    """The index knows another object under the key (a store whose log was checkpointed) and
+    the dead process logged a store without `replace`: the file is not rewritten with the
+    log's object, whichever of the two it holds, and the index keeps what it knows."""
+    key = object_key("1.2.3", "1.2.3.4", "7.3")
+    indexed, logged = (_p10("7.3", n) for n in ("A^A", "B^B"))
+    for holds in (indexed, logged):
+        folder = tmp_path / holds.hex()[-8:]
+        site = _site(folder)
+        replay = _Replay(folder, site)
+        replay.know(indexed, key, time.time() - 3600)
+        site.put(key, [logged])
+        (site.root / key).write_bytes(holds)
+        replay.die(site)
+        report = replay.run()
+        assert (report.records, report.rewritten, report.indexed, report.copies) == (1, 0, 0, 0)
+        assert (site.root / key).read_bytes() == holds
+        known = replay.index.instance("7.3")
+        assert known is not None and known.sha256 == _sha(indexed)
+        replay.index.close()
+
+
+def test_recovery_indexes_a_cache_copy_only_of_an_instance_the_index_knows(
+    tmp_path: Path,
+) -> None:
+    site = _site(tmp_path)
+    replay = _Replay(tmp_path, site)
+    alone, archived = _p10("7.4", "A^A"), _p10("7.5", "B^B")
+    keys = [object_key("1.2.3", "1.2.3.4", sop) for sop in ("7.4", "7.5")]
+    h = header_of(archived)
+    elsewhere = CopyRecord("b", keys[1], len(archived), _sha(archived), time.time())
+    replay.index.add_batch(
+        [
+            NewInstance(
+                dict(h.values), h.transfer_syntax, len(archived), _sha(archived), (elsewhere,)
+            )
+        ]
+    )
+    site.put(keys[0], [alone])
+    site.put(keys[1], [archived])
+    replay.die(site)
+    report = replay.run(role="cache")
+    assert (report.records, report.rewritten, report.indexed, report.copies) == (2, 0, 0, 1)
+    assert replay.index.instance("7.4") is None  # a cache copy alone is not an archive copy
+    known = replay.index.instance("7.5")
+    assert known is not None and sorted(c.site for c in known.copies) == ["b", "fs"]
+
+
+def test_recovery_replays_every_record_after_a_staged_file_never_completed(
+    tmp_path: Path,
+) -> None:
+    """A writer died writing a large object's staged file (never acknowledged): the records
+    after it in the same segment are still replayed, from their own staged files."""
+    site = _site(tmp_path, inline_max=1024)
+    replay = _Replay(tmp_path, site)
+    sops = ["7.6", "7.7", "7.8"]
+    keys = [object_key("1.2.3", "1.2.3.4", sop) for sop in sops]
+    bodies = [_p10(sop, "A^A") + b"\0" * 5000 for sop in sops]
+    for key, body in zip(keys, bodies, strict=True):
+        site.put(key, [body])
+    staged = sorted((site.root / WAL_DIR / "data").glob("*.obj"))
+    for key in keys:
+        (site.root / key).unlink()  # their names never reached the disk
+    staged[1].write_bytes(bodies[1][:100])
+    replay.die(site)
+    report = replay.run()
+    assert (report.records, report.rewritten, report.indexed) == (3, 2, 2)
+    for sop, key, body in zip(sops[::2], keys[::2], bodies[::2], strict=True):
+        assert (site.root / key).read_bytes() == body
+        known = replay.index.instance(sop)
+        assert known is not None and known.sha256 == _sha(body) and known.size == len(body)
+    assert replay.index.instance("7.7") is None and not (site.root / keys[1]).exists()
+
+
+def test_recovery_rewrites_the_archive_s_own_documents_from_the_log(tmp_path: Path) -> None:
+    """A correction's document is written once: recovery makes its file hold the logged bytes
+    (gone or torn), leaves a whole one alone, and indexes nothing (its own record does)."""
+    site = _site(tmp_path)
+    replay = _Replay(tmp_path, site)
+    docs = {doc_key(i): b'{"seq": %d, "values": "x"}' % i for i in (1, 2, 3)}
+    for key, body in docs.items():
+        site.put(key, [body], note=note_for("correction", ""))
+    keys = list(docs)
+    (site.root / keys[0]).unlink()
+    (site.root / keys[1]).write_bytes(docs[keys[1]][:5])
+    replay.die(site)
+    report = replay.run()
+    assert (report.records, report.rewritten, report.indexed, report.copies) == (3, 2, 0, 0)
+    assert {k: (site.root / k).read_bytes() for k in keys} == docs
+    assert replay.index.stats().instances == 0
 
 
 def test_the_log_can_be_turned_off(tmp_path: Path) -> None:

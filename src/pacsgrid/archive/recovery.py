@@ -201,6 +201,12 @@ class Recovery:
             site.restore(key, want.payload)
             report.rewritten += 1
             log.warning("recovery: %s on %s rewritten from its log record", key, site.name)
+        if want is not recs[0]:
+            # a replace (a correction, say) has values of its own: index those
+            try:
+                header = header_of(want.payload)
+            except InvalidDataset:
+                pass  # the values of the first record that parses
         return want, header, known
 
     def _settle_document(
