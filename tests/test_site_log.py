@@ -268,7 +268,7 @@ def _sha(b: bytes) -> str:
 
 
 def test_recovery_replays_the_newest_replace_and_indexes_it_with_its_writer(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Per key the newest `replace` is the object the file must hold, whatever the order the
     records were read in; the index gets it with its copy as the log wrote it, and the work of
@@ -287,8 +287,10 @@ def test_recovery_replays_the_newest_replace_and_indexes_it_with_its_writer(
     for d in dead:
         d.close()
     before = time.time()
-    report = replay.run()
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.recovery"):
+        report = replay.run()
     assert (report.records, report.rewritten, report.indexed, report.copies) == (4, 1, 1, 0)
+    assert caplog.records[0].getMessage() == f"recovery: {key} on fs rewritten from its log record"
     assert (site.root / key).read_bytes() == bodies[3]
     known = replay.index.instance("7.1")
     assert known is not None and known.sha256 == _sha(bodies[3])
@@ -361,7 +363,7 @@ def test_recovery_leaves_an_object_the_index_knows_from_another_writer(tmp_path:
 
 
 def test_recovery_indexes_a_cache_copy_only_of_an_instance_the_index_knows(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     site = _site(tmp_path)
     replay = _Replay(tmp_path, site)
@@ -379,8 +381,13 @@ def test_recovery_indexes_a_cache_copy_only_of_an_instance_the_index_knows(
     site.put(keys[0], [alone])
     site.put(keys[1], [archived])
     replay.die(site)
-    report = replay.run(role="cache")
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.recovery"):
+        report = replay.run(role="cache")
     assert (report.records, report.rewritten, report.indexed, report.copies) == (2, 0, 0, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "recovery: 2 log record(s) replayed, 0 file(s) rewritten, 0 instance(s) and 1 copy"
+        " row(s) indexed from site logs, 0 instance(s) from ingest journals"
+    ]
     assert replay.index.instance("7.4") is None  # a cache copy alone is not an archive copy
     known = replay.index.instance("7.5")
     assert known is not None and sorted(c.site for c in known.copies) == ["b", "fs"]
@@ -412,7 +419,9 @@ def test_recovery_replays_every_record_after_a_staged_file_never_completed(
     assert replay.index.instance("7.7") is None and not (site.root / keys[1]).exists()
 
 
-def test_recovery_rewrites_the_archive_s_own_documents_from_the_log(tmp_path: Path) -> None:
+def test_recovery_rewrites_the_archive_s_own_documents_from_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A correction's document is written once: recovery makes its file hold the logged bytes
     (gone or torn), leaves a whole one alone, and indexes nothing (its own record does)."""
     site = _site(tmp_path)
@@ -424,10 +433,62 @@ def test_recovery_rewrites_the_archive_s_own_documents_from_the_log(tmp_path: Pa
     (site.root / keys[0]).unlink()
     (site.root / keys[1]).write_bytes(docs[keys[1]][:5])
     replay.die(site)
-    report = replay.run()
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.recovery"):
+        report = replay.run()
     assert (report.records, report.rewritten, report.indexed, report.copies) == (3, 2, 0, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        *(f"recovery: {k} on fs rewritten from its log record" for k in keys[:2]),
+        "recovery: 3 log record(s) replayed, 2 file(s) rewritten, 0 instance(s) and 0 copy"
+        " row(s) indexed from site logs, 0 instance(s) from ingest journals",
+    ]
     assert {k: (site.root / k).read_bytes() for k in keys} == docs
     assert replay.index.stats().instances == 0
+
+
+def test_a_journal_marker_is_indexed_with_every_site_holding_the_same_object(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ingest journal's marker names the sites written to: a site unknown now or without
+    the object is passed over, one holding another object is left to the audit, and the copies
+    of the object the first site holding one has are indexed (the outbox gets their count).
+    A marker whose object no site holds, or that the index has, indexes nothing."""
+    names = ["a", "b", "c", "d"]
+    sites = {n: FilesystemSite(n, tmp_path / n) for n in names}
+    for site in sites.values():
+        site.initialize()
+    body, other = _p10("7.9", "A^A"), _p10("7.9", "B^B")
+    key = object_key("1.2.3", "1.2.3.4", "7.9")
+    sites["b"].put(key, [body])
+    sites["c"].put(key, [other])
+    sites["d"].put(key, [body])
+    known = _p10("7.10", "C^C")
+    known_key = object_key("1.2.3", "1.2.3.4", "7.10")
+    sites["b"].put(known_key, [known])
+    replay = _Replay(tmp_path, sites["a"])
+    replay.know(known, known_key, time.time())
+    dying = IngestJournal(tmp_path / "journal")
+    tokens = [
+        dying.begin(key, ["gone", "a", "b", "c", "d"]),
+        dying.begin(object_key("1.2.3", "1.2.3.4", "7.11"), ["b"]),  # never written
+        dying.begin(known_key, ["b"]),
+    ]
+    os.close(tokens[0][0].fd)  # the process dies
+    recovery = Recovery(
+        list(sites.values()), replay.index, replay.journal, replay._out, replay._fwd
+    )
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.recovery"):
+        report = recovery.run()
+    assert report.journal == 1 and not report.records
+    assert [r.getMessage() for r in caplog.records] == [
+        f"indexed {key}, written before a crash but not indexed (never acknowledged)",
+        "recovery: 0 log record(s) replayed, 0 file(s) rewritten, 0 instance(s) and 0 copy"
+        " row(s) indexed from site logs, 1 instance(s) from ingest journals",
+    ]
+    record = replay.index.instance("7.9")
+    assert record is not None and record.sha256 == _sha(body)
+    assert sorted(c.site for c in record.copies) == ["b", "d"]
+    assert replay.outbox == [("7.9", 2)]
+    assert replay.index.stats().instances == 2
 
 
 def test_the_log_can_be_turned_off(tmp_path: Path) -> None:
