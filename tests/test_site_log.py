@@ -340,6 +340,54 @@ def test_recovery_leaves_a_replace_the_index_recorded_after_the_log(
         replay.index.close()
 
 
+def test_a_replace_in_the_log_wins_over_an_index_row_older_than_its_record(
+    tmp_path: Path,
+) -> None:
+    """The index decides against a replace in the log only when it recorded its own object
+    after the record was written: not a second before it, and not when it has no copy row
+    left to date it."""
+    key = object_key("1.2.3", "1.2.3.4", "7.12")
+    old, logged = _p10("7.12", "A^A"), _p10("7.12", "B^B")
+    for copies in (True, False):
+        folder = tmp_path / str(copies)
+        site = _site(folder)
+        replay = _Replay(folder, site)
+        site.put(key, [logged], replace=True)
+        (site.root / key).write_bytes(old)
+        replay.die(site)
+        dead = FilesystemSite("fs", site.root).dead_log()
+        (written,) = [r.time_ns / 1e9 for d in dead for r in d.records()]
+        for d in dead:
+            d.close()
+        replay.know(old, key, written - 1.0)
+        if not copies:
+            with sqlite3.connect(folder / "index.sqlite") as db:
+                db.execute("DELETE FROM copy")
+        report = replay.run()
+        assert (report.records, report.rewritten, report.indexed) == (1, 1, 1)
+        assert (site.root / key).read_bytes() == logged
+        known = replay.index.instance("7.12")
+        assert known is not None and known.sha256 == _sha(logged)
+        replay.index.close()
+
+
+def test_recovery_keeps_a_cache_copy_stored_again_after_its_eviction(tmp_path: Path) -> None:
+    """Evicted from a cache site and stored again with other bytes before the crash (no
+    `replace`): the file holds the second store's object, which is kept."""
+    site = FilesystemSite("fs", tmp_path / "site", log_segment_bytes=4 << 20, role="cache")
+    site.initialize()
+    replay = _Replay(tmp_path, site)
+    key = object_key("1.2.3", "1.2.3.4", "7.13")
+    first, second = _p10("7.13", "A^A"), _p10("7.13", "B^B")
+    site.put(key, [first])
+    site.delete(key)
+    site.put(key, [second])
+    replay.die(site)
+    report = replay.run(role="cache")
+    assert (report.records, report.rewritten, report.indexed) == (2, 0, 0)
+    assert (site.root / key).read_bytes() == second
+
+
 def test_recovery_leaves_an_object_the_index_knows_from_another_writer(tmp_path: Path) -> None:
     """The index knows another object under the key (a store whose log was checkpointed) and
     the dead process logged a store without `replace`: the file is not rewritten with the
