@@ -606,3 +606,30 @@ def test_orphaned_staged_files_are_swept_by_their_segment_nonce(tmp_path: Path) 
         os.utime(p, (p.stat().st_atime - old, p.stat().st_mtime - old))
     assert sweep_staged(site.root / WAL_DIR) == 1
     assert live.exists() and young.exists() and not orphan.exists()
+
+
+def test_the_sweep_goes_past_young_files_and_names_it_does_not_know(tmp_path: Path) -> None:
+    """The order of a folder's listing is the file system's: with twenty young files and
+    twenty stray names among twenty orphans, a sweep that stopped at the first of either
+    would leave some orphans (unless every orphan came first: about one chance in 10^11)."""
+    from pacsgrid.storage.walfile import sweep_staged
+
+    site = _site(tmp_path, inline_max=1024)
+    site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM" + b"x" * 5000])
+    stage = site.root / WAL_DIR / "data"
+    (live,) = stage.glob("*.obj")
+    stem = live.name.split("-")[0]
+    old = time.time() - 3600
+    orphans = [stage / f"{stem}-{'0' * 15}a-{i:012d}.obj" for i in range(20)]
+    for p in orphans:
+        p.write_bytes(b"left by a writer that died")
+        os.utime(p, (old, old))
+    young = [stage / f"{stem}-{'0' * 15}b-{i:012d}.obj" for i in range(20)]
+    strays = [stage / f"stray-{i}.tmp" for i in range(20)]
+    for p in young + strays:
+        p.write_bytes(b"")
+    for p in strays:
+        os.utime(p, (old, old))
+    assert sweep_staged(site.root / WAL_DIR) == 20
+    assert not any(p.exists() for p in orphans)
+    assert all(p.exists() for p in young + strays)
