@@ -16,12 +16,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from pacsgrid.archive import Archive, Caller
-from pacsgrid.archive.recovery import Recovery, RecoveryReport, header_of, note_for
+from pacsgrid.archive.recovery import BATCH, Recovery, RecoveryReport, header_of, note_for
 from pacsgrid.correction import doc_key
 from pacsgrid.dicomfile.header import Header
 from pacsgrid.dicomfile.part10 import build_file_meta
@@ -535,8 +536,109 @@ def test_a_journal_marker_is_indexed_with_every_site_holding_the_same_object(
     record = replay.index.instance("7.9")
     assert record is not None and record.sha256 == _sha(body)
     assert sorted(c.site for c in record.copies) == ["b", "d"]
+    assert _source_ae(tmp_path / "index.sqlite", "7.9") == ""  # not known: no AE
     assert replay.outbox == [("7.9", 2)]
     assert replay.index.stats().instances == 2
+
+
+def _source_ae(index_file: Path, sop: str) -> str:
+    with sqlite3.connect(index_file) as db:
+        (ae,) = db.execute("SELECT source_ae FROM instance WHERE sop_uid = ?", (sop,)).fetchone()
+    return str(ae)
+
+
+def test_recovery_reports_the_sum_of_every_logged_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two sites with logs left by a dead process: the report, and its summary line, count
+    what was done on both. Each instance is indexed with the calling AE of its record's note."""
+    sites = [FilesystemSite(n, tmp_path / n, log_segment_bytes=4 << 20) for n in ("a", "b")]
+    for site in sites:
+        site.initialize()
+    replay = _Replay(tmp_path, sites[0])
+    shared = _p10("8.3", "C^C")
+    shared_key = object_key("1.2.3", "1.2.3.4", "8.3")
+    h = header_of(shared)
+    elsewhere = CopyRecord("c", shared_key, len(shared), _sha(shared), time.time())
+    replay.index.add_batch(
+        [NewInstance(dict(h.values), h.transfer_syntax, len(shared), _sha(shared), (elsewhere,))]
+    )
+    for site, sop in zip(sites, ("8.1", "8.2"), strict=True):
+        key = object_key("1.2.3", "1.2.3.4", sop)
+        site.put(key, [_p10(sop, "A^A")], note=note_for("dimse", f"AE{sop}"))
+        site.put(shared_key, [shared])
+        (site.root / key).unlink()  # its name never reached the disk
+        replay.die(site)
+    again = [FilesystemSite(s.name, s.root) for s in sites]
+    recovery = Recovery(again, replay.index, replay.journal, replay._out, replay._fwd)
+    with caplog.at_level(logging.WARNING, logger="pacsgrid.archive.recovery"):
+        report = recovery.run()
+    assert (report.records, report.rewritten, report.indexed, report.copies) == (4, 2, 2, 2)
+    assert caplog.records[-1].getMessage() == (
+        "recovery: 4 log record(s) replayed, 2 file(s) rewritten, 2 instance(s) and 2 copy"
+        " row(s) indexed from site logs, 0 instance(s) from ingest journals"
+    )
+    for sop in ("8.1", "8.2"):
+        assert replay.index.has_instance(sop)
+        assert _source_ae(tmp_path / "index.sqlite", sop) == f"AE{sop}"
+    known = replay.index.instance("8.3")
+    assert known is not None and sorted(c.site for c in known.copies) == ["a", "b", "c"]
+
+
+def test_recovery_indexes_every_instance_of_a_log_longer_than_a_batch(tmp_path: Path) -> None:
+    """The index is given the instances of one replay in batches: every one is indexed, however
+    many the log holds."""
+    site = _site(tmp_path)
+    replay = _Replay(tmp_path, site)
+    n = 2 * BATCH + 1  # overlapping batches from the first BATCH reach only 2 * BATCH - 1
+    sops = [f"9.{i}" for i in range(n)]
+    with ThreadPoolExecutor(32) as pool:  # writers share the log's flushes
+        list(
+            pool.map(
+                lambda sop: site.put(object_key("1.2.3", "1.2.3.4", sop), [_p10(sop, "A^A")]), sops
+            )
+        )
+    replay.die(site)
+    report = replay.run()
+    assert (report.records, report.indexed) == (n, n)
+    assert replay.index.stats().instances == n
+    assert all(replay.index.has_instance(sop) for sop in sops)
+
+
+def test_a_log_that_cannot_be_replayed_now_is_named_and_kept_for_the_next_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file recovery must rewrite, under a folder that became a file: the error line names
+    the site and the reason, and the log is kept whole; once the folder is back the next
+    recovery replays it. A logged object under an instance's key that is not DICOM is named
+    and left alone."""
+    site = _site(tmp_path)
+    replay = _Replay(tmp_path, site)
+    key = object_key("1.2.3", "1.2.3.4", "9.1")
+    junk = object_key("1.2.3", "1.2.3.5", "9.2")
+    site.put(key, [_p10("9.1", "A^A")])
+    site.put(junk, [b"not a DICOM object"])
+    replay.die(site)
+    series = (site.root / key).parent
+    (site.root / key).unlink()
+    series.rmdir()
+    series.write_bytes(b"")
+    with caplog.at_level(logging.ERROR, logger="pacsgrid.archive.recovery"):
+        report = replay.run()
+    (line,) = [r.getMessage() for r in caplog.records if "cannot" in r.getMessage()]
+    prefix = "cannot replay the log of site fs now: "
+    assert line.startswith(prefix) and key in line[len(prefix) :]
+    assert not report.indexed and _segments(site.root)
+    series.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="pacsgrid.archive.recovery"):
+        report = replay.run()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"recovery: no log record for {junk} parses; left alone"
+    ]
+    assert (report.records, report.rewritten, report.indexed) == (2, 1, 1)
+    assert replay.index.has_instance("9.1")
+    assert (site.root / junk).read_bytes() == b"not a DICOM object"
 
 
 def test_the_log_can_be_turned_off(tmp_path: Path) -> None:
