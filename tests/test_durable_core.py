@@ -1123,3 +1123,47 @@ def test_a_site_without_its_sentinel_creates_no_segment(tmp_path: Path) -> None:
     (site.root / ".pacsgrid-site").unlink()
     with pytest.raises(SiteUnavailable):
         site.put(object_key("1.2", "1.2.3", "1.2.3.1"), [b"DICM"])
+
+
+def test_recovery_skips_what_it_cannot_read_or_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """I/O errors in recovery's look at the log folder are skipped, not raised: a `.new` file
+    another recovery removes first, a segment whose header cannot be read (EIO), and the
+    close of a dead segment whose descriptor is already gone. The local disk makes none of
+    these, so the system call is made to fail as the real case would."""
+    log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
+    body = b"inline object"
+    log.wait(log.append("inline", [body], _sha(body), replace=False))
+    for d in _die(log):
+        d.close()
+    directory = tmp_path / WAL_DIR
+    (seg,) = [p for p in directory.iterdir() if p.suffix == ".seg"]
+    unreadable = directory / f"{'0' * 32}.seg"  # sorts before the readable one
+    unreadable.write_bytes(seg.read_bytes())
+    (directory / "0.new").write_bytes(b"")
+    real_unlink, real_pread = os.unlink, os.pread
+    unreadable_fds: set[int] = set()
+
+    def unlink(path: object, *args: object, **kw: object) -> None:
+        if str(path).endswith(".new"):
+            real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+            raise FileNotFoundError(errno.ENOENT, "removed by another recovery", str(path))
+        real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(unreadable):
+            unreadable_fds.add(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "pread", pread)
+    found = dead_segments(directory)
+    monkeypatch.undo()
+    assert unreadable_fds
+    assert [d.path for d in found] == [seg]
+    assert [r.key for r in found[0].records()] == ["inline"]
+    assert not (directory / "0.new").exists()
+    os.close(found[0].fd)
+    found[0].close()  # its descriptor is gone already: nothing to raise
