@@ -368,6 +368,33 @@ def test_status_reads_no_instance_and_copies_from_an_index_only(tmp_path: Path) 
     assert "COVERING INDEX copy_site_idx" in usage, usage
 
 
+def test_pages_of_copies_are_read_in_key_order_without_a_sort(tmp_path: Path) -> None:
+    """The repair scan's and the audit's pages of copies, on an index never analyzed (an
+    archive that grew by ingest): read from the copies' primary key from the cursor on, not
+    from the (site, ...) index with every copy of the site sorted for each page (60 ms per
+    page on 200,000 copies, growing with the site, against 2.6 ms)."""
+    ix = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    seen: list[tuple[str, Any]] = []
+    try:
+        ix.add_batch([inst(f"1.{n}", sites=("a", "b")) for n in range(20)])
+        read = ix._all  # type: ignore[attr-defined]
+
+        def capture(sql: str, params: Any = ()) -> Any:
+            seen.append((sql, params))
+            return read(sql, params)
+
+        ix._all = capture  # type: ignore[attr-defined]
+        assert len(ix.site_copies("b", 3, 5)) == 5
+        assert len(ix.audit_candidates(["a", "b"], 1e12, (3, "a"), 5)) == 5
+        ix._all = read  # type: ignore[attr-defined]
+        plans = [" ".join(str(r[-1]) for r in read(f"EXPLAIN QUERY PLAN {q}", p)) for q, p in seen]
+    finally:
+        ix.close()
+    assert len(plans) == 2
+    for plan in plans:
+        assert "TEMP B-TREE" not in plan and "copy_site" not in plan, plan
+
+
 def test_an_older_index_gets_its_series_sizes(tmp_path: Path) -> None:
     """Upgrading an index made before the series counted their bytes fills them in."""
     import sqlite3

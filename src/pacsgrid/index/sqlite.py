@@ -39,6 +39,7 @@ LOCK_WAIT = 60.0  # seconds a correction waits for the one being made
 
 class SqliteIndex(SqlIndex):
     dialect = SQLITE
+    _PAGE_SITE = "+c.site"  # index/sites.py
 
     def __init__(self, path: Path) -> None:
         self.path = path
