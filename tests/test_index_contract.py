@@ -506,6 +506,30 @@ def test_copy_states_and_site_report(index: Index) -> None:
     assert report["b"].last_verified == 5.0 and report["b"].bad == 0
 
 
+def test_pages_of_copies_resume_exactly_after_their_cursor(index: Index) -> None:
+    """The repair scan and the audit read copies a page at a time from a cursor; pages of one
+    give the same copies, in the same order, as one page of all: an instance with copies on
+    two sites is split across pages by its (instance, site) cursor, and nothing is read twice
+    or skipped."""
+    index.add_batch([inst(f"1.{n}", sites=("a", "b") if n % 2 else ("a",)) for n in range(7)])
+    whole = [(c.instance_pk, c.site) for c in index.audit_candidates(["a", "b"], 1e12, (0, ""), 99)]
+    assert len(whole) == 10 and whole == sorted(whole)
+    paged: list[tuple[int, str]] = []
+    cursor = (0, "")
+    while page := index.audit_candidates(["a", "b"], 1e12, cursor, 1):
+        cursor = (page[0].instance_pk, page[0].site)
+        paged.append(cursor)
+    assert paged == whole
+    on_b = [c.instance_pk for c in index.site_copies("b", 0, 99)]
+    assert len(on_b) == 3
+    after = 0
+    walked: list[int] = []
+    while page2 := index.site_copies("b", after, 1):
+        after = page2[0].instance_pk
+        walked.append(after)
+    assert walked == on_b
+
+
 def test_stats_count_what_was_added(index: Index) -> None:
     index.add_batch([inst("1.1"), inst("1.2"), inst("2.1", "9.9", "9.9.1", pid="P2")])
     stats = index.stats()
