@@ -401,9 +401,15 @@ class Rig:
         # associations are woken, once their worker is known from its log (a sender whose
         # association no worker logged ends by itself, at its DIMSE timeout).
         deadline = time.monotonic() + 240
+        workers: dict[str, int] = {}  # the worker of each association, once its log says
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             for aet, assoc in list(opened.items()):
-                if v.kill != "worker" or self._accepted_by(aet) == victim:
+                if v.kill == "worker" and aet not in workers:
+                    found = self._accepted_by(aet)
+                    if found is None:
+                        continue
+                    workers[aet] = found
+                if v.kill != "worker" or workers[aet] == victim:
                     _wake(assoc)
             for t in threads:
                 t.join(0.05)
