@@ -383,16 +383,7 @@ def test_a_removed_folder_on_a_site_that_refuses_unnamed_links_falls_back_to_tem
     site = _site(tmp_path, log=log)
     site.put(KEY, [b"DICM", b"x"])
     shutil.rmtree(site.root / STUDY)
-    real_link = os.link
-    unnamed: list[str] = []
-
-    def link(src: str, dst: str, *args: object, **kw: object) -> None:
-        if str(src).startswith("/proc/self/fd/"):
-            unnamed.append(str(dst))
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src, dst, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "link", link)
+    unnamed = _refuse_linking_unnamed_files(monkeypatch)
     assert site.put(KEY2, [b"DICM", b"y"]).created is True
     assert (site.root / KEY2).read_bytes() == b"DICMy"
     assert len(unnamed) == 1
