@@ -77,7 +77,9 @@ def test_patroni_promotes_the_standby_and_ingest_resumes(
                 results.append(sent)
             else:
                 time.sleep(0.2)  # a modality's pause before it sends again
-        assert resumed is not None, "no store acknowledged after the primary died"
+        assert resumed is not None, (
+            f"no store acknowledged after the primary died: {patroni.members()}"
+        )
         took = resumed - killed[0]
         new = patroni.leader()
         assert new is not None and new != old, patroni.members()

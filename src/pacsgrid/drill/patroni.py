@@ -281,8 +281,13 @@ class PatroniCluster:
 
     def wait_roles(self, timeout: float, replicas: int | None = None) -> int:
         """Until a leader runs and `replicas` (default: every other started node) stream
-        from it; returns the leader."""
+        from it; returns the leader.
+
+        In synchronous mode one of them must also be the synchronous standby: Patroni
+        names it a loop or two after the replica starts streaming, and until then a
+        dead primary is never replaced (only the synchronous standby may be promoted)."""
         want = sum(p is not None for p in self.nodes) - 1 if replicas is None else replicas
+        need_sync = bool(self.dcs["synchronous_mode"]) and want > 0
         deadline = time.monotonic() + timeout
         seen: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
@@ -299,7 +304,8 @@ class PatroniCluster:
                 and lead
                 and m.get("timeline") == lead[0].get("timeline")  # rewound, following it
             ]
-            if lead and len(streaming) >= want:
+            synced = any(m.get("role") == "sync_standby" for m in streaming)
+            if lead and len(streaming) >= want and (synced or not need_sync):
                 return int(str(lead[0]["name"])[2:])
             time.sleep(0.2)
         raise DrillError(f"Patroni: no leader with {want} replica(s) after {timeout:g}s: {seen}")
