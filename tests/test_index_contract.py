@@ -344,7 +344,9 @@ def test_work_queued_with_the_instance(index: Index) -> None:
 
 def test_expired_lease_is_claimed_again(index: Index) -> None:
     index.enqueue("audit", [("x", "")])
-    [first] = index.claim("audit", "dead-node", 1, lease=0.2)
+    # The lease must outlast the next call, which on a loaded machine (PostgreSQL sharing
+    # the CPU) can come well after 0.2 s: a lease run out before it would be claimed there.
+    [first] = index.claim("audit", "dead-node", 1, lease=10)
     assert index.claim("audit", "other", 1, lease=60) == []
     # Claimable again as soon as the lease has run out (claim takes it when it returns it).
     [again] = wait_until(
