@@ -84,9 +84,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str
 
 
 def _wait(driver: object, condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Until `condition(driver)`; an element the page replaced while the condition read it
+    (a reload, a navigation) is looked up again at the next poll."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout).until(condition)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    WebDriverWait(driver, timeout, ignored_exceptions=ignored).until(condition)
 
 
 def test_dashboard_lists_studies(browser, site) -> None:  # type: ignore[no-untyped-def]
