@@ -61,10 +61,16 @@ def two_nodes(tmp_path: Path, url: str, backup_hours: float = 0.0) -> list[Serve
     return nodes
 
 
+# How long HAProxy's DICOM check may take. A live node must stay UP while the machine is
+# loaded (with 1 s, two answers in a row slower than that take it out of rotation too, and
+# the tests count on it taking associations); a hung node fails every check all the same.
+CHECK_TIMEOUT = "5s"
+
+
 def echo(port: int) -> bool:
     return (
         dcmtk(
-            "echoscu", "-to", "5", "-ta", "5", "-aec", "PACSGRID", "127.0.0.1", port, timeout=30
+            "echoscu", "-to", "30", "-ta", "30", "-aec", "PACSGRID", "127.0.0.1", port, timeout=90
         ).returncode
         == 0
     )
@@ -123,7 +129,9 @@ def test_node_killed_during_storescu(
     hours = 0.0008
     nodes = two_nodes(tmp_path, url, backup_hours=hours)
     proxy = HAProxy(
-        tmp_path, [("a", "127.0.0.1", nodes[0].port), ("b", "127.0.0.1", nodes[1].port)]
+        tmp_path,
+        [("a", "127.0.0.1", nodes[0].port), ("b", "127.0.0.1", nodes[1].port)],
+        check_timeout=CHECK_TIMEOUT,
     )
     pids = {s.proc.pid: s for s in nodes if s.proc is not None}
     try:
@@ -230,7 +238,9 @@ def test_hung_node_is_taken_out_of_rotation(tmp_path: Path, pg_server: PgCluster
     url = pg_server.create_db("hung_node")
     nodes = two_nodes(tmp_path, url)
     proxy = HAProxy(
-        tmp_path, [("a", "127.0.0.1", nodes[0].port), ("b", "127.0.0.1", nodes[1].port)]
+        tmp_path,
+        [("a", "127.0.0.1", nodes[0].port), ("b", "127.0.0.1", nodes[1].port)],
+        check_timeout=CHECK_TIMEOUT,
     )
     assert nodes[0].proc is not None
     pid = nodes[0].proc.pid
@@ -238,7 +248,7 @@ def test_hung_node_is_taken_out_of_rotation(tmp_path: Path, pg_server: PgCluster
         proxy.wait_state("a", "UP")
         proxy.wait_state("b", "UP")
         os.kill(pid, signal.SIGSTOP)  # hung: the port still accepts, nothing answers
-        seconds = proxy.wait_state("a", "DOWN", timeout=30)
+        seconds = proxy.wait_state("a", "DOWN", timeout=90)
         assert proxy.states()["b"] == "UP"
         results = [echo(proxy.port) for _ in range(6)]
         assert all(results), results  # every new association reached the survivor

@@ -16,10 +16,16 @@ from tests.waiting import wait_until
 
 class HAProxy(Program):
     """HAProxy balancing DICOM over `nodes` (name, host, port), started and listening on
-    `port` when the constructor returns; `inter` is how often it checks each node."""
+    `port` when the constructor returns; `inter` is how often it checks each node, and
+    `check_timeout` how long a check may take (two in a row too slow: the node is DOWN)."""
 
     def __init__(
-        self, workdir: Path, nodes: list[tuple[str, str, int]], *, inter: str = "500ms"
+        self,
+        workdir: Path,
+        nodes: list[tuple[str, str, int]],
+        *,
+        inter: str = "500ms",
+        check_timeout: str = "1s",
     ) -> None:
         exe = shutil.which("haproxy")
         if exe is None:
@@ -33,7 +39,7 @@ class HAProxy(Program):
                 nodes,
                 listen=f"{HOST}:{self.port}",
                 inter=inter,
-                check_timeout="1s",
+                check_timeout=check_timeout,
                 fall=2,
                 rise=1,
                 stats_socket=str(self.sock),
