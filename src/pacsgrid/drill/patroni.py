@@ -259,14 +259,18 @@ class PatroniCluster:
 
     # ------------------------------------------------------------------ state
     def members(self) -> list[dict[str, Any]]:
-        """The cluster as Patroni's REST API tells it (from any node that answers)."""
+        """The cluster as Patroni's REST API tells it (from any node that answers).
+
+        A node answers in time on a loaded machine too: a single reading (the leader to
+        kill, the leader after a failover) must not come back empty because Patroni, a
+        Python program, took a few seconds (a dead node refuses at once)."""
         for i, proc in enumerate(self.nodes):
             if proc is None:
                 continue
             url = f"http://{HOST}:{self.api_ports[i]}/cluster"
             with (
                 contextlib.suppress(OSError, ValueError),
-                urllib.request.urlopen(url, timeout=2) as resp,
+                urllib.request.urlopen(url, timeout=15) as resp,
             ):
                 members: list[dict[str, Any]] = json.loads(resp.read())["members"]
                 return members
