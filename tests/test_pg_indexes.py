@@ -13,8 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pacsgrid.index import Query, open_index, parse_match
+from pacsgrid.index import NewInstance, Query, open_index, parse_match
 from pacsgrid.index.pg_connections import clean_params
+from pacsgrid.index.postgres import PostgresIndex
 from pacsgrid.index.sql import SqlIndex
 from pacsgrid.index.sql_matching import ALIAS, POSTGRES, compile_where
 from pacsgrid.model import Level
@@ -191,3 +192,43 @@ def test_pages_of_copies_read_only_the_instances_of_their_page(pg_url: str) -> N
             read = _rows_read(conn, sql, params)
             assert set(read) == {"copy", "instance"}, (read, sql)
             assert max(read.values()) <= 7, (read, sql)
+
+
+@pytest.mark.slow
+def test_filing_scans_no_table_even_before_postgresql_has_analyzed_it(pg_url: str) -> None:
+    """A new database's tables have no statistics (autovacuum analyzes them a minute later
+    at the earliest): left to itself, the planner then scans a whole table for each
+    batch's lookups, and keeps the plan as the table grows. The write connections rule
+    that out: a batch's transaction shows index scans and no sequential scan of the tables
+    it looks up (counted on a connection that has done nothing else: the schema's own
+    index builds count as scans)."""
+    ix = open_index(pg_url)
+    try:
+        for b in range(4):
+            ix.add_batch(
+                [inst(f"1.{b}.{n}", f"9.{b}.{n // 50}", f"9.{b}.{n // 10}") for n in range(200)]
+            )
+    finally:
+        ix.close()
+    counted = ("hidden_instance", "instance", "patient", "series", "study")
+
+    def file_and_count(db: Any, items: list[NewInstance]) -> list[tuple[str, int, int]]:
+        assert isinstance(ix, PostgresIndex)
+        ix._file(db, items)
+        rows = db.execute(
+            "SELECT relname, seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables "
+            "WHERE relname = ANY(%s) ORDER BY relname",
+            [list(counted)],
+        ).fetchall()
+        return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    ix = open_index(pg_url)
+    try:
+        assert isinstance(ix, PostgresIndex)
+        batch = [inst(f"1.9.{n}", f"9.4.{n // 50}", f"9.4.{n // 10}") for n in range(200)]
+        counts = ix._run(file_and_count, batch)
+    finally:
+        ix.close()
+    assert tuple(name for name, _, _ in counts) == counted
+    assert [(name, seq) for name, seq, _ in counts if seq] == [], counts
+    assert all(idx > 0 for _, _, idx in counts), counts
