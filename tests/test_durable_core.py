@@ -255,6 +255,10 @@ class RecordingIndex:
     def concurrent_batches(self) -> int:
         return self.index.concurrent_batches
 
+    @property
+    def gather_seconds(self) -> float:
+        return self.index.gather_seconds
+
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
         self.batches.append(([i.sop_uid for i in items], durable))
         self.entered.set()
@@ -435,6 +439,99 @@ def test_an_index_that_commits_two_batches_at_once_gets_two_leaders_never_three(
         t.join(60)
     assert all(isinstance(r, AddResult) and r.outcome == "stored" for r in out.values()), out
     assert [batch for batch, _ in rec.batches] == [["5.0"], ["5.1"], ["5.2"], ["5.3"]]
+
+
+class _Gathering(_TwoAtOnce):
+    """As if each batch cost round trips (PostgreSQL): a leader gathers the stores on their
+    way for up to a minute (a test that ends proves it did not wait for the bound)."""
+
+    @property
+    def gather_seconds(self) -> float:
+        return 60.0
+
+
+def _gathering(gc: GroupCommitter) -> bool:
+    with gc._cond:
+        return gc._gathering
+
+
+def test_a_leader_gathers_the_stores_on_their_way_into_its_batch(sqlite_index: Index) -> None:
+    """Two stores of one process announced together commit as one batch, although the
+    index would let each lead its own: the first to reach the committer waits for the
+    second. A store alone never waits."""
+    rec = _Gathering(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    with gc.on_the_way() as slot:
+        assert gc.commit(inst("6.0"), slot=slot).outcome == "stored"
+    out: dict[str, Any] = {}
+    second = threading.Event()
+
+    def store(sop: str, wait: threading.Event | None) -> None:
+        with gc.on_the_way() as slot:
+            if wait is not None:
+                wait.wait(60)  # its object is still being written
+            out[sop] = gc.commit(inst(sop), slot=slot)
+
+    slow = threading.Thread(target=store, args=("6.2", second), daemon=True)
+    slow.start()
+    wait_until(lambda: gc._coming == 1, 60, "the second store announced")
+    first = threading.Thread(target=store, args=("6.1", None), daemon=True)
+    first.start()
+    wait_until(lambda: _gathering(gc), 60, "the first store's leader gathering")
+    assert rec.batches == [(["6.0"], True)]  # nothing committed while it gathers
+    second.set()
+    for t in (first, slow):
+        t.join(60)
+    assert {s: r.outcome for s, r in out.items()} == {"6.1": "stored", "6.2": "stored"}
+    assert [batch for batch, _ in rec.batches] == [["6.0"], ["6.1", "6.2"]]
+    assert gc._coming == 0
+
+
+def test_a_store_that_fails_on_its_way_ends_the_gathering(sqlite_index: Index) -> None:
+    """A store that never reaches the committer (its object could not be written) stops
+    counting as on its way: the leader waiting for it commits without it at once."""
+    rec = _Gathering(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    fail = threading.Event()
+    errors: list[BaseException] = []
+
+    def failing() -> None:
+        try:
+            with gc.on_the_way():
+                fail.wait(60)
+                raise OSError("disk full")
+        except OSError as e:
+            errors.append(e)
+
+    bad = threading.Thread(target=failing, daemon=True)
+    bad.start()
+    wait_until(lambda: gc._coming == 1, 60, "the failing store announced")
+    out: dict[str, Any] = {}
+
+    def store() -> None:
+        with gc.on_the_way() as slot:
+            out["7.1"] = gc.commit(inst("7.1"), slot=slot)
+
+    good = threading.Thread(target=store, daemon=True)
+    good.start()
+    wait_until(lambda: _gathering(gc), 60, "the leader gathering")
+    fail.set()
+    for t in (bad, good):
+        t.join(60)
+    assert out["7.1"].outcome == "stored" and len(errors) == 1
+    assert [batch for batch, _ in rec.batches] == [["7.1"]]
+    assert gc._coming == 0
+
+
+def test_only_an_index_whose_batches_cost_round_trips_gathers(
+    sqlite_index: Index, pg_url: str
+) -> None:
+    assert sqlite_index.gather_seconds == 0
+    pg = open_index(pg_url)
+    try:
+        assert 0 < pg.gather_seconds <= 0.01  # a few milliseconds at most
+    finally:
+        pg.close()
 
 
 @pytest.mark.parametrize("queued", [["3.1", "3.2", "3.3"], ["3.1", "3.2"]], ids=["3", "2"])

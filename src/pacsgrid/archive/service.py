@@ -47,7 +47,7 @@ from pacsgrid.errors import (
     UnknownPeer,
 )
 from pacsgrid.index import FailedWork, Index, NewInstance, WorkSummary, open_index
-from pacsgrid.index.commit import GroupCommitter
+from pacsgrid.index.commit import GroupCommitter, Slot
 from pacsgrid.journal import IngestJournal
 from pacsgrid.matching import Match, Query
 from pacsgrid.migration_ledger import FileEntry, StudyEntry
@@ -329,7 +329,6 @@ class Archive(UserAdmin, Reports):
     def _store(
         self, header: Header, chunks: list[bytes], caller: Caller, replace: bool
     ) -> IngestResult:
-        key = object_key(header.study_uid, header.series_uid, header.sop_instance_uid)
         targets = self._placement.write_targets()
         quorum = self.settings.replication.write_quorum
         if len(targets) < quorum:
@@ -337,6 +336,22 @@ class Archive(UserAdmin, Reports):
                 f"{len(targets)} healthy archive site(s), write quorum is "
                 f"{quorum}: {self._down_reasons()}"
             )
+        # Announced to the group committer from here: a leader may wait for this store
+        # to reach it and commit both in one batch (index/commit.py).
+        with self._committer.on_the_way() as slot:
+            return self._write_and_index(header, chunks, caller, replace, targets, slot)
+
+    def _write_and_index(
+        self,
+        header: Header,
+        chunks: list[bytes],
+        caller: Caller,
+        replace: bool,
+        targets: list[StorageSite],
+        slot: Slot,
+    ) -> IngestResult:
+        quorum = self.settings.replication.write_quorum
+        key = object_key(header.study_uid, header.series_uid, header.sop_instance_uid)
         self._checkpointer.started_writing()
         # The ingest journal covers writes no site log covers (it replays them after a crash).
         size = sum(len(c) for c in chunks)
@@ -367,7 +382,7 @@ class Archive(UserAdmin, Reports):
             )
             # A copy whose log record is held replays this row after a crash: the commit
             # need not wait for its own flush (see archive/checkpoint.py).
-            added = self._committer.commit(item, durable=not written.logged)
+            added = self._committer.commit(item, durable=not written.logged, slot=slot)
         finally:
             written.release()
         if marker is not None:

@@ -72,6 +72,14 @@ class Catalog(Protocol):
         take turns; one per write connection on PostgreSQL."""
         ...
 
+    @property
+    def gather_seconds(self) -> float:
+        """How long the group committer may hold a batch for stores on their way to it:
+        0 where a batch costs little more than its rows (SQLite, in-process); a few
+        milliseconds on PostgreSQL, where each batch is round trips and a server
+        transaction."""
+        ...
+
     def sync(self) -> None:
         """Make every commit made so far durable (a checkpoint of the site logs)."""
         ...

@@ -15,6 +15,13 @@ concurrent commits together). SQLite has one.
 If a batch fails, its items are retried one by one, so a single bad row cannot fail the
 stores that happened to share its transaction.
 
+An index whose every batch has a fixed cost far above its cost per instance
+(`Index.gather_seconds`: PostgreSQL, where a batch is two round trips and a transaction on
+the server) also gathers: a store announces itself when it starts writing its object
+(`on_the_way`), and a leader whose own item would otherwise go alone waits, for at most
+that long, for the stores announced in its process to reach the queue. A single writer on
+an idle archive has nobody on the way and never waits.
+
 An item committed with `durable=False` (its object is in a site log that replays it after a
 crash, see storage/wal.py) lets the batch commit without a flush; one durable item makes the
 whole batch durable.
@@ -24,6 +31,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pacsgrid.errors import IndexUnavailable
@@ -41,27 +51,62 @@ class _Entry:
     error: BaseException | None = None
 
 
+class Slot:
+    """A store on its way to the committer (see `GroupCommitter.on_the_way`)."""
+
+    arrived = False
+
+
 class GroupCommitter:
     def __init__(self, index: Catalog, max_batch: int = 256) -> None:
         self.index = index
         self.max_batch = max_batch
         self.max_leaders = max(1, index.concurrent_batches)
+        self.gather = index.gather_seconds
         self._cond = threading.Condition()
         self._queue: list[_Entry] = []
         self._leading = 0
+        self._gathering = False
+        self._coming = 0  # announced stores not queued yet
         self.batches = 0
         self.committed = 0
 
-    def commit(self, item: NewInstance, *, durable: bool = True) -> AddResult:
+    @contextmanager
+    def on_the_way(self) -> Iterator[Slot]:
+        """Around a store from the start of its object's write to its `commit(slot=...)`:
+        a gathering leader waits for it. A store that fails before committing leaves."""
+        slot = Slot()
+        with self._cond:
+            self._coming += 1
+        try:
+            yield slot
+        finally:
+            if not slot.arrived:
+                with self._cond:
+                    self._arrive(slot)
+
+    def _arrive(self, slot: Slot) -> None:
+        slot.arrived = True
+        self._coming -= 1
+        if self._gathering:
+            self._cond.notify_all()
+
+    def commit(
+        self, item: NewInstance, *, durable: bool = True, slot: Slot | None = None
+    ) -> AddResult:
         """Index `item` (in a batch with whatever else is waiting); raise IndexUnavailable."""
         entry = _Entry(item, durable)
         with self._cond:
             self._queue.append(entry)
+            if slot is not None and not slot.arrived:
+                self._arrive(slot)
             while True:
                 if entry.done:
                     break
-                if self._leading < self.max_leaders and self._queue:
+                if self._leading < self.max_leaders and self._queue and not self._gathering:
                     self._leading += 1
+                    if self.gather and self._coming:
+                        self._gather()
                     batch = self._queue[: self.max_batch]
                     del self._queue[: len(batch)]
                     self._cond.release()
@@ -77,6 +122,22 @@ class GroupCommitter:
             raise entry.error
         assert entry.result is not None
         return entry.result
+
+    def _gather(self) -> None:
+        """Wait (the lock held, released while waiting) until every announced store has
+        queued, the batch is full, or `gather` seconds have passed."""
+        self._gathering = True
+        try:
+            end = time.monotonic() + self.gather
+            while self._coming and len(self._queue) < self.max_batch:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        finally:
+            self._gathering = False
+            if len(self._queue) > self.max_batch:  # the rest may lead a batch of its own
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Nothing to flush: every commit finishes in the thread that asked for it."""

@@ -74,6 +74,11 @@ CORRECTIONS_LOCK = 0x7061637363727274  # one correction at a time (index/correct
 # Write connections per process: batches of ingest commit on whichever is free (the group
 # committer runs that many at once), every other write on the first.
 WRITE_CONNECTIONS = 2
+# How long a batch of ingest may wait for the stores of its process that are writing their
+# objects (index/commit.py): a batch costs about 1 ms of CPU between pacsgrid and
+# PostgreSQL whatever it holds. Measured on 2 cores, 64x64 over 4 associations: 742
+# instances/s without, 885 at 4 ms, no better at 8 ms.
+GATHER_SECONDS = 0.004
 
 
 class _Writer:
@@ -88,6 +93,7 @@ class PostgresIndex(SqlIndex):
     dialect = POSTGRES
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
     concurrent_batches = WRITE_CONNECTIONS  # batches of ingest commit on any free one
+    gather_seconds = GATHER_SECONDS
 
     def __init__(
         self,

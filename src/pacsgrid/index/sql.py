@@ -108,6 +108,7 @@ class SqlIndex(
 
     # ------------------------------------------------------------------ writes
     concurrent_batches = 1
+    gather_seconds = 0.0
 
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
         with self._tx(durable=durable) as db:
