@@ -1203,6 +1203,25 @@ def test_retired_segments_become_the_spare_then_free_and_a_clean_stop_keeps_few(
         os.close(fd)
 
 
+@pytest.mark.parametrize("replaced_by", ["file", "nothing"])
+def test_a_clean_stop_survives_a_log_folder_gone_or_turned_into_a_file(
+    tmp_path: Path, replaced_by: str
+) -> None:
+    """A clean stop never raises because the log folder went away under it (an operator's
+    `rm -r`, a site remounted): the segments are already closed, and there is nothing left
+    to trim."""
+    directory = tmp_path / WAL_DIR
+    log = SiteLog(directory, segment_bytes=MB, keep_free=1)
+    log.warm()
+    for seg in directory.glob("*.seg"):
+        seg.unlink()
+    directory.rmdir()
+    if replaced_by == "file":
+        directory.write_bytes(b"not a folder")
+    log.close()
+    assert log._current is None and log._spare is None
+
+
 def test_rotate_if_older_ends_only_an_old_segment_with_records(tmp_path: Path) -> None:
     log = SiteLog(tmp_path / WAL_DIR, segment_bytes=MB)
     log.warm()

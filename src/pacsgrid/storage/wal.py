@@ -478,7 +478,7 @@ class SiteLog:
     def _trim_free(self) -> None:
         try:
             names = sorted(p for p in os.listdir(self.directory) if p.endswith(SUFFIX))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the folder went away: nothing to trim
             return
         free = 0
         for name in names:
