@@ -169,6 +169,74 @@ def test_unreadable_object_is_reported_not_fatal(tmp_path: Path, files: list[Pat
     assert [k for _, k, _ in job.report.unreadable] == ["1.2.3/1.2.3.4/broken.dcm"]
 
 
+class _Refusing:
+    """The archive's own index, refusing every batch that holds one given instance (a row
+    the database will not take)."""
+
+    def __init__(self, index: Any, sops: set[str]) -> None:
+        self.index = index
+        self.sops = sops
+        self.batches: list[int] = []
+
+    def add_batch(self, items: Any, *, durable: bool = True) -> Any:
+        self.batches.append(len(items))
+        refused = [i.sop_uid for i in items if i.sop_uid in self.sops]
+        if refused:
+            raise ValueError(f"refused {refused[0]}")
+        return self.index.add_batch(items, durable=durable)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.index, name)
+
+
+def _sop(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.mark.parametrize("refused", [1, "all"])
+def test_a_row_the_index_refuses_costs_only_that_object(
+    tmp_path: Path, files: list[Path], refused: int | str
+) -> None:
+    """A batch the index refuses is committed again one object at a time: only the refused
+    one is left out and reported (with its site, key and why), and the others are indexed.
+    If every object of the batch is refused, the index itself is the problem: the reindex
+    stops with the error, and a rerun resumes."""
+    settings = make_settings(tmp_path)
+    store(settings, files[:6])
+    drop_index(settings, None)
+    sops = {_sop(f) for f in files[:6]}
+    bad = {_sop(files[2])} if refused == 1 else sops
+    archive = Archive(settings, probe_interval=0)
+    try:
+        index = _Refusing(archive._index, bad)
+        sites = [s for s in archive._sites if s.name in {x.name for x in settings.sites}]
+        job = Reindexer(
+            index,  # type: ignore[arg-type]
+            sites,
+            settings.sites,
+            jobs=1,
+            progress=Progress("reindex", bar=False),
+        )
+        if refused == "all":
+            with pytest.raises(ValueError, match="refused"):
+                job.run()
+            return
+        report = job.run()
+        assert index.batches == [6, 1, 1, 1, 1, 1, 1]  # the batch, then one by one
+        assert report.indexed == 5
+        [(site, key, why)] = report.unreadable
+        assert site == settings.sites[0].name and key.endswith(".dcm")
+        assert why == f"index refused it: refused {_sop(files[2])}"
+        assert key.split("/")[-1].removesuffix(".dcm") == _sop(files[2])
+        assert {r["SOPInstanceUID"] for r in archive._index.find(Query(Level.IMAGE))} == (
+            sops - bad
+        )
+    finally:
+        archive.close()
+
+
 def test_reindex_while_the_archive_ingests(
     tmp_path: Path, files: list[Path], database: str
 ) -> None:
