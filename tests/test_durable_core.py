@@ -445,9 +445,11 @@ class _Gathering(_TwoAtOnce):
     """As if each batch cost round trips (PostgreSQL): a leader gathers the stores on their
     way for up to a minute (a test that ends proves it did not wait for the bound)."""
 
+    gather = 60.0
+
     @property
     def gather_seconds(self) -> float:
-        return 60.0
+        return self.gather
 
 
 def _gathering(gc: GroupCommitter) -> bool:
@@ -521,6 +523,43 @@ def test_a_store_that_fails_on_its_way_ends_the_gathering(sqlite_index: Index) -
     assert out["7.1"].outcome == "stored" and len(errors) == 1
     assert [batch for batch, _ in rec.batches] == [["7.1"]]
     assert gc._coming == 0
+
+
+class _GatheringBriefly(_Gathering):
+    """A gathering short enough to run out in a test."""
+
+    gather = 0.05
+
+
+def test_a_store_that_misses_a_whole_gathering_is_not_waited_for_again(
+    sqlite_index: Index,
+) -> None:
+    """A store still writing its object when a gathering runs out (a large object, a slow
+    site) is slow: the stores after it commit at once instead of each waiting the whole
+    gathering for it, for as long as it writes. It still commits when it arrives."""
+    rec = _GatheringBriefly(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    written = threading.Event()
+    out: dict[str, Any] = {}
+
+    def large() -> None:
+        with gc.on_the_way() as slot:
+            written.wait(60)  # its object is still being written
+            out["8.9"] = gc.commit(inst("8.9"), slot=slot)
+
+    slow = threading.Thread(target=large, daemon=True)
+    slow.start()
+    wait_until(lambda: gc._coming == 1, 60, "the large store announced")
+    with gc.on_the_way() as slot:  # gathers, runs out, commits alone
+        assert gc.commit(inst("8.0"), slot=slot).outcome == "stored"
+    assert gc._coming == 0  # the next store has nobody to wait for
+    with gc.on_the_way() as slot:
+        assert gc.commit(inst("8.1"), slot=slot).outcome == "stored"
+    written.set()
+    slow.join(60)
+    assert out["8.9"].outcome == "stored"
+    assert [batch for batch, _ in rec.batches] == [["8.0"], ["8.1"], ["8.9"]]
+    assert gc._coming == 0 and not gc._on_the_way
 
 
 def test_only_an_index_whose_batches_cost_round_trips_gathers(

@@ -20,7 +20,9 @@ An index whose every batch has a fixed cost far above its cost per instance
 the server) also gathers: a store announces itself when it starts writing its object
 (`on_the_way`), and a leader whose own item would otherwise go alone waits, for at most
 that long, for the stores announced in its process to reach the queue. A single writer on
-an idle archive has nobody on the way and never waits.
+an idle archive has nobody on the way and never waits. A store that did not reach the queue
+within a whole gathering (a large object, a slow site) is not waited for again: it would
+otherwise hold every batch of its process back for as long as it writes.
 
 An item committed with `durable=False` (its object is in a site log that replays it after a
 crash, see storage/wal.py) lets the batch commit without a flush; one durable item makes the
@@ -55,6 +57,7 @@ class Slot:
     """A store on its way to the committer (see `GroupCommitter.on_the_way`)."""
 
     arrived = False
+    slow = False  # it missed a whole gathering: no longer counted in `_coming`
 
 
 class GroupCommitter:
@@ -67,7 +70,8 @@ class GroupCommitter:
         self._queue: list[_Entry] = []
         self._leading = 0
         self._gathering = False
-        self._coming = 0  # announced stores not queued yet
+        self._coming = 0  # announced stores not queued yet (and not slow)
+        self._on_the_way: set[Slot] = set()
         self.batches = 0
         self.committed = 0
 
@@ -78,6 +82,7 @@ class GroupCommitter:
         slot = Slot()
         with self._cond:
             self._coming += 1
+            self._on_the_way.add(slot)
         try:
             yield slot
         finally:
@@ -87,6 +92,9 @@ class GroupCommitter:
 
     def _arrive(self, slot: Slot) -> None:
         slot.arrived = True
+        self._on_the_way.discard(slot)
+        if slot.slow:
+            return
         self._coming -= 1
         if self._gathering:
             self._cond.notify_all()
@@ -125,13 +133,19 @@ class GroupCommitter:
 
     def _gather(self) -> None:
         """Wait (the lock held, released while waiting) until every announced store has
-        queued, the batch is full, or `gather` seconds have passed."""
+        queued, the batch is full, or `gather` seconds have passed; in the last case the
+        stores that were on their way before it began are slow, and not waited for again."""
         self._gathering = True
         try:
+            waited = [s for s in self._on_the_way if not s.slow]
             end = time.monotonic() + self.gather
             while self._coming and len(self._queue) < self.max_batch:
                 left = end - time.monotonic()
                 if left <= 0:
+                    for s in waited:
+                        if not s.arrived:
+                            s.slow = True
+                            self._coming -= 1
                     break
                 self._cond.wait(left)
         finally:
