@@ -23,6 +23,7 @@ from pacsgrid.model import Level
 from pacsgrid.node import reindexer
 from pacsgrid.progress import Progress
 from pacsgrid.settings import Overrides, Settings, load_settings
+from pacsgrid.storage import open_site
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +209,12 @@ def test_a_row_the_index_refuses_costs_only_that_object(
     drop_index(settings, None)
     sops = {_sop(f) for f in files[:6]}
     bad = {_sop(files[2])} if refused == 1 else sops
-    archive = Archive(settings, probe_interval=0)
+    real = open_index(settings.database_url)
     try:
-        index = _Refusing(archive._index, bad)
-        sites = [s for s in archive._sites if s.name in {x.name for x in settings.sites}]
+        index = _Refusing(real, bad)
         job = Reindexer(
             index,  # type: ignore[arg-type]
-            sites,
+            [open_site(s) for s in settings.sites],
             settings.sites,
             jobs=1,
             progress=Progress("reindex", bar=False),
@@ -230,11 +230,9 @@ def test_a_row_the_index_refuses_costs_only_that_object(
         assert site == settings.sites[0].name and key.endswith(".dcm")
         assert why == f"index refused it: refused {_sop(files[2])}"
         assert key.split("/")[-1].removesuffix(".dcm") == _sop(files[2])
-        assert {r["SOPInstanceUID"] for r in archive._index.find(Query(Level.IMAGE))} == (
-            sops - bad
-        )
+        assert {r["SOPInstanceUID"] for r in real.find(Query(Level.IMAGE))} == sops - bad
     finally:
-        archive.close()
+        real.close()
 
 
 def test_reindex_while_the_archive_ingests(

@@ -18,8 +18,8 @@ stores that happened to share its transaction.
 An index whose every batch has a fixed cost far above its cost per instance
 (`Index.gather_seconds`: PostgreSQL, where a batch is two round trips and a transaction on
 the server) also gathers: a store announces itself when it starts writing its object
-(`on_the_way`), and a leader whose own item would otherwise go alone waits, for at most
-that long, for the stores announced in its process to reach the queue. A single writer on
+(`on_the_way`), and a leader about to take a batch while such stores are under way waits,
+for at most that long, for them to reach the queue. A single writer on
 an idle archive has nobody on the way and never waits. A store that did not reach the queue
 within a whole gathering (a large object, a slow site) is not waited for again: it would
 otherwise hold every batch of its process back for as long as it writes.
