@@ -77,7 +77,7 @@ WRITE_CONNECTIONS = 2
 # How long a batch of ingest may wait for the stores of its process that are writing their
 # objects (index/commit.py): a batch costs about 1 ms of CPU between pacsgrid and
 # PostgreSQL whatever it holds. Measured on 2 cores, 64x64 over 4 associations: 742
-# instances/s without, 885 at 4 ms, no better at 8 ms.
+# instances/s without, 885 at 4 ms (8 ms: inconclusive, 741 beside a slow SQLite run).
 GATHER_SECONDS = 0.004
 
 
