@@ -443,9 +443,9 @@ def test_an_index_that_commits_two_batches_at_once_gets_two_leaders_never_three(
 
 class _Gathering(_TwoAtOnce):
     """As if each batch cost round trips (PostgreSQL): a leader gathers the stores on their
-    way for up to a minute (a test that ends proves it did not wait for the bound)."""
+    way for up to ten minutes (a test that ends proves it did not wait for the bound)."""
 
-    gather = 60.0
+    gather = 600.0
 
     @property
     def gather_seconds(self) -> float:
@@ -455,6 +455,16 @@ class _Gathering(_TwoAtOnce):
 def _gathering(gc: GroupCommitter) -> bool:
     with gc._cond:
         return gc._gathering
+
+
+def _store(
+    gc: GroupCommitter, out: dict[str, Any], sop: str, written: threading.Event | None = None
+) -> None:
+    """A store announced on its way, committed once its object is `written`."""
+    with gc.on_the_way() as slot:
+        if written is not None:
+            written.wait(60)  # its object is still being written
+        out[sop] = gc.commit(inst(sop), slot=slot)
 
 
 def test_a_leader_gathers_the_stores_on_their_way_into_its_batch(sqlite_index: Index) -> None:
@@ -468,16 +478,10 @@ def test_a_leader_gathers_the_stores_on_their_way_into_its_batch(sqlite_index: I
     out: dict[str, Any] = {}
     second = threading.Event()
 
-    def store(sop: str, wait: threading.Event | None) -> None:
-        with gc.on_the_way() as slot:
-            if wait is not None:
-                wait.wait(60)  # its object is still being written
-            out[sop] = gc.commit(inst(sop), slot=slot)
-
-    slow = threading.Thread(target=store, args=("6.2", second), daemon=True)
+    slow = threading.Thread(target=_store, args=(gc, out, "6.2", second), daemon=True)
     slow.start()
     wait_until(lambda: gc._coming == 1, 60, "the second store announced")
-    first = threading.Thread(target=store, args=("6.1", None), daemon=True)
+    first = threading.Thread(target=_store, args=(gc, out, "6.1"), daemon=True)
     first.start()
     wait_until(lambda: _gathering(gc), 60, "the first store's leader gathering")
     assert rec.batches == [(["6.0"], True)]  # nothing committed while it gathers
@@ -560,6 +564,75 @@ def test_a_store_that_misses_a_whole_gathering_is_not_waited_for_again(
     assert out["8.9"].outcome == "stored"
     assert [batch for batch, _ in rec.batches] == [["8.0"], ["8.1"], ["8.9"]]
     assert gc._coming == 0 and not gc._on_the_way
+
+
+def test_a_full_batch_ends_the_gathering(sqlite_index: Index) -> None:
+    """A leader stops waiting for the stores on their way once its batch is full: a store
+    still writing its object commits later in a batch of its own, and leads it at once."""
+    rec = _Gathering(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=2)  # type: ignore[arg-type]
+    written = {sop: threading.Event() for sop in ("8.0", "8.1", "8.2")}
+    out: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=_store, args=(gc, out, sop, ev), daemon=True)
+        for sop, ev in written.items()
+    ]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: gc._coming == 3, 60, "three stores announced")
+        written["8.1"].set()
+        wait_until(lambda: _gathering(gc), 60, "the first store's leader gathering")
+        written["8.2"].set()
+        wait_until(lambda: len(out) == 2, 60, "a full batch committed without 8.0")
+        assert [batch for batch, _ in rec.batches] == [["8.1", "8.2"]]
+    finally:
+        written["8.0"].set()
+    for t in threads:
+        t.join(60)
+    assert {s: r.outcome for s, r in out.items()} == dict.fromkeys(written, "stored")
+    assert [batch for batch, _ in rec.batches] == [["8.1", "8.2"], ["8.0"]]
+    assert gc._coming == 0
+
+
+class _Timeouts(threading.Condition):
+    """A condition variable that records the time-out of every wait given one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+def test_a_leader_gathers_no_longer_than_the_index_bound(sqlite_index: Index) -> None:
+    """A store on its way that does not arrive in time is not waited for: the leader
+    waits for it, each wait within the index's bound (less than a second), then commits
+    without it; the late store then commits on its own."""
+    rec = _GatheringBriefly(sqlite_index)
+    gc = GroupCommitter(rec, max_batch=4)  # type: ignore[arg-type]
+    cond = _Timeouts()
+    gc._cond = cond
+    written = threading.Event()
+    out: dict[str, Any] = {}
+
+    slow = threading.Thread(target=_store, args=(gc, out, "9.1", written), daemon=True)
+    first = threading.Thread(target=_store, args=(gc, out, "9.0"), daemon=True)
+    try:
+        slow.start()
+        wait_until(lambda: gc._coming == 1, 60, "the slow store announced")
+        first.start()
+        first.join(60)
+        assert not first.is_alive() and [batch for batch, _ in rec.batches] == [["9.0"]]
+    finally:
+        written.set()
+    slow.join(60)
+    assert {s: r.outcome for s, r in out.items()} == {"9.0": "stored", "9.1": "stored"}
+    assert [batch for batch, _ in rec.batches] == [["9.0"], ["9.1"]]
+    assert cond.timeouts and all(0 < t <= rec.gather for t in cond.timeouts), cond.timeouts
 
 
 def test_only_an_index_whose_batches_cost_round_trips_gathers(
