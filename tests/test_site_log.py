@@ -255,6 +255,14 @@ class _Replay:
         site = FilesystemSite("fs", self.root, role=role)
         return Recovery([site], self.index, self.journal, self._out, self._fwd).run()
 
+    def kept(self, report: RecoveryReport, key: str, holds: bytes, sop: str, body: bytes) -> None:
+        """The one record replayed was refused: the file still holds `holds` and the index
+        its row for `sop` with `body`'s digest."""
+        assert (report.records, report.rewritten, report.indexed, report.copies) == (1, 0, 0, 0)
+        assert (self.root / key).read_bytes() == holds
+        known = self.index.instance(sop)
+        assert known is not None and known.sha256 == _sha(body)
+
     def know(self, body: bytes, key: str, stored_at: float) -> None:
         h = header_of(body)
         sha = hashlib.sha256(body).hexdigest()
@@ -334,10 +342,7 @@ def test_recovery_leaves_a_replace_the_index_recorded_after_the_log(
         with caplog.at_level(logging.ERROR, logger="pacsgrid.archive.recovery"):
             report = replay.run()
         assert [r.getMessage() for r in caplog.records] == errors
-        assert (report.records, report.rewritten, report.indexed, report.copies) == (1, 0, 0, 0)
-        assert (site.root / key).read_bytes() == holds
-        known = replay.index.instance("7.2")
-        assert known is not None and known.sha256 == _sha(later)
+        replay.kept(report, key, holds, "7.2", later)
         replay.index.close()
 
 
@@ -404,10 +409,7 @@ def test_recovery_leaves_an_object_the_index_knows_from_another_writer(tmp_path:
         (site.root / key).write_bytes(holds)
         replay.die(site)
         report = replay.run()
-        assert (report.records, report.rewritten, report.indexed, report.copies) == (1, 0, 0, 0)
-        assert (site.root / key).read_bytes() == holds
-        known = replay.index.instance("7.3")
-        assert known is not None and known.sha256 == _sha(indexed)
+        replay.kept(report, key, holds, "7.3", indexed)
         replay.index.close()
 
 
