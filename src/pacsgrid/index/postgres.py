@@ -54,6 +54,7 @@ from pacsgrid.index.pg_connections import (
     redact,
     with_timeouts,
 )
+from pacsgrid.index.pg_wire import Prepared, Wire
 from pacsgrid.index.schema import POSTGRES_TYPES
 from pacsgrid.index.sql import SqlIndex
 from pacsgrid.index.sql_matching import POSTGRES, Query
@@ -87,6 +88,7 @@ class _Writer:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.conn: psycopg.Connection[Any] | None = None
+        self.prepared = Prepared()  # the batches' statements prepared on `conn`
 
 
 class PostgresIndex(SqlIndex):
@@ -220,7 +222,7 @@ class PostgresIndex(SqlIndex):
             except psycopg.Error as e:
                 self._discard(conn)
                 raise IndexUnavailable(f"index {self.url}: {first_line(e)}") from e
-            w.conn = conn
+            w.conn, w.prepared = conn, Prepared()
             self.reconnects += 1
         return w.conn
 
@@ -319,11 +321,11 @@ class PostgresIndex(SqlIndex):
     def _run(self, fn: Any, *args: Any, pipeline: bool = False) -> Any:
         """Run fn(conn, *args) in a write transaction, retrying when that is safe.
 
-        `pipeline`: in psycopg's pipeline mode, BEGIN goes out with fn's first statements
-        and COMMIT with its last ones, so the transaction costs only the round trips fn
-        waits for (fn reads results at most where it needs them). The COMMIT is then sent
-        with the writes: a connection lost while they are under way leaves the outcome
-        unknown, and that is reported, never retried."""
+        `pipeline`: in libpq's pipeline mode (index/pg_wire.py), BEGIN goes out with fn's
+        first statements and COMMIT with its last ones, so the transaction costs only the
+        round trips fn waits for (fn reads results at most where it needs them). The COMMIT
+        is then sent with the writes: a connection lost while they are under way leaves the
+        outcome unknown, and that is reported, never retried."""
         last: Exception | None = None
         for attempt in range(5):
             with self._writer(any_free=pipeline) as w:
@@ -336,11 +338,11 @@ class PostgresIndex(SqlIndex):
                     raise
                 committing = False
                 try:
-                    with deadline(conn, self._deadline_s), self._pipeline(conn, pipeline):
-                        conn.execute("BEGIN")
-                        result = fn(conn, *args)
+                    with deadline(conn, self._deadline_s), self._session(conn, w, pipeline) as db:
+                        db.execute("BEGIN")
+                        result = fn(db, *args)
                         committing = True
-                        conn.execute("COMMIT")
+                        db.execute("COMMIT")
                     return result
                 except psycopg.Error as e:
                     last = e
@@ -369,8 +371,12 @@ class PostgresIndex(SqlIndex):
         return db.execute(self._sql(sql), clean_params(params))
 
     @staticmethod
-    def _pipeline(conn: psycopg.Connection[Any], on: bool) -> AbstractContextManager[Any]:
-        return conn.pipeline() if on and psycopg.Pipeline.is_supported() else nullcontext()
+    def _session(
+        conn: psycopg.Connection[Any], w: _Writer, pipeline: bool
+    ) -> AbstractContextManager[Any]:
+        """What a transaction's statements go through: a `Wire` in pipeline mode, or the
+        connection itself."""
+        return Wire(conn, w.prepared) if pipeline else nullcontext(conn)
 
     # ------------------------------------------------------------------ writes with retry
     def add_batch(self, items: Sequence[NewInstance], *, durable: bool = True) -> list[AddResult]:
@@ -417,7 +423,8 @@ class PostgresIndex(SqlIndex):
         rest: list[Insert | Update] = []
         for c in changes:
             if isinstance(c, Delete):
-                db.cursor().executemany(self._sql(c.statement()), c.rows)
+                for row in c.rows:
+                    db.execute(self._sql(c.statement()), row)
             else:
                 rest.append(c)
         if rest:

@@ -1,0 +1,139 @@
+"""Statements sent over libpq directly (pacsgrid.index.pg_wire) against a real PostgreSQL:
+what goes in comes back, errors arrive as psycopg's exceptions and leave the connection
+usable, a statement an aborted pipeline skipped is prepared again, and a connection cut
+while a pipeline waits raises a connection error instead of hanging."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors as pgerr
+
+from pacsgrid.index.pg_connections import connection_problem
+from pacsgrid.index.pg_wire import Prepared, Wire
+
+
+@pytest.fixture
+def conn(pg_url: str) -> Any:
+    c = psycopg.connect(pg_url, autocommit=True)
+    c.execute("CREATE TABLE t (pk BIGINT PRIMARY KEY, name TEXT NOT NULL)")
+    yield c
+    c.close()
+
+
+def test_values_go_out_and_come_back_by_type(conn: Any) -> None:
+    odd = ["plain", 'with "quotes"', "back\\slash", "comma, brace}{", "", "Müller^Ærø", None]
+    with Wire(conn, Prepared()) as db:
+        r = db.execute(
+            "SELECT %s::int, %s::float8, %s::text, %s::bool, %s::text, "
+            "array_length(%s::text[], 1), ARRAY[1, 2, 3]::int8[], "
+            "json_build_object('a', 1, 'b', 'x')",
+            (7, 0.25, "tekst", True, None, odd),
+        )
+        elements = [
+            db.execute("SELECT (%s::text[])[%s::int]", (odd, n + 1)) for n in range(len(odd))
+        ]
+    assert r.fetchone() == (7, 0.25, "tekst", "t", None, len(odd), [1, 2, 3], {"a": 1, "b": "x"})
+    assert [e.fetchone() for e in elements] == [(v,) for v in odd]
+
+
+def test_a_result_fetched_mid_transaction_is_one_round_trip_for_what_was_queued(
+    conn: Any,
+) -> None:
+    with Wire(conn, Prepared()) as db:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t VALUES (%s, %s)", (1, "one"))
+        seen = db.execute("SELECT name FROM t WHERE pk = %s", (1,)).fetchone()
+        db.execute("INSERT INTO t VALUES (%s, %s)", (2, "two"))
+        db.execute("COMMIT")
+    assert seen == ("one",)
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_an_error_is_psycopgs_and_the_connection_goes_on(conn: Any) -> None:
+    prepared = Prepared()
+    conn.execute("INSERT INTO t VALUES (1, 'one')")
+    with pytest.raises(pgerr.UniqueViolation) as caught, Wire(conn, prepared) as db:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t VALUES (%s, %s)", (1, "again"))
+        # Queued after the failure: skipped by the server, so never prepared.
+        db.execute("UPDATE t SET name = %s WHERE pk = %s", ("later", 1))
+        db.execute("COMMIT")
+    assert not connection_problem(caught.value)
+    assert caught.value.sqlstate == "23505"
+    conn.execute("ROLLBACK")
+    with Wire(conn, prepared) as db:  # the skipped statement is prepared this time
+        db.execute("UPDATE t SET name = %s WHERE pk = %s", ("later", 1))
+    assert conn.execute("SELECT name FROM t").fetchall() == [("later",)]
+    # BEGIN's and the failed INSERT's prepares ran; the skipped COMMIT's never did.
+    assert set(prepared.names) == {
+        "BEGIN",
+        "INSERT INTO t VALUES ($1, $2)",
+        "UPDATE t SET name = $1 WHERE pk = $2",
+    }
+
+
+def test_a_large_statement_is_sent_whole(conn: Any) -> None:
+    big = "x" * (8 << 20)  # far more than a socket buffer holds
+    with Wire(conn, Prepared()) as db:
+        db.execute("INSERT INTO t VALUES (%s, %s)", (1, big))
+        length = db.execute("SELECT length(name) FROM t WHERE pk = %s", (1,))
+    assert length.fetchone() == (len(big),)
+
+
+def test_a_connection_cut_while_waiting_raises_a_connection_error(conn: Any, pg_url: str) -> None:
+    pid = conn.info.backend_pid
+    killer = psycopg.connect(pg_url, autocommit=True)
+    started = threading.Event()
+
+    def kill() -> None:
+        started.wait(30)
+        # Terminate the backend while the pipeline waits for pg_sleep's answer.
+        for _ in range(300):
+            row = killer.execute(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            if row and row[0] == "active":
+                break
+            threading.Event().wait(0.05)
+        killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    t = threading.Thread(target=kill)
+    t.start()
+    try:
+        with pytest.raises(psycopg.Error) as caught, Wire(conn, Prepared()) as db:
+            r = db.execute("SELECT pg_sleep(%s)", (60.0,))
+            started.set()
+            r.fetchone()
+        assert connection_problem(caught.value)
+    finally:
+        t.join(60)
+        killer.close()
+
+
+def test_past_the_prepared_statements_bound_statements_go_unprepared(
+    conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pacsgrid.index.pg_wire.PREPARED_MAX", 1)
+    prepared = Prepared()
+    with Wire(conn, prepared) as db:
+        db.execute("INSERT INTO t VALUES (%s, %s)", (1, "one"))
+        second = db.execute("SELECT name, pk FROM t WHERE pk = ANY(%s)", ([1, 2],))
+    assert second.fetchall() == [("one", 1)]
+    assert list(prepared.names) == ["INSERT INTO t VALUES ($1, $2)"]
+
+
+def test_a_statement_run_for_many_rows_is_prepared_once(conn: Any) -> None:
+    prepared = Prepared()
+    with Wire(conn, prepared) as db:
+        for pk in range(50):
+            db.execute("INSERT INTO t VALUES (%s, %s)", (pk, f"row {pk}"))
+    on_server = conn.execute(
+        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pacsgrid%%'"
+    ).fetchone()
+    assert on_server == (1,)
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (50,)
