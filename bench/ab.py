@@ -4,11 +4,15 @@
     python -m bench.ab --build a=src --build b=/tmp/wt/src --no-orthanc --size large --assoc 1
     python -m bench.ab --build a=src --build b=/tmp/wt/src --scenario latency
     python -m bench.ab --build a=src --build b=/tmp/wt/src --scenario repair --size large
+    python -m bench.ab --build a=src --build b=/tmp/wt/src --index both --no-orthanc
 
 Scenarios (`--scenario`), each measured exactly as the phase of the same name in bench.run:
 ingest (default; `--size`, `--assoc`) and latency of one C-STORE on an idle server, with
 Orthanc as the reference unless `--no-orthanc`; repair of a wiped folder site and `migrate
-folder` (`--size`), with `cp -r` + `sync` of the same files as the reference.
+folder` (`--size`), with `cp -r` + `sync` of the same files as the reference. `--index
+postgres` runs the builds' servers with their index on a PostgreSQL server of their own (as
+`pacsgrid-pg` in bench.run, `fsync` on); `--index both` measures each build twice, on SQLite
+as NAME and on PostgreSQL as NAME-pg (ingest and latency).
 
 A change meant to make ingest faster is worth keeping only if it beats the code it replaces by
 more than one round differs from the next on this machine (up to a third). So the builds (and
@@ -47,7 +51,7 @@ from bench.procs import BenchError, stop_on_sigterm
 from bench.report import machine_info
 from bench.run import REPO, ingest_sample, rotate
 from bench.samples import CP_SYNC, Sample
-from bench.servers import Orthanc, Pacsgrid, Server
+from bench.servers import Orthanc, Pacsgrid, PacsgridPg, Server
 
 ORTHANC = "Orthanc"
 SCENARIOS = ("ingest", "latency", "repair", "migrate")
@@ -70,6 +74,11 @@ class Build(Pacsgrid):
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.src)}
+
+
+@dataclass
+class BuildPg(Build, PacsgridPg):
+    """A build with its index on a PostgreSQL server of its own (bench.servers.PacsgridPg)."""
 
 
 def check_build(name: str, src: Path) -> None:
@@ -116,6 +125,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work", help="cache and scratch")
     ap.add_argument("--results", type=Path, help="folder of the results file")
     ap.add_argument("--netns", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument(
+        "--index",
+        choices=("sqlite", "postgres", "both"),
+        default="sqlite",
+        help="the builds' index (both: each build on SQLite as NAME and on PostgreSQL as "
+        "NAME-pg; ingest and latency)",
+    )
     args = ap.parse_args(argv)
     builds: dict[str, Path] = {}
     for spec in args.build or [f"current={REPO / 'src'}"]:
@@ -126,6 +142,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.builds = builds
     if args.rounds < 1 or args.assoc < 1:
         ap.error("--rounds and --assoc must be >= 1")
+    if args.index != "sqlite" and args.scenario not in ("ingest", "latency"):
+        ap.error("--index postgres and both apply to the ingest and latency scenarios")
+    # The contenders measured on a server: name -> (source folder, on PostgreSQL).
+    args.servers = {}
+    for name, src in builds.items():
+        if args.index in ("sqlite", "both"):
+            args.servers[name] = (src, False)
+        if args.index in ("postgres", "both"):
+            args.servers[f"{name}-pg" if args.index == "both" else name] = (src, True)
     return args
 
 
@@ -224,7 +249,8 @@ class Measure:
         if name == ORTHANC:
             srv = Orthanc(folder)
         else:
-            srv = Build(folder, name=name, src=self.args.builds[name])
+            src, on_pg = self.args.servers[name]
+            srv = (BuildPg if on_pg else Build)(folder, name=name, src=src)
         logs, timeout = self.run_dir / "logs", self.plan.timeout
         try:
             srv.start()
@@ -268,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = Measure(args, plan, data, run_dir)
     reference = COLUMNS[args.scenario][2]
     with_reference = reference == CP_SYNC or args.orthanc
-    names = list(args.builds) + ([reference] if with_reference else [])
+    names = list(args.servers) + ([reference] if with_reference else [])
     what = {"ingest": "ingest", "latency": "C-STORE latency on an idle server"}
     what |= {"repair": "repair of a wiped folder site", "migrate": "migrate folder"}
     meta = {

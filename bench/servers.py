@@ -204,6 +204,7 @@ class PacsgridPg(Pacsgrid):
         if self._cluster is None and (self.cluster_root / "data").exists():
             self._cluster = PgCluster.reopen(self.cluster_root)
         if self._cluster is None:
+            self.cluster_root.parent.mkdir(parents=True, exist_ok=True)
             self._cluster = PgCluster(self.cluster_root, fsync=True).init().start()
             self._cluster.create_db("pacs")
         elif self._cluster.pid is None:
