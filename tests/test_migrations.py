@@ -34,6 +34,9 @@ PINNED = {
         ),
         "0005_corrections": "df63ff924a57348a12d5fca03d95d34ea84215ea2de2c04cb9bfd83b4a5d047b",
         "0006_totals": "268ba913c8b09c01ff908f60bbcdc9620e1733c10386192a99eed53d9902fe1b",
+        "0007_modalities_by_study": (
+            "0871da4f2b96ba603dbb6fd21ee7734a025707d4f2c160a52d6f5f09c4a5ea07"
+        ),
     },
     "postgres": {
         "0001_core": "c48dcdd94fe3c3760e1c6357b4b5f13ccd5fd9aa6bee6e3e1146428ed084a72c",
@@ -49,6 +52,9 @@ PINNED = {
         ),
         "0005_corrections": "5bf2202c8f36a96d2a2a3e72829903b9d1b011a324b364f35ce6d92a23e46356",
         "0006_totals": "268ba913c8b09c01ff908f60bbcdc9620e1733c10386192a99eed53d9902fe1b",
+        "0007_modalities_by_study": (
+            "0871da4f2b96ba603dbb6fd21ee7734a025707d4f2c160a52d6f5f09c4a5ea07"
+        ),
     },
 }
 ENGINES = {"sqlite": schema.SQLITE_TYPES, "postgres": schema.POSTGRES_TYPES}

@@ -7,7 +7,9 @@ bench/find_scale.py.)"""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -232,3 +234,24 @@ def test_filing_scans_no_table_even_before_postgresql_has_analyzed_it(pg_url: st
     assert tuple(name for name, _, _ in counts) == counted
     assert [(name, seq) for name, seq, _ in counts if seq] == [], counts
     assert all(idx > 0 for _, _, idx in counts), counts
+
+
+def test_a_studys_modality_rows_are_found_by_an_index(pg_url: str, tmp_path: Path) -> None:
+    """A correction or a hidden instance replaces one study's ModalitiesInStudy rows; on
+    either engine that statement reads them through an index, not the whole table."""
+    statement = "DELETE FROM study_modality WHERE study_pk = 7"
+    for url in (pg_url, f"sqlite:///{tmp_path / 'index.sqlite'}"):
+        ix = open_index(url)
+        ix.add_batch([inst(f"1.{n}", f"9.{n}", f"9.{n}.1", modality="MR") for n in range(50)])
+        ix.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + statement).fetchall())
+    assert "study_modality_study_idx" in plan, plan
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    try:
+        plan = " ".join(str(r) for r in db.execute("EXPLAIN QUERY PLAN " + statement))
+    finally:
+        db.close()
+    assert "study_modality_study_idx" in plan, plan
