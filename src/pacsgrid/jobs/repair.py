@@ -41,6 +41,7 @@ from pacsgrid.jobs.recover import lost, recover
 from pacsgrid.model import CopyRecord, InstanceRecord
 from pacsgrid.progress import Progress
 from pacsgrid.storage import StorageSite
+from pacsgrid.storage.listing import KeySet
 
 if TYPE_CHECKING:
     from pacsgrid.archive import Archive
@@ -189,7 +190,7 @@ class Repairer:
         health = site.check()
         if not health.ok:
             raise SiteUnavailable(site.name, health.reason)
-        present = {o.key for o in site.list()}
+        present = KeySet(o.key for o in site.list())  # 8 bytes per object, not the keys
         health = site.check()
         if not health.ok:
             raise SiteUnavailable(site.name, health.reason)
