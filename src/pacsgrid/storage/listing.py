@@ -8,8 +8,9 @@ buckets: about 8 bytes per object (80 MB for 10 million), and a lookup is a bina
 The price is a false "present": a key not on the site whose hash equals that of a key that
 is. For one absent key the chance is the listing's size divided by 2**64, 5e-13 for ten
 million objects; the copy would then be missed by this scan and looked for again by the next
-one (and the fixity audit reads it). The hash is Python's own, salted per process: nothing
-outside this process can choose keys that collide, and a set is never kept across processes.
+one (and the fixity audit reads it). The hash is Python's own, salted per process (unless
+PYTHONHASHSEED fixes it), so keys that collide cannot be chosen from outside; a set is never
+kept beyond the process that built it.
 """
 
 from __future__ import annotations
