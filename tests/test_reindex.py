@@ -139,6 +139,49 @@ def test_interrupted_reindex_resumes(
     assert answers(settings.database_url) == before
 
 
+def test_objects_are_filed_in_the_order_they_were_stored(tmp_path: Path, files: list[Path]) -> None:
+    """The first instance of a study stored decides its patient's attributes, after a
+    reindex too: objects are filed by their modification time, not by their keys."""
+    import io
+    import os
+
+    from pydicom import dcmread
+
+    from pacsgrid.storage import object_key
+
+    a, b = dcmread(files[0]), dcmread(files[1])
+    assert a.StudyInstanceUID == b.StudyInstanceUID
+    paths = []
+    for ds, name, sop in ((a, "FIRST^NAME", "1.2.3.9"), (b, "OTHER^NAME", "1.2.3.10")):
+        # The later object's key ("...1.2.3.10.dcm") sorts before the earlier one's.
+        ds.PatientName, ds.SOPInstanceUID = name, sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        path = tmp_path / f"{sop}.dcm"
+        path.write_bytes(buf.getvalue())
+        paths.append(path)
+    settings = make_settings(tmp_path)
+    store(settings, paths)
+    site = Path(settings.sites[0].url.removeprefix("file://"))
+    stored = [
+        site / object_key(a.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        for ds in (a, b)
+    ]
+    assert all(p.exists() for p in stored)
+
+    def patient_after_reindex(older: Path, newer: Path) -> str:
+        os.utime(older, (1_700_000_000, 1_700_000_000))
+        os.utime(newer, (1_700_000_100, 1_700_000_100))
+        drop_index(settings, None)
+        assert reindex(settings).report.indexed == 2
+        (row,) = answers(settings.database_url)["PATIENT"]
+        return dict(row)["PatientName"]
+
+    assert patient_after_reindex(stored[0], stored[1]) == "FIRST^NAME"
+    assert patient_after_reindex(stored[1], stored[0]) == "OTHER^NAME"
+
+
 def test_reconcile_reports_rows_without_objects_and_deletes_nothing(
     tmp_path: Path, files: list[Path]
 ) -> None:

@@ -26,6 +26,7 @@ objects are listed for the operator.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -50,6 +51,7 @@ from pacsgrid.model import CopyRecord
 from pacsgrid.progress import Progress
 from pacsgrid.settings import SiteSettings
 from pacsgrid.storage import ObjectInfo, StorageSite, open_site
+from pacsgrid.storage.listing import KeySet, StoredOrder
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +163,32 @@ class Reindexer:
 
     def run(self, *, reconcile: bool = False) -> ReindexReport:
         started = time.monotonic()
-        listed: dict[str, set[str]] = {}
-        order: dict[str, list[str]] = {}
-        for site in self.sites:
-            try:
-                # Oldest first: the first instance of a study filed decides its patient and
-                # study attributes, as it did when the objects arrived.
-                infos = sorted(self._list(site), key=lambda o: (o.mtime, o.key))
-                order[site.name] = [o.key for o in infos]
-                listed[site.name] = set(order[site.name])
-            except StorageError as e:
-                self.report.sites_down.append((site.name, str(e)))
-                log.error("cannot list site %s: %s", site.name, e)
-        self.report.listed = sum(len(k) for k in listed.values())
-        self.progress.set_total(self.report.listed)
+        # Oldest first: the first instance of a study filed decides its patient and study
+        # attributes, as it did when the objects arrived. Each listing is sorted on disk
+        # (storage/listing.py): ten million keys in memory took gigabytes.
+        order: dict[str, StoredOrder] = {}
+        try:
+            for site in self.sites:
+                try:
+                    order[site.name] = StoredOrder(self._list(site))
+                except StorageError as e:
+                    self.report.sites_down.append((site.name, str(e)))
+                    log.error("cannot list site %s: %s", site.name, e)
+            self.report.listed = sum(o.count for o in order.values())
+            self.progress.set_total(self.report.listed)
+            self._index_sites(order)
+            if not self.stop.is_set():
+                self._replay_corrections()
+            self.report.interrupted = self.stop.is_set()
+            if reconcile and not self.report.interrupted:
+                self._reconcile({name: o.key_set() for name, o in order.items()})
+        finally:
+            for o in order.values():
+                o.close()
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _index_sites(self, order: dict[str, StoredOrder]) -> None:
         pool = (
             ProcessPoolExecutor(
                 max_workers=self.jobs, initializer=_init_reader, initargs=(self.site_settings,)
@@ -189,7 +203,7 @@ class Reindexer:
             try:
                 for site in self.sites:
                     if site.name in order and not self.stop.is_set():
-                        self._index_site(site.name, order[site.name], pool)
+                        self._index_site(site.name, order[site.name].keys(), pool)
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -197,13 +211,6 @@ class Reindexer:
         finally:
             self._committer.shutdown(wait=True)
             self._committer = None
-        if not self.stop.is_set():
-            self._replay_corrections()
-        self.report.interrupted = self.stop.is_set()
-        if reconcile and not self.report.interrupted:
-            self._reconcile(listed)
-        self.report.seconds = time.monotonic() - started
-        return self.report
 
     def _list(self, site: StorageSite) -> Iterator[ObjectInfo]:
         health = site.check()
@@ -211,14 +218,14 @@ class Reindexer:
             raise StorageError(site.name, f"site is down: {health.reason}")
         yield from site.list()
 
-    def _index_site(self, name: str, keys: list[str], pool: ProcessPoolExecutor | None) -> None:
+    def _index_site(self, name: str, keys: Iterator[str], pool: ProcessPoolExecutor | None) -> None:
         # Results are taken in submission order (oldest first), so objects are filed in the
         # order they were stored even though the reader processes finish out of order.
         inflight: deque[Future[list[ReadResult]]] = deque()
-        for start in range(0, len(keys), 500):
-            if self.stop.is_set():
+        while not self.stop.is_set():
+            batch = list(itertools.islice(keys, 500))
+            if not batch:
                 break
-            batch = keys[start : start + 500]
             known = self.index.copies_on(name, batch)
             self.report.already += len(known)
             for _ in range(len(known)):
@@ -370,7 +377,7 @@ class Reindexer:
                 self.report.conflicts.append((site.name, doc_key(seq), why))
         return found
 
-    def _reconcile(self, listed: dict[str, set[str]]) -> None:
+    def _reconcile(self, listed: dict[str, KeySet]) -> None:
         """Index rows whose objects are on no site, and copies their site does not hold."""
         sites = {s.name: s for s in self.sites}
         after = 0
