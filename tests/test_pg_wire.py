@@ -5,6 +5,7 @@ while a pipeline waits raises a connection error instead of hanging."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerr
 
+from pacsgrid.index import pg_wire
 from pacsgrid.index.pg_connections import connection_problem
 from pacsgrid.index.pg_wire import Prepared, Wire
 
@@ -137,3 +139,34 @@ def test_a_statement_run_for_many_rows_is_prepared_once(conn: Any) -> None:
     ).fetchone()
     assert on_server == (1,)
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (50,)
+
+
+def test_an_exception_while_answers_are_read_closes_the_connection(
+    conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interruption (KeyboardInterrupt, MemoryError, a value that cannot be decoded) in
+    the middle of reading leaves answers unread: a connection kept in pipeline mode would
+    hand them to the next transaction as its own, so the Wire closes it."""
+
+    class Interrupted(Exception):
+        pass
+
+    prepared = Prepared()
+    with Wire(conn, prepared) as db:  # the statements prepared beforehand
+        for n in (1, 2, 3):
+            db.execute("SELECT %s::int * " + str(n), (1,))
+    rows = pg_wire._rows
+
+    def interrupted(res: Any) -> Any:
+        monkeypatch.setattr(pg_wire, "_rows", rows)
+        raise Interrupted
+
+    monkeypatch.setattr(pg_wire, "_rows", interrupted)
+    with pytest.raises(Interrupted), Wire(conn, prepared) as db:
+        db.execute("SELECT %s::int * 1", (10,))
+        db.execute("SELECT %s::int * 2", (10,)).fetchone()
+    answer = None
+    with contextlib.suppress(psycopg.Error), Wire(conn, prepared) as db:
+        answer = db.execute("SELECT %s::int * 3", (10,)).fetchone()
+    assert answer is None, "given the answer of an earlier transaction's statement"
+    assert conn.closed

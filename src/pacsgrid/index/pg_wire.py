@@ -76,9 +76,11 @@ class Wire:
     """One transaction's statements in libpq's pipeline mode on `conn` (see module doc).
 
     Use as a context manager around the transaction; leaving it reads whatever is still
-    queued, so that the connection is idle again (or raises, and the caller drops it)."""
+    queued, so that the connection is idle again; if that cannot be done (the connection
+    broke, or an exception interrupted a read), it closes the connection."""
 
     def __init__(self, conn: psycopg.Connection[Any], prepared: Prepared) -> None:
+        self._conn = conn
         self._pg = conn.pgconn
         self._prepared = prepared
         # What is queued, in order: per statement its Result (None for a prepare, whose
@@ -98,7 +100,11 @@ class Wire:
             elif self._queued:
                 self._read(raise_errors=False)
         finally:
-            if not self._broken and self._pg.pipeline_status != pq.PipelineStatus.OFF:
+            if self._broken:
+                # Answers left half-read (the connection broke, or an exception came in
+                # between): whatever used it next would be given them as its own.
+                self._conn.close()
+            elif self._pg.pipeline_status != pq.PipelineStatus.OFF:
                 self._pg.exit_pipeline_mode()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
