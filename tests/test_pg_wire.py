@@ -170,3 +170,23 @@ def test_an_exception_while_answers_are_read_closes_the_connection(
         answer = db.execute("SELECT %s::int * 3", (10,)).fetchone()
     assert answer is None, "given the answer of an earlier transaction's statement"
     assert conn.closed
+
+
+@pytest.mark.parametrize("sqlstate", ["08ZZZ", "40ZZZ", "57ZZZ", "23ZZZ"])
+def test_an_error_psycopg_does_not_list_takes_the_class_psycopg_gives_it(
+    conn: Any, sqlstate: str
+) -> None:
+    """A SQLSTATE missing from psycopg's table (a newer server's, a function's own) takes
+    the class of its first two characters, as through a cursor: a connection problem
+    stays one."""
+    conn.execute(
+        "CREATE FUNCTION fail(code text) RETURNS int LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'failed' USING ERRCODE = code; END $$"
+    )
+    with pytest.raises(psycopg.Error) as through_psycopg:
+        conn.execute("SELECT fail(%s)", (sqlstate,))
+    with pytest.raises(psycopg.Error) as caught, Wire(conn, Prepared()) as db:
+        db.execute("SELECT fail(%s)", (sqlstate,)).fetchone()
+    assert type(caught.value) is type(through_psycopg.value)
+    assert caught.value.sqlstate == sqlstate
+    assert connection_problem(caught.value) == connection_problem(through_psycopg.value)

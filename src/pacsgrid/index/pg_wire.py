@@ -258,11 +258,7 @@ def _int_array(raw: bytes) -> list[int]:
 
 
 def _error(res: Any) -> psycopg.Error:
-    """The psycopg exception of a failed statement (its class by SQLSTATE)."""
-    state = res.error_field(pq.DiagnosticField.SQLSTATE)
-    message = (res.error_message or b"").decode(errors="replace").strip()
-    try:
-        cls = pgerr.lookup(state.decode()) if state else psycopg.DatabaseError
-    except KeyError:
-        cls = psycopg.DatabaseError
-    return cls(message, info=res, encoding="utf-8")
+    """The psycopg exception of a failed statement: psycopg's own mapping, so that a
+    SQLSTATE it does not list takes the class of its SQLSTATE class (08xxx: a connection
+    problem), as it would through a cursor."""
+    return pgerr.error_from_result(res, encoding="utf-8")
