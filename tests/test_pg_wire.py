@@ -172,6 +172,19 @@ def test_an_exception_while_answers_are_read_closes_the_connection(
     assert conn.closed
 
 
+def test_a_nul_in_text_is_refused_as_psycopg_refuses_it(conn: Any) -> None:
+    """libpq takes a text parameter as a C string: sent, "a\\x00b" would be stored as "a"."""
+    prepared = Prepared()
+    for value in ("a\x00b", ["a", "b\x00c"]):
+        with pytest.raises(psycopg.DataError) as through_psycopg:
+            conn.execute("SELECT %s::text", (value,))
+        with pytest.raises(psycopg.DataError) as caught, Wire(conn, prepared) as db:
+            db.execute("SELECT %s::text", (value,)).fetchone()
+        assert str(caught.value) == str(through_psycopg.value)
+    with Wire(conn, prepared) as db:  # nothing was queued for the refused statements
+        assert db.execute("SELECT %s::text", ("a",)).fetchone() == ("a",)
+
+
 @pytest.mark.parametrize("sqlstate", ["08ZZZ", "40ZZZ", "57ZZZ", "23ZZZ"])
 def test_an_error_psycopg_does_not_list_takes_the_class_psycopg_gives_it(
     conn: Any, sqlstate: str

@@ -197,6 +197,10 @@ def _type_of(value: Any) -> int:
     return 0
 
 
+# psycopg's refusal, word for word: a text parameter goes to libpq as a C string.
+_NUL = "PostgreSQL text fields cannot contain NUL (0x00) bytes"
+
+
 def _encode(value: Any) -> bytes | None:
     if value is None:
         return None
@@ -205,6 +209,8 @@ def _encode(value: Any) -> bytes | None:
     if isinstance(value, int | float):
         return repr(value).encode()
     if isinstance(value, str):
+        if "\x00" in value:  # libpq would cut the text short there
+            raise psycopg.DataError(_NUL)
         return value.encode()
     if isinstance(value, list | tuple):
         return _array(value).encode()
@@ -218,7 +224,10 @@ def _array(values: Sequence[Any]) -> str:
         if v is None:
             items.append("NULL")
         else:
-            s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+            s = str(v)
+            if "\x00" in s:
+                raise psycopg.DataError(_NUL)
+            s = s.replace("\\", "\\\\").replace('"', '\\"')
             items.append(f'"{s}"')
     return "{" + ",".join(items) + "}"
 
