@@ -13,9 +13,12 @@ import psycopg
 import pytest
 from psycopg import errors as pgerr
 
+from pacsgrid.errors import IndexUnavailable
 from pacsgrid.index import pg_wire
 from pacsgrid.index.pg_connections import connection_problem
 from pacsgrid.index.pg_wire import Prepared, Wire
+from pacsgrid.index.postgres import PostgresIndex
+from tests.test_index_contract import inst
 
 
 @pytest.fixture
@@ -203,3 +206,63 @@ def test_an_error_psycopg_does_not_list_takes_the_class_psycopg_gives_it(
     assert type(caught.value) is type(through_psycopg.value)
     assert caught.value.sqlstate == sqlstate
     assert connection_problem(caught.value) == connection_problem(through_psycopg.value)
+
+
+def test_a_connection_lost_once_commit_was_sent_is_an_unknown_outcome_never_retried(
+    pg_url: str,
+) -> None:
+    """The batch's writes and its COMMIT go out together and are read when the Wire is
+    left: a connection lost then may or may not have committed, so the store is refused
+    (not acknowledged) and not run again. Run again, this batch would succeed: the writes
+    wait only while `slow` says so, and the connection is cut after it stopped saying so."""
+    index = PostgresIndex(pg_url)
+    killer = psycopg.connect(pg_url, autocommit=True)
+    try:
+        index.add_batch([inst("1.1")])  # the write connection and its statements exist
+        killer.execute("CREATE TABLE slow (on_ boolean NOT NULL)")
+        killer.execute("INSERT INTO slow VALUES (true)")
+        killer.execute(
+            "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF (SELECT on_ FROM slow) THEN PERFORM pg_sleep(60); END IF; RETURN NEW; END $$"
+        )
+        killer.execute(
+            "CREATE TRIGGER slow BEFORE INSERT ON instance FOR EACH ROW "
+            "EXECUTE FUNCTION slow_insert()"
+        )
+        outcome: list[BaseException | list[Any]] = []
+
+        def store() -> None:
+            try:
+                outcome.append(index.add_batch([inst("1.2")]))
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=store)
+        t.start()
+        try:
+            pid = None
+            for _ in range(600):
+                row = killer.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE 'WITH w0 AS%%' AND wait_event = 'PgSleep'"
+                ).fetchone()
+                if row:
+                    pid = row[0]
+                    break
+                threading.Event().wait(0.05)
+            assert pid is not None, "the batch's writes never started"
+            killer.execute("UPDATE slow SET on_ = false")
+            killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        finally:
+            t.join(120)
+        assert len(outcome) == 1
+        error = outcome[0]
+        assert isinstance(error, IndexUnavailable), error
+        assert "outcome unknown" in str(error)
+        assert killer.execute("SELECT count(*) FROM instance WHERE sop_uid = '1.2'").fetchone() == (
+            0,
+        )
+        assert index.add_batch([inst("1.2")])[0].outcome == "stored"  # a fresh connection
+    finally:
+        index.close()
+        killer.close()
