@@ -75,7 +75,7 @@ def test_an_error_is_psycopgs_and_the_connection_goes_on(conn: Any) -> None:
         db.execute("UPDATE t SET name = %s WHERE pk = %s", ("later", 1))
     assert conn.execute("SELECT name FROM t").fetchall() == [("later",)]
     # BEGIN's and the failed INSERT's prepares ran; the skipped COMMIT's never did.
-    assert set(prepared.names) == {
+    assert {text for text, _ in prepared.names} == {
         "BEGIN",
         "INSERT INTO t VALUES ($1, $2)",
         "UPDATE t SET name = $1 WHERE pk = $2",
@@ -129,7 +129,7 @@ def test_past_the_prepared_statements_bound_statements_go_unprepared(
         db.execute("INSERT INTO t VALUES (%s, %s)", (1, "one"))
         second = db.execute("SELECT name, pk FROM t WHERE pk = ANY(%s)", ([1, 2],))
     assert second.fetchall() == [("one", 1)]
-    assert list(prepared.names) == ["INSERT INTO t VALUES ($1, $2)"]
+    assert [text for text, _ in prepared.names] == ["INSERT INTO t VALUES ($1, $2)"]
 
 
 def test_a_statement_run_for_many_rows_is_prepared_once(conn: Any) -> None:
@@ -266,3 +266,19 @@ def test_a_connection_lost_once_commit_was_sent_is_an_unknown_outcome_never_retr
     finally:
         index.close()
         killer.close()
+
+
+def test_one_text_called_with_other_types_is_another_statement(conn: Any) -> None:
+    """A statement's parameter types are declared when it is prepared: the same text called
+    later with an int where a float was, or a str, must not be read as the first types."""
+    prepared = Prepared()
+    with Wire(conn, prepared) as db:
+        as_float = db.execute("SELECT %s", (0.5,))
+        as_int = db.execute("SELECT %s", (2**63 - 1,))
+        as_text = db.execute("SELECT %s::text", ("tekst",))
+    assert as_float.fetchone() == (0.5,)
+    assert as_int.fetchone() == (2**63 - 1,)
+    assert as_text.fetchone() == ("tekst",)
+    with Wire(conn, prepared) as db:  # and again, from the statements now prepared
+        again = db.execute("SELECT %s", (2**63 - 1,))
+    assert again.fetchone() == (2**63 - 1,)

@@ -15,9 +15,9 @@ retry and connection rules (index/postgres.py, index/pg_connections.py) apply un
 
 The connection stays a psycopg connection: `Wire` enters libpq's pipeline mode for the
 transaction and leaves it, every result read, before the connection is used otherwise.
-Statements are prepared under names of their own (`pacsgrid_<n>`), remembered per connection
-in `Prepared` once PostgreSQL confirmed them, so one that an aborted pipeline skipped is
-prepared again next time.
+Statements are prepared under names of their own (`pacsgrid_<n>`), one per text and
+parameter types, remembered per connection in `Prepared` once PostgreSQL confirmed them, so
+one that an aborted pipeline skipped is prepared again next time.
 """
 
 from __future__ import annotations
@@ -42,11 +42,16 @@ _INT_ARRAYS = {1005, 1007, 1016}  # int2[], int4[], int8[]
 _INT8, _FLOAT8, _BOOL = 20, 701, 16
 
 
+# A prepared statement is its text and the types declared for its parameters: the same text
+# called with other Python types (an int where a float was) is another statement.
+Key = tuple[str, tuple[int, ...]]
+
+
 class Prepared:
-    """The statements prepared on one connection: SQL text to name."""
+    """The statements prepared on one connection: (SQL text, parameter types) to name."""
 
     def __init__(self) -> None:
-        self.names: dict[str, bytes] = {}
+        self.names: dict[Key, bytes] = {}
         self._next = 0
 
     def new_name(self) -> bytes:
@@ -83,10 +88,10 @@ class Wire:
         self._conn = conn
         self._pg = conn.pgconn
         self._prepared = prepared
-        # What is queued, in order: per statement its Result (None for a prepare, whose
-        # name is remembered once it succeeds), then a sync.
-        self._queued: list[tuple[Result | None, str]] = []
-        self._preparing: dict[str, bytes] = {}  # prepares queued, not confirmed yet
+        # What is queued, in order: per statement its Result, or for a prepare None with
+        # the statement's key and name (remembered once it succeeds); then a sync.
+        self._queued: list[tuple[Result | None, Key | None, bytes]] = []
+        self._preparing: dict[Key, bytes] = {}  # prepares queued, not confirmed yet
         self._broken = False  # a read failed half-way: the caller drops the connection
 
     def __enter__(self) -> Wire:
@@ -112,17 +117,19 @@ class Wire:
         for until a result is fetched or `sync` is called."""
         text = _numbered(sql)
         values = [_encode(p) for p in params]
-        name = self._prepared.names.get(text) or self._preparing.get(text)
+        types = tuple(_type_of(p) for p in params)
+        key = (text, types)
+        name = self._prepared.names.get(key) or self._preparing.get(key)
         if name is None and len(self._prepared.names) + len(self._preparing) < PREPARED_MAX:
-            name = self._preparing[text] = self._prepared.new_name()
-            self._pg.send_prepare(name, text.encode(), [_type_of(p) for p in params])
-            self._queued.append((None, f"{name.decode()}\x00{text}"))
+            name = self._preparing[key] = self._prepared.new_name()
+            self._pg.send_prepare(name, text.encode(), types)
+            self._queued.append((None, key, name))
         result = Result(self)
         if name is None:
-            self._pg.send_query_params(text.encode(), values)
+            self._pg.send_query_params(text.encode(), values, types)
         else:
             self._pg.send_query_prepared(name, values)
-        self._queued.append((result, ""))
+        self._queued.append((result, None, b""))
         return result
 
     def sync(self) -> None:
@@ -135,15 +142,14 @@ class Wire:
         self._broken = True
         self._pg.pipeline_sync()
         first_error: psycopg.Error | None = None
-        for result, prepare in queued:
+        for result, key, name in queued:
             res = self._next_result()
             if res.status == pq.ExecStatus.FATAL_ERROR:
                 first_error = first_error or _error(res)
             elif res.status == pq.ExecStatus.PIPELINE_ABORTED:
                 pass
-            elif prepare:
-                name, text = prepare.split("\x00", 1)
-                self._prepared.names[text] = name.encode()
+            elif key is not None:
+                self._prepared.names[key] = name
             elif result is not None:
                 result._rows = _rows(res)
             if self._next_result(end_of_statement=True) is not None:
