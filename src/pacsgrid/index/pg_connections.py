@@ -156,21 +156,38 @@ class _Watchdog:
             with self._cond:
                 now = time.monotonic()
                 due = [t for t, (when, _, _) in self._armed.items() if when <= now]
-                fired = [self._armed.pop(t) for t in due]
+                # The socket is taken (dup) while the lock is held: its owner cannot have
+                # disarmed and closed it yet, so the descriptor is still that socket and not
+                # one a later open reused the number of.
+                fired = [self._take(*self._armed.pop(t)) for t in due]
                 if not fired:
                     soonest = min((w for w, _, _ in self._armed.values()), default=now + 60)
                     self._sleeps_until = max(now + 0.01, soonest)
                     self._cond.wait(self._sleeps_until - now)
                     self._sleeps_until = 0.0
                     continue
-            for _, fd, seconds in fired:
+            for seconds, sock in fired:
                 log.error("index statement exceeded %.0fs: dropping the connection", seconds)
-                with suppress(OSError):
-                    sock = socket.socket(fileno=os.dup(fd))
-                    try:
+                if sock is None:
+                    continue
+                try:
+                    with suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
-                    finally:
-                        sock.close()
+                finally:
+                    sock.close()
+
+    @staticmethod
+    def _take(due: float, fd: int, seconds: float) -> tuple[float, socket.socket | None]:
+        """(seconds, a socket object of its own on `fd`'s socket, or None if it is gone)."""
+        try:
+            own = os.dup(fd)
+        except OSError:
+            return seconds, None
+        try:
+            return seconds, socket.socket(fileno=own)
+        except OSError:
+            os.close(own)
+            return seconds, None
 
 
 _WATCHDOG = _Watchdog()
