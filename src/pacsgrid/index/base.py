@@ -2,7 +2,7 @@
 
 The index is derived data: everything in it can be rebuilt from the storage sites
 (`pacsgrid reindex`). SQLite and PostgreSQL implement this protocol and run the same contract
-tests (tests/test_index_contract.py).
+tests (tests/test_index_contract*.py).
 
 Writes arrive in batches (`add_batch`) from the group committer, one transaction per batch, so
 that many concurrent stores share one database fsync.
