@@ -1,4 +1,5 @@
-"""A site's listing held in 8 bytes per object, for "is this key on the site?".
+"""A site's listing without its keys held in memory: as 8-byte hashes, for "is this key on
+the site?" (`KeySet`), and sorted on disk in the order its objects were stored (`StoredOrder`).
 
 The repair scan compares every copy the index records on a site with the site's listing. Held
 as a set of key strings, the listing of 10 million objects took 2.2 GB of the server's memory
