@@ -159,7 +159,7 @@ class _Watchdog:
                 # The socket is taken (dup) while the lock is held: its owner cannot have
                 # disarmed and closed it yet, so the descriptor is still that socket and not
                 # one a later open reused the number of.
-                fired = [self._take(*self._armed.pop(t)) for t in due]
+                fired = [self._take(*self._armed.pop(t)[1:]) for t in due]
                 if not fired:
                     soonest = min((w for w, _, _ in self._armed.values()), default=now + 60)
                     self._sleeps_until = max(now + 0.01, soonest)
@@ -177,7 +177,7 @@ class _Watchdog:
                     sock.close()
 
     @staticmethod
-    def _take(due: float, fd: int, seconds: float) -> tuple[float, socket.socket | None]:
+    def _take(fd: int, seconds: float) -> tuple[float, socket.socket | None]:
         """(seconds, a socket object of its own on `fd`'s socket, or None if it is gone)."""
         try:
             own = os.dup(fd)

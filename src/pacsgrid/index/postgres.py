@@ -423,8 +423,9 @@ class PostgresIndex(SqlIndex):
         rest: list[Insert | Update] = []
         for c in changes:
             if isinstance(c, Delete):
+                sql = self._sql(c.statement())
                 for row in c.rows:
-                    db.execute(self._sql(c.statement()), row)
+                    db.execute(sql, row)
             else:
                 rest.append(c)
         if rest:
